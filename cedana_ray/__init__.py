@@ -1,0 +1,22 @@
+"""cedana-ray: checkpoint/restore and migration of processes, containers and GPU jobs.
+
+The Python API lives in :mod:`cedana_ray.api` and is re-exported here lazily, so
+that importing the package (as the workload supervisor's tools do) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = ("run", "manage", "dump", "restore", "freeze", "unfreeze", "kill", "delete", "job", "jobs", "checkpoints")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cedana_ray' has no attribute {name!r}")

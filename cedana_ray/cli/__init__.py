@@ -1,0 +1,1 @@
+"""The ``cedana-ray`` command line (see :mod:`.main`)."""

@@ -1,0 +1,315 @@
+"""The ``cedana-ray`` command line. The only place errors become output and exit codes."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import CedanaError, UsageError
+from ..features import ROWS, SYMBOLS, compute, plugin_errors
+from ..plugins_manager import get_plugin_manager
+from .options import common, dump_options, engine, restore_options
+from .output import console, error, human_size, progress, show, show_dump, show_job, table
+
+_debug = False
+
+
+class PluginGroup(click.Group):
+    """A group whose commands are the core's plus one per plugin, from ``hook``."""
+
+    def __init__(self, *args: object, hook: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.hook = hook
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        found = getattr(get_plugin_manager().hook, self.hook)()
+        return {c.name: c for c in found if c is not None and c.name}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugin_commands()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+
+def plugin_group(name: str, hook: str, help: str) -> PluginGroup:
+    return PluginGroup(name, hook=hook, help=help)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cedana-ray")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+def cli(debug: bool) -> None:
+    """Checkpoint/restore and migration of processes, containers and GPU jobs."""
+    global _debug
+    _debug = debug
+
+
+run = plugin_group("run", "cedana_run_command", "Run a workload under cedana-ray.")
+manage = plugin_group("manage", "cedana_manage_command", "Adopt a workload started elsewhere.")
+dump = plugin_group("dump", "cedana_dump_command", "Checkpoint a job or a workload.")
+restore = plugin_group("restore", "cedana_restore_command", "Restore a job or a checkpoint.")
+freeze = plugin_group("freeze", "cedana_freeze_command", "Pause a job or a workload.")
+unfreeze = plugin_group("unfreeze", "cedana_unfreeze_command", "Resume a frozen job or workload.")
+query = plugin_group("query", "cedana_query_command", "List the workloads of a runtime on this node.")
+for group in (run, manage, dump, restore, freeze, unfreeze, query):
+    cli.add_command(group)
+
+
+@dump.command("job")
+@click.argument("jid")
+@dump_options
+@common
+def dump_job(jid: str, request: object, as_json: bool, local: bool) -> None:
+    """Checkpoint job JID."""
+    with progress(not as_json) as bar:
+        show_dump(as_json, engine().dump(jid, request, bar))  # type: ignore[arg-type]
+
+
+@restore.command("job")
+@click.argument("jid")
+@click.option("--checkpoint", metavar="CKPT", help="Checkpoint id (default: the job's last).")
+@click.option("--node", metavar="NODE", help="Node to restore on (with a cluster).")
+@restore_options
+@common
+def restore_job(jid: str, node: str | None, request: object, as_json: bool, local: bool) -> None:
+    """Restore job JID from its last (or a given) checkpoint."""
+    if node not in (None, "local"):
+        raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
+    with progress(not as_json) as bar:
+        show_job(as_json, engine().restore(request, jid=jid, progress=bar), "restored")  # type: ignore[arg-type]
+
+
+def _job_state_command(group: click.Group, verb: str) -> None:
+    @group.command("job", help=f"{verb.capitalize()} job JID.")
+    @click.argument("jid")
+    @common
+    def command(jid: str, as_json: bool, local: bool) -> None:
+        show_job(as_json, getattr(engine(), verb)(jid), f"{verb}d")
+
+
+_job_state_command(freeze, "freeze")
+_job_state_command(unfreeze, "unfreeze")
+
+
+@cli.command()
+@click.argument("jid")
+@click.option("--to", "node", required=True, metavar="NODE", help="Target node id (a unique prefix is enough).")
+@common
+def migrate(jid: str, node: str, as_json: bool, local: bool) -> None:
+    """Move job JID to another node (dump, transfer, restore)."""
+    engine().job(jid)
+    raise UsageError(
+        "migration needs a Ray cluster; this machine runs in local mode",
+        hint="on one machine, `dump job` then `restore job` does the same",
+    )
+
+
+@cli.command()
+@common
+def ps(as_json: bool, local: bool) -> None:
+    """List jobs: id, type, state, PID, node, last checkpoint."""
+    jobs = engine().jobs()
+    cols = ("jid", "type", "state", "pid", "node", "last_checkpoint")
+    show(
+        as_json,
+        [j.row() for j in jobs],
+        lambda: table(cols, [[getattr(j, c) if c != "state" else j.state.value for c in cols] for j in jobs]),
+    )
+
+
+@cli.group()
+def job() -> None:
+    """Kill or delete jobs."""
+
+
+@job.command("kill")
+@click.argument("jid")
+@common
+def job_kill(jid: str, as_json: bool, local: bool) -> None:
+    """Stop job JID with its type's kill signal (its checkpoints stay)."""
+    show_job(as_json, engine().kill(jid), "killed")
+
+
+@job.command("delete")
+@click.argument("jid")
+@common
+def job_delete(jid: str, as_json: bool, local: bool) -> None:
+    """Forget a stopped job and remove its log (its checkpoints stay)."""
+    show_job(as_json, engine().delete(jid), "deleted")
+
+
+@cli.command()
+@click.argument("jid")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the job runs.")
+@common
+def logs(jid: str, follow: bool, as_json: bool, local: bool) -> None:
+    """Print the output of job JID."""
+    path = Path(engine().log_path(jid))
+    with path.open("rb") as f:
+        if as_json:
+            show(True, {"jid": jid, "log": f.read().decode(errors="replace")}, lambda: None)
+            return
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            elif not follow or engine().job(jid).state.value not in ("running", "frozen"):
+                return
+            else:
+                time.sleep(0.2)
+
+
+@cli.group()
+def checkpoint() -> None:
+    """List, inspect and delete checkpoints."""
+
+
+@checkpoint.command("list")
+@click.argument("jid", required=False)
+@common
+def checkpoint_list(jid: str | None, as_json: bool, local: bool) -> None:
+    """List checkpoints (of job JID)."""
+    found = engine().checkpoints(jid)
+    rows = [
+        [c.checkpoint, c.jid, human_size(c.size_bytes), c.created.strftime("%Y-%m-%d %H:%M:%S"), c.path] for c in found
+    ]
+    show(as_json, found, lambda: table(("checkpoint", "jid", "size", "created", "path"), rows))
+
+
+@checkpoint.command("inspect")
+@click.argument("ckpt")
+@common
+def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
+    """Show the manifest of checkpoint CKPT."""
+    m = engine().inspect(ckpt)
+
+    def human() -> None:
+        console.print(
+            f"[bold]{m.checkpoint}[/] of job {m.jid} ({m.type}) on {m.node}, {m.created:%Y-%m-%d %H:%M:%S}"
+            f"\n  criu {m.criu_version}, compression {m.compression.value}, parent {m.parent or '-'}",
+            highlight=False,
+        )
+        table(("file", "size", "chunks"), [[f.name, human_size(f.size), len(f.chunks)] for f in m.files])
+        console.print(f"  {human_size(m.image_bytes)} of images, {human_size(m.size_bytes)} stored", highlight=False)
+
+    show(as_json, m, human)
+
+
+@checkpoint.command("delete")
+@click.argument("ckpt")
+@common
+def checkpoint_delete(ckpt: str, as_json: bool, local: bool) -> None:
+    """Delete checkpoint CKPT from its store and the catalog."""
+    info = engine().delete_checkpoint(ckpt)
+    show(as_json, info, lambda: console.print(f"deleted checkpoint {info.checkpoint}", highlight=False))
+
+
+@cli.command()
+@click.option("--errors", is_flag=True, help="Say why plugins are incompatible or not installed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def features(errors: bool, as_json: bool) -> None:
+    """The feature matrix, computed from the installed plugins."""
+    m = compute(get_plugin_manager())
+    doc = m.model_dump(mode="json", exclude=set() if errors else {"errors"})
+    show(as_json, doc, lambda: _print_features(m, errors))
+
+
+def _print_features(m: object, errors: bool) -> None:
+    from rich.table import Table
+
+    t = Table("FEATURE", *(p.upper() for p in m.plugins), box=None, header_style="bold")  # type: ignore[attr-defined]
+    for row in ROWS:
+        if row is None:
+            t.add_section()
+            continue
+        t.add_row(row[0], *(SYMBOLS[m.features[row[0]][p]] for p in m.plugins))  # type: ignore[attr-defined]
+    console.print(t)
+    console.print("✔ = implemented, • = unimplemented, — = not installed, ✖ = incompatible")
+    if errors:
+        for name, reasons in m.errors.items():  # type: ignore[attr-defined]
+            for reason in reasons:
+                console.print(f"{name}: {reason}", highlight=False)
+
+
+@cli.group()
+def plugin() -> None:
+    """Installed plugins."""
+
+
+@plugin.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def plugin_list(as_json: bool) -> None:
+    """List plugins with their status."""
+    pm = get_plugin_manager()
+    rows = []
+    for name in sorted(set(pm.plugin_names()) | set(pm.failures)):
+        status, reasons = plugin_errors(pm, name)
+        module = getattr(pm.get_plugin(name), "__name__", "")
+        rows.append({"name": name, "status": status.value if status else "ok", "module": module, "errors": reasons})
+    show(
+        as_json,
+        rows,
+        lambda: table(
+            ("name", "status", "module", "errors"),
+            [[r["name"], r["status"], r["module"], "; ".join(r["errors"])] for r in rows],
+        ),
+    )
+
+
+@cli.command()
+@click.option("--full", is_flag=True, help="Also list every CRIU kernel feature.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def check(full: bool, as_json: bool) -> None:
+    """Health of CRIU, the state dir, the store and every plugin."""
+    from ..health import run_checks
+
+    report = run_checks(engine(), full)
+    show(
+        as_json,
+        report,
+        lambda: table(
+            ("component", "check", "ok", "detail"),
+            [
+                [c["component"], c["name"], "✔" if c["ok"] else ("!" if not c["fatal"] else "✖"), c["detail"]]
+                for c in report["checks"]
+            ],
+        ),
+    )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        error("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CedanaError as exc:
+        if _debug:
+            traceback.print_exc()
+        error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the last resort: one line, traceback on --debug
+        if _debug:
+            traceback.print_exc()
+        error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

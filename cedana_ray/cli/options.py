@@ -1,0 +1,103 @@
+"""Options shared by several commands, and the engine a command works with."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..engine import Engine
+from ..models import Compression, CriuOptions
+from ..requests import DumpRequest, RestoreRequest
+from ..store import DEFAULT_STREAMS
+
+F = Callable[..., Any]
+
+
+def common(fn: F) -> F:
+    """``--json`` and ``--local`` for every command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(fn)
+    return click.option("--local", is_flag=True, help="Run on this machine without a cluster (the default for now).")(
+        fn
+    )
+
+
+def engine() -> Engine:
+    """The engine of this invocation, created on first use."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = Engine()
+    return root.obj
+
+
+def dump_options(fn: F) -> F:
+    """The options of every dump command, turned into a ``request: DumpRequest``."""
+    options = [
+        click.option("--leave-running", is_flag=True, help="Keep the workload running after the dump."),
+        click.option("--dir", "storage", metavar="URL", help="Checkpoint store URL (default: the state dir)."),
+        click.option(
+            "--compression",
+            type=click.Choice([c.value for c in Compression]),
+            default="zstd",
+            show_default=True,
+            help="Compression of image chunks.",
+        ),
+        click.option(
+            "--streams",
+            type=click.IntRange(1, 64),
+            default=DEFAULT_STREAMS,
+            show_default=True,
+            help="Parallel compression/upload streams.",
+        ),
+        click.option("--tcp-established", is_flag=True, help="Checkpoint established TCP connections."),
+        click.option("--file-locks", is_flag=True, help="Checkpoint file locks."),
+        click.option("--shell-job", is_flag=True, help="The workload is attached to a terminal session."),
+        click.option("--external", multiple=True, metavar="RES", help="CRIU external resource (repeatable)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        criu = CriuOptions(
+            tcp_established=kw.pop("tcp_established"),
+            file_locks=kw.pop("file_locks"),
+            shell_job=kw.pop("shell_job"),
+            external=tuple(kw.pop("external")),
+        )
+        kw["request"] = DumpRequest(
+            leave_running=kw.pop("leave_running"),
+            storage=kw.pop("storage"),
+            compression=Compression(kw.pop("compression")),
+            streams=kw.pop("streams"),
+            criu=criu,
+        )
+        return fn(**kw)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def restore_options(fn: F) -> F:
+    """``--jid`` (restore as a new job) and ``--streams``, as ``request: RestoreRequest``."""
+
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        kw["request"] = RestoreRequest(
+            jid=kw.pop("new_jid"),
+            streams=kw.pop("streams"),
+            checkpoint=kw.pop("checkpoint", None),
+            path=kw.pop("path", None),
+        )
+        return fn(**kw)
+
+    wrapper = click.option(
+        "--streams",
+        type=click.IntRange(1, 64),
+        default=DEFAULT_STREAMS,
+        show_default=True,
+        help="Parallel download/verify streams.",
+    )(wrapper)
+    return click.option("--jid", "new_jid", metavar="ID", help="Restore as a new job with this id (a clone).")(wrapper)

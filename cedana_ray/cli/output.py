@@ -1,0 +1,97 @@
+"""Everything the CLI prints: JSON documents, rich tables, progress, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, (list, tuple)):
+        return [_plain(o) for o in obj]
+    return obj
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout."""
+    sys.stdout.write(json.dumps(_plain(obj), indent=2, default=str) + "\n")
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    t = Table(*columns, title=title, box=None, header_style="bold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    console.print(t)
+
+
+def show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
+    """Print ``doc`` as JSON, or call ``human`` to print it for people."""
+    if as_json:
+        emit_json(doc)
+    else:
+        human()
+
+
+@contextmanager
+def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A transient progress bar on stderr for long dumps and restores."""
+    if not enabled or not err_console.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total or None)
+
+        yield update
+
+
+def error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def show_job(as_json: bool, job: Any, verb: str) -> None:
+    """The result of run/manage/restore: the job's summary."""
+    show(
+        as_json,
+        job.summary(),
+        lambda: console.print(
+            f"{verb} job [bold]{job.jid}[/] ({job.type}, PID {job.pid}, {job.state.value})", highlight=False
+        ),
+    )
+
+
+def show_dump(as_json: bool, result: Any) -> None:
+    show(
+        as_json,
+        result,
+        lambda: console.print(
+            f"checkpoint [bold]{result.checkpoint}[/] of job {result.jid}: {human_size(result.size_bytes)} "
+            f"stored ({human_size(result.image_bytes)} of images) in {result.duration_s:.2f} s\n  {result.path}",
+            highlight=False,
+        ),
+    )

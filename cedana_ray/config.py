@@ -1,0 +1,52 @@
+"""Where cedana-ray keeps its state, from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The state directory (``CEDANA_RAY_HOME``) and what lives in it."""
+
+    home: Path
+
+    @property
+    def db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def jobs(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def staging(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.home / "checkpoints"
+
+    def job_dir(self, jid: str) -> Path:
+        return self.jobs / jid
+
+    def ensure(self) -> Paths:
+        for d in (self.home, self.jobs, self.staging, self.locks, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def paths() -> Paths:
+    default = Path.home() / ".local" / "state" / "cedana-ray"
+    return Paths(Path(os.environ.get("CEDANA_RAY_HOME", default)).absolute())
+
+
+def default_storage() -> str:
+    """Checkpoint store URL: ``CEDANA_RAY_STORAGE`` or a directory in the state dir."""
+    return os.environ.get("CEDANA_RAY_STORAGE") or f"file://{paths().checkpoints}"

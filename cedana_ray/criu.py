@@ -1,0 +1,111 @@
+"""The CRIU driver: finding the binary, its version and features, dump, restore args.
+
+CRIU's failures are reported with CRIU's own first ``Error (...)`` line from its
+log, never as a bare exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import DumpError, PrerequisiteError
+from .models import CriuOptions
+
+MIN_VERSION = (4, 2)
+INSTALL_HINT = "run `make setup` or scripts/install-criu.sh to install CRIU >= 4.2"
+# CRIU prints this when it runs without CAP_SYS_RESOURCE over its own limit; harmless.
+_NOISE = ("rlimit: Can't setup RLIMIT_NOFILE",)
+
+
+def binary() -> str:
+    path = os.environ.get("CEDANA_RAY_CRIU") or shutil.which("criu")
+    if not path:
+        raise PrerequisiteError("criu not found on PATH", hint=INSTALL_HINT)
+    return path
+
+
+@functools.cache
+def version() -> str:
+    """CRIU's version string; raises when CRIU is missing or older than 4.2."""
+    try:
+        out = subprocess.run([binary(), "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise PrerequisiteError(f"criu --version failed: {exc}", hint=INSTALL_HINT) from exc
+    match = re.search(r"Version:\s*([\d.]+)", out.stdout)
+    if not match:
+        raise PrerequisiteError(f"cannot parse criu version from {out.stdout!r}")
+    found = match.group(1)
+    if tuple(int(p) for p in found.split(".")[:2]) < MIN_VERSION:
+        raise PrerequisiteError(f"criu {found} is too old (need >= 4.2)", hint=INSTALL_HINT)
+    return found
+
+
+@functools.cache
+def has_feature(name: str) -> bool:
+    """Whether this kernel and CRIU support ``criu check --feature NAME``."""
+    res = subprocess.run([binary(), "check", "--feature", name], capture_output=True)
+    return res.returncode == 0
+
+
+def check() -> tuple[bool, str]:
+    """``criu check``: (ok, last line of its verdict)."""
+    res = subprocess.run([binary(), "check"], capture_output=True, text=True)
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    return res.returncode == 0, (lines[-1] if lines else f"exit status {res.returncode}")
+
+
+def first_error(log: Path) -> str | None:
+    """CRIU's first meaningful ``Error (file:line): ...`` line in ``log``."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Error (" in line and not any(n in line for n in _NOISE):
+            return line[line.index("Error (") :].strip()
+    return None
+
+
+def option_args(opts: CriuOptions) -> list[str]:
+    """Arguments that dump and restore must both be given."""
+    args = ["--tcp-established"] if opts.tcp_established else []
+    if opts.tcp_established and not shutil.which("iptables-restore"):
+        args += ["--network-lock", "nftables"]
+    args += ["--file-locks"] if opts.file_locks else []
+    args += ["--shell-job"] if opts.shell_job else []
+    for ext in opts.external:
+        args += ["--external", ext]
+    return args
+
+
+def dump(
+    pid: int,
+    images: Path,
+    work: Path,
+    opts: CriuOptions,
+    *,
+    leave_running: bool,
+) -> None:
+    """Dump the tree rooted at ``pid`` into ``images``.
+
+    Without ``leave_running`` the tree is left stopped, not killed, so that the
+    caller can resume it if storing the checkpoint fails.
+    """
+    args = [binary(), "dump", "-t", str(pid), "-D", str(images), "-W", str(work)]
+    args += ["-o", "dump.log", "--leave-running" if leave_running else "--leave-stopped"]
+    args += option_args(opts)
+    res = subprocess.run(args, capture_output=True, text=True)
+    if res.returncode != 0:
+        detail = first_error(work / "dump.log") or res.stderr.strip() or f"exit {res.returncode}"
+        raise DumpError(f"criu dump of PID {pid} failed: {detail}")
+
+
+def restore_args(images: Path, work: Path, opts: CriuOptions) -> list[str]:
+    """The restore command line, run by the workload's supervisor."""
+    args = [binary(), "restore", "-D", str(images), "-W", str(work), "-o", "restore.log"]
+    return [*args, "--restore-detached", *option_args(opts)]

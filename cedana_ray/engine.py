@@ -1,0 +1,393 @@
+"""Local mode: every operation as a pipeline, with the registry and the store.
+
+The core chains wrap each type's plugin middleware and handler:
+
+* dump:    locked > require_live > finish_dump > commit > <plugin> > <gpu> > criu_dump
+* restore: locked > fetch > <plugin> > <gpu> > <plugin late> > <plugin handler>
+* run:     <plugin> > <plugin late> > <plugin handler>
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from . import criu
+from .config import Paths, default_storage, paths
+from .errors import CheckpointNotFound, JobNotFound, StateError, UsageError
+from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, utcnow
+from .pipeline import Context, Handler, Middleware, Pipeline
+from .plugins_manager import PluginManager, get_plugin_manager
+from .proctree import alive, signal_tree
+from .registry import Registry
+from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .store import CheckpointStore, register_schemes, remove_tree, split_url, staging_area
+
+Progress = Callable[[str, int, int], None]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+class Engine:
+    """cedana-ray on one machine, without a cluster (``--local``)."""
+
+    def __init__(self, home: Paths | None = None, pm: PluginManager | None = None) -> None:
+        self.paths = (home or paths()).ensure()
+        self.registry = Registry(self.paths.db)
+        self.pm = pm or get_plugin_manager()
+        for schemes in self.pm.hook.cedana_checkpoint_storage():
+            register_schemes(schemes)
+
+    # -- jobs
+    def job(self, jid: str) -> Job:
+        return self._refresh(self.registry.job(jid))
+
+    def jobs(self) -> list[Job]:
+        return [self._refresh(j) for j in self.registry.jobs()]
+
+    def _refresh(self, job: Job) -> Job:
+        """Notice a live job whose process is gone: exited (with its code) or lost."""
+        if job.state not in LIVE_STATES or alive(job.pid, job.details.get("started")):
+            return job
+        code = self.pm.call_for(job.type, "cedana_reaper", job=job)
+        state = JobState.lost if code is None else JobState.exited
+        job = job.model_copy(update={"state": state, "exit_code": code})
+        self.registry.save_job(job)
+        return job
+
+    def _live(self, jid: str, *states: JobState) -> Job:
+        job = self.job(jid)
+        if job.state not in (states or LIVE_STATES):
+            raise StateError(
+                f"job {jid} is {job.state.value}, not {' or '.join(s.value for s in states or LIVE_STATES)}"
+            )
+        return job
+
+    def _handler(self, jtype: str, hook: str, what: str) -> Handler:
+        return self.pm.require(jtype, hook, what)
+
+    def _middleware(self, jtype: str, *hooks: str) -> list[Middleware]:
+        return [m for hook in hooks for m in (self.pm.call_for(jtype, hook) or [])]
+
+    def _new_job(
+        self, jtype: str, jid: str | None, hook: str, what: str, request: Any, middleware: list[Middleware]
+    ) -> Job:
+        jid = jid or new_id("job")
+        if jid in {j.jid for j in self.registry.jobs()}:
+            raise StateError(f"a job named {jid!r} already exists")
+        handler = self._handler(jtype, hook, what)
+        job_dir = self.paths.job_dir(jid)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        ctx = Context(request, state={"jid": jid, "job_dir": job_dir})
+        try:
+            job = Pipeline(handler).with_(*middleware)(ctx)
+        except BaseException:
+            remove_tree(job_dir)
+            raise
+        self.registry.add_job(job)
+        return job
+
+    def run(self, jtype: str, request: RunRequest) -> Job:
+        """Start a workload of type ``jtype`` on this machine."""
+        hook = "cedana_run_handler_serverless"
+        mws = self._middleware(jtype, "cedana_run_middleware", "cedana_run_middleware_late")
+        return self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)
+
+    def manage(self, jtype: str, request: ManageRequest) -> Job:
+        """Adopt a workload started elsewhere."""
+        if found := self._job_of(jtype, request.target):
+            raise StateError(f"{jtype} {request.target} is already job {found.jid}")
+        return self._new_job(jtype, request.jid, "cedana_manage_handler", "manage", request, [])
+
+    def _job_of(self, jtype: str, target: str) -> Job | None:
+        for job in self.jobs():
+            if job.type == jtype and job.state in LIVE_STATES and str(job.pid) == target:
+                return job
+        return None
+
+    def job_for(self, jtype: str, target: str) -> Job:
+        """The live job of ``target`` (a PID, a container id), adopting it if needed."""
+        return self._job_of(jtype, target) or self.manage(jtype, ManageRequest(target=target))
+
+    def set_storage(self, jid: str, url: str) -> Job:
+        """Make ``url`` the default checkpoint store of job ``jid``."""
+        CheckpointStore(url)  # refuses an unknown scheme now, not at the first dump
+        job = self.job(jid)
+        job = job.model_copy(update={"details": {**job.details, "storage": url}})
+        self.registry.save_job(job)
+        return job
+
+    def kill(self, jid: str) -> Job:
+        job = self._live(jid)
+        job = job.model_copy(update={"state": JobState.killed})
+        self.registry.save_job(job)
+        self._stop(job)
+        return job
+
+    def _stop(self, job: Job) -> None:
+        sig = self.pm.call_for(job.type, "cedana_kill_signal") or 15
+        if job.pid is not None:
+            signal_tree(job.pid, sig)
+
+    def delete(self, jid: str) -> Job:
+        job = self.job(jid)
+        if job.state in LIVE_STATES:
+            raise StateError(f"job {jid} is {job.state.value}", hint=f"`cedana-ray job kill {jid}` first")
+        self.pm.call_for(job.type, "cedana_cleanup", job=job)
+        self.registry.delete_job(jid)
+        return job
+
+    def freeze(self, jid: str) -> Job:
+        return self._set_frozen(self._live(jid, JobState.running), JobState.frozen, "cedana_freeze_handler")
+
+    def unfreeze(self, jid: str) -> Job:
+        return self._set_frozen(self._live(jid, JobState.frozen), JobState.running, "cedana_unfreeze_handler")
+
+    def _set_frozen(self, job: Job, state: JobState, hook: str) -> Job:
+        handler = self._handler(job.type, hook, hook.split("_")[1])
+        with self._lock(job.jid):
+            Pipeline(handler)(Context(None, job=job))
+            job = job.model_copy(update={"state": state})
+            self.registry.save_job(job)
+        return job
+
+    def query(self, jtype: str) -> list[dict[str, Any]]:
+        handler = self._handler(jtype, "cedana_query_handler", "query")
+        return Pipeline(handler)(Context([j for j in self.jobs() if j.type == jtype]))
+
+    # -- dump
+    @contextmanager
+    def _lock(self, jid: str) -> Iterator[None]:
+        """Serialize dump/restore/freeze of one job across processes; refuse, never wait."""
+        with open(self.paths.locks / f"{jid}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(f"another dump or restore of job {jid} is in progress") from None
+            yield
+
+    def locked(self, ctx: Context, next_: Handler) -> Any:
+        with self._lock(ctx.state["jid"]):
+            return next_(ctx)
+
+    def require_live(self, ctx: Context, next_: Handler) -> Any:
+        ctx.job = self._live(ctx.job.jid)
+        return next_(ctx)
+
+    def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
+        """Stop the job once its checkpoint is stored; resume it if anything failed."""
+        job: Job = ctx.job
+        try:
+            result = next_(ctx)
+        except BaseException:
+            if job.state is JobState.running and job.pid is not None:
+                signal_tree(job.pid, 18)  # SIGCONT: CRIU left the tree stopped
+            raise
+        update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
+        if not ctx.request.leave_running:
+            update["state"] = JobState.checkpointed
+        self.registry.save_job(job.model_copy(update=update))
+        if not ctx.request.leave_running:
+            self._stop(job)
+        return result
+
+    def commit(self, ctx: Context, next_: Handler) -> DumpResult:
+        """Dump into a fresh image dir, then store it and write the manifest."""
+        req: DumpRequest = ctx.request
+        job: Job = ctx.job
+        store = CheckpointStore(req.storage or job.details.get("storage") or default_storage())
+        ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        work = staging_area(self.paths.staging)
+        images = store.dump_dir(ckpt, req.compression, self.paths.staging)
+        ctx.state.update(images=images, work=work)
+        try:
+            next_(ctx)
+            ctx.report("store")
+            manifest = store.commit(
+                images,
+                {
+                    "checkpoint": ckpt,
+                    "jid": job.jid,
+                    "type": job.type,
+                    "node": job.node,
+                    "created": utcnow(),
+                    "criu_version": criu.version(),
+                    "criu": req.criu,
+                    "parent": job.last_checkpoint,
+                    "details": {**ctx.state.get("details", {}), "command": job.command},
+                },
+                compression=req.compression,
+                streams=req.streams,
+                progress=ctx.progress,
+            )
+        except BaseException:
+            store.discard(ckpt)
+            raise
+        finally:
+            remove_tree(work)
+            if images.parent == self.paths.staging:
+                remove_tree(images)
+        info = CheckpointInfo(
+            checkpoint=ckpt,
+            jid=job.jid,
+            path=store.url_of(ckpt),
+            size_bytes=manifest.size_bytes,
+            created=manifest.created,
+        )
+        self.registry.add_checkpoint(info)
+        return DumpResult(
+            jid=job.jid,
+            checkpoint=ckpt,
+            path=info.path,
+            size_bytes=manifest.size_bytes,
+            image_bytes=manifest.image_bytes,
+            duration_s=0.0,
+        )
+
+    def criu_dump(self, ctx: Context) -> None:
+        criu.dump(
+            ctx.state["pid"],
+            ctx.state["images"],
+            ctx.state["work"],
+            ctx.request.criu,
+            leave_running=ctx.request.leave_running,
+        )
+
+    def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
+        """Checkpoint job ``jid`` into the store."""
+        criu.version()
+        job = self.job(jid)
+        handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
+        chain = [self.locked, self.require_live, self.finish_dump, self.commit]
+        chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
+        ctx = Context(request, job=job, progress=progress, state={"jid": jid})
+        start = time.perf_counter()
+        result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
+        return result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
+
+    # -- restore
+    def fetch(self, ctx: Context, next_: Handler) -> Job:
+        """Verify and lay out the checkpoint's images locally for the handler."""
+        store: CheckpointStore = ctx.state["store"]
+        tmp = staging_area(self.paths.staging)
+        try:
+            manifest, images = store.fetch(ctx.state["checkpoint"], tmp / "images", ctx.request.streams, ctx.progress)
+            work = tmp / "work"
+            work.mkdir()
+            ctx.state.update(manifest=manifest, images=images, work=work)
+            return next_(ctx)
+        finally:
+            remove_tree(tmp)
+
+    def restore(
+        self,
+        request: RestoreRequest,
+        jid: str | None = None,
+        jtype: str | None = None,
+        progress: Progress | None = None,
+    ) -> Job:
+        """Restore a checkpoint: the last (or a given) one of job ``jid``, or ``request.path``.
+
+        The restored job keeps the job's id unless ``request.jid`` names a new one (a
+        clone); a live job is never replaced.
+        """
+        criu.version()
+        url = request.path or self._checkpoint_of(jid, request.checkpoint).path
+        root, ckpt = split_url(url)
+        store = CheckpointStore(root)
+        manifest = store.manifest(ckpt)
+        if jtype and manifest.type != jtype:
+            raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
+        target = request.jid or jid or manifest.jid
+        existing = self._existing(target)
+        if existing and existing.state in LIVE_STATES:
+            raise StateError(
+                f"job {target} is {existing.state.value}", hint="restore a clone with --jid NEW, or kill the job first"
+            )
+        job_dir = self.paths.job_dir(target)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        chain = [self.locked, self.fetch]
+        chain += self._middleware(
+            manifest.type,
+            "cedana_restore_middleware",
+            "cedana_gpu_interception_restore",
+            "cedana_restore_middleware_late",
+        )
+        handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
+        state = {
+            "jid": target,
+            "job_dir": job_dir,
+            "store": store,
+            "checkpoint": ckpt,
+            "command": manifest.details.get("command", []),
+        }
+        restored: Job = Pipeline(handler).with_(*chain)(Context(request, progress=progress, state=state))
+        return self._record_restore(existing, restored, manifest)
+
+    def _checkpoint_of(self, jid: str | None, ckpt: str | None) -> CheckpointInfo:
+        if ckpt:
+            return self.registry.checkpoint(ckpt)
+        if not jid:
+            raise UsageError("name a job, a checkpoint or a checkpoint path")
+        job = self.job(jid)
+        if not job.last_checkpoint:
+            raise CheckpointNotFound(f"job {jid} has no checkpoint", hint=f"`cedana-ray dump job {jid}`")
+        return self.registry.checkpoint(job.last_checkpoint)
+
+    def _existing(self, jid: str) -> Job | None:
+        try:
+            return self.job(jid)
+        except JobNotFound:
+            return None
+
+    def _record_restore(self, existing: Job | None, restored: Job, manifest: Manifest) -> Job:
+        update = {"last_checkpoint": manifest.checkpoint}
+        if existing:
+            keep = {"created", "command", "managed"}
+            restored = existing.model_copy(update={**restored.model_dump(exclude=keep), **update})
+        else:
+            restored = restored.model_copy(update=update)
+        self.registry.save_job(restored)
+        return restored
+
+    # -- checkpoints
+    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
+        if jid is not None:
+            self.job(jid)
+        return self.registry.checkpoints(jid)
+
+    def inspect(self, ckpt: str) -> Manifest:
+        root, name = split_url(self.registry.checkpoint(ckpt).path)
+        return CheckpointStore(root).manifest(name)
+
+    def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
+        info = self.registry.checkpoint(ckpt)
+        root, name = split_url(info.path)
+        with self._lock(info.jid):
+            with suppress(CheckpointNotFound):  # gone from the store: drop it from the catalog too
+                CheckpointStore(root).delete(name)
+            self.registry.delete_checkpoint(ckpt)
+            self._forget_checkpoint(info)
+        return info
+
+    def _forget_checkpoint(self, info: CheckpointInfo) -> None:
+        try:
+            job = self.registry.job(info.jid)
+        except JobNotFound:
+            return
+        if job.last_checkpoint == info.checkpoint:
+            rest = self.registry.checkpoints(info.jid)
+            self.registry.save_job(job.model_copy(update={"last_checkpoint": rest[-1].checkpoint if rest else None}))
+
+    def log_path(self, jid: str) -> str:
+        job = self.job(jid)
+        if not job.log or not os.path.exists(job.log):
+            raise UsageError(f"job {jid} has no log", hint="adopted (managed) jobs keep their own output")
+        return job.log

@@ -1,0 +1,128 @@
+"""The feature matrix, computed from registered hook implementations and health."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel
+
+from .plugins_manager import PluginManager
+
+# (row label as in cedana-features.txt, hook name); None separates groups in the table
+ROWS: tuple[tuple[str, str] | None, ...] = (
+    ("Dump command", "cedana_dump_command"),
+    ("Restore command", "cedana_restore_command"),
+    ("Run command", "cedana_run_command"),
+    ("Manage command", "cedana_manage_command"),
+    ("Freeze command", "cedana_freeze_command"),
+    ("Unfreeze command", "cedana_unfreeze_command"),
+    ("Query command", "cedana_query_command"),
+    ("Helper command(s)", "cedana_helper_commands"),
+    None,
+    ("Dump middleware", "cedana_dump_middleware"),
+    ("Dump handler", "cedana_dump_handler"),
+    ("Dump VM middleware", "cedana_dump_vm_middleware"),
+    ("Dump VM handler", "cedana_dump_vm_handler"),
+    ("Restore middleware", "cedana_restore_middleware"),
+    ("Restore middleware (late)", "cedana_restore_middleware_late"),
+    ("Restore handler", "cedana_restore_handler"),
+    ("Restore VM middleware", "cedana_restore_vm_middleware"),
+    ("Restore VM handler", "cedana_restore_vm_handler"),
+    ("Freeze handler", "cedana_freeze_handler"),
+    ("Unfreeze handler", "cedana_unfreeze_handler"),
+    None,
+    ("Run handler", "cedana_run_handler"),
+    ("Run handler (serverless)", "cedana_run_handler_serverless"),
+    ("Run middleware", "cedana_run_middleware"),
+    ("Run middleware (late)", "cedana_run_middleware_late"),
+    ("Manage handler", "cedana_manage_handler"),
+    ("Custom kill signal", "cedana_kill_signal"),
+    ("Custom cleanup", "cedana_cleanup"),
+    ("Custom reaper", "cedana_reaper"),
+    None,
+    ("GPU interception", "cedana_gpu_interception"),
+    ("GPU interception restore", "cedana_gpu_interception_restore"),
+    ("GPU tracing", "cedana_gpu_tracing"),
+    ("GPU tracing restore", "cedana_gpu_tracing_restore"),
+    None,
+    ("Checkpoint storage", "cedana_checkpoint_storage"),
+    ("Query handler", "cedana_query_handler"),
+    ("Health checks", "cedana_health_checks"),
+)
+
+# The columns we always show: ours and those of the system we model. Whether each
+# is installed, and what it implements, is computed.
+KNOWN_PLUGINS = (
+    "process",
+    "storage/local",
+    "cloud-hypervisor",
+    "runc",
+    "containerd",
+    "crio",
+    "kata",
+    "storage/cedana",
+    "storage/s3",
+    "storage/gcs",
+    "k8s",
+    "slurm",
+    "gpu",
+)
+
+
+class Status(str, Enum):
+    implemented = "implemented"
+    unimplemented = "unimplemented"
+    not_installed = "not installed"
+    incompatible = "incompatible"
+
+
+SYMBOLS = {
+    Status.implemented: "✔",
+    Status.unimplemented: "•",
+    Status.not_installed: "—",
+    Status.incompatible: "✖",
+}
+
+
+class FeatureMatrix(BaseModel):
+    plugins: list[str]
+    features: dict[str, dict[str, Status]]
+    errors: dict[str, list[str]]
+
+
+def plugin_errors(pm: PluginManager, name: str) -> tuple[Status | None, list[str]]:
+    """Why plugin ``name`` cannot work: (status that overrides its rows, reasons)."""
+    if name in pm.failures:
+        reason = pm.failures[name]
+        kind = Status.incompatible if reason.startswith("incompatible") else Status.not_installed
+        return kind, [reason]
+    if pm.get_plugin(name) is None:
+        return Status.not_installed, ["not installed: no plugin of this name is registered"]
+    checks = pm.call_for(name, "cedana_health_checks") or []
+    failed = [f"health check {c.name}: {c.detail}" for c in checks if c.fatal and not c.ok]
+    return (Status.incompatible if failed else None), failed
+
+
+def compute(pm: PluginManager) -> FeatureMatrix:
+    names = list(KNOWN_PLUGINS) + [n for n in pm.plugin_names() if n not in KNOWN_PLUGINS]
+    names += [n for n in pm.failures if n not in names]
+    features: dict[str, dict[str, Status]] = {row[0]: {} for row in ROWS if row}
+    errors: dict[str, list[str]] = {}
+    for name in names:
+        override, reasons = plugin_errors(pm, name)
+        if reasons:
+            errors[name] = reasons
+        for row in ROWS:
+            if row is None:
+                continue
+            label, hook = row
+            if override is Status.not_installed or (
+                override is Status.incompatible and (name in pm.failures or pm.implements(name, hook))
+            ):
+                status = override
+            elif pm.implements(name, hook):
+                status = Status.implemented
+            else:
+                status = Status.unimplemented
+            features[label][name] = status
+    return FeatureMatrix(plugins=names, features=features, errors=errors)

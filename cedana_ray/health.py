@@ -1,0 +1,74 @@
+"""``cedana-ray check``: CRIU, the state dir, the store and each plugin's checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+from . import criu
+from .config import default_storage
+from .engine import Engine
+from .errors import CedanaError
+from .models import HealthCheck
+from .store import CheckpointStore
+
+# CRIU features worth knowing about; cedana-ray never runs what the kernel lacks.
+CRIU_FEATURES = ("mem_dirty_track", "pidfd_store", "uffd-noncoop", "network_lock_nftables", "timens")
+
+
+def _criu_checks(full: bool) -> list[HealthCheck]:
+    try:
+        checks = [HealthCheck(name="version", ok=True, detail=f"{criu.version()} ({criu.binary()})")]
+    except CedanaError as exc:
+        return [HealthCheck(name="version", ok=False, detail=str(exc))]
+    ok, verdict = criu.check()
+    checks.append(HealthCheck(name="criu check", ok=ok, detail=verdict))
+    for feature in CRIU_FEATURES if full else CRIU_FEATURES[:1]:
+        has = criu.has_feature(feature)
+        checks.append(
+            HealthCheck(
+                name=f"feature {feature}", ok=has, fatal=False, detail="supported" if has else "not supported here"
+            )
+        )
+    if full:
+        res = subprocess.run([criu.binary(), "check", "--all"], capture_output=True, text=True)
+        tail = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()][-1:]
+        checks.append(
+            HealthCheck(name="criu check --all", ok=res.returncode == 0, fatal=False, detail=tail[0] if tail else "")
+        )
+    return checks
+
+
+def _state_checks(engine: Engine) -> list[HealthCheck]:
+    home = engine.paths.home
+    writable = os.access(home, os.W_OK)
+    free = shutil.disk_usage(home).free
+    return [
+        HealthCheck(name="state dir", ok=writable, detail=f"{home}" + ("" if writable else " is not writable")),
+        HealthCheck(name="free space", ok=free > 1 << 30, fatal=False, detail=f"{free / (1 << 30):.1f} GiB free"),
+    ]
+
+
+def _store_checks() -> list[HealthCheck]:
+    url = default_storage()
+    try:
+        store = CheckpointStore(url)
+        store.fs.makedirs(store.root, exist_ok=True)
+        count = len(store.list())
+        return [HealthCheck(name="default store", ok=True, detail=f"{url}: {count} checkpoint(s)")]
+    except (CedanaError, OSError) as exc:
+        return [HealthCheck(name="default store", ok=False, detail=f"{url}: {exc}")]
+
+
+def run_checks(engine: Engine, full: bool = False) -> dict[str, Any]:
+    groups: list[tuple[str, list[HealthCheck]]] = [
+        ("criu", _criu_checks(full)),
+        ("state", _state_checks(engine)),
+        ("store", _store_checks()),
+    ]
+    for name in engine.pm.plugin_names():
+        groups.append((f"plugin {name}", engine.pm.call_for(name, "cedana_health_checks") or []))
+    checks = [{"component": comp, **c.model_dump()} for comp, found in groups for c in found]
+    return {"ok": all(c["ok"] or not c["fatal"] for c in checks), "checks": checks}

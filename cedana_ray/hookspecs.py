@@ -1,0 +1,200 @@
+"""Every hook a cedana-ray plugin can implement: one per feature row.
+
+A plugin is registered under its name (``process``, ``runc``, ``storage/s3``...);
+that name is the workload type it serves. Per-type hooks are called only on the
+plugin of the job's type (see :func:`cedana_ray.plugins_manager.call_for`);
+the others are called on every plugin. A plugin implements a hook only when that
+feature works: the feature matrix is computed from these implementations.
+
+Middleware and handlers are those of :mod:`cedana_ray.pipeline`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .models import HealthCheck, Job
+    from .pipeline import Handler, Middleware
+
+PROJECT = "cedana_ray"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- commands (called on every plugin; each returns a click command named after its type)
+@hookspec
+def cedana_dump_command() -> click.Command:
+    """``cedana-ray dump <type> ...``."""
+
+
+@hookspec
+def cedana_restore_command() -> click.Command:
+    """``cedana-ray restore <type> ...``."""
+
+
+@hookspec
+def cedana_run_command() -> click.Command:
+    """``cedana-ray run <type> ...``."""
+
+
+@hookspec
+def cedana_manage_command() -> click.Command:
+    """``cedana-ray manage <type> ID``: adopt a workload started elsewhere."""
+
+
+@hookspec
+def cedana_freeze_command() -> click.Command:
+    """``cedana-ray freeze <type> ID``."""
+
+
+@hookspec
+def cedana_unfreeze_command() -> click.Command:
+    """``cedana-ray unfreeze <type> ID``."""
+
+
+@hookspec
+def cedana_query_command() -> click.Command:
+    """``cedana-ray query <type>``."""
+
+
+@hookspec
+def cedana_helper_commands() -> list[click.Command]:
+    """Top-level helper commands of the plugin (setup, teardown...)."""
+
+
+# -- per-type pipeline pieces (called on the plugin of the job's type)
+@hookspec(firstresult=True)
+def cedana_dump_middleware() -> list[Middleware]:
+    """Middleware run around the core dump chain, outermost first."""
+
+
+@hookspec(firstresult=True)
+def cedana_dump_handler() -> Handler:
+    """Replaces the core's CRIU dump as the final step."""
+
+
+@hookspec(firstresult=True)
+def cedana_dump_vm_middleware() -> list[Middleware]:
+    """Middleware around a VM snapshot."""
+
+
+@hookspec(firstresult=True)
+def cedana_dump_vm_handler() -> Handler:
+    """Takes the VM snapshot through the hypervisor's API."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_middleware() -> list[Middleware]:
+    """Middleware run around the core restore chain."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_middleware_late() -> list[Middleware]:
+    """Middleware that wraps the final restore handler directly."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_handler() -> Handler:
+    """Restores the workload from the local image dir in ``ctx.state['images']``;
+    returns the restored :class:`Job`."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_vm_middleware() -> list[Middleware]:
+    """Middleware around a VM restore."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_vm_handler() -> Handler:
+    """Restores a VM snapshot through the hypervisor's API."""
+
+
+@hookspec(firstresult=True)
+def cedana_freeze_handler() -> Handler:
+    """Pauses the whole workload of ``ctx.job``."""
+
+
+@hookspec(firstresult=True)
+def cedana_unfreeze_handler() -> Handler:
+    """Resumes the whole workload of ``ctx.job``."""
+
+
+@hookspec(firstresult=True)
+def cedana_run_handler() -> Handler:
+    """Starts ``ctx.request`` as a workload; returns the new :class:`Job`."""
+
+
+@hookspec(firstresult=True)
+def cedana_run_handler_serverless() -> Handler:
+    """Like the run handler, in-process, without a Ray cluster (``--local``)."""
+
+
+@hookspec(firstresult=True)
+def cedana_run_middleware() -> list[Middleware]:
+    """Middleware around the run handler."""
+
+
+@hookspec(firstresult=True)
+def cedana_run_middleware_late() -> list[Middleware]:
+    """Middleware that wraps the run handler directly."""
+
+
+@hookspec(firstresult=True)
+def cedana_manage_handler() -> Handler:
+    """Adopts the workload named by ``ctx.request``; returns the new :class:`Job`."""
+
+
+@hookspec(firstresult=True)
+def cedana_kill_signal() -> int:
+    """The signal that stops this type's workload after a dump or on `job kill`."""
+
+
+@hookspec(firstresult=True)
+def cedana_cleanup(job: Job) -> None:
+    """Removes what the workload left behind once it is gone (`job delete`)."""
+
+
+@hookspec(firstresult=True)
+def cedana_reaper(job: Job) -> int | None:
+    """The exit code of a workload that is no longer running, or None if unknown."""
+
+
+@hookspec(firstresult=True)
+def cedana_gpu_interception() -> list[Middleware]:
+    """Dump middleware that makes the job's GPU state checkpointable."""
+
+
+@hookspec(firstresult=True)
+def cedana_gpu_interception_restore() -> list[Middleware]:
+    """Restore middleware that puts the GPU state back."""
+
+
+@hookspec(firstresult=True)
+def cedana_gpu_tracing() -> list[Middleware]:
+    """Run middleware that traces the job's GPU activity."""
+
+
+@hookspec(firstresult=True)
+def cedana_gpu_tracing_restore() -> list[Middleware]:
+    """Restore middleware that continues the GPU trace."""
+
+
+@hookspec(firstresult=True)
+def cedana_query_handler() -> Handler:
+    """Lists this type's workloads on the node: a list of dicts."""
+
+
+# -- called on every plugin
+@hookspec
+def cedana_checkpoint_storage() -> dict[str, Any]:
+    """URL schemes this plugin stores checkpoints on: ``{scheme: fsspec class}``."""
+
+
+@hookspec
+def cedana_health_checks() -> list[HealthCheck]:
+    """The plugin's prerequisites, checked now (binary, version, kernel features)."""

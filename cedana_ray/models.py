@@ -1,0 +1,164 @@
+"""Pydantic models shared by the registry, the manifest, the API and ``--json``."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .errors import UsageError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Refuse ids that could escape a directory (``/``, ``..``) or are empty."""
+    if not _NAME.match(value) or ".." in value:
+        raise UsageError(
+            f"invalid {what} {value!r}",
+            hint="use letters, digits, '.', '_' and '-', not starting with '.'",
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Compression(str, Enum):
+    zstd = "zstd"
+    lz4 = "lz4"
+    gzip = "gzip"
+    none = "none"
+
+
+class JobState(str, Enum):
+    running = "running"
+    frozen = "frozen"
+    checkpointed = "checkpointed"  # dumped and stopped; restorable
+    exited = "exited"
+    killed = "killed"
+    lost = "lost"  # gone without an exit record
+
+
+LIVE_STATES = (JobState.running, JobState.frozen)
+
+
+class Job(BaseModel):
+    """A workload under cedana-ray."""
+
+    jid: Name
+    type: str
+    state: JobState
+    pid: int | None = None
+    node: str = "local"
+    last_checkpoint: str | None = None
+    exit_code: int | None = None
+    command: list[str] = Field(default_factory=list)
+    managed: bool = False  # adopted with `manage`, not started by us
+    log: str | None = None
+    created: datetime = Field(default_factory=utcnow)
+    details: dict[str, Any] = Field(default_factory=dict)  # plugin-owned facts
+
+    def summary(self) -> dict[str, Any]:
+        """The keys of ``run``/``manage``/``restore`` ``--json``."""
+        return self.model_dump(mode="json", include={"jid", "type", "pid", "node", "state"})
+
+    def row(self) -> dict[str, Any]:
+        """The keys of ``ps --json``."""
+        return self.model_dump(
+            mode="json",
+            include={"jid", "type", "state", "pid", "node", "last_checkpoint", "exit_code"},
+        )
+
+
+class CriuOptions(BaseModel):
+    """CRIU options a dump was made with; restore must use the same."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tcp_established: bool = False
+    file_locks: bool = False
+    shell_job: bool = False
+    external: tuple[str, ...] = ()
+
+
+class Chunk(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    offset: int  # in the original file
+    size: int  # original bytes
+    stored_offset: int  # in the stored object
+    stored_size: int
+    sha256: str  # of the stored bytes
+
+
+class ImageFile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    size: int
+    chunks: tuple[Chunk, ...]
+
+
+class Manifest(BaseModel):
+    """What makes a directory of images a checkpoint; written last."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: int = 1
+    checkpoint: Name
+    jid: Name
+    type: str
+    node: str
+    created: datetime
+    compression: Compression
+    chunk_size: int
+    criu_version: str
+    criu: CriuOptions
+    files: tuple[ImageFile, ...]
+    parent: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)  # plugin facts for restore
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(c.stored_size for f in self.files for c in f.chunks)
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class CheckpointInfo(BaseModel):
+    """One row of ``checkpoint list``."""
+
+    checkpoint: str
+    jid: str
+    path: str
+    size_bytes: int
+    created: datetime
+
+
+class DumpResult(BaseModel):
+    jid: str
+    checkpoint: str
+    path: str
+    size_bytes: int
+    image_bytes: int
+    duration_s: float
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class HealthCheck(BaseModel):
+    """One prerequisite of a plugin, as `check` shows it."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    fatal: bool = True  # when False, a failure is a warning

@@ -1,0 +1,36 @@
+"""Process trees by PID: liveness and signals (psutil)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import psutil
+
+
+def alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether ``pid`` is still the (non-zombie) process that started at ``started``."""
+    if pid is None:
+        return False
+    try:
+        p = psutil.Process(pid)
+        same = started is None or abs(p.create_time() - started) < 0.01
+        return same and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def members(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants."""
+    p = psutil.Process(pid)
+    return [p, *p.children(recursive=True)]
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to every process of the tree rooted at ``pid``."""
+    try:
+        procs = members(pid)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)

@@ -1,0 +1,99 @@
+"""The local job registry and checkpoint catalog, in SQLite under the state dir.
+
+Separate CLI invocations share it; each opens its own connection. Jobs are stored
+as their JSON model so the registry never drifts from :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CheckpointNotFound, JobNotFound, StateError, StorageError
+from .models import CheckpointInfo, Job
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (jid TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    checkpoint TEXT PRIMARY KEY, jid TEXT NOT NULL, path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL, created TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_jid ON checkpoints (jid, created);
+"""
+
+
+class Registry:
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        with self._conn() as conn:
+            conn.executescript(SCHEMA)
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the job registry {self.db}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            yield conn
+        except sqlite3.Error as exc:
+            raise StorageError(f"job registry {self.db}: {exc}") from exc
+        finally:
+            conn.close()
+
+    # -- jobs
+    def add_job(self, job: Job) -> None:
+        with self._conn() as conn:
+            try:
+                conn.execute("INSERT INTO jobs VALUES (?, ?)", (job.jid, job.model_dump_json()))
+            except sqlite3.IntegrityError as exc:
+                raise StateError(f"a job named {job.jid!r} already exists") from exc
+
+    def save_job(self, job: Job) -> None:
+        with self._conn() as conn:
+            conn.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.jid, job.model_dump_json()))
+
+    def job(self, jid: str) -> Job:
+        with self._conn() as conn:
+            row = conn.execute("SELECT data FROM jobs WHERE jid = ?", (jid,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {jid!r}", hint="`cedana-ray ps` lists the jobs")
+        return Job.model_validate_json(row[0])
+
+    def jobs(self) -> list[Job]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT data FROM jobs").fetchall()
+        return sorted((Job.model_validate_json(r[0]) for r in rows), key=lambda j: j.created)
+
+    def delete_job(self, jid: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM jobs WHERE jid = ?", (jid,))
+
+    # -- checkpoints
+    def add_checkpoint(self, info: CheckpointInfo) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (info.checkpoint, info.jid, info.path, info.size_bytes, info.created.isoformat()),
+            )
+
+    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
+        query, args = "SELECT * FROM checkpoints", ()
+        if jid is not None:
+            query, args = query + " WHERE jid = ?", (jid,)
+        with self._conn() as conn:
+            rows = conn.execute(query + " ORDER BY created", args).fetchall()
+        keys = ("checkpoint", "jid", "path", "size_bytes", "created")
+        return [CheckpointInfo(**dict(zip(keys, r, strict=False))) for r in rows]
+
+    def checkpoint(self, ckpt: str) -> CheckpointInfo:
+        found = [c for c in self.checkpoints() if c.checkpoint == ckpt]
+        if not found:
+            raise CheckpointNotFound(f"no checkpoint {ckpt!r}", hint="`cedana-ray checkpoint list`")
+        return found[0]
+
+    def delete_checkpoint(self, ckpt: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM checkpoints WHERE checkpoint = ?", (ckpt,))

@@ -1,0 +1,35 @@
+"""What each pipeline is asked to do: the ``request`` of its :class:`Context`."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from .models import Compression, CriuOptions, Name
+from .store import DEFAULT_STREAMS
+
+
+class RunRequest(BaseModel):
+    cmd: list[str] = Field(min_length=1)
+    jid: Name | None = None
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ManageRequest(BaseModel):
+    target: str  # a PID for `process`, a container id for container runtimes
+    jid: Name | None = None
+
+
+class DumpRequest(BaseModel):
+    leave_running: bool = False
+    storage: str | None = None  # store URL; default: CEDANA_RAY_STORAGE or the state dir
+    compression: Compression = Compression.zstd
+    streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
+    criu: CriuOptions = CriuOptions()
+
+
+class RestoreRequest(BaseModel):
+    checkpoint: str | None = None  # id in the catalog; default: the job's last
+    path: str | None = None  # or a checkpoint URL
+    jid: Name | None = None  # restore as a new job (a clone) under this id
+    streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)

@@ -1,0 +1,294 @@
+"""Checkpoint store over fsspec: images as checksummed chunks plus a manifest.
+
+Layout of checkpoint ``ID`` under a store URL::
+
+    URL/ID/data/<image file><ext>   chunks, each an independent compressed frame
+    URL/ID/manifest.json            written last; without it there is no checkpoint
+
+With ``--compression none`` on a local store CRIU dumps straight into
+``URL/ID/data`` and the chunks are only hashed in place, so a local uncompressed
+checkpoint costs CRIU's own write plus one read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .codec import EXTENSIONS, codec
+from .errors import CheckpointNotFound, CorruptCheckpoint, StorageError
+from .models import Chunk, Compression, ImageFile, Manifest, check_name
+
+MANIFEST = "manifest.json"
+DEFAULT_CHUNK = 8 << 20
+DEFAULT_STREAMS = max(2, min(8, os.cpu_count() or 2))
+Progress = Callable[[str, int, int], None]
+T = TypeVar("T")
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[Any], window: int) -> Iterator[T]:
+    """``pool.map`` in order, with at most ``window`` results in memory."""
+    pending: deque[Future[T]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def register_schemes(schemes: dict[str, Any]) -> None:
+    """Make plugin-provided filesystems known to fsspec (refusing silent overrides)."""
+    for scheme, cls in schemes.items():
+        if scheme in fsspec.available_protocols():
+            continue
+        fsspec.register_implementation(scheme, cls)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """A checkpoint URL as (store URL, checkpoint id)."""
+    url = url.rstrip("/")
+    root, _, ckpt = url.rpartition("/")
+    if not root or not ckpt:
+        raise StorageError(f"not a checkpoint URL: {url!r}")
+    return root, ckpt
+
+
+class CheckpointStore:
+    """The checkpoints under one store URL (``file://``, ``s3://``, ...)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ValueError, ImportError) as exc:
+            raise StorageError(
+                f"cannot open checkpoint store {url!r}: {exc}",
+                hint=f"known schemes: {', '.join(sorted(fsspec.available_protocols()))}",
+            ) from exc
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    # -- paths
+    def path(self, ckpt: str) -> str:
+        return f"{self.root}/{check_name(ckpt, 'checkpoint id')}"
+
+    def url_of(self, ckpt: str) -> str:
+        return f"{self.url}/{ckpt}"
+
+    def dump_dir(self, ckpt: str, compression: Compression, staging: Path) -> Path:
+        """Where CRIU should write the images of ``ckpt``."""
+        target = Path(self.path(ckpt)) / "data" if self.local and compression is Compression.none else staging / ckpt
+        target.mkdir(parents=True, exist_ok=False)
+        return target
+
+    # -- write
+    def commit(
+        self,
+        images: Path,
+        manifest: dict[str, Any],
+        *,
+        compression: Compression,
+        chunk_size: int = DEFAULT_CHUNK,
+        streams: int = DEFAULT_STREAMS,
+        progress: Progress | None = None,
+    ) -> Manifest:
+        """Store the image files in ``images`` and write the manifest last.
+
+        ``manifest`` holds every manifest field but ``files``, ``compression`` and
+        ``chunk_size``. On any failure nothing that lists as a checkpoint is left.
+        """
+        ckpt = manifest["checkpoint"]
+        try:
+            in_place = images == Path(self.path(ckpt)) / "data" and self.local
+            names = sorted(p.name for p in images.iterdir() if p.is_file())
+            total = sum((images / n).stat().st_size for n in names)
+            done = 0
+            files = []
+            with ThreadPoolExecutor(streams) as pool:
+                for name in names:
+                    writer = self._hash_in_place if in_place else self._write_file
+                    image = writer(pool, images / name, ckpt, compression, chunk_size, streams)
+                    files.append(image)
+                    done += image.size
+                    if progress:
+                        progress("store", done, total)
+            final = Manifest(**manifest, files=tuple(files), compression=compression, chunk_size=chunk_size)
+            self._write_manifest(ckpt, final)
+            return final
+        except OSError as exc:
+            self.discard(ckpt)
+            raise StorageError(f"storing checkpoint {ckpt} in {self.url} failed: {exc}") from exc
+        except BaseException:
+            self.discard(ckpt)
+            raise
+
+    def _chunks(self, path: Path, chunk_size: int) -> list[tuple[int, int]]:
+        size = path.stat().st_size
+        return [(off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)] or [(0, 0)]
+
+    def _hash_in_place(
+        self, pool: ThreadPoolExecutor, path: Path, ckpt: str, compression: Compression, chunk_size: int, streams: int
+    ) -> ImageFile:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+
+            def one(span: tuple[int, int]) -> Chunk:
+                off, size = span
+                digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
+                return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
+
+            chunks = tuple(bounded_map(pool, one, self._chunks(path, chunk_size), streams * 2))
+        finally:
+            os.close(fd)
+        return ImageFile(name=path.name, size=path.stat().st_size, chunks=chunks)
+
+    def _write_file(
+        self, pool: ThreadPoolExecutor, path: Path, ckpt: str, compression: Compression, chunk_size: int, streams: int
+    ) -> ImageFile:
+        compress, _ = codec(compression)
+        fd = os.open(path, os.O_RDONLY)
+
+        def one(span: tuple[int, int]) -> tuple[int, int, bytes, str]:
+            off, size = span
+            data = compress(os.pread(fd, size, off))
+            return off, size, data, hashlib.sha256(data).hexdigest()
+
+        chunks = []
+        stored = 0
+        target = f"{self.path(ckpt)}/data/{path.name}{EXTENSIONS[compression]}"
+        try:
+            self.fs.makedirs(f"{self.path(ckpt)}/data", exist_ok=True)
+            with self.fs.open(target, "wb") as out:
+                for off, size, data, digest in bounded_map(pool, one, self._chunks(path, chunk_size), streams * 2):
+                    out.write(data)
+                    chunks.append(
+                        Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest)
+                    )
+                    stored += len(data)
+        finally:
+            os.close(fd)
+        return ImageFile(name=path.name, size=path.stat().st_size, chunks=tuple(chunks))
+
+    def _write_manifest(self, ckpt: str, manifest: Manifest) -> None:
+        data = manifest.model_dump_json(indent=1).encode()
+        final = f"{self.path(ckpt)}/{MANIFEST}"
+        if self.local:  # atomic: a reader sees the whole manifest or none
+            tmp = f"{final}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(final, data)
+
+    # -- read
+    def manifest(self, ckpt: str) -> Manifest:
+        try:
+            raw = self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}")
+        except FileNotFoundError as exc:
+            raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValueError as exc:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: unreadable manifest: {exc}") from exc
+
+    def list(self) -> list[Manifest]:
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            try:
+                found.append(self.manifest(entry.rstrip("/").rsplit("/", 1)[-1]))
+            except (CheckpointNotFound, CorruptCheckpoint, ValueError):
+                continue  # no manifest: not a checkpoint (or a stray file)
+        return sorted(found, key=lambda m: m.created)
+
+    def fetch(
+        self, ckpt: str, dest: Path, streams: int = DEFAULT_STREAMS, progress: Progress | None = None
+    ) -> tuple[Manifest, Path]:
+        """Verify every chunk of ``ckpt`` and lay its images out in ``dest``.
+
+        Returns the manifest and the directory CRIU should restore from: ``dest``,
+        holding decompressed files, or links to an uncompressed local checkpoint.
+        Raises :class:`CorruptCheckpoint` naming the first bad chunk.
+        """
+        manifest = self.manifest(ckpt)
+        dest.mkdir(parents=True, exist_ok=True)
+        total, done = manifest.image_bytes, 0
+        with ThreadPoolExecutor(streams) as pool:
+            for image in manifest.files:
+                self._fetch_file(pool, ckpt, manifest.compression, image, dest, streams)
+                done += image.size
+                if progress:
+                    progress("fetch", done, total)
+        return manifest, dest
+
+    def _fetch_file(
+        self, pool: ThreadPoolExecutor, ckpt: str, compression: Compression, image: ImageFile, dest: Path, streams: int
+    ) -> None:
+        source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[compression]}"
+        in_place = self.local and compression is Compression.none
+        _, decompress = codec(compression)
+
+        def one(index: int) -> tuple[Chunk, bytes]:
+            chunk = image.chunks[index]
+            try:
+                data = self.fs.cat_file(source, chunk.stored_offset, chunk.stored_offset + chunk.stored_size)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpoint(f"checkpoint {ckpt}: image {image.name} is missing") from exc
+            if len(data) != chunk.stored_size or hashlib.sha256(data).hexdigest() != chunk.sha256:
+                raise CorruptCheckpoint(
+                    f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)"
+                )
+            return chunk, b"" if in_place else decompress(data)
+
+        results = bounded_map(pool, one, range(len(image.chunks)), streams * 2)
+        if in_place:
+            for _ in results:
+                pass
+            os.symlink(source, dest / image.name)
+            return
+        fd = os.open(dest / image.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for chunk, data in results:
+                if len(data) != chunk.size:
+                    raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk of {image.name} has the wrong size")
+                os.pwrite(fd, data, chunk.offset)
+            os.ftruncate(fd, image.size)
+        finally:
+            os.close(fd)
+
+    # -- delete
+    def delete(self, ckpt: str) -> None:
+        self.manifest(ckpt)  # raises when there is no such checkpoint
+        self.discard(ckpt)
+
+    def discard(self, ckpt: str) -> None:
+        """Remove whatever exists of ``ckpt``, manifest first so it stops listing."""
+        path = self.path(ckpt)
+        for target in (f"{path}/{MANIFEST}", path):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(target, recursive=target == path)
+
+
+def staging_area(base: Path) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base))
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Ready workloads and entrypoints for cedana-ray jobs."""

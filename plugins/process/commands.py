@@ -1,0 +1,96 @@
+"""``cedana-ray <verb> process ...``: the process plugin's commands."""
+
+from __future__ import annotations
+
+import click
+
+from cedana_ray.cli.options import common, dump_options, engine, restore_options
+from cedana_ray.cli.output import progress, show, show_dump, show_job, table
+from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+
+NAME = "process"
+
+
+@click.command(NAME, context_settings={"ignore_unknown_options": True})
+@click.option("--jid", metavar="ID", help="Job id (default: generated).")
+@click.option("--storage", metavar="URL", help="Default checkpoint store of this job.")
+@click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@common
+def run(
+    jid: str | None,
+    storage: str | None,
+    cwd: str | None,
+    env: tuple[str, ...],
+    cmd: tuple[str, ...],
+    as_json: bool,
+    local: bool,
+) -> None:
+    """Run CMD as a checkpointable process job (in its own PID namespace)."""
+    bad = [e for e in env if "=" not in e]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not K=V", param_hint="--env")
+    request = RunRequest(cmd=list(cmd), jid=jid, cwd=cwd, env=dict(e.split("=", 1) for e in env))
+    job = engine().run(NAME, request)
+    if storage:
+        job = engine().set_storage(job.jid, storage)
+    show_job(as_json, job, "started")
+
+
+@click.command(NAME)
+@click.argument("pid")
+@click.option("--jid", metavar="ID", help="Job id (default: generated).")
+@common
+def manage(pid: str, jid: str | None, as_json: bool, local: bool) -> None:
+    """Adopt the running process tree PID as a job."""
+    show_job(as_json, engine().manage(NAME, ManageRequest(target=pid, jid=jid)), "managing")
+
+
+@click.command(NAME)
+@click.argument("pid")
+@dump_options
+@common
+def dump(pid: str, request: DumpRequest, as_json: bool, local: bool) -> None:
+    """Checkpoint the process tree PID (adopting it as a job if it is not one)."""
+    job = engine().job_for(NAME, pid)
+    with progress(not as_json) as bar:
+        show_dump(as_json, engine().dump(job.jid, request, bar))
+
+
+@click.command(NAME)
+@click.option("--path", required=True, metavar="URL", help="The checkpoint's URL (see `checkpoint list`).")
+@restore_options
+@common
+def restore(request: RestoreRequest, as_json: bool, local: bool) -> None:
+    """Restore a process checkpoint from its URL."""
+    with progress(not as_json) as bar:
+        show_job(as_json, engine().restore(request, jtype=NAME, progress=bar), "restored")
+
+
+def _freeze_command(verb: str) -> click.Command:
+    @click.command(NAME, help=f"{verb.capitalize()} the process tree PID.")
+    @click.argument("pid")
+    @common
+    def command(pid: str, as_json: bool, local: bool) -> None:
+        job = engine().job_for(NAME, pid)
+        show_job(as_json, getattr(engine(), verb)(job.jid), f"{verb}d")
+
+    return command
+
+
+freeze = _freeze_command("freeze")
+unfreeze = _freeze_command("unfreeze")
+
+
+@click.command(NAME)
+@common
+def query(as_json: bool, local: bool) -> None:
+    """List process jobs with what their trees use now."""
+    rows = engine().query(NAME)
+
+    def human() -> None:
+        cols = ("jid", "state", "pid", "processes", "rss_bytes", "last_checkpoint")
+        table(cols, [[r.get(c) for c in cols] for r in rows])
+
+    show(as_json, rows, human)

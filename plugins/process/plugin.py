@@ -1,0 +1,238 @@
+"""Hook implementations of the ``process`` plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from typing import Any
+
+import click
+import psutil
+
+from cedana_ray import criu
+from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
+from cedana_ray.hookspecs import hookimpl
+from cedana_ray.models import HealthCheck, Job, JobState
+from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.proctree import alive, members, signal_tree
+
+from . import commands, tree
+from .launch import LaunchError, launch
+
+NAME = "process"
+
+
+def _new_job(ctx: Context, pid: int, **fields: Any) -> Job:
+    return Job(
+        jid=ctx.state["jid"], type=NAME, pid=pid, details={"started": psutil.Process(pid).create_time()}, **fields
+    )
+
+
+def run(ctx: Context) -> Job:
+    """Start the command under a supervisor, as PID 1 of a new PID namespace."""
+    req, job_dir = ctx.request, ctx.state["job_dir"]
+    log = job_dir / "log"
+    spec = {
+        "mode": "run",
+        "cmd": req.cmd,
+        "cwd": req.cwd or os.getcwd(),
+        "env": req.env,
+        "log": str(log),
+        "exit_file": str(job_dir / "exit.json"),
+    }
+    try:
+        pid = launch(spec, job_dir)
+    except LaunchError as exc:
+        raise UsageError(str(exc)) from exc
+    return _new_job(ctx, pid, state=JobState.running, command=req.cmd, log=str(log))
+
+
+def manage(ctx: Context) -> Job:
+    """Adopt a running process tree by PID."""
+    try:
+        pid = int(ctx.request.target)
+    except ValueError:
+        raise UsageError(f"not a PID: {ctx.request.target!r}") from None
+    p = tree.proc(pid)
+    tree.check_touchable(p)
+    state = JobState.frozen if tree.is_stopped(pid) else JobState.running
+    return _new_job(ctx, pid, state=state, command=p.cmdline(), managed=True)
+
+
+def prepare_dump(ctx: Context, next_: Handler) -> Any:
+    """Check the job's root process and record what restore will need."""
+    pid = ctx.job.pid
+    tree.check_touchable(tree.proc(pid))
+    ctx.state["pid"] = pid
+    ctx.state["details"] = {
+        "pipes": tree.stdio_pipes(pid),
+        "pidns": tree.own_pidns(pid),
+        "frozen": tree.is_stopped(pid),
+    }
+    return next_(ctx)
+
+
+def restore(ctx: Context) -> Job:
+    """Restore the images under a new supervisor; the restored job."""
+    manifest, job_dir, work = ctx.state["manifest"], ctx.state["job_dir"], ctx.state["work"]
+    details = manifest.details
+    spec = {
+        "mode": "restore",
+        "criu": criu.restore_args(ctx.state["images"], work, manifest.criu),
+        "pipes": details.get("pipes", []),
+        "pidns": details.get("pidns", False),
+        "work": str(work),
+        "log": str(job_dir / "log"),
+        "exit_file": str(job_dir / "exit.json"),
+    }
+    try:
+        pid = launch(spec, job_dir)
+    except LaunchError as exc:
+        detail = criu.first_error(work / "restore.log") or str(exc)
+        raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
+    state = JobState.frozen if details.get("frozen") else JobState.running
+    return _new_job(ctx, pid, state=state, command=ctx.state.get("command", []), log=spec["log"])
+
+
+def freeze(ctx: Context) -> None:
+    signal_tree(ctx.job.pid, signal.SIGSTOP)
+
+
+def unfreeze(ctx: Context) -> None:
+    signal_tree(ctx.job.pid, signal.SIGCONT)
+
+
+def query(ctx: Context) -> list[dict[str, Any]]:
+    """The process jobs of this node with what their trees use now."""
+    rows = []
+    for job in ctx.request:
+        row: dict[str, Any] = job.row()
+        if alive(job.pid, job.details.get("started")):
+            procs = members(job.pid)
+            row["processes"] = len(procs)
+            row["rss_bytes"] = sum(p.memory_info().rss for p in procs)
+        rows.append(row)
+    return rows
+
+
+@hookimpl
+def cedana_run_handler() -> Handler:
+    return run
+
+
+@hookimpl
+def cedana_run_handler_serverless() -> Handler:
+    return run
+
+
+@hookimpl
+def cedana_manage_handler() -> Handler:
+    return manage
+
+
+@hookimpl
+def cedana_dump_middleware() -> list[Middleware]:
+    return [prepare_dump]
+
+
+@hookimpl
+def cedana_restore_handler() -> Handler:
+    return restore
+
+
+@hookimpl
+def cedana_freeze_handler() -> Handler:
+    return freeze
+
+
+@hookimpl
+def cedana_unfreeze_handler() -> Handler:
+    return unfreeze
+
+
+@hookimpl
+def cedana_query_handler() -> Handler:
+    return query
+
+
+@hookimpl
+def cedana_kill_signal() -> int:
+    return tree.KILL_SIGNAL
+
+
+@hookimpl
+def cedana_cleanup(job: Job) -> None:
+    if job.log:
+        shutil.rmtree(os.path.dirname(job.log), ignore_errors=True)
+
+
+@hookimpl
+def cedana_reaper(job: Job) -> int | None:
+    if not job.log:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(job.log), "exit.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record["exit_code"] if record.get("pid") == job.pid else None
+
+
+@hookimpl
+def cedana_health_checks() -> list[HealthCheck]:
+    checks = []
+    try:
+        checks.append(HealthCheck(name="criu", ok=True, detail=f"criu {criu.version()} at {criu.binary()}"))
+        ok, verdict = criu.check()
+        checks.append(HealthCheck(name="criu check", ok=ok, detail=verdict))
+        dirty = criu.has_feature("mem_dirty_track")
+        checks.append(
+            HealthCheck(
+                name="soft-dirty tracking",
+                ok=dirty,
+                fatal=False,
+                detail="available" if dirty else "unsupported by this kernel: full dumps only",
+            )
+        )
+    except PrerequisiteError as exc:
+        checks.append(HealthCheck(name="criu", ok=False, detail=str(exc)))
+    root = os.geteuid() == 0
+    checks.append(HealthCheck(name="privileges", ok=root, detail="root" if root else "CRIU needs root"))
+    return checks
+
+
+@hookimpl
+def cedana_run_command() -> click.Command:
+    return commands.run
+
+
+@hookimpl
+def cedana_manage_command() -> click.Command:
+    return commands.manage
+
+
+@hookimpl
+def cedana_dump_command() -> click.Command:
+    return commands.dump
+
+
+@hookimpl
+def cedana_restore_command() -> click.Command:
+    return commands.restore
+
+
+@hookimpl
+def cedana_freeze_command() -> click.Command:
+    return commands.freeze
+
+
+@hookimpl
+def cedana_unfreeze_command() -> click.Command:
+    return commands.unfreeze
+
+
+@hookimpl
+def cedana_query_command() -> click.Command:
+    return commands.query

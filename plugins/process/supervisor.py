@@ -1,0 +1,172 @@
+"""The supervising parent of one ``process`` workload (standard library only).
+
+Started by the process plugin as ``python supervisor.py SPEC_JSON``. It detaches
+(the launcher returns at once; the workload outlives the CLI), then either
+
+* ``run``: starts the command as PID 1 of a new PID namespace, in its own session,
+  stdin ``/dev/null``, stdout+stderr into a pipe; or
+* ``restore``: runs ``criu restore --restore-detached`` as a child subreaper, so the
+  restored tree becomes its child. Images that carry their own PID namespace get
+  a new one from CRIU; a tree dumped from the host namespace is restored under a
+  small init of a fresh namespace, so a live or zombie original never collides.
+
+It reports ``{"pid": N}`` or ``{"error": "..."}`` on the status fd, copies the
+workload's output to the job log, reaps the workload and writes its exit code to
+the exit file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+CLONE_NEWPID = 0x20000000
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _unshare_pid() -> None:
+    if _libc.unshare(CLONE_NEWPID) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWPID): {os.strerror(err)}")
+
+
+def _close_fds_except(*keep: int) -> None:
+    last = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(last, fd)
+        last = fd + 1
+    os.closerange(last, os.sysconf("SC_OPEN_MAX"))
+
+
+def _exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _child_failed(errr: int, pid: int) -> str:
+    """The error the child wrote to its close-on-exec pipe, or '' once it exec'd."""
+    err = b""
+    while chunk := os.read(errr, 4096):
+        err += chunk
+    os.close(errr)
+    if err:
+        os.waitpid(pid, 0)
+    return err.decode(errors="replace")
+
+
+def start_run(spec: dict) -> tuple[int, int]:
+    r, w = os.pipe()
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    _unshare_pid()
+    pid = os.fork()
+    if pid == 0:  # PID 1 of the new namespace
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            _close_fds_except(errw)
+            if spec.get("cwd"):
+                os.chdir(spec["cwd"])
+            env = {**os.environ, **spec.get("env", {})}
+            os.execvpe(spec["cmd"][0], spec["cmd"], env)
+        except BaseException as exc:
+            os.write(errw, f"cannot run {spec['cmd'][0]!r}: {getattr(exc, 'strerror', None) or exc}".encode())
+            os._exit(127)
+    os.close(w)
+    os.close(errw)
+    if err := _child_failed(errr, pid):
+        raise RuntimeError(err)
+    return pid, r
+
+
+def _criu_restore(spec: dict, w: int) -> int:
+    """Run CRIU; the restored tree's root PID (as CRIU's namespace sees it)."""
+    pidfile = os.path.join(spec["work"], "restore.pid")
+    fds = [os.dup(w) for _ in spec["pipes"]]
+    args = [*list(spec["criu"]), "--pidfile", pidfile]
+    for fd, key in zip(fds, spec["pipes"], strict=False):
+        args += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    with open(os.path.join(spec["work"], "criu.out"), "wb") as out:
+        rc = subprocess.run(args, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+    for fd in fds:
+        os.close(fd)
+    if rc != 0:
+        raise RuntimeError(f"criu restore failed (exit {rc})")
+    with open(pidfile) as f:
+        return int(f.read().strip())
+
+
+def _init_loop(root: int) -> None:
+    """PID 1 of a restored namespace: reap everything, exit with the root's code."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == root:
+            os._exit(_exit_code(status) & 0xFF)
+
+
+def start_restore(spec: dict) -> tuple[int, int]:
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    r, w = os.pipe()
+    if spec["pidns"]:
+        pid = _criu_restore(spec, w)
+        os.close(w)
+        return pid, r
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    _unshare_pid()
+    init = os.fork()
+    if init == 0:
+        _close_fds_except(w, errw)
+        os.setsid()
+        try:
+            root = _criu_restore(spec, w)
+        except BaseException as exc:
+            os.write(errw, str(exc).encode())
+            os._exit(1)
+        os.close(w)
+        os.close(errw)
+        _init_loop(root)
+    os.close(w)
+    os.close(errw)
+    if err := _child_failed(errr, init):
+        raise RuntimeError(err)
+    return init, r
+
+
+def supervise(spec: dict, pid: int, out: int) -> None:
+    with open(spec["log"], "ab", buffering=0) as log:
+        while chunk := os.read(out, 65536):
+            log.write(chunk)
+    _, status = os.waitpid(pid, 0)
+    tmp = spec["exit_file"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": pid, "exit_code": _exit_code(status)}, f)
+    os.replace(tmp, spec["exit_file"])
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    status = os.fdopen(spec["status_fd"], "w")
+    if os.fork():
+        os._exit(0)  # the launcher returns; we live on, re-parented
+    os.setsid()
+    try:
+        pid, out = (start_run if spec["mode"] == "run" else start_restore)(spec)
+    except BaseException as exc:
+        status.write(json.dumps({"error": str(exc)}))
+        status.close()
+        os._exit(1)
+    status.write(json.dumps({"pid": pid}))
+    status.close()
+    supervise(spec, pid, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Process trees: identity, permission and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+from cedana_ray.errors import JobNotFound, PermissionDenied, StateError
+
+
+def proc(pid: int) -> psutil.Process:
+    """The live process ``pid``, or a clear error."""
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            raise StateError(f"PID {pid} has exited (zombie)")
+        return p
+    except psutil.NoSuchProcess as exc:
+        raise JobNotFound(f"no process with PID {pid}") from exc
+
+
+def check_touchable(p: psutil.Process) -> None:
+    """Refuse PIDs cedana-ray must not checkpoint or signal."""
+    if p.pid == 1:
+        raise PermissionDenied("refusing to touch PID 1 (the system's init)")
+    if p.pid in {a.pid for a in [psutil.Process(), *psutil.Process().parents()]}:
+        raise PermissionDenied(f"refusing to touch PID {p.pid}: it is cedana-ray itself or its parent")
+    try:
+        if not p.exe():
+            raise PermissionDenied(f"refusing to touch PID {p.pid}: it is a kernel thread")
+        uid = p.uids().real
+    except psutil.AccessDenied as exc:
+        raise PermissionDenied(f"not permitted to inspect PID {p.pid}") from exc
+    except (psutil.ZombieProcess, FileNotFoundError, OSError) as exc:
+        raise PermissionDenied(f"refusing to touch PID {p.pid}: it is a kernel thread") from exc
+    if os.geteuid() != 0 and uid != os.geteuid():
+        raise PermissionDenied(f"PID {p.pid} belongs to another user (uid {uid})")
+
+
+def stdio_pipes(pid: int) -> list[str]:
+    """The pipes (``pipe:[inode]``) the tree's root writes its output to."""
+    found = []
+    for fd in (0, 1, 2):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:") and target not in found:
+            found.append(target)
+    return found
+
+
+def own_pidns(pid: int) -> bool:
+    """Whether ``pid`` is the init of a PID namespace other than ours."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
+def is_stopped(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+KILL_SIGNAL = signal.SIGKILL  # PID 1 of a namespace ignores signals it has no handler for

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Install CRIU >= 4.2 into a private prefix with a `criu` wrapper on PATH.
+#
+# Debian 12's criu 3.17 fails on current kernels and 4.1 cannot dump sockets on
+# kernels >= 6.16, so we take criu 4.2 and its libraries from sid, unpack them
+# (no system libc change) and run criu through sid's own dynamic loader.
+# Idempotent: does nothing when a working criu >= 4.2 is already installed.
+set -euo pipefail
+
+PREFIX=${CRIU_PREFIX:-/opt/cedana-ray/criu}
+WRAPPER=${CRIU_WRAPPER:-/usr/local/bin/criu}
+PKGS="criu libcompel1 libc6 libprotobuf-c1 libnl-3-200 libnet9 libgnutls30t64
+libnftables1 libbsd0 libuuid1 libnettle8t64 libhogweed6t64 libp11-kit0 libunistring5
+libtasn1-6 libidn2-0 libgmp10 libmnl0 libnftnl11 libjansson4 libxtables12 libmd0 libffi8
+libedit2 libzstd1 liblz4-1 libcap2"
+
+criu_ok() {
+  local v
+  v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
+  [ -n "$v" ] && printf '%s\n4.2\n' "$v" | sort -V -C -r 2>/dev/null
+}
+
+# sort -V -C -r succeeds when the list is in descending order, i.e. v >= 4.2
+if command -v criu >/dev/null && criu_ok "$(command -v criu)"; then
+  echo "criu: $(criu --version | head -1) already installed"
+  exit 0
+fi
+
+SOURCES=/etc/apt/sources.list.d/cedana-ray-sid.sources
+if [ ! -f "$SOURCES" ]; then
+  cat >"$SOURCES" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat >/etc/apt/preferences.d/cedana-ray-sid <<'PIN'
+Package: *
+Pin: release n=sid
+Pin-Priority: 1
+PIN
+fi
+apt-get update -qq -o Dir::Etc::sourcelist="$SOURCES" -o Dir::Etc::sourceparts=- \
+  -o APT::Get::List-Cleanup=0
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && apt-get download -qq $(for p in $PKGS; do echo "$p/sid"; done))
+rm -rf "$PREFIX.new"
+mkdir -p "$PREFIX.new"
+for deb in "$work"/*.deb; do dpkg -x "$deb" "$PREFIX.new"; done
+rm -rf "$PREFIX"
+mv "$PREFIX.new" "$PREFIX"
+
+mkdir -p "$(dirname "$WRAPPER")"
+cat >"$WRAPPER" <<WRAP
+#!/bin/sh
+# criu from Debian sid, run through its own loader (installed by cedana-ray)
+exec $PREFIX/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \\
+  --library-path $PREFIX/usr/lib/x86_64-linux-gnu \\
+  $PREFIX/usr/sbin/criu "\$@"
+WRAP
+chmod +x "$WRAPPER"
+criu_ok "$WRAPPER" || { echo "install-criu: installed criu does not report >= 4.2" >&2; exit 1; }
+echo "criu: $("$WRAPPER" --version | head -1) installed in $PREFIX"
