@@ -90,13 +90,16 @@ def dump(
     opts: CriuOptions,
     *,
     leave_running: bool,
+    enter: int | None = None,
 ) -> None:
     """Dump the tree rooted at ``pid`` into ``images``.
 
     Without ``leave_running`` the tree is left stopped, not killed, so that the
-    caller can resume it if storing the checkpoint fails.
+    caller can resume it if storing the checkpoint fails. With ``enter``, CRIU runs
+    in the PID and mount namespaces of that process, where ``pid`` is the tree's PID.
     """
-    args = [binary(), "dump", "-t", str(pid), "-D", str(images), "-W", str(work)]
+    prefix = ["nsenter", "-t", str(enter), "-p", "-m", "--"] if enter else []
+    args = [*prefix, binary(), "dump", "-t", str(pid), "-D", str(images), "-W", str(work)]
     args += ["-o", "dump.log", "--leave-running" if leave_running else "--leave-stopped"]
     args += option_args(opts)
     res = subprocess.run(args, capture_output=True, text=True)

@@ -258,6 +258,7 @@ class Engine:
             ctx.state["work"],
             ctx.request.criu,
             leave_running=ctx.request.leave_running,
+            enter=ctx.state.get("enter"),
         )
 
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:

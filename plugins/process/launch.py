@@ -18,8 +18,9 @@ class LaunchError(CedanaError):
     """The supervisor could not start the workload."""
 
 
-def launch(spec: dict[str, Any], job_dir: Path) -> int:
-    """Start a detached supervisor for ``spec``; the workload's PID once it runs."""
+def launch(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
+    """Start a detached supervisor for ``spec``; its reply once the workload runs:
+    ``{"pid": N, "ns_root": M | None}``."""
     r, w = os.pipe()
     errors = job_dir / "supervisor.err"
     with open(errors, "ab") as err:
@@ -42,4 +43,4 @@ def launch(spec: dict[str, Any], job_dir: Path) -> int:
         raise LaunchError(f"the workload supervisor died: {tail[0]}") from None
     if "error" in reply:
         raise LaunchError(reply["error"])
-    return int(reply["pid"])
+    return reply

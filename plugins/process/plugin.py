@@ -24,10 +24,11 @@ from .launch import LaunchError, launch
 NAME = "process"
 
 
-def _new_job(ctx: Context, pid: int, **fields: Any) -> Job:
-    return Job(
-        jid=ctx.state["jid"], type=NAME, pid=pid, details={"started": psutil.Process(pid).create_time()}, **fields
-    )
+def _new_job(ctx: Context, pid: int, ns_root: int | None = None, **fields: Any) -> Job:
+    details: dict[str, Any] = {"started": psutil.Process(pid).create_time()}
+    if ns_root is not None:  # restored under our own namespace init, PID `pid`
+        details["ns_root"] = ns_root
+    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
 
 
 def run(ctx: Context) -> Job:
@@ -43,7 +44,7 @@ def run(ctx: Context) -> Job:
         "exit_file": str(job_dir / "exit.json"),
     }
     try:
-        pid = launch(spec, job_dir)
+        pid = launch(spec, job_dir)["pid"]
     except LaunchError as exc:
         raise UsageError(str(exc)) from exc
     return _new_job(ctx, pid, state=JobState.running, command=req.cmd, log=str(log))
@@ -62,14 +63,23 @@ def manage(ctx: Context) -> Job:
 
 
 def prepare_dump(ctx: Context, next_: Handler) -> Any:
-    """Check the job's root process and record what restore will need."""
-    pid = ctx.job.pid
-    tree.check_touchable(tree.proc(pid))
-    ctx.state["pid"] = pid
+    """Check the job's root process and record what restore will need.
+
+    A job restored under our namespace init is dumped from inside its namespaces,
+    without the init, so that it restores the same way again.
+    """
+    job = ctx.job
+    tree.check_touchable(tree.proc(job.pid))
+    root = job.pid
+    if ns_root := job.details.get("ns_root"):
+        root = tree.host_pid(job.pid, ns_root)
+        ctx.state.update(pid=ns_root, enter=job.pid)
+    else:
+        ctx.state["pid"] = root
     ctx.state["details"] = {
-        "pipes": tree.stdio_pipes(pid),
-        "pidns": tree.own_pidns(pid),
-        "frozen": tree.is_stopped(pid),
+        "pipes": tree.stdio_pipes(root),
+        "pidns": tree.own_pidns(root) and not ns_root,
+        "frozen": tree.is_stopped(root),
     }
     return next_(ctx)
 
@@ -88,12 +98,13 @@ def restore(ctx: Context) -> Job:
         "exit_file": str(job_dir / "exit.json"),
     }
     try:
-        pid = launch(spec, job_dir)
+        reply = launch(spec, job_dir)
     except LaunchError as exc:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
     state = JobState.frozen if details.get("frozen") else JobState.running
-    return _new_job(ctx, pid, state=state, command=ctx.state.get("command", []), log=spec["log"])
+    command = ctx.state.get("command", [])
+    return _new_job(ctx, reply["pid"], reply.get("ns_root"), state=state, command=command, log=spec["log"])
 
 
 def freeze(ctx: Context) -> None:

@@ -7,10 +7,13 @@ Started by the process plugin as ``python supervisor.py SPEC_JSON``. It detaches
   stdin ``/dev/null``, stdout+stderr into a pipe; or
 * ``restore``: runs ``criu restore --restore-detached`` as a child subreaper, so the
   restored tree becomes its child. Images that carry their own PID namespace get
-  a new one from CRIU; a tree dumped from the host namespace is restored under a
-  small init of a fresh namespace, so a live or zombie original never collides.
+  a new one from CRIU; a tree dumped from the host namespace (an adopted process)
+  is restored under a small init of fresh PID and mount namespaces (with their own
+  /proc), so a live or zombie original never collides.
 
-It reports ``{"pid": N}`` or ``{"error": "..."}`` on the status fd, copies the
+It reports ``{"pid": N, "ns_root": M}`` (M: the restored root's PID inside the
+init's namespace, when there is one) or ``{"error": "..."}`` on the status fd,
+copies the
 workload's output to the job log, reaps the workload and writes its exit code to
 the exit file.
 """
@@ -24,6 +27,8 @@ import subprocess
 import sys
 
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -32,6 +37,16 @@ def _unshare_pid() -> None:
     if _libc.unshare(CLONE_NEWPID) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWPID): {os.strerror(err)}")
+
+
+def _private_proc() -> None:
+    """A mount namespace whose /proc shows our PID namespace (CRIU reads it)."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    for args in ((None, b"/", None, MS_REC | MS_PRIVATE), (b"proc", b"/proc", b"proc", 0)):
+        if _libc.mount(*args, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {args[1]!r}: {os.strerror(err)}")
 
 
 def _close_fds_except(*keep: int) -> None:
@@ -46,15 +61,19 @@ def _exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def _read_all(fd: int) -> str:
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    os.close(fd)
+    return data.decode(errors="replace")
+
+
 def _child_failed(errr: int, pid: int) -> str:
     """The error the child wrote to its close-on-exec pipe, or '' once it exec'd."""
-    err = b""
-    while chunk := os.read(errr, 4096):
-        err += chunk
-    os.close(errr)
-    if err:
+    if err := _read_all(errr):
         os.waitpid(pid, 0)
-    return err.decode(errors="replace")
+    return err
 
 
 def start_run(spec: dict) -> tuple[int, int]:
@@ -126,17 +145,22 @@ def start_restore(spec: dict) -> tuple[int, int]:
         _close_fds_except(w, errw)
         os.setsid()
         try:
+            _private_proc()
             root = _criu_restore(spec, w)
         except BaseException as exc:
-            os.write(errw, str(exc).encode())
+            os.write(errw, json.dumps({"error": str(exc)}).encode())
             os._exit(1)
+        os.write(errw, json.dumps({"root": root}).encode())
         os.close(w)
         os.close(errw)
         _init_loop(root)
     os.close(w)
     os.close(errw)
-    if err := _child_failed(errr, init):
-        raise RuntimeError(err)
+    reply = json.loads(_read_all(errr) or '{"error": "the namespace init died"}')
+    if "error" in reply:
+        os.waitpid(init, 0)
+        raise RuntimeError(reply["error"])
+    spec["ns_root"] = reply["root"]
     return init, r
 
 
@@ -163,7 +187,7 @@ def main() -> None:
         status.write(json.dumps({"error": str(exc)}))
         status.close()
         os._exit(1)
-    status.write(json.dumps({"pid": pid}))
+    status.write(json.dumps({"pid": pid, "ns_root": spec.get("ns_root")}))
     status.close()
     supervise(spec, pid, out)
 

@@ -52,6 +52,19 @@ def stdio_pipes(pid: int) -> list[str]:
     return found
 
 
+def host_pid(init: int, ns_pid: int) -> int:
+    """The host PID of the process that is ``ns_pid`` in the namespace of ``init``."""
+    for p in psutil.Process(init).children(recursive=True):
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                nspids = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
+        except (OSError, StopIteration):
+            continue
+        if int(nspids[-1]) == ns_pid:
+            return p.pid
+    raise JobNotFound(f"process {ns_pid} is gone from the namespace of PID {init}")
+
+
 def own_pidns(pid: int) -> bool:
     """Whether ``pid`` is the init of a PID namespace other than ours."""
     try:
