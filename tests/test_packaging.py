@@ -1,0 +1,53 @@
+"""The package installs every module under `cedana_ray`, as a wheel and editable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("cedana_ray-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {n.split("/")[0] for n in names if not n.startswith("cedana_ray-")}
+    assert packages == {"cedana_ray"}
+    for module in ("plugins/process/supervisor.py", "actors/__init__.py", "jobs/counter.py", "py.typed"):
+        assert f"cedana_ray/{module}" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "process = cedana_ray.plugins.process.plugin" in text
+    assert "cedana-ray = cedana_ray.cli.main:main" in text
+
+
+def test_editable_install_maps_folders_under_cedana_ray(tmp_path: Path) -> None:
+    code = (
+        "import importlib.util as u, cedana_ray.plugins.process.plugin as p, cedana_ray.actors, cedana_ray.jobs;"
+        "print(p.__file__);print(u.find_spec('plugins'), u.find_spec('actors'), u.find_spec('jobs'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    plugin_file, bare = out.stdout.splitlines()
+    assert Path(plugin_file).resolve() == ROOT / "plugins" / "process" / "plugin.py"
+    assert bare == "None None None", "no bare top-level plugins/actors/jobs modules"
