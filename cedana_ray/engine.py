@@ -263,8 +263,8 @@ class Engine:
 
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
         """Checkpoint job ``jid`` into the store."""
-        criu.version()
         job = self.job(jid)
+        criu.version()
         handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
         chain = [self.locked, self.require_live, self.finish_dump, self.commit]
         chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")

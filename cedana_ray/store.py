@@ -27,7 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .codec import EXTENSIONS, codec
-from .errors import CheckpointNotFound, CorruptCheckpoint, StorageError
+from .errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
 from .models import Chunk, Compression, ImageFile, Manifest, check_name
 
 MANIFEST = "manifest.json"
@@ -197,7 +197,7 @@ class CheckpointStore:
     def manifest(self, ckpt: str) -> Manifest:
         try:
             raw = self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}")
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
             raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
         try:
             return Manifest.model_validate_json(raw)
@@ -213,8 +213,8 @@ class CheckpointStore:
         for entry in entries:
             try:
                 found.append(self.manifest(entry.rstrip("/").rsplit("/", 1)[-1]))
-            except (CheckpointNotFound, CorruptCheckpoint, ValueError):
-                continue  # no manifest: not a checkpoint (or a stray file)
+            except (CheckpointNotFound, CorruptCheckpoint, UsageError, ValueError):
+                continue  # no manifest: not a checkpoint (or a stray file, or a name no id can have)
         return sorted(found, key=lambda m: m.created)
 
     def fetch(

@@ -1,0 +1,186 @@
+"""The command line: every --help, and error paths through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from cedana_ray.cli.main import cli
+from cedana_ray.errors import CedanaError, CheckpointNotFound, JobNotFound, PermissionDenied, UsageError
+
+
+def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command below ``group``, plugin-provided ones included, as argument paths."""
+    ctx = click.Context(group, info_name=prefix[-1] if prefix else "cedana-ray")
+    found: list[tuple[str, ...]] = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, (*prefix, name)
+        found.append((*prefix, name))
+        if isinstance(command, click.Group):
+            found += command_paths(command, (*prefix, name))
+    return found
+
+
+PATHS = command_paths(cli)
+
+
+def test_walk_finds_core_and_plugin_commands() -> None:
+    expected = {
+        ("ps",),
+        ("features",),
+        ("job", "kill"),
+        ("checkpoint", "inspect"),
+        ("dump", "job"),
+        ("dump", "process"),
+        ("run", "process"),
+        ("manage", "process"),
+        ("restore", "process"),
+        ("freeze", "process"),
+        ("unfreeze", "job"),
+        ("query", "process"),
+    }
+    assert expected <= set(PATHS)
+
+
+@pytest.mark.parametrize("path", [(), *PATHS], ids=lambda p: " ".join(p) or "cedana-ray")
+def test_help(path: tuple[str, ...], home: Path) -> None:
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage:")
+    assert " ".join(path) in result.stdout.splitlines()[0]
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert "cedana-ray" in result.stdout
+
+
+# -- the real entry point
+
+
+def cedana(*args: str) -> subprocess.CompletedProcess[str]:
+    """``cedana-ray ARGS`` in a subprocess, with the test's CEDANA_RAY_HOME."""
+    assert "CEDANA_RAY_HOME" in os.environ  # the `home` fixture must be active
+    return subprocess.run(
+        [sys.executable, "-m", "cedana_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_error(result: subprocess.CompletedProcess[str], error: type[CedanaError]) -> str:
+    assert result.returncode == error.exit_code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def free_pid() -> int:
+    pid = 999999
+    while psutil.pid_exists(pid):
+        pid += 1
+    return pid
+
+
+ERRORS: list[tuple[str, type[CedanaError], str]] = [
+    ("logs nope", JobNotFound, "nope"),
+    ("job kill nope", JobNotFound, "nope"),
+    ("job delete nope", JobNotFound, "nope"),
+    ("checkpoint inspect nope", CheckpointNotFound, "nope"),
+    ("checkpoint delete nope", CheckpointNotFound, "nope"),
+    ("checkpoint list nope", JobNotFound, "nope"),
+    ("run process --jid ../x -- true", UsageError, "../x"),
+    ("run process --jid a/b -- true", UsageError, "a/b"),
+    ("manage process notapid", UsageError, "notapid"),
+    ("manage process 1", PermissionDenied, "PID 1"),
+    ("dump process 1", PermissionDenied, "PID 1"),
+    ("migrate nope --to x", JobNotFound, "nope"),
+    ("freeze job nope", JobNotFound, "nope"),
+]
+
+
+@pytest.mark.parametrize(("args", "error", "mention"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_error(args: str, error: type[CedanaError], mention: str, home: Path) -> None:
+    assert mention in assert_one_error(cedana(*args.split()), error)
+
+
+# dump and restore check for CRIU before anything else
+CRIU_ERRORS: list[tuple[str, type[CedanaError], str]] = [
+    ("dump job nope", JobNotFound, "nope"),
+    ("restore job nope", JobNotFound, "nope"),
+    ("restore process --path file:///nonexistent/ckpt-1", CheckpointNotFound, "ckpt-1"),
+    ("restore process --path file:///nonexistent/.hidden", UsageError, ".hidden"),
+]
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize(("args", "error", "mention"), CRIU_ERRORS, ids=[e[0] for e in CRIU_ERRORS])
+def test_error_with_criu(args: str, error: type[CedanaError], mention: str, home: Path) -> None:
+    assert mention in assert_one_error(cedana(*args.split()), error)
+
+
+def test_manage_missing_pid(home: Path) -> None:
+    pid = free_pid()
+    assert str(pid) in assert_one_error(cedana("manage", "process", str(pid)), JobNotFound)
+
+
+def test_click_usage_error(home: Path) -> None:
+    result = cedana("dump", "job", "x", "--compression", "bogus")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bogus" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_command(home: Path) -> None:
+    result = cedana("dump", "teleporter", "x")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.criu
+def test_run_missing_binary_leaves_no_job(home: Path) -> None:
+    line = assert_one_error(cedana("run", "process", "--", "/nonexistent/binary"), UsageError)
+    assert "/nonexistent/binary" in line
+    ps = cedana("ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    assert json.loads(ps.stdout) == []
+    assert list((home / "jobs").iterdir()) == []
+
+
+def test_debug_shows_traceback(home: Path) -> None:
+    result = cedana("--debug", "job", "kill", "nope")
+    assert result.returncode == JobNotFound.exit_code
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "JobNotFound" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.parametrize("args", [["ps", "--json"], ["checkpoint", "list", "--json"]])
+def test_empty_home_lists_nothing(args: list[str], home: Path) -> None:
+    result = cedana(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == []
+
+
+def test_json_document_only_on_stdout(home: Path) -> None:
+    result = CliRunner().invoke(cli, ["plugin", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert {"process", "storage/local"} <= set(rows)
+    assert rows["storage/local"]["status"] == "ok"

@@ -1,0 +1,258 @@
+"""The plugin manager and the feature matrix, with fake plugins and the installed ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cedana_ray import features
+from cedana_ray.cli.main import cli
+from cedana_ray.errors import PluginNotFound, UsageError
+from cedana_ray.features import KNOWN_PLUGINS, ROWS, Status
+from cedana_ray.hookspecs import hookimpl
+from cedana_ray.models import HealthCheck
+from cedana_ray.pipeline import Context
+from cedana_ray.plugins_manager import PluginManager, get_plugin_manager
+
+LABELS = [row[0] for row in ROWS if row]
+HOOK_OF = {row[0]: row[1] for row in ROWS if row}
+STATUSES = {"implemented", "unimplemented", "not installed", "incompatible"}
+
+
+@click.command("fake")
+def fake_command() -> None:
+    """A fake plugin's command."""
+
+
+def fake_handler(ctx: Context) -> str:
+    return "fake"
+
+
+class FakeDumpOnly:
+    @hookimpl
+    def cedana_dump_command(self) -> click.Command:
+        return fake_command
+
+
+class FakeExtraArgument:
+    @hookimpl
+    def cedana_dump_command(self) -> click.Command:
+        return fake_command
+
+    @hookimpl
+    def cedana_run_handler(self, cluster: str) -> Any:  # the spec has no argument
+        return fake_handler
+
+
+class FakeUnknownHook:
+    @hookimpl
+    def cedana_dump_command(self) -> click.Command:
+        return fake_command
+
+    @hookimpl
+    def cedana_teleport_handler(self) -> Any:
+        return fake_handler
+
+
+class FakeUnhealthy:
+    def __init__(self, fatal: bool = True) -> None:
+        self.fatal = fatal
+
+    @hookimpl
+    def cedana_dump_command(self) -> click.Command:
+        return fake_command
+
+    @hookimpl
+    def cedana_health_checks(self) -> list[HealthCheck]:
+        return [
+            HealthCheck(name="fake-ok", ok=True, detail="fine"),
+            HealthCheck(name="fake-binary", ok=False, detail="fakectl not found", fatal=self.fatal),
+        ]
+
+
+class FakeRunner:
+    @hookimpl
+    def cedana_run_handler(self) -> Any:
+        return fake_handler
+
+
+@pytest.fixture
+def pm() -> PluginManager:
+    return PluginManager()
+
+
+def column(matrix: features.FeatureMatrix, name: str) -> dict[str, Status]:
+    return {label: matrix.features[label][name] for label in LABELS}
+
+
+# -- registration
+
+
+def test_extra_argument_is_incompatible(pm: PluginManager) -> None:
+    pm.register_checked(FakeExtraArgument(), "fake-extra")
+    assert pm.failures["fake-extra"].startswith("incompatible")
+    assert "cedana_run_handler" in pm.failures["fake-extra"]
+    assert "cluster" in pm.failures["fake-extra"]
+    assert pm.get_plugin("fake-extra") is None
+    assert "fake-extra" not in pm.plugin_names()
+    assert pm.hook.cedana_dump_command() == []  # none of its hooks is callable
+
+
+def test_unknown_hook_is_incompatible(pm: PluginManager) -> None:
+    pm.register_checked(FakeUnknownHook(), "fake-unknown")
+    assert pm.failures["fake-unknown"].startswith("incompatible")
+    assert "cedana_teleport_handler" in pm.failures["fake-unknown"]
+    assert pm.get_plugin("fake-unknown") is None
+    assert pm.hook.cedana_dump_command() == []
+
+
+def test_same_name_twice_is_recorded(pm: PluginManager) -> None:
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    pm.register_checked(FakeRunner(), "fake-dump")
+    assert "fake-dump" in pm.failures
+    assert not pm.implements("fake-dump", "cedana_run_handler")
+
+
+def test_compatible_plugin_registers(pm: PluginManager) -> None:
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    assert pm.failures == {}
+    assert pm.plugin_names() == ["fake-dump"]
+    assert pm.implements("fake-dump", "cedana_dump_command")
+    assert not pm.implements("fake-dump", "cedana_run_command")
+    assert pm.hook.cedana_dump_command() == [fake_command]
+
+
+# -- per-plugin calls
+
+
+def test_call_for_unknown_plugin(pm: PluginManager) -> None:
+    pm.register_checked(FakeRunner(), "fake-runner")
+    with pytest.raises(PluginNotFound, match="nope") as info:
+        pm.call_for("nope", "cedana_run_handler")
+    assert info.value.hint is not None and "fake-runner" in info.value.hint
+
+
+def test_call_for_only_calls_the_named_plugin(pm: PluginManager) -> None:
+    pm.register_checked(FakeRunner(), "fake-runner")
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    assert pm.call_for("fake-runner", "cedana_run_handler") is fake_handler
+    assert pm.call_for("fake-dump", "cedana_run_handler") is None
+    with pytest.raises(UsageError, match="fake-dump does not support running"):
+        pm.require("fake-dump", "cedana_run_handler", "running")
+    assert pm.require("fake-runner", "cedana_run_handler", "running") is fake_handler
+
+
+# -- the feature matrix
+
+
+@pytest.mark.parametrize(("plugin", "name"), [(FakeExtraArgument(), "fake-extra"), (FakeUnknownHook(), "fake-unknown")])
+def test_incompatible_plugin_rows(pm: PluginManager, plugin: object, name: str) -> None:
+    pm.register_checked(plugin, name)
+    matrix = features.compute(pm)
+    assert name in matrix.plugins
+    assert set(column(matrix, name).values()) == {Status.incompatible}
+    assert matrix.errors[name] == [pm.failures[name]]
+
+
+def test_dump_only_plugin_rows(pm: PluginManager) -> None:
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    matrix = features.compute(pm)
+    col = column(matrix, "fake-dump")
+    assert col.pop("Dump command") is Status.implemented
+    assert set(col.values()) == {Status.unimplemented}
+    assert "fake-dump" not in matrix.errors
+
+
+def test_failing_fatal_health_check(pm: PluginManager) -> None:
+    pm.register_checked(FakeUnhealthy(), "fake-unhealthy")
+    matrix = features.compute(pm)
+    col = column(matrix, "fake-unhealthy")
+    assert col.pop("Dump command") is Status.incompatible
+    assert col.pop("Health checks") is Status.incompatible
+    assert set(col.values()) == {Status.unimplemented}
+    assert matrix.errors["fake-unhealthy"] == ["health check fake-binary: fakectl not found"]
+
+
+def test_failing_warning_health_check(pm: PluginManager) -> None:
+    pm.register_checked(FakeUnhealthy(fatal=False), "fake-unhealthy")
+    matrix = features.compute(pm)
+    assert matrix.features["Dump command"]["fake-unhealthy"] is Status.implemented
+    assert "fake-unhealthy" not in matrix.errors
+
+
+def test_known_but_absent_plugins(pm: PluginManager) -> None:
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    matrix = features.compute(pm)
+    assert matrix.plugins == [*KNOWN_PLUGINS, "fake-dump"]
+    for name in KNOWN_PLUGINS:
+        assert set(column(matrix, name).values()) == {Status.not_installed}, name
+        assert matrix.errors[name] and matrix.errors[name][0].startswith("not installed"), name
+
+
+def test_import_failure_is_not_installed(pm: PluginManager) -> None:
+    pm.failures["fake-broken"] = "not installed: import failed: No module named 'fakelib'"
+    matrix = features.compute(pm)
+    assert matrix.plugins[-1] == "fake-broken"
+    assert set(column(matrix, "fake-broken").values()) == {Status.not_installed}
+    assert matrix.errors["fake-broken"] == [pm.failures["fake-broken"]]
+
+
+def test_every_row_has_every_plugin(pm: PluginManager) -> None:
+    pm.register_checked(FakeDumpOnly(), "fake-dump")
+    pm.register_checked(FakeUnknownHook(), "fake-unknown")
+    matrix = features.compute(pm)
+    assert list(matrix.features) == LABELS
+    for label in LABELS:
+        assert list(matrix.features[label]) == matrix.plugins, label
+
+
+def test_rows_name_real_hooks(pm: PluginManager) -> None:
+    assert len(LABELS) == len(set(LABELS))
+    for hook in HOOK_OF.values():
+        assert getattr(pm.hook, hook).has_spec(), hook
+
+
+# -- the installed plugins
+
+
+def test_installed_plugins_register() -> None:
+    pm = get_plugin_manager()
+    assert {"process", "storage/local"} <= set(pm.plugin_names())
+    assert pm.failures == {}
+    assert pm.implements("storage/local", "cedana_checkpoint_storage")
+
+
+def features_json(*args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["features", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_features_json_shape(home: Path) -> None:
+    doc = features_json()
+    assert set(doc) == {"plugins", "features"}
+    assert doc["plugins"][: len(KNOWN_PLUGINS)] == list(KNOWN_PLUGINS)
+    assert list(doc["features"]) == LABELS
+    for label, row in doc["features"].items():
+        assert list(row) == doc["plugins"], label
+        assert set(row.values()) <= STATUSES, label
+    assert doc["features"]["Dump command"]["runc"] == "not installed"
+
+
+def test_features_json_errors(home: Path) -> None:
+    doc = features_json("--errors")
+    assert set(doc) == {"plugins", "features", "errors"}
+    assert doc["errors"]["runc"][0].startswith("not installed")
+
+
+@pytest.mark.criu  # without a working CRIU the process plugin's health checks fail
+def test_features_process_column(home: Path) -> None:
+    doc = features_json()
+    for label in ("Dump command", "Restore handler", "Run handler (serverless)"):
+        assert doc["features"][label]["process"] == "implemented", label
+    assert doc["features"]["Checkpoint storage"]["storage/local"] == "implemented"

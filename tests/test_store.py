@@ -1,0 +1,402 @@
+"""CheckpointStore on a local directory: round trips, integrity checks, ids, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cedana_ray.codec import EXTENSIONS
+from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
+from cedana_ray.models import Compression, CriuOptions, Manifest
+from cedana_ray.store import MANIFEST, CheckpointStore, bounded_map
+
+CHUNK = 4096
+# name -> size: empty, exactly one chunk, several chunks with a partial last one, one byte past a chunk
+SIZES = {"empty.img": 0, "one-chunk.img": CHUNK, "pages-1.img": 3 * CHUNK + 123, "core-1.img": CHUNK + 1}
+
+
+def image_bytes(name: str, size: int) -> bytes:
+    """Deterministic, partly compressible, partly random content."""
+    seed = hashlib.sha256(name.encode()).digest()
+    noise = b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1))
+    pattern = (name.encode() + b"\0") * (size // (len(name) + 1) + 1)
+    mixed = bytes(n if i % 128 < 64 else p for i, (n, p) in enumerate(zip(noise, pattern, strict=False)))
+    assert len(mixed) >= size
+    return mixed[:size]
+
+
+def manifest_fields(ckpt: str) -> dict[str, Any]:
+    return {
+        "checkpoint": ckpt,
+        "jid": "job-1",
+        "type": "process",
+        "node": "local",
+        "created": datetime.now(timezone.utc),
+        "criu_version": "4.2",
+        "criu": CriuOptions(),
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(f"file://{tmp_path / 'store'}")
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Path:
+    path = tmp_path / "staging"
+    path.mkdir()
+    return path
+
+
+def write_images(images: Path, sizes: dict[str, int] = SIZES) -> dict[str, bytes]:
+    contents = {name: image_bytes(name, size) for name, size in sizes.items()}
+    for name, data in contents.items():
+        (images / name).write_bytes(data)
+    return contents
+
+
+def commit(
+    store: CheckpointStore, staging: Path, ckpt: str, compression: Compression, sizes: dict[str, int] = SIZES
+) -> tuple[Manifest, dict[str, bytes], Path]:
+    images = store.dump_dir(ckpt, compression, staging)
+    contents = write_images(images, sizes)
+    manifest = store.commit(images, manifest_fields(ckpt), compression=compression, chunk_size=CHUNK, streams=3)
+    return manifest, contents, images
+
+
+def stored_file(store: CheckpointStore, ckpt: str, name: str, compression: Compression) -> Path:
+    return Path(store.path(ckpt)) / "data" / f"{name}{EXTENSIONS[compression]}"
+
+
+# -- round trips
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_commit_fetch_round_trip(
+    store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression
+) -> None:
+    committed, contents, _ = commit(store, staging, "ckpt-1", compression)
+    manifest, restored = store.fetch("ckpt-1", tmp_path / "out", streams=3)
+    assert manifest == committed
+    assert restored == tmp_path / "out"
+    assert sorted(p.name for p in restored.iterdir()) == sorted(contents)
+    for name, data in contents.items():
+        assert (restored / name).read_bytes() == data, name
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_manifest_describes_the_files(store: CheckpointStore, staging: Path, compression: Compression) -> None:
+    manifest, contents, _ = commit(store, staging, "ckpt-1", compression)
+    assert manifest.compression is compression
+    assert manifest.chunk_size == CHUNK
+    assert {f.name: f.size for f in manifest.files} == {n: len(d) for n, d in contents.items()}
+    assert manifest.image_bytes == sum(SIZES.values())
+    for image in manifest.files:
+        stored = stored_file(store, "ckpt-1", image.name, compression).read_bytes()
+        expected_chunks = max(1, -(-image.size // CHUNK))
+        assert len(image.chunks) == expected_chunks, image.name
+        offset = stored_offset = 0
+        for chunk in image.chunks:
+            assert (chunk.offset, chunk.stored_offset) == (offset, stored_offset)
+            assert chunk.size == min(CHUNK, image.size - offset)
+            piece = stored[chunk.stored_offset : chunk.stored_offset + chunk.stored_size]
+            assert len(piece) == chunk.stored_size
+            assert hashlib.sha256(piece).hexdigest() == chunk.sha256
+            offset += chunk.size
+            stored_offset += chunk.stored_size
+        assert offset == image.size
+        assert stored_offset == len(stored)
+    assert manifest.size_bytes == sum(
+        stored_file(store, "ckpt-1", f.name, compression).stat().st_size for f in manifest.files
+    )
+    assert store.manifest("ckpt-1") == manifest
+
+
+def test_none_hashes_in_place_and_fetch_links(store: CheckpointStore, staging: Path, tmp_path: Path) -> None:
+    manifest, contents, images = commit(store, staging, "ckpt-1", Compression.none)
+    data_dir = Path(store.path("ckpt-1")) / "data"
+    assert images == data_dir
+    assert not any(staging.iterdir())
+    for image in manifest.files:  # chunks hash the original bytes at their own offsets
+        for chunk in image.chunks:
+            assert chunk.stored_offset == chunk.offset and chunk.stored_size == chunk.size
+    _, restored = store.fetch("ckpt-1", tmp_path / "out")
+    for name, data in contents.items():
+        link = restored / name
+        assert link.is_symlink(), name
+        assert Path(os.readlink(link)) == data_dir / name
+        assert link.read_bytes() == data
+
+
+@pytest.mark.parametrize("compression", [Compression.zstd, Compression.lz4, Compression.gzip])
+def test_compressed_commit_stages_outside_the_store(
+    store: CheckpointStore, staging: Path, compression: Compression
+) -> None:
+    _, contents, images = commit(store, staging, "ckpt-1", compression)
+    assert images == staging / "ckpt-1"
+    stored = sorted(p.name for p in (Path(store.path("ckpt-1")) / "data").iterdir())
+    assert stored == sorted(f"{n}{EXTENSIONS[compression]}" for n in contents)
+
+
+def test_progress_reports_bytes(store: CheckpointStore, staging: Path, tmp_path: Path) -> None:
+    seen: list[tuple[str, int, int]] = []
+    images = store.dump_dir("ckpt-1", Compression.zstd, staging)
+    write_images(images)
+    store.commit(
+        images,
+        manifest_fields("ckpt-1"),
+        compression=Compression.zstd,
+        chunk_size=CHUNK,
+        progress=lambda *a: seen.append(a),
+    )
+    store.fetch("ckpt-1", tmp_path / "out", progress=lambda *a: seen.append(a))
+    total = sum(SIZES.values())
+    assert [s for s, _, _ in seen] == ["store"] * len(SIZES) + ["fetch"] * len(SIZES)
+    assert seen[len(SIZES) - 1][1:] == (total, total)
+    assert seen[-1][1:] == (total, total)
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(seen[: len(SIZES)]))
+
+
+# -- integrity
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_corrupt_chunk_is_named(
+    store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression
+) -> None:
+    manifest, _, _ = commit(store, staging, "ckpt-1", compression)
+    image = next(f for f in manifest.files if f.name == "pages-1.img")
+    chunk = image.chunks[2]
+    flip_byte(stored_file(store, "ckpt-1", image.name, compression), chunk.stored_offset + chunk.stored_size // 2)
+    with pytest.raises(CorruptCheckpoint) as info:
+        store.fetch("ckpt-1", tmp_path / "out")
+    assert "pages-1.img" in str(info.value)
+    assert "chunk 2 " in str(info.value)
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_truncated_file_is_corrupt(
+    store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression
+) -> None:
+    commit(store, staging, "ckpt-1", compression)
+    path = stored_file(store, "ckpt-1", "pages-1.img", compression)
+    os.truncate(path, path.stat().st_size - 10)
+    with pytest.raises(CorruptCheckpoint, match=re.escape("pages-1.img")):
+        store.fetch("ckpt-1", tmp_path / "out")
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+@pytest.mark.parametrize("name", ["pages-1.img", "empty.img"])
+def test_missing_data_file_is_corrupt(
+    store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression, name: str
+) -> None:
+    commit(store, staging, "ckpt-1", compression)
+    stored_file(store, "ckpt-1", name, compression).unlink()
+    with pytest.raises(CorruptCheckpoint, match=re.escape(name)):
+        store.fetch("ckpt-1", tmp_path / "out")
+
+
+def test_unreadable_manifest_is_corrupt(store: CheckpointStore, staging: Path) -> None:
+    commit(store, staging, "ckpt-1", Compression.lz4)
+    (Path(store.path("ckpt-1")) / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptCheckpoint, match="ckpt-1"):
+        store.manifest("ckpt-1")
+    assert store.list() == []
+
+
+# -- listing and deleting
+
+
+def test_list_needs_a_manifest(store: CheckpointStore, staging: Path) -> None:
+    commit(store, staging, "ckpt-1", Compression.zstd)
+    (Path(store.path("ckpt-2")) / "data").mkdir(parents=True)  # images but no manifest
+    assert [m.checkpoint for m in store.list()] == ["ckpt-1"]
+    with pytest.raises(CheckpointNotFound, match="ckpt-2"):
+        store.manifest("ckpt-2")
+
+
+def test_list_is_sorted_by_creation(store: CheckpointStore, staging: Path) -> None:
+    for ckpt in ("ckpt-b", "ckpt-a", "ckpt-c"):
+        commit(store, staging, ckpt, Compression.lz4, {"core-1.img": 10})
+    assert [m.checkpoint for m in store.list()] == ["ckpt-b", "ckpt-a", "ckpt-c"]
+
+
+def test_list_of_a_missing_store_is_empty(tmp_path: Path) -> None:
+    assert CheckpointStore(f"file://{tmp_path / 'nowhere'}").list() == []
+
+
+@pytest.mark.parametrize("stray", [".hidden", "notes.txt"])
+def test_list_skips_stray_entries(store: CheckpointStore, staging: Path, stray: str) -> None:
+    commit(store, staging, "ckpt-1", Compression.zstd)
+    if stray.startswith("."):
+        (Path(store.root) / stray).mkdir()
+    else:
+        (Path(store.root) / stray).write_text("not a checkpoint")
+    assert [m.checkpoint for m in store.list()] == ["ckpt-1"]
+
+
+def test_manifest_of_a_stray_file_is_not_found(store: CheckpointStore) -> None:
+    Path(store.root).mkdir(parents=True)
+    (Path(store.root) / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointNotFound):
+        store.manifest("notes.txt")
+
+
+@pytest.mark.parametrize("compression", [Compression.zstd, Compression.none])
+def test_discard_removes_everything(store: CheckpointStore, staging: Path, compression: Compression) -> None:
+    commit(store, staging, "ckpt-1", compression)
+    store.discard("ckpt-1")
+    assert not Path(store.path("ckpt-1")).exists()
+    assert store.list() == []
+    store.discard("ckpt-1")  # nothing left: still fine
+
+
+def test_delete(store: CheckpointStore, staging: Path) -> None:
+    commit(store, staging, "ckpt-1", Compression.gzip)
+    commit(store, staging, "ckpt-2", Compression.gzip)
+    store.delete("ckpt-1")
+    assert not Path(store.path("ckpt-1")).exists()
+    assert [m.checkpoint for m in store.list()] == ["ckpt-2"]
+    with pytest.raises(CheckpointNotFound):
+        store.delete("ckpt-1")
+
+
+def test_delete_unknown(store: CheckpointStore) -> None:
+    with pytest.raises(CheckpointNotFound, match="nope"):
+        store.delete("nope")
+
+
+@pytest.mark.parametrize("ckpt", ["../x", "a/b", ".hidden", "", "..", "x/../../y"])
+@pytest.mark.parametrize("method", ["path", "manifest", "delete", "discard"])
+def test_invalid_ids_are_refused(store: CheckpointStore, ckpt: str, method: str) -> None:
+    with pytest.raises(UsageError, match="invalid checkpoint id"):
+        getattr(store, method)(ckpt)
+
+
+def test_invalid_id_in_fetch(store: CheckpointStore, tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        store.fetch("../x", tmp_path / "out")
+
+
+def test_unknown_scheme(tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as info:
+        CheckpointStore("nosuchscheme://bucket/ckpts")
+    assert "nosuchscheme" in str(info.value)
+    assert info.value.hint is not None
+    assert "file" in info.value.hint.split(", ")
+
+
+# -- failed commits
+
+
+@pytest.mark.parametrize("compression", [Compression.zstd, Compression.none])
+def test_commit_with_bad_manifest_leaves_nothing(
+    store: CheckpointStore, staging: Path, compression: Compression
+) -> None:
+    images = store.dump_dir("ckpt-1", compression, staging)
+    write_images(images)
+    fields = manifest_fields("ckpt-1")
+    del fields["criu_version"]
+    with pytest.raises(ValueError, match="criu_version"):
+        store.commit(images, fields, compression=compression, chunk_size=CHUNK)
+    assert store.list() == []
+    assert not Path(store.path("ckpt-1")).exists()
+    with pytest.raises(CheckpointNotFound):
+        store.manifest("ckpt-1")
+
+
+def test_commit_with_image_vanishing_midway_leaves_nothing(store: CheckpointStore, staging: Path) -> None:
+    images = store.dump_dir("ckpt-1", Compression.zstd, staging)
+    write_images(images)
+    names = sorted(SIZES)
+
+    def remove_the_next(stage: str, done: int, total: int) -> None:
+        (images / names[1]).unlink(missing_ok=True)
+
+    with pytest.raises(StorageError, match="ckpt-1"):
+        store.commit(images, manifest_fields("ckpt-1"), compression=Compression.zstd, progress=remove_the_next)
+    assert store.list() == []
+    assert not Path(store.path("ckpt-1")).exists()
+
+
+def test_dump_dir_refuses_an_existing_checkpoint(store: CheckpointStore, staging: Path) -> None:
+    commit(store, staging, "ckpt-1", Compression.none)
+    with pytest.raises(FileExistsError):
+        store.dump_dir("ckpt-1", Compression.none, staging)
+
+
+# -- bounded_map
+
+
+def test_bounded_map_keeps_order_and_window() -> None:
+    window = 3
+    lock = threading.Lock()
+    outstanding = peak = 0
+
+    def items() -> Any:
+        nonlocal outstanding, peak
+        for i in range(40):
+            with lock:
+                outstanding += 1  # submitted, result not yet consumed
+                peak = max(peak, outstanding)
+            yield i
+
+    def work(i: int) -> int:
+        time.sleep(0.001 * ((i * 7) % 5))  # finish out of order
+        return i * i
+
+    results = []
+    with ThreadPoolExecutor(8) as pool:
+        for r in bounded_map(pool, work, items(), window):
+            with lock:
+                outstanding -= 1
+            results.append(r)
+    assert results == [i * i for i in range(40)]
+    assert 1 <= peak <= window
+
+
+def test_bounded_map_is_lazy() -> None:
+    consumed: list[int] = []
+
+    def items() -> Any:
+        for i in range(100):
+            consumed.append(i)
+            yield i
+
+    with ThreadPoolExecutor(2) as pool:
+        gen = bounded_map(pool, lambda i: i, items(), 4)
+        assert next(gen) == 0
+        assert len(consumed) <= 4
+        assert list(gen) == list(range(1, 100))
+
+
+def test_bounded_map_reraises_in_order() -> None:
+    def work(i: int) -> int:
+        if i == 5:
+            raise KeyError(i)
+        return i
+
+    got = []
+    with ThreadPoolExecutor(4) as pool, pytest.raises(KeyError):
+        for r in bounded_map(pool, work, range(10), 3):
+            got.append(r)
+    assert got == [0, 1, 2, 3, 4]
