@@ -33,6 +33,11 @@ class Paths:
     def checkpoints(self) -> Path:
         return self.home / "checkpoints"
 
+    @property
+    def storage(self) -> str:
+        """Default checkpoint store URL: ``CEDANA_RAY_STORAGE`` or ``checkpoints`` here."""
+        return os.environ.get("CEDANA_RAY_STORAGE") or f"file://{self.checkpoints}"
+
     def job_dir(self, jid: str) -> Path:
         return self.jobs / jid
 
@@ -45,8 +50,3 @@ class Paths:
 def paths() -> Paths:
     default = Path.home() / ".local" / "state" / "cedana-ray"
     return Paths(Path(os.environ.get("CEDANA_RAY_HOME", default)).absolute())
-
-
-def default_storage() -> str:
-    """Checkpoint store URL: ``CEDANA_RAY_STORAGE`` or a directory in the state dir."""
-    return os.environ.get("CEDANA_RAY_STORAGE") or f"file://{paths().checkpoints}"

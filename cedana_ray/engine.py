@@ -12,14 +12,15 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 from . import criu
-from .config import Paths, default_storage, paths
-from .errors import CheckpointNotFound, JobNotFound, StateError, UsageError
+from .config import Paths, paths
+from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
@@ -97,7 +98,7 @@ class Engine:
     def run(self, jtype: str, request: RunRequest) -> Job:
         """Start a workload of type ``jtype`` on this machine."""
         hook = "cedana_run_handler_serverless"
-        mws = self._middleware(jtype, "cedana_run_middleware", "cedana_run_middleware_late")
+        mws = self._middleware(jtype, "cedana_run_middleware", "cedana_gpu_tracing", "cedana_run_middleware_late")
         return self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
@@ -186,9 +187,14 @@ class Engine:
         job: Job = ctx.job
         try:
             result = next_(ctx)
-        except BaseException:
+        except BaseException as exc:
             if job.state is JobState.running and job.pid is not None:
-                signal_tree(job.pid, 18)  # SIGCONT: CRIU left the tree stopped
+                signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
+            for undo in ctx.state.get("rollback", []):  # e.g. give a CUDA job its GPU back
+                try:
+                    undo()
+                except CedanaError as undo_error:
+                    exc.add_note(f"while resuming the job: {undo_error}")
             raise
         update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
         if not ctx.request.leave_running:
@@ -202,7 +208,7 @@ class Engine:
         """Dump into a fresh image dir, then store it and write the manifest."""
         req: DumpRequest = ctx.request
         job: Job = ctx.job
-        store = CheckpointStore(req.storage or job.details.get("storage") or default_storage())
+        store = CheckpointStore(req.storage or job.details.get("storage") or self.paths.storage)
         ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         work = staging_area(self.paths.staging)
         images = store.dump_dir(ckpt, req.compression, self.paths.staging)
@@ -319,6 +325,7 @@ class Engine:
             manifest.type,
             "cedana_restore_middleware",
             "cedana_gpu_interception_restore",
+            "cedana_gpu_tracing_restore",
             "cedana_restore_middleware_late",
         )
         handler = self._handler(manifest.type, "cedana_restore_handler", "restore")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel
 
@@ -69,7 +69,13 @@ KNOWN_PLUGINS = (
 )
 
 
-class Status(str, Enum):
+# Rows whose feature works only where another plugin works: GPU features need the GPU plugin.
+REQUIRES = {hook: "gpu" for hook in (
+    "cedana_gpu_interception", "cedana_gpu_interception_restore", "cedana_gpu_tracing", "cedana_gpu_tracing_restore",
+)}  # fmt: skip
+
+
+class Status(StrEnum):
     implemented = "implemented"
     unimplemented = "unimplemented"
     not_installed = "not installed"
@@ -103,26 +109,31 @@ def plugin_errors(pm: PluginManager, name: str) -> tuple[Status | None, list[str
     return (Status.incompatible if failed else None), failed
 
 
+def _status(pm: PluginManager, name: str, hook: str, override: Status | None, required: Status | None) -> Status:
+    if override is Status.not_installed:
+        return override
+    if override is Status.incompatible and (name in pm.failures or pm.implements(name, hook)):
+        return override
+    if not pm.implements(name, hook):
+        return Status.unimplemented
+    return Status.incompatible if required and hook in REQUIRES else Status.implemented
+
+
 def compute(pm: PluginManager) -> FeatureMatrix:
     names = list(KNOWN_PLUGINS) + [n for n in pm.plugin_names() if n not in KNOWN_PLUGINS]
     names += [n for n in pm.failures if n not in names]
     features: dict[str, dict[str, Status]] = {row[0]: {} for row in ROWS if row}
     errors: dict[str, list[str]] = {}
+    health = {n: plugin_errors(pm, n) for n in {*names, *REQUIRES.values()}}
     for name in names:
-        override, reasons = plugin_errors(pm, name)
+        override, reasons = health[name]
+        needed = [h for h in REQUIRES if pm.implements(name, h) and health[REQUIRES[h]][0]]
+        required = health[REQUIRES[needed[0]]][0] if needed else None
+        if needed:
+            reasons = [*reasons, f"GPU features need the gpu plugin: {'; '.join(health['gpu'][1])}"]
         if reasons:
             errors[name] = reasons
         for row in ROWS:
-            if row is None:
-                continue
-            label, hook = row
-            if override is Status.not_installed or (
-                override is Status.incompatible and (name in pm.failures or pm.implements(name, hook))
-            ):
-                status = override
-            elif pm.implements(name, hook):
-                status = Status.implemented
-            else:
-                status = Status.unimplemented
-            features[label][name] = status
+            if row is not None:
+                features[row[0]][name] = _status(pm, name, row[1], override, required)
     return FeatureMatrix(plugins=names, features=features, errors=errors)

@@ -8,7 +8,6 @@ import subprocess
 from typing import Any
 
 from . import criu
-from .config import default_storage
 from .engine import Engine
 from .errors import CedanaError
 from .models import HealthCheck
@@ -51,8 +50,8 @@ def _state_checks(engine: Engine) -> list[HealthCheck]:
     ]
 
 
-def _store_checks() -> list[HealthCheck]:
-    url = default_storage()
+def _store_checks(engine: Engine) -> list[HealthCheck]:
+    url = engine.paths.storage
     try:
         store = CheckpointStore(url)
         store.fs.makedirs(store.root, exist_ok=True)
@@ -66,7 +65,7 @@ def run_checks(engine: Engine, full: bool = False) -> dict[str, Any]:
     groups: list[tuple[str, list[HealthCheck]]] = [
         ("criu", _criu_checks(full)),
         ("state", _state_checks(engine)),
-        ("store", _store_checks()),
+        ("store", _store_checks(engine)),
     ]
     for name in engine.pm.plugin_names():
         groups.append((f"plugin {name}", engine.pm.call_for(name, "cedana_health_checks") or []))

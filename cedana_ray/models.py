@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -28,17 +28,17 @@ Name = Annotated[str, AfterValidator(check_name)]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-class Compression(str, Enum):
+class Compression(StrEnum):
     zstd = "zstd"
     lz4 = "lz4"
     gzip = "gzip"
     none = "none"
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     running = "running"
     frozen = "frozen"
     checkpointed = "checkpointed"  # dumped and stopped; restorable

@@ -13,6 +13,7 @@ class RunRequest(BaseModel):
     jid: Name | None = None
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    gpu_tracing: bool = False
 
 
 class ManageRequest(BaseModel):

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError
 from cedana_ray.models import Compression, CriuOptions, JobState
@@ -257,3 +258,10 @@ def test_workload_outlives_the_cli(home: Path) -> None:
     wait_for(lambda: last_count(engine, "w1") > 3, what="counting after the CLI exited")
     assert engine.job("w1").state is JobState.running
     assert psutil.Process(engine.job("w1").pid).ppid() != 0
+
+
+def test_an_engine_keeps_checkpoints_in_its_own_home(home: Path, tmp_path: Path) -> None:
+    other = Engine(Paths(tmp_path / "other"))
+    start(other, COUNTER, ready="count=1")
+    result = other.dump("j1", DumpRequest())
+    assert result.path == f"file://{tmp_path / 'other' / 'checkpoints' / result.checkpoint}"

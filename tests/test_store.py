@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def manifest_fields(ckpt: str) -> dict[str, Any]:
         "jid": "job-1",
         "type": "process",
         "node": "local",
-        "created": datetime.now(timezone.utc),
+        "created": datetime.now(UTC),
         "criu_version": "4.2",
         "criu": CriuOptions(),
     }

@@ -16,6 +16,7 @@ NAME = "process"
 @click.option("--storage", metavar="URL", help="Default checkpoint store of this job.")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @common
 def run(
@@ -23,6 +24,7 @@ def run(
     storage: str | None,
     cwd: str | None,
     env: tuple[str, ...],
+    gpu_tracing: bool,
     cmd: tuple[str, ...],
     as_json: bool,
     local: bool,
@@ -31,7 +33,8 @@ def run(
     bad = [e for e in env if "=" not in e]
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not K=V", param_hint="--env")
-    request = RunRequest(cmd=list(cmd), jid=jid, cwd=cwd, env=dict(e.split("=", 1) for e in env))
+    env_vars = dict(e.split("=", 1) for e in env)
+    request = RunRequest(cmd=list(cmd), jid=jid, cwd=cwd, env=env_vars, gpu_tracing=gpu_tracing)
     job = engine().run(NAME, request)
     if storage:
         job = engine().set_storage(job.jid, storage)

@@ -22,6 +22,7 @@ from . import commands, tree
 from .launch import LaunchError, launch
 
 NAME = "process"
+TRACE_INTERVAL = 0.1  # seconds between GPU samples
 
 
 def _new_job(ctx: Context, pid: int, ns_root: int | None = None, **fields: Any) -> Job:
@@ -76,10 +77,12 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         ctx.state.update(pid=ns_root, enter=job.pid)
     else:
         ctx.state["pid"] = root
+    ctx.state["tree_root"] = root
     ctx.state["details"] = {
         "pipes": tree.stdio_pipes(root),
         "pidns": tree.own_pidns(root) and not ns_root,
         "frozen": tree.is_stopped(root),
+        "gpu_tracing": job.details.get("gpu_tracing", False),
     }
     return next_(ctx)
 
@@ -166,6 +169,57 @@ def cedana_unfreeze_handler() -> Handler:
 @hookimpl
 def cedana_query_handler() -> Handler:
     return query
+
+
+def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
+    """`run --gpu-tracing`: a tracer samples the job's GPU use until it exits."""
+    if not ctx.request.gpu_tracing:
+        return next_(ctx)
+    from cedana_ray.plugins.gpu import nvml, tracing
+
+    if reason := nvml.unavailable():
+        raise PrerequisiteError(f"--gpu-tracing: {reason}")
+    job = next_(ctx)
+    tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
+    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
+
+
+def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
+    """A restored job traced before goes on in the same trace, the gap marked."""
+    job = next_(ctx)
+    if not ctx.state["manifest"].details.get("gpu_tracing"):
+        return job
+    from cedana_ray.plugins.gpu import nvml, tracing
+
+    if not nvml.unavailable():
+        tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
+    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
+
+
+def _interceptor() -> Any:
+    from cedana_ray.plugins.gpu.intercept import Interceptor
+
+    return Interceptor()
+
+
+@hookimpl
+def cedana_gpu_interception() -> list[Middleware]:
+    return [_interceptor().gpu_checkpoint]
+
+
+@hookimpl
+def cedana_gpu_interception_restore() -> list[Middleware]:
+    return [_interceptor().gpu_restore]
+
+
+@hookimpl
+def cedana_gpu_tracing() -> list[Middleware]:
+    return [start_gpu_tracing]
+
+
+@hookimpl
+def cedana_gpu_tracing_restore() -> list[Middleware]:
+    return [continue_gpu_tracing]
 
 
 @hookimpl

@@ -1,0 +1,83 @@
+"""NVIDIA GPUs as NVML sees them; without a driver, one clear reason why not."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
+try:
+    import pynvml
+except ImportError:  # the nvidia-ml-py distribution is optional at import time
+    pynvml = None
+
+
+class GpuInfo(BaseModel):
+    index: int
+    uuid: str
+    name: str
+    memory_total: int
+    memory_used: int
+    utilization: int | None = None
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    uuid: str
+    memory_used: int
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why NVML cannot be used here, or None when it can."""
+    if pynvml is None:
+        return "nvidia-ml-py (pynvml) is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return f"no NVIDIA driver: {exc}"
+    return None
+
+
+def driver() -> dict[str, str]:
+    """Driver and CUDA versions (needs NVML)."""
+    cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+    return {"driver": pynvml.nvmlSystemGetDriverVersion(), "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}"}
+
+
+def _handles() -> list[object]:
+    return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+
+def gpus() -> list[GpuInfo]:
+    found = []
+    for i, h in enumerate(_handles()):
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        try:
+            util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+        except pynvml.NVMLError:
+            util = None
+        found.append(
+            GpuInfo(
+                index=i,
+                uuid=pynvml.nvmlDeviceGetUUID(h),
+                name=pynvml.nvmlDeviceGetName(h),
+                memory_total=mem.total,
+                memory_used=mem.used,
+                utilization=util,
+            )
+        )
+    return found
+
+
+def processes(pids: Iterable[int] | None = None) -> list[GpuProcess]:
+    """Compute processes on every GPU (only ``pids`` when given) and their memory."""
+    wanted = set(pids) if pids is not None else None
+    found = []
+    for h in _handles():
+        uuid = pynvml.nvmlDeviceGetUUID(h)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+            if wanted is None or p.pid in wanted:
+                found.append(GpuProcess(pid=p.pid, uuid=uuid, memory_used=p.usedGpuMemory or 0))
+    return found

@@ -1,0 +1,181 @@
+"""The gpu plugin without a GPU: clear errors, the trace format, and the ordering of
+the CUDA checkpoint sequence against a fake driver (the real one needs a GPU and is
+exercised by scripts/gpu-check.sh)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cedana_ray.plugins.gpu import cuda, intercept, nvml, tracing
+from cedana_ray.plugins.gpu.cuda import GpuError, ProcessState
+
+from cedana_ray.models import Job, JobState, Manifest
+from cedana_ray.pipeline import Context
+
+no_gpu = pytest.mark.skipif(nvml.unavailable() is None, reason="an NVIDIA driver is present")
+
+
+@no_gpu
+def test_missing_driver_is_one_clear_reason() -> None:
+    assert nvml.unavailable().startswith("no NVIDIA driver: NVML Shared Library Not Found")
+
+
+@no_gpu
+@pytest.mark.parametrize("args", [["query", "gpu"], ["run", "process", "--gpu-tracing", "--", "true"]])
+def test_gpu_commands_fail_in_one_line_without_driver(home: Path, args: list[str]) -> None:
+    res = subprocess.run([sys.executable, "-m", "cedana_ray.cli", *args], capture_output=True, text=True)
+    assert res.returncode == 6
+    assert res.stderr.count("\n") == 1 and "no NVIDIA driver" in res.stderr
+    ps = subprocess.run([sys.executable, "-m", "cedana_ray.cli", "ps", "--json"], capture_output=True, text=True)
+    assert json.loads(ps.stdout) == []
+
+
+def test_driver_structs_match_the_c_abi() -> None:
+    assert ctypes.sizeof(cuda._LockArgs) == 64
+    assert ctypes.sizeof(cuda._RestoreArgs) == 64
+    assert ctypes.sizeof(cuda._GpuPair) == 32
+    assert cuda.uuid_bytes("GPU-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0") == bytes.fromhex(
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    )
+
+
+def test_trace_is_valid_chrome_json_open_or_closed(tmp_path: Path) -> None:
+    path = tmp_path / tracing.TRACE
+    values = {"job_memory_mib": 512.0, "utilization_pct": 40, "memory_bw_pct": 10, "sm_clock_mhz": 1980, "power_w": 300}
+    tracing.append(path, [tracing.counter("GPU 0", 100.0, values), tracing.counter("GPU 0", 100.5, values)])
+    tracing.append(path, [tracing.gap(100.5, 110.0, "checkpointed (restored here)")])
+    tracing.append(path, [tracing.counter("GPU 0", 110.0, {**values, "job_memory_mib": 1024.0})])
+    events = tracing.read(path)
+    closed = json.loads(path.read_text().rstrip().rstrip(",") + "]")
+    assert events == closed and len(events) == 4
+    for e in events:
+        assert {"name", "ph", "ts", "pid"} <= e.keys() and isinstance(e["ts"], int)
+    s = tracing.summary(path)
+    assert s["samples"] == 3 and s["seconds"] == pytest.approx(10.0)
+    assert s["peak_job_memory_mib"] == 1024.0
+    assert s["gaps"] == [{"reason": "checkpointed (restored here)", "seconds": pytest.approx(9.5)}]
+
+
+class FakeCudaDriver:
+    """A fake of the CUDA checkpoint API: records calls, follows the state machine,
+    fails where told. Only for the ordering and error handling of the sequence."""
+
+    def __init__(self, pids: list[int], fail: tuple[str, int] | None = None) -> None:
+        self.states = dict.fromkeys(pids, ProcessState.running)
+        self.calls: list[tuple[str, int]] = []
+        self.fail = fail
+
+    def _step(self, name: str, pid: int, before: ProcessState, after: ProcessState) -> None:
+        self.calls.append((name, pid))
+        if self.fail == (name, pid):
+            raise GpuError(f"{name}({pid}) failed: CUDA_ERROR_TIMEOUT")
+        assert self.states[pid] is before, f"{name} on a {self.states[pid].name} process"
+        self.states[pid] = after
+
+    def state(self, pid: int) -> ProcessState | None:
+        return self.states.get(pid)
+
+    def lock(self, pid: int, timeout_ms: int) -> None:
+        self._step("lock", pid, ProcessState.running, ProcessState.locked)
+
+    def checkpoint(self, pid: int) -> None:
+        self._step("checkpoint", pid, ProcessState.locked, ProcessState.checkpointed)
+
+    def restore(self, pid: int, remap: dict[str, str] | None = None) -> None:
+        self._step("restore", pid, ProcessState.checkpointed, ProcessState.locked)
+
+    def unlock(self, pid: int) -> None:
+        self._step("unlock", pid, ProcessState.locked, ProcessState.running)
+
+
+def dump_ctx(leave_running: bool) -> Context:
+    return Context(SimpleNamespace(leave_running=leave_running), state={"tree_root": 1, "details": {}})
+
+
+def interceptor(fake: FakeCudaDriver) -> intercept.Interceptor:
+    return intercept.Interceptor(load=lambda: fake, find=lambda root: sorted(fake.states))
+
+
+def test_dump_locks_all_then_checkpoints_all_then_resumes_when_leaving_running() -> None:
+    fake = FakeCudaDriver([10, 11])
+    seen = []
+    result = interceptor(fake).gpu_checkpoint(dump_ctx(True), lambda c: seen.append(dict(fake.states)) or "dumped")
+    assert result == "dumped"
+    assert seen == [{10: ProcessState.checkpointed, 11: ProcessState.checkpointed}], "CRIU ran on released GPUs"
+    assert fake.calls[:4] == [("lock", 10), ("lock", 11), ("checkpoint", 10), ("checkpoint", 11)]
+    assert set(fake.states.values()) == {ProcessState.running}
+
+
+def test_dump_without_leave_running_leaves_a_rollback() -> None:
+    fake = FakeCudaDriver([10])
+    ctx = dump_ctx(False)
+    interceptor(fake).gpu_checkpoint(ctx, lambda c: None)
+    assert fake.states[10] is ProcessState.checkpointed
+    assert ctx.state["details"]["gpu"]["processes"] == 1
+    (rollback,) = ctx.state["rollback"]
+    rollback()
+    assert fake.states[10] is ProcessState.running
+
+
+@pytest.mark.parametrize("fail", [("lock", 11), ("checkpoint", 11), ("checkpoint", 10)])
+def test_a_failing_step_restores_and_unlocks_everything(fail: tuple[str, int]) -> None:
+    fake = FakeCudaDriver([10, 11], fail=fail)
+    with pytest.raises(GpuError, match="CUDA_ERROR_TIMEOUT"):
+        interceptor(fake).gpu_checkpoint(dump_ctx(False), lambda c: pytest.fail("CRIU must not run"))
+    assert set(fake.states.values()) == {ProcessState.running}
+
+
+def test_a_failing_criu_dump_gives_the_gpu_back() -> None:
+    fake = FakeCudaDriver([10])
+
+    def criu_fails(ctx: Context) -> None:
+        raise RuntimeError("criu dump failed")
+
+    with pytest.raises(RuntimeError):
+        interceptor(fake).gpu_checkpoint(dump_ctx(False), criu_fails)
+    assert fake.states[10] is ProcessState.running
+
+
+def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
+    fake = FakeCudaDriver([10, 11])
+    fake.states = dict.fromkeys(fake.states, ProcessState.checkpointed)
+    manifest = SimpleNamespace(details={"gpu": {"gpus": [], "processes": 2}})
+    job = Job(jid="g", type="process", state=JobState.running, pid=None)
+    ctx = Context(None, state={"manifest": manifest})
+    assert interceptor(fake).gpu_restore(ctx, lambda c: job) is job
+    assert fake.calls == [("restore", 10), ("restore", 11), ("unlock", 10), ("unlock", 11)]
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    failing = FakeCudaDriver([sleeper.pid], fail=("restore", sleeper.pid))
+    failing.states[sleeper.pid] = ProcessState.checkpointed
+    job = job.model_copy(update={"pid": sleeper.pid})
+    with pytest.raises(GpuError):
+        interceptor(failing).gpu_restore(Context(None, state={"manifest": manifest}), lambda c: job)
+    assert sleeper.wait(timeout=5) == -9, "a job that lost its GPU state is not left running"
+
+
+def test_jobs_without_gpu_state_pass_through() -> None:
+    fake = FakeCudaDriver([])
+    assert interceptor(fake).gpu_checkpoint(dump_ctx(False), lambda c: "ok") == "ok"
+    manifest = Manifest.model_construct(details={})
+    assert (
+        intercept.Interceptor(load=lambda: pytest.fail("no driver needed")).gpu_restore(
+            Context(None, state={"manifest": manifest}), lambda c: "job"
+        )
+        == "job"
+    )
+    assert fake.calls == []
+
+
+def test_cuda_pids_finds_no_cuda_in_a_plain_process() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert intercept.cuda_pids(sleeper.pid) == []
+    finally:
+        sleeper.kill()
