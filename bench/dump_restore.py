@@ -142,22 +142,6 @@ def timed() -> Iterator[list[float]]:
         out[0] = time.perf_counter() - start
 
 
-class StageClock:
-    """A ``progress`` callback: the time from each stage's first report to the next."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seen: dict[str, float] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        self.seen.setdefault(stage, time.perf_counter())
-
-    def stages(self) -> dict[str, float]:
-        marks = [("setup", self.start), *sorted(self.seen.items(), key=lambda kv: kv[1])]
-        ends = [t for _, t in marks[1:]] + [time.perf_counter()]
-        return {name: round(end - t, 4) for (name, t), end in zip(marks, ends, strict=True)}
-
-
 class Procs:
     """Processes started here, by PID and start time; all killed on the way out."""
 
@@ -288,12 +272,11 @@ def bench_ours(engine: Engine, size: int, compression: Compression, run: int, ba
         with timed() as dump_s:
             result = engine.dump(job.jid, request)
         gone(job)  # stopped by the dump
-        clock = StageClock()
         with timed() as restore_s:
-            restored = engine.restore(RestoreRequest(), jid=job.jid, progress=clock)
-        restore_stages = clock.stages()
+            restored = engine.restore(RestoreRequest(), jid=job.jid)
+        restore_stages = restored.timings
         engine.kill(job.jid)
-        gone(restored)
+        gone(restored.job)
         engine.delete_checkpoint(result.checkpoint)
     finally:
         kill_jobs(engine)

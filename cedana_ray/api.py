@@ -53,7 +53,7 @@ def restore(
     jid: str | None = None, *, checkpoint: str | None = None, path: str | None = None, new_jid: str | None = None
 ) -> Job:
     """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``."""
-    return _engine().restore(RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid), jid=jid)
+    return _engine().restore(RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid), jid=jid).job
 
 
 def freeze(jid: str) -> Job:

@@ -21,7 +21,7 @@ from typing import Any
 from . import criu
 from .config import Paths, paths
 from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
-from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, utcnow
+from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, signal_tree
@@ -299,7 +299,7 @@ class Engine:
         jid: str | None = None,
         jtype: str | None = None,
         progress: Progress | None = None,
-    ) -> Job:
+    ) -> RestoreResult:
         """Restore a checkpoint: the last (or a given) one of job ``jid``, or ``request.path``.
 
         The restored job keeps the job's id unless ``request.jid`` names a new one (a
@@ -336,8 +336,12 @@ class Engine:
             "checkpoint": ckpt,
             "command": manifest.details.get("command", []),
         }
-        restored: Job = Pipeline(handler).with_(*chain)(Context(request, progress=progress, state=state))
-        return self._record_restore(existing, restored, manifest)
+        ctx = Context(request, progress=progress, state=state)
+        start = time.perf_counter()
+        restored: Job = Pipeline(handler).with_(*chain)(ctx)
+        job = self._record_restore(existing, restored, manifest)
+        duration = round(time.perf_counter() - start, 6)
+        return RestoreResult(job=job, checkpoint=ckpt, duration_s=duration, timings=ctx.timings)
 
     def _checkpoint_of(self, jid: str | None, ckpt: str | None) -> CheckpointInfo:
         if ckpt:

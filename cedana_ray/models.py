@@ -155,6 +155,19 @@ class DumpResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
+class RestoreResult(BaseModel):
+    """A restore: the job now running, and what it took."""
+
+    job: Job
+    checkpoint: str
+    duration_s: float
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The keys of ``restore --json``: the job's, plus the checkpoint and timings."""
+        return {**self.job.summary(), **self.model_dump(mode="json", exclude={"job"})}
+
+
 class HealthCheck(BaseModel):
     """One prerequisite of a plugin, as `check` shows it."""
 

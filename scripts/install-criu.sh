@@ -5,6 +5,8 @@
 # kernels >= 6.16, so we take criu 4.2 and its libraries from sid, unpack them
 # (no system libc change) and run criu through sid's own dynamic loader.
 # Idempotent: does nothing when a working criu >= 4.2 is already installed.
+# CRIU_FROM=DIR uses a prefix unpacked elsewhere (e.g. carried to a machine that
+# reaches no package registry) instead of downloading one.
 set -euo pipefail
 
 PREFIX=${CRIU_PREFIX:-/opt/cedana-ray/criu}
@@ -19,6 +21,25 @@ criu_ok() {
   v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
   [ -n "$v" ] && printf '%s\n4.2\n' "$v" | sort -V -C -r 2>/dev/null
 }
+
+write_wrapper() {
+  mkdir -p "$(dirname "$WRAPPER")"
+  cat >"$WRAPPER" <<WRAP
+#!/bin/sh
+# criu from Debian sid, run through its own loader (installed by cedana-ray)
+exec $1/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \\
+  --library-path $1/usr/lib/x86_64-linux-gnu \\
+  $1/usr/sbin/criu "\$@"
+WRAP
+  chmod +x "$WRAPPER"
+  criu_ok "$WRAPPER" || { echo "install-criu: installed criu does not report >= 4.2" >&2; exit 1; }
+  echo "criu: $("$WRAPPER" --version | head -1) installed from $1"
+}
+
+if [ -n "${CRIU_FROM:-}" ]; then
+  write_wrapper "$(realpath "$CRIU_FROM")"
+  exit 0
+fi
 
 # sort -V -C -r succeeds when the list is in descending order, i.e. v >= 4.2
 if command -v criu >/dev/null && criu_ok "$(command -v criu)"; then
@@ -45,6 +66,7 @@ apt-get update -qq -o Dir::Etc::sourcelist="$SOURCES" -o Dir::Etc::sourceparts=-
   -o APT::Get::List-Cleanup=0
 
 work=$(mktemp -d)
+chmod 755 "$work"  # apt downloads as the _apt user
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get download -qq $(for p in $PKGS; do echo "$p/sid"; done))
 rm -rf "$PREFIX.new"
@@ -53,14 +75,4 @@ for deb in "$work"/*.deb; do dpkg -x "$deb" "$PREFIX.new"; done
 rm -rf "$PREFIX"
 mv "$PREFIX.new" "$PREFIX"
 
-mkdir -p "$(dirname "$WRAPPER")"
-cat >"$WRAPPER" <<WRAP
-#!/bin/sh
-# criu from Debian sid, run through its own loader (installed by cedana-ray)
-exec $PREFIX/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \\
-  --library-path $PREFIX/usr/lib/x86_64-linux-gnu \\
-  $PREFIX/usr/sbin/criu "\$@"
-WRAP
-chmod +x "$WRAPPER"
-criu_ok "$WRAPPER" || { echo "install-criu: installed criu does not report >= 4.2" >&2; exit 1; }
-echo "criu: $("$WRAPPER" --version | head -1) installed in $PREFIX"
+write_wrapper "$PREFIX"

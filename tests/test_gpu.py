@@ -105,7 +105,7 @@ def interceptor(fake: FakeCudaDriver) -> intercept.Interceptor:
 def test_dump_locks_all_then_checkpoints_all_then_resumes_when_leaving_running() -> None:
     fake = FakeCudaDriver([10, 11])
     seen = []
-    result = interceptor(fake).gpu_checkpoint(dump_ctx(True), lambda c: seen.append(dict(fake.states)) or "dumped")
+    result = interceptor(fake).gpu_interception(dump_ctx(True), lambda c: seen.append(dict(fake.states)) or "dumped")
     assert result == "dumped"
     assert seen == [{10: ProcessState.checkpointed, 11: ProcessState.checkpointed}], "CRIU ran on released GPUs"
     assert fake.calls[:4] == [("lock", 10), ("lock", 11), ("checkpoint", 10), ("checkpoint", 11)]
@@ -115,7 +115,7 @@ def test_dump_locks_all_then_checkpoints_all_then_resumes_when_leaving_running()
 def test_dump_without_leave_running_leaves_a_rollback() -> None:
     fake = FakeCudaDriver([10])
     ctx = dump_ctx(False)
-    interceptor(fake).gpu_checkpoint(ctx, lambda c: None)
+    interceptor(fake).gpu_interception(ctx, lambda c: None)
     assert fake.states[10] is ProcessState.checkpointed
     assert ctx.state["details"]["gpu"]["processes"] == 1
     (rollback,) = ctx.state["rollback"]
@@ -127,7 +127,7 @@ def test_dump_without_leave_running_leaves_a_rollback() -> None:
 def test_a_failing_step_restores_and_unlocks_everything(fail: tuple[str, int]) -> None:
     fake = FakeCudaDriver([10, 11], fail=fail)
     with pytest.raises(GpuError, match="CUDA_ERROR_TIMEOUT"):
-        interceptor(fake).gpu_checkpoint(dump_ctx(False), lambda c: pytest.fail("CRIU must not run"))
+        interceptor(fake).gpu_interception(dump_ctx(False), lambda c: pytest.fail("CRIU must not run"))
     assert set(fake.states.values()) == {ProcessState.running}
 
 
@@ -138,7 +138,7 @@ def test_a_failing_criu_dump_gives_the_gpu_back() -> None:
         raise RuntimeError("criu dump failed")
 
     with pytest.raises(RuntimeError):
-        interceptor(fake).gpu_checkpoint(dump_ctx(False), criu_fails)
+        interceptor(fake).gpu_interception(dump_ctx(False), criu_fails)
     assert fake.states[10] is ProcessState.running
 
 
@@ -148,7 +148,7 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     manifest = SimpleNamespace(details={"gpu": {"gpus": [], "processes": 2}})
     job = Job(jid="g", type="process", state=JobState.running, pid=None)
     ctx = Context(None, state={"manifest": manifest})
-    assert interceptor(fake).gpu_restore(ctx, lambda c: job) is job
+    assert interceptor(fake).gpu_interception_restore(ctx, lambda c: job) is job
     assert fake.calls == [("restore", 10), ("restore", 11), ("unlock", 10), ("unlock", 11)]
 
     sleeper = subprocess.Popen(["sleep", "30"])
@@ -156,16 +156,16 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     failing.states[sleeper.pid] = ProcessState.checkpointed
     job = job.model_copy(update={"pid": sleeper.pid})
     with pytest.raises(GpuError):
-        interceptor(failing).gpu_restore(Context(None, state={"manifest": manifest}), lambda c: job)
+        interceptor(failing).gpu_interception_restore(Context(None, state={"manifest": manifest}), lambda c: job)
     assert sleeper.wait(timeout=5) == -9, "a job that lost its GPU state is not left running"
 
 
 def test_jobs_without_gpu_state_pass_through() -> None:
     fake = FakeCudaDriver([])
-    assert interceptor(fake).gpu_checkpoint(dump_ctx(False), lambda c: "ok") == "ok"
+    assert interceptor(fake).gpu_interception(dump_ctx(False), lambda c: "ok") == "ok"
     manifest = Manifest.model_construct(details={})
     assert (
-        intercept.Interceptor(load=lambda: pytest.fail("no driver needed")).gpu_restore(
+        intercept.Interceptor(load=lambda: pytest.fail("no driver needed")).gpu_interception_restore(
             Context(None, state={"manifest": manifest}), lambda c: "job"
         )
         == "job"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
+    source = tmp_path / "src"  # setuptools builds in the source tree: keep ours clean
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", ".state", "build", "*.egg-info"))
     subprocess.run(
         [
             sys.executable,
@@ -25,7 +28,7 @@ def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,

@@ -64,7 +64,7 @@ def test_counter_survives_dump_kill_restore(engine: Engine) -> None:
     time.sleep(0.3)
     assert last_count(engine, "j1") == stopped_at, "the job must be stopped after a dump"
 
-    job = engine.restore(RestoreRequest(), jid="j1")
+    job = engine.restore(RestoreRequest(), jid="j1").job
     assert job.state is JobState.running and job.last_checkpoint == result.checkpoint
     wait_for(lambda: last_count(engine, "j1") > stopped_at + 5, what="counting after restore")
     counts = counts_of(engine, "j1")
@@ -149,7 +149,7 @@ def test_clone_while_original_runs(engine: Engine) -> None:
     start(engine, COUNTER, ready="count=3")
     result = engine.dump("j1", DumpRequest(leave_running=True))
     assert engine.job("j1").state is JobState.running
-    clone = engine.restore(RestoreRequest(checkpoint=result.checkpoint, jid="j2"))
+    clone = engine.restore(RestoreRequest(checkpoint=result.checkpoint, jid="j2")).job
     assert clone.jid == "j2" and clone.pid != engine.job("j1").pid
     wait_for(lambda: last_count(engine, "j2") > 5, what="the clone counting")
     assert engine.job("j1").state is JobState.running
@@ -161,7 +161,7 @@ def test_restore_many_times_from_one_checkpoint(engine: Engine) -> None:
     start(engine, COUNTER, ready="count=3")
     result = engine.dump("j1", DumpRequest())
     for i in range(3):
-        job = engine.restore(RestoreRequest(checkpoint=result.checkpoint, jid=f"copy{i}"))
+        job = engine.restore(RestoreRequest(checkpoint=result.checkpoint, jid=f"copy{i}")).job
         assert job.state is JobState.running
     for i in range(3):
         wait_for(lambda i=i: last_count(engine, f"copy{i}") > 2, what=f"copy{i} counting")
@@ -184,7 +184,7 @@ def test_frozen_job_dumps_and_restores_frozen(engine: Engine) -> None:
     start(engine, COUNTER, ready="count=3")
     engine.freeze("j1")
     engine.dump("j1", DumpRequest())
-    job = engine.restore(RestoreRequest(), jid="j1")
+    job = engine.restore(RestoreRequest(), jid="j1").job
     assert job.state is JobState.frozen
     at = last_count(engine, "j1")
     engine.unfreeze("j1")
@@ -201,12 +201,12 @@ def test_manage_dump_restore_in_fresh_pid_namespace(engine: Engine, tmp_path: Pa
         engine.dump("m1", DumpRequest(leave_running=False))
         proc.wait(timeout=10)  # our child: reaped here, so the PID may be reused
         size = out.stat().st_size
-        restored = engine.restore(RestoreRequest(), jid="m1")
+        restored = engine.restore(RestoreRequest(), jid="m1").job
         assert restored.pid != proc.pid
         wait_for(lambda: out.stat().st_size > size + 50, what="the restored process writing")
         # the restored tree runs under a fresh init: it can be dumped and restored again
         engine.dump("m1", DumpRequest())
-        again = engine.restore(RestoreRequest(), jid="m1")
+        again = engine.restore(RestoreRequest(), jid="m1").job
         assert again.state is JobState.running
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):

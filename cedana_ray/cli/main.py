@@ -14,7 +14,7 @@ from ..errors import CedanaError, UsageError
 from ..features import ROWS, SYMBOLS, compute, plugin_errors
 from ..plugins_manager import get_plugin_manager
 from .options import common, dump_options, engine, restore_options
-from .output import console, error, human_size, progress, show, show_dump, show_job, table
+from .output import console, error, human_size, progress, show, show_dump, show_job, show_restore, table
 
 _debug = False
 
@@ -82,7 +82,7 @@ def restore_job(jid: str, node: str | None, request: object, as_json: bool, loca
     if node not in (None, "local"):
         raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
     with progress(not as_json) as bar:
-        show_job(as_json, engine().restore(request, jid=jid, progress=bar), "restored")  # type: ignore[arg-type]
+        show_restore(as_json, engine().restore(request, jid=jid, progress=bar))  # type: ignore[arg-type]
 
 
 def _job_state_command(group: click.Group, verb: str) -> None:

@@ -85,6 +85,19 @@ def show_job(as_json: bool, job: Any, verb: str) -> None:
     )
 
 
+def show_restore(as_json: bool, result: Any) -> None:
+    job = result.job
+    show(
+        as_json,
+        result.summary(),
+        lambda: console.print(
+            f"restored job [bold]{job.jid}[/] ({job.type}, PID {job.pid}, {job.state.value}) from {result.checkpoint} "
+            f"in {result.duration_s:.2f} s",
+            highlight=False,
+        ),
+    )
+
+
 def show_dump(as_json: bool, result: Any) -> None:
     show(
         as_json,

@@ -107,10 +107,10 @@ class Interceptor:
         except BaseException:
             self.resume(api, pids)
             raise
-        ctx.timings["gpu_lock"] = round(locked - start, 6)
-        ctx.timings["gpu_checkpoint"] = round(time.perf_counter() - locked, 6)
+        ctx.timings["cuda_lock"] = round(locked - start, 6)
+        ctx.timings["cuda_checkpoint"] = round(time.perf_counter() - locked, 6)
 
-    def gpu_checkpoint(self, ctx: Context, next_: Handler) -> Any:
+    def gpu_interception(self, ctx: Context, next_: Handler) -> Any:
         pids = self.find(ctx.state["tree_root"])
         if not pids:
             return next_(ctx)
@@ -129,7 +129,7 @@ class Interceptor:
             ctx.state.setdefault("rollback", []).append(lambda: self.resume(api, pids))
         return result
 
-    def gpu_restore(self, ctx: Context, next_: Handler) -> Any:
+    def gpu_interception_restore(self, ctx: Context, next_: Handler) -> Any:
         job = next_(ctx)
         gpu = ctx.state["manifest"].details.get("gpu")
         if not gpu:
@@ -146,5 +146,5 @@ class Interceptor:
         except BaseException:
             signal_tree(job.pid, signal.SIGKILL)  # never leave a job without its GPU state
             raise
-        ctx.timings["gpu_restore"] = round(time.perf_counter() - start, 6)
+        ctx.timings["cuda_restore"] = round(time.perf_counter() - start, 6)
         return job

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cedana_ray.cli.options import common, dump_options, engine, restore_options
-from cedana_ray.cli.output import progress, show, show_dump, show_job, table
+from cedana_ray.cli.output import progress, show, show_dump, show_job, show_restore, table
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 NAME = "process"
@@ -68,7 +68,7 @@ def dump(pid: str, request: DumpRequest, as_json: bool, local: bool) -> None:
 def restore(request: RestoreRequest, as_json: bool, local: bool) -> None:
     """Restore a process checkpoint from its URL."""
     with progress(not as_json) as bar:
-        show_job(as_json, engine().restore(request, jtype=NAME, progress=bar), "restored")
+        show_restore(as_json, engine().restore(request, jtype=NAME, progress=bar))
 
 
 def _freeze_command(verb: str) -> click.Command:

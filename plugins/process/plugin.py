@@ -204,12 +204,12 @@ def _interceptor() -> Any:
 
 @hookimpl
 def cedana_gpu_interception() -> list[Middleware]:
-    return [_interceptor().gpu_checkpoint]
+    return [_interceptor().gpu_interception]
 
 
 @hookimpl
 def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [_interceptor().gpu_restore]
+    return [_interceptor().gpu_interception_restore]
 
 
 @hookimpl

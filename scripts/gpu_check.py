@@ -1,0 +1,178 @@
+"""The GPU check: a PyTorch CUDA job dumped, killed and restored by cedana-ray.
+
+Run by scripts/gpu-check.sh on a GPU machine (``--device cpu`` rehearses the same flow
+anywhere). Steps: run jobs/gpu_train.py once uninterrupted (the reference, and the
+cost of rebuilding its state from scratch); run it again under cedana-ray in local
+mode with GPU tracing, dump it mid-training (the job stops), restore it, take a
+second leave-running checkpoint later, and let it finish. Passes when every step's
+loss and the tensors' checksum match the reference exactly. Prints a report and
+writes it as JSON to OUT/gpu-check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cedana_ray.config import Paths
+from cedana_ray.engine import Engine
+from cedana_ray.models import Compression, JobState
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = re.compile(r"step (\d+) loss (\S+) state (-?\d+)")
+
+
+def parse(text: str) -> dict[str, Any]:
+    steps: dict[int, tuple[str, str]] = {}
+    repeated = []
+    for m in STEP.finditer(text):
+        i = int(m.group(1))
+        if i in steps:
+            repeated.append(i)
+        steps[i] = (m.group(2), m.group(3))
+    ready = re.search(r"ready (\S+) state (-?\d+)", text)
+    return {
+        "steps": steps,
+        "repeated": repeated,
+        "ready_s": float(ready.group(1)) if ready else None,
+        "done": "done" in text.split(),
+    }
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise SystemExit(f"gpu-check: timed out waiting for {what}")
+
+
+def reference(cmd: list[str]) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {**parse(out), "wall_s": time.perf_counter() - start}
+
+
+def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    tracing = args.device == "cuda"
+    job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu_tracing=tracing))
+    log = Path(job.log)
+    wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 300, f"step {args.dump_at}")
+    dump = engine.dump("gpu", DumpRequest(compression=Compression(args.compression), streams=16))
+    assert engine.job("gpu").state is JobState.checkpointed
+    manifest = engine.inspect(dump.checkpoint)
+    restored = engine.restore(RestoreRequest(streams=16), jid="gpu")
+    wait_for(lambda: f"step {args.dump_at + 20} " in log.read_text(), 120, "training after restore")
+    hot = engine.dump("gpu", DumpRequest(compression=Compression.none, leave_running=True, streams=16))
+    wait_for(lambda: parse(log.read_text())["done"], 300, "the end of training")
+    return {
+        "run": parse(log.read_text()),
+        "dump": dump.model_dump(),
+        "gpu": manifest.details.get("gpu", {}),
+        "restore": restored.model_dump(),
+        "hot_dump": hot.model_dump(),
+        "trace": _trace(engine, log) if tracing else None,
+    }
+
+
+def _trace(engine: Engine, log: Path) -> dict[str, Any]:
+    from cedana_ray.plugins.gpu import tracing
+
+    time.sleep(0.5)
+    return tracing.summary(log.with_name(tracing.TRACE))
+
+
+def verdict(ref: dict[str, Any], got: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    failures = []
+    run = got["run"]
+    if not ref["done"] or len(ref["steps"]) != args.steps:
+        failures.append("the reference run did not finish")
+    if set(run["steps"]) != set(range(args.steps)):
+        failures.append(f"steps missing after restore: {sorted(set(range(args.steps)) - set(run['steps']))[:5]}")
+    if run["repeated"]:
+        failures.append(f"steps ran twice (a restart, not a restore): {run['repeated'][:5]}")
+    diff = [i for i in ref["steps"] if run["steps"].get(i) != ref["steps"][i]]
+    if diff:
+        failures.append(
+            f"{len(diff)} steps differ from the reference, first {diff[0]}: "
+            f"{run['steps'].get(diff[0])} != {ref['steps'][diff[0]]}"
+        )
+    if args.device == "cuda":
+        if not got["gpu"].get("processes"):
+            failures.append("the dump did not intercept any CUDA process")
+        if got["trace"] and not got["trace"]["gaps"]:
+            failures.append("the GPU trace has no restore gap")
+    return failures
+
+
+def report(ref: dict[str, Any], got: dict[str, Any], failures: list[str]) -> dict[str, Any]:
+    t = got["dump"]["timings"]
+    gib = got["gpu"].get("memory_bytes", 0) / 2**30
+    gpu_ckpt = t.get("cuda_lock", 0) + t.get("cuda_checkpoint", 0)
+    doc = {
+        "ok": not failures,
+        "failures": failures,
+        "gpu_state_gib": round(gib, 3),
+        "image_gib": round(got["dump"]["image_bytes"] / 2**30, 3),
+        "lock_s": t.get("cuda_lock"),
+        "gpu_checkpoint_s": t.get("cuda_checkpoint"),
+        "gpu_checkpoint_gib_per_s": round(gib / gpu_ckpt, 2) if gpu_ckpt else None,
+        "criu_dump_s": t.get("criu_dump"),
+        "store_s": t.get("commit"),
+        "dump_total_s": got["dump"]["duration_s"],
+        "restore_total_s": got["restore"]["duration_s"],
+        "cuda_restore_s": got["restore"]["timings"].get("cuda_restore"),
+        "hot_dump_total_s": got["hot_dump"]["duration_s"],
+        "rebuild_from_scratch_s": ref["ready_s"],
+        "restore_vs_rebuild": round(got["restore"]["duration_s"] / ref["ready_s"], 3) if ref["ready_s"] else None,
+        "dump_timings": t,
+        "restore_timings": got["restore"]["timings"],
+        "hot_dump_timings": got["hot_dump"]["timings"],
+        "trace": got["trace"],
+        "steps_compared": len(ref["steps"]),
+    }
+    return doc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gib", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--dump-at", type=int, default=30)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compression", default="none")
+    parser.add_argument("--home", type=Path, default=Path("/dev/shm/cedana-ray-gpu-check"))
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "gpu_train.py"),
+        "--gib",
+        str(args.gib),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
+    engine = Engine(Paths(args.home))
+    ref = reference(cmd)
+    print(f"reference: {len(ref['steps'])} steps, state rebuilt in {ref['ready_s']:.2f} s", flush=True)
+    got = under_cedana(engine, cmd, args)
+    doc = report(ref, got, verdict(ref, got, args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu-check.json").write_text(json.dumps(doc, indent=2, default=str))
+    print(json.dumps(doc, indent=2, default=str))
+    print("gpu-check:", "PASS" if doc["ok"] else "FAIL " + "; ".join(doc["failures"]))
+    sys.exit(0 if doc["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
