@@ -52,7 +52,9 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     state, model, opt = build(args.gib, args.device)
-    print(f"ready {time.perf_counter() - start:.3f} state {checksum(state)}", flush=True)
+    ready = time.perf_counter() - start
+    gpu_bytes = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    print(f"ready {ready:.3f} state {checksum(state)} gpu_bytes {gpu_bytes}", flush=True)
     for i in range(args.steps):
         loss = step(model, opt, i, args.device)
         print(f"step {i} loss {loss:.10f} state {checksum(state)}", flush=True)

@@ -37,11 +37,12 @@ def parse(text: str) -> dict[str, Any]:
         if i in steps:
             repeated.append(i)
         steps[i] = (m.group(2), m.group(3))
-    ready = re.search(r"ready (\S+) state (-?\d+)", text)
+    ready = re.search(r"ready (\S+) state (-?\d+) gpu_bytes (\d+)", text)
     return {
         "steps": steps,
         "repeated": repeated,
         "ready_s": float(ready.group(1)) if ready else None,
+        "gpu_bytes": int(ready.group(3)) if ready else 0,
         "done": "done" in text.split(),
     }
 
@@ -115,7 +116,7 @@ def verdict(ref: dict[str, Any], got: dict[str, Any], args: argparse.Namespace) 
 
 def report(ref: dict[str, Any], got: dict[str, Any], failures: list[str]) -> dict[str, Any]:
     t = got["dump"]["timings"]
-    gib = got["gpu"].get("memory_bytes", 0) / 2**30
+    gib = (got["gpu"].get("memory_bytes") or ref["gpu_bytes"]) / 2**30  # NVML's count, else torch's
     gpu_ckpt = t.get("cuda_lock", 0) + t.get("cuda_checkpoint", 0)
     doc = {
         "ok": not failures,

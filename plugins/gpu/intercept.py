@@ -57,10 +57,14 @@ def remap_for(used: list[dict[str, str]]) -> dict[str, str]:
 
 
 def _usage(pids: list[int]) -> dict[str, Any]:
+    """The GPUs and memory ``pids`` use, as far as NVML can tell (never fatal to a dump)."""
     if nvml.unavailable():
         return {"gpus": [], "memory_bytes": 0}
-    procs = nvml.processes(pids)
-    names = {g.uuid: g.name for g in nvml.gpus()}
+    try:
+        procs = nvml.processes(pids)
+        names = {g.uuid: g.name for g in nvml.gpus()}
+    except nvml.NVMLError:
+        return {"gpus": [], "memory_bytes": 0}
     uuids = sorted({p.uuid for p in procs})
     return {
         "gpus": [{"uuid": u, "name": names.get(u, "")} for u in uuids],

@@ -9,8 +9,11 @@ from pydantic import BaseModel
 
 try:
     import pynvml
+
+    NVMLError: type[Exception] = pynvml.NVMLError
 except ImportError:  # the nvidia-ml-py distribution is optional at import time
     pynvml = None
+    NVMLError = OSError
 
 
 class GpuInfo(BaseModel):

@@ -10,6 +10,7 @@ A restore marks the gap since the last sample as one complete ("X") event.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -47,6 +48,14 @@ def read(path: Path) -> list[dict[str, Any]]:
     return json.loads(text if text.endswith("]") else text + "]") if text else []
 
 
+READINGS = {
+    "utilization_pct": lambda nv, h: nv.nvmlDeviceGetUtilizationRates(h).gpu,
+    "memory_bw_pct": lambda nv, h: nv.nvmlDeviceGetUtilizationRates(h).memory,
+    "sm_clock_mhz": lambda nv, h: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+    "power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000,
+}
+
+
 def sample(root: int) -> list[dict[str, Any]]:
     """One counter event per GPU the tree of ``root`` uses, at this moment."""
     import pynvml
@@ -61,14 +70,10 @@ def sample(root: int) -> list[dict[str, Any]]:
         used = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid in tree]
         if not used:
             continue
-        util = pynvml.nvmlDeviceGetUtilizationRates(h)
-        values = {
-            "job_memory_mib": sum((p.usedGpuMemory or 0) for p in used) / 2**20,
-            "utilization_pct": util.gpu,
-            "memory_bw_pct": util.memory,
-            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
-            "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000,
-        }
+        values = {"job_memory_mib": sum((p.usedGpuMemory or 0) for p in used) / 2**20}
+        for key, read_value in READINGS.items():
+            with contextlib.suppress(pynvml.NVMLError):  # not every GPU reports everything
+                values[key] = read_value(pynvml, h)
         events.append(counter(f"GPU {i}", now, values))
     return events
 
@@ -79,7 +84,7 @@ def summary(path: Path) -> dict[str, Any]:
     samples = [e for e in events if e["ph"] == "C"]
     gaps = [{"reason": e["name"], "seconds": e["dur"] / 1e6} for e in events if e["ph"] == "X"]
     span = (samples[-1]["ts"] - samples[0]["ts"]) / 1e6 if samples else 0.0
-    util = [e["args"]["utilization_pct"] for e in samples]
+    util = [e["args"]["utilization_pct"] for e in samples if "utilization_pct" in e["args"]]
     return {
         "trace": str(path),
         "samples": len(samples),

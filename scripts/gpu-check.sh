@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU check (docs/gpu.md): a PyTorch CUDA job dumped, killed and restored by
+# cedana-ray in local mode, compared step by step with an uninterrupted run.
+# Run on a GPU machine after scripts/prepare-device.sh filled .device/ here.
+# Writes gpu-check.log and gpu-check.json to $OUT (default ./gpu-check-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+echo "== machine: $(date -u +%FT%TZ) kernel $(uname -r)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || exit 1
+$PY -m pip install -q --no-index --no-deps .device/wheels/*.whl || exit 1
+CRIU_FROM=.device/criu bash scripts/install-criu.sh || exit 1
+criu check || { echo "criu check failed: this machine cannot checkpoint processes"; exit 1; }
+$PY -m cedana_ray.cli check
+$PY -m cedana_ray.cli features --errors | grep -E "FEATURE|GPU|gpu:|process:"
+$PY -m cedana_ray.cli query gpu
+timeout 420 $PY scripts/gpu_check.py --out "$OUT" "$@"
