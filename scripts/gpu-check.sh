@@ -5,7 +5,8 @@
 # Writes gpu-check.log and gpu-check.json to $OUT (default ./gpu-check-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-check-out}
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu-check-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -16,7 +17,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 $PY -m pip install -q --no-index --no-deps .device/wheels/*.whl || exit 1
 CRIU_FROM=.device/criu bash scripts/install-criu.sh || exit 1
 criu check || { echo "criu check failed: this machine cannot checkpoint processes"; exit 1; }
+cd /  # import the installed cedana_ray, not the source folder (its plugins/ maps elsewhere)
 $PY -m cedana_ray.cli check
 $PY -m cedana_ray.cli features --errors | grep -E "FEATURE|GPU|gpu:|process:"
 $PY -m cedana_ray.cli query gpu
-timeout 420 $PY scripts/gpu_check.py --out "$OUT" "$@"
+timeout 420 $PY "$REPO/scripts/gpu_check.py" --out "$OUT" "$@"

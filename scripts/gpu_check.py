@@ -47,13 +47,20 @@ def parse(text: str) -> dict[str, Any]:
     }
 
 
-def wait_for(check: Any, timeout: float, what: str) -> Any:
+def wait_for(check: Any, timeout: float, what: str, engine: Engine | None = None) -> Any:
+    """Poll ``check``; fail fast, with the job's log, if the job is gone."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := check():
             return result
+        if engine and engine.job("gpu").state not in (JobState.running, JobState.frozen):
+            break
         time.sleep(0.05)
-    raise SystemExit(f"gpu-check: timed out waiting for {what}")
+    if engine:
+        job = engine.job("gpu")
+        tail = Path(job.log).read_text()[-3000:] if job.log else ""
+        print(f"job {job.state.value} (exit {job.exit_code}); its log ends:\n{tail}", flush=True)
+    raise SystemExit(f"gpu-check: gave up waiting for {what}")
 
 
 def reference(cmd: list[str]) -> dict[str, Any]:
@@ -66,14 +73,14 @@ def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> di
     tracing = args.device == "cuda"
     job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu_tracing=tracing))
     log = Path(job.log)
-    wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 300, f"step {args.dump_at}")
+    wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
     dump = engine.dump("gpu", DumpRequest(compression=Compression(args.compression), streams=16))
     assert engine.job("gpu").state is JobState.checkpointed
     manifest = engine.inspect(dump.checkpoint)
     restored = engine.restore(RestoreRequest(streams=16), jid="gpu")
-    wait_for(lambda: f"step {args.dump_at + 20} " in log.read_text(), 120, "training after restore")
+    wait_for(lambda: f"step {args.dump_at + 20} " in log.read_text(), 90, "training after restore", engine)
     hot = engine.dump("gpu", DumpRequest(compression=Compression.none, leave_running=True, streams=16))
-    wait_for(lambda: parse(log.read_text())["done"], 300, "the end of training")
+    wait_for(lambda: parse(log.read_text())["done"], 120, "the end of training", engine)
     return {
         "run": parse(log.read_text()),
         "dump": dump.model_dump(),
