@@ -12,7 +12,7 @@ exec > >(tee "$OUT/gpu-check.log") 2>&1
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 
-echo "== machine: $(date -u +%FT%TZ) kernel $(uname -r)"
+echo "== machine: $(date -u +%FT%TZ) kernel $(uname -r); $(command -v nsenter unshare | tr '\n' ' ')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || exit 1
 $PY -m pip install -q --no-index --no-deps .device/wheels/*.whl || exit 1
 CRIU_FROM=.device/criu bash scripts/install-criu.sh || exit 1

@@ -25,15 +25,21 @@ NAME = "process"
 TRACE_INTERVAL = 0.1  # seconds between GPU samples
 
 
-def _new_job(ctx: Context, pid: int, ns_root: int | None = None, **fields: Any) -> Job:
-    details: dict[str, Any] = {"started": psutil.Process(pid).create_time()}
-    if ns_root is not None:  # restored under our own namespace init, PID `pid`
+def _new_job(ctx: Context, pid: int, started: float, ns_root: int | None = None, **fields: Any) -> Job:
+    details: dict[str, Any] = {"started": started}
+    if ns_root is not None:  # under our namespace init, PID `pid`
         details["ns_root"] = ns_root
     return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
 
 
+def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
+    """The job a supervisor started; its start time as psutil computes create_time()."""
+    started = psutil.boot_time() + reply["start_ticks"] / os.sysconf("SC_CLK_TCK")
+    return _new_job(ctx, reply["pid"], started, reply["ns_root"], **fields)
+
+
 def run(ctx: Context) -> Job:
-    """Start the command under a supervisor, as PID 1 of a new PID namespace."""
+    """Start the command under a supervisor, in new PID and mount namespaces."""
     req, job_dir = ctx.request, ctx.state["job_dir"]
     log = job_dir / "log"
     spec = {
@@ -45,10 +51,10 @@ def run(ctx: Context) -> Job:
         "exit_file": str(job_dir / "exit.json"),
     }
     try:
-        pid = launch(spec, job_dir)["pid"]
+        reply = launch(spec, job_dir)
     except LaunchError as exc:
         raise UsageError(str(exc)) from exc
-    return _new_job(ctx, pid, state=JobState.running, command=req.cmd, log=str(log))
+    return _supervised_job(ctx, reply, state=JobState.running, command=req.cmd, log=str(log))
 
 
 def manage(ctx: Context) -> Job:
@@ -60,14 +66,14 @@ def manage(ctx: Context) -> Job:
     p = tree.proc(pid)
     tree.check_touchable(p)
     state = JobState.frozen if tree.is_stopped(pid) else JobState.running
-    return _new_job(ctx, pid, state=state, command=p.cmdline(), managed=True)
+    return _new_job(ctx, pid, p.create_time(), state=state, command=p.cmdline(), managed=True)
 
 
 def prepare_dump(ctx: Context, next_: Handler) -> Any:
     """Check the job's root process and record what restore will need.
 
-    A job restored under our namespace init is dumped from inside its namespaces,
-    without the init, so that it restores the same way again.
+    A job under our namespace init is dumped from inside its namespaces, without
+    the init; an adopted process is dumped from the host namespace.
     """
     job = ctx.job
     tree.check_touchable(tree.proc(job.pid))
@@ -80,7 +86,6 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     ctx.state["tree_root"] = root
     ctx.state["details"] = {
         "pipes": tree.stdio_pipes(root),
-        "pidns": tree.own_pidns(root) and not ns_root,
         "frozen": tree.is_stopped(root),
         "gpu_tracing": job.details.get("gpu_tracing", False),
     }
@@ -95,7 +100,6 @@ def restore(ctx: Context) -> Job:
         "mode": "restore",
         "criu": criu.restore_args(ctx.state["images"], work, manifest.criu),
         "pipes": details.get("pipes", []),
-        "pidns": details.get("pidns", False),
         "work": str(work),
         "log": str(job_dir / "log"),
         "exit_file": str(job_dir / "exit.json"),
@@ -107,7 +111,7 @@ def restore(ctx: Context) -> Job:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
     state = JobState.frozen if details.get("frozen") else JobState.running
     command = ctx.state.get("command", [])
-    return _new_job(ctx, reply["pid"], reply.get("ns_root"), state=state, command=command, log=spec["log"])
+    return _supervised_job(ctx, reply, state=state, command=command, log=spec["log"])
 
 
 def freeze(ctx: Context) -> None:

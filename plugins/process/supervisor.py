@@ -1,21 +1,22 @@
 """The supervising parent of one ``process`` workload (standard library only).
 
-Started by the process plugin as ``python supervisor.py SPEC_JSON``. It detaches
-(the launcher returns at once; the workload outlives the CLI), then either
+Started by the process plugin as ``python supervisor.py SPEC_JSON``. It detaches (the
+launcher returns at once; the workload outlives the CLI) and forks a small init: PID 1
+of new PID and mount namespaces, with its own ``/proc`` (CUDA and CRIU read ``/proc``
+by PID, so it must show this namespace). The init then either
 
-* ``run``: starts the command as PID 1 of a new PID namespace, in its own session,
-  stdin ``/dev/null``, stdout+stderr into a pipe; or
-* ``restore``: runs ``criu restore --restore-detached`` as a child subreaper, so the
-  restored tree becomes its child. Images that carry their own PID namespace get
-  a new one from CRIU; a tree dumped from the host namespace (an adopted process)
-  is restored under a small init of fresh PID and mount namespaces (with their own
-  /proc), so a live or zombie original never collides.
+* ``run``: forks the command in its own session, stdin ``/dev/null``, stdout and
+  stderr into a pipe; or
+* ``restore``: runs ``criu restore --restore-detached``, whose restored tree it
+  inherits; a fresh namespace means the original PIDs are free, so a restore works
+  while the original (or its zombie) exists, and any number of times.
 
-It reports ``{"pid": N, "ns_root": M}`` (M: the restored root's PID inside the
-init's namespace, when there is one) or ``{"error": "..."}`` on the status fd,
-copies the
-workload's output to the job log, reaps the workload and writes its exit code to
-the exit file.
+The init reaps everything and exits as the workload did. The supervisor reports
+``{"pid": INIT, "ns_root": ROOT, "start_ticks": T}`` (ROOT: the workload's PID inside
+the namespace; T: the init's start time, as in /proc/PID/stat) or
+``{"error": "..."}`` on the status fd, copies the workload's output to the job log,
+and writes the exit code to the exit file. Dumps run CRIU inside the namespaces
+(``nsenter``) on ROOT, so the init is never part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import sys
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -76,12 +76,11 @@ def _child_failed(errr: int, pid: int) -> str:
     return err
 
 
-def start_run(spec: dict) -> tuple[int, int]:
-    r, w = os.pipe()
+def _exec_workload(spec: dict, w: int) -> int:
+    """Fork and exec the command in its own session; its PID once it has exec'd."""
     errr, errw = os.pipe2(os.O_CLOEXEC)
-    _unshare_pid()
     pid = os.fork()
-    if pid == 0:  # PID 1 of the new namespace
+    if pid == 0:
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDONLY)
@@ -91,24 +90,32 @@ def start_run(spec: dict) -> tuple[int, int]:
             _close_fds_except(errw)
             if spec.get("cwd"):
                 os.chdir(spec["cwd"])
-            env = {**os.environ, **spec.get("env", {})}
-            os.execvpe(spec["cmd"][0], spec["cmd"], env)
+            os.execvpe(spec["cmd"][0], spec["cmd"], {**os.environ, **spec.get("env", {})})
         except BaseException as exc:
             os.write(errw, f"cannot run {spec['cmd'][0]!r}: {getattr(exc, 'strerror', None) or exc}".encode())
             os._exit(127)
-    os.close(w)
     os.close(errw)
     if err := _child_failed(errr, pid):
         raise RuntimeError(err)
-    return pid, r
+    return pid
+
+
+def _high_pids() -> None:
+    """Make our next children (CRIU) take PIDs from the top of the range, leaving the
+    low ones, where the restored tree's PIDs are, free in this fresh namespace."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(top - 1024))
 
 
 def _criu_restore(spec: dict, w: int) -> int:
     """Run CRIU; the restored tree's root PID (as CRIU's namespace sees it)."""
     pidfile = os.path.join(spec["work"], "restore.pid")
+    _high_pids()
     fds = [os.dup(w) for _ in spec["pipes"]]
-    args = [*list(spec["criu"]), "--pidfile", pidfile]
-    for fd, key in zip(fds, spec["pipes"], strict=False):
+    args = [*spec["criu"], "--pidfile", pidfile]
+    for fd, key in zip(fds, spec["pipes"], strict=True):
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
     with open(os.path.join(spec["work"], "criu.out"), "wb") as out:
         rc = subprocess.run(args, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
@@ -121,23 +128,20 @@ def _criu_restore(spec: dict, w: int) -> int:
 
 
 def _init_loop(root: int) -> None:
-    """PID 1 of a restored namespace: reap everything, exit with the root's code."""
+    """PID 1 of the namespace: reap everything, exit as the root did (128+N for signal N)."""
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             os._exit(0)
         if pid == root:
-            os._exit(_exit_code(status) & 0xFF)
+            code = _exit_code(status)
+            os._exit(128 - code if code < 0 else code)
 
 
-def start_restore(spec: dict) -> tuple[int, int]:
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+def start(spec: dict) -> tuple[int, int]:
+    """Start the namespace init and, in it, the workload; (init's PID, output pipe)."""
     r, w = os.pipe()
-    if spec["pidns"]:
-        pid = _criu_restore(spec, w)
-        os.close(w)
-        return pid, r
     errr, errw = os.pipe2(os.O_CLOEXEC)
     _unshare_pid()
     init = os.fork()
@@ -146,7 +150,7 @@ def start_restore(spec: dict) -> tuple[int, int]:
         os.setsid()
         try:
             _private_proc()
-            root = _criu_restore(spec, w)
+            root = (_exec_workload if spec["mode"] == "run" else _criu_restore)(spec, w)
         except BaseException as exc:
             os.write(errw, json.dumps({"error": str(exc)}).encode())
             os._exit(1)
@@ -182,12 +186,14 @@ def main() -> None:
         os._exit(0)  # the launcher returns; we live on, re-parented
     os.setsid()
     try:
-        pid, out = (start_run if spec["mode"] == "run" else start_restore)(spec)
+        pid, out = start(spec)
     except BaseException as exc:
         status.write(json.dumps({"error": str(exc)}))
         status.close()
         os._exit(1)
-    status.write(json.dumps({"pid": pid, "ns_root": spec.get("ns_root")}))
+    with open(f"/proc/{pid}/stat") as f:  # still ours to reap, so readable even if it exited
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    status.write(json.dumps({"pid": pid, "ns_root": spec.get("ns_root"), "start_ticks": start_ticks}))
     status.close()
     supervise(spec, pid, out)
 

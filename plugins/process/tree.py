@@ -65,14 +65,6 @@ def host_pid(init: int, ns_pid: int) -> int:
     raise JobNotFound(f"process {ns_pid} is gone from the namespace of PID {init}")
 
 
-def own_pidns(pid: int) -> bool:
-    """Whether ``pid`` is the init of a PID namespace other than ours."""
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return False
-
-
 def is_stopped(pid: int) -> bool:
     return psutil.Process(pid).status() == psutil.STATUS_STOPPED
 
