@@ -24,7 +24,7 @@ from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, Us
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
-from .proctree import alive, signal_tree
+from .proctree import alive, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from .store import CheckpointStore, register_schemes, remove_tree, split_url, staging_area
@@ -210,8 +210,8 @@ class Engine:
         job: Job = ctx.job
         store = CheckpointStore(req.storage or job.details.get("storage") or self.paths.storage)
         ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
-        work = staging_area(self.paths.staging)
-        images = store.dump_dir(ckpt, req.compression, self.paths.staging)
+        work = staging_area(self.paths.staging, tree_rss(job.pid))
+        images = store.dump_dir(ckpt, req.compression, work)
         ctx.state.update(images=images, work=work)
         try:
             next_(ctx)
@@ -237,9 +237,7 @@ class Engine:
             store.discard(ckpt)
             raise
         finally:
-            remove_tree(work)
-            if images.parent == self.paths.staging:
-                remove_tree(images)
+            remove_tree(work)  # CRIU's logs, and the images when they were staged
         info = CheckpointInfo(
             checkpoint=ckpt,
             jid=job.jid,
@@ -283,7 +281,7 @@ class Engine:
     def fetch(self, ctx: Context, next_: Handler) -> Job:
         """Verify and lay out the checkpoint's images locally for the handler."""
         store: CheckpointStore = ctx.state["store"]
-        tmp = staging_area(self.paths.staging)
+        tmp = staging_area(self.paths.staging, ctx.state["image_bytes"])
         try:
             manifest, images = store.fetch(ctx.state["checkpoint"], tmp / "images", ctx.request.streams, ctx.progress)
             work = tmp / "work"
@@ -330,6 +328,7 @@ class Engine:
         )
         handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
         state = {
+            "image_bytes": manifest.image_bytes,
             "jid": target,
             "job_dir": job_dir,
             "store": store,

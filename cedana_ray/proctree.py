@@ -25,6 +25,14 @@ def members(pid: int) -> list[psutil.Process]:
     return [p, *p.children(recursive=True)]
 
 
+def tree_rss(pid: int | None) -> int:
+    """Resident bytes of the tree rooted at ``pid`` (0 when it is gone)."""
+    try:
+        return sum(p.memory_info().rss for p in members(pid)) if pid else 0
+    except psutil.NoSuchProcess:
+        return 0
+
+
 def signal_tree(pid: int, sig: int) -> None:
     """Send ``sig`` to every process of the tree rooted at ``pid``."""
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
+import psutil
 from fsspec.implementations.local import LocalFileSystem
 
 from .codec import EXTENSIONS, codec
@@ -87,7 +88,7 @@ class CheckpointStore:
         return f"{self.url}/{ckpt}"
 
     def dump_dir(self, ckpt: str, compression: Compression, staging: Path) -> Path:
-        """Where CRIU should write the images of ``ckpt``."""
+        """Where CRIU should write the images of ``ckpt``: in place, or in ``staging``."""
         target = Path(self.path(ckpt)) / "data" if self.local and compression is Compression.none else staging / ckpt
         target.mkdir(parents=True, exist_ok=False)
         return target
@@ -285,7 +286,23 @@ class CheckpointStore:
                 self.fs.rm(target, recursive=target == path)
 
 
-def staging_area(base: Path) -> Path:
+SHM = Path("/dev/shm")
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    return SHM.is_dir() and shutil.disk_usage(SHM).free > 2 * nbytes and psutil.virtual_memory().available > 3 * nbytes
+
+
+def staging_area(base: Path, nbytes: int = 0) -> Path:
+    """A fresh private directory for ``nbytes`` of images.
+
+    In memory (``/dev/shm``) when they fit there with room to spare, since images
+    staged on disk are written once and read back at once: page-cache pressure on a
+    slow disk made that the largest cost of compressed dumps and restores. Else under
+    ``base``.
+    """
+    if nbytes and _fits_in_memory(nbytes):
+        base = SHM / "cedana-ray"
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=base))
 
