@@ -99,7 +99,15 @@ class Engine:
         """Start a workload of type ``jtype`` on this machine."""
         hook = "cedana_run_handler_serverless"
         mws = self._middleware(jtype, "cedana_run_middleware", "cedana_gpu_tracing", "cedana_run_middleware_late")
-        return self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)
+        job = self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)
+        if request.checkpoint_every:
+            from . import policy
+
+            pid = policy.start(self.paths.home, job.jid, request.checkpoint_every, request.keep)
+            details = {**job.details, "policy": {"every_s": request.checkpoint_every, "keep": request.keep, "pid": pid}}
+            job = job.model_copy(update={"details": details})
+            self.registry.save_job(job)
+        return job
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
         """Adopt a workload started elsewhere."""

@@ -14,6 +14,8 @@ class RunRequest(BaseModel):
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     gpu_tracing: bool = False
+    checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps
+    keep: int | None = Field(None, ge=1)  # how many of those checkpoints to keep
 
 
 class ManageRequest(BaseModel):

@@ -6,6 +6,7 @@ import click
 
 from cedana_ray.cli.options import common, dump_options, engine, restore_options
 from cedana_ray.cli.output import progress, show, show_dump, show_job, show_restore, table
+from cedana_ray.policy import parse_duration
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 NAME = "process"
@@ -16,6 +17,8 @@ NAME = "process"
 @click.option("--storage", metavar="URL", help="Default checkpoint store of this job.")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.option("--checkpoint-every", metavar="DUR", help="Checkpoint (leaving it running) every DUR: 30s, 5m, 1h.")
+@click.option("--keep", type=click.IntRange(1), metavar="N", help="Keep only the last N of those checkpoints.")
 @click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @common
@@ -24,6 +27,8 @@ def run(
     storage: str | None,
     cwd: str | None,
     env: tuple[str, ...],
+    checkpoint_every: str | None,
+    keep: int | None,
     gpu_tracing: bool,
     cmd: tuple[str, ...],
     as_json: bool,
@@ -34,7 +39,12 @@ def run(
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not K=V", param_hint="--env")
     env_vars = dict(e.split("=", 1) for e in env)
-    request = RunRequest(cmd=list(cmd), jid=jid, cwd=cwd, env=env_vars, gpu_tracing=gpu_tracing)
+    every = parse_duration(checkpoint_every) if checkpoint_every else None
+    if keep and not every:
+        raise click.BadParameter("needs --checkpoint-every", param_hint="--keep")
+    request = RunRequest(
+        cmd=list(cmd), jid=jid, cwd=cwd, env=env_vars, gpu_tracing=gpu_tracing, checkpoint_every=every, keep=keep
+    )
     job = engine().run(NAME, request)
     if storage:
         job = engine().set_storage(job.jid, storage)
