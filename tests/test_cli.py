@@ -14,7 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from cedana_ray.cli.main import cli
-from cedana_ray.errors import CedanaError, CheckpointNotFound, JobNotFound, PermissionDenied, UsageError
+from cedana_ray.errors import (
+    CedanaError,
+    CheckpointNotFound,
+    JobNotFound,
+    PermissionDenied,
+    PrerequisiteError,
+    UsageError,
+)
 
 
 def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -184,3 +191,28 @@ def test_json_document_only_on_stdout(home: Path) -> None:
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert {"process", "storage/local"} <= set(rows)
     assert rows["storage/local"]["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("criu_stand_in", "mention"),
+    [
+        (None, "criu --version failed"),
+        ("#!/bin/sh\necho 'Version: 3.17'\n", "criu 3.17 is too old"),
+    ],
+    ids=["missing", "too-old"],
+)
+def test_missing_or_old_criu_is_refused_and_the_job_runs_on(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, criu_stand_in: str | None, mention: str
+) -> None:
+    """CEDANA_RAY_CRIU points at no binary, or at a stand-in script that reports an old version."""
+    started = cedana("run", "process", "--jid", "c1", "--", "sleep", "30")
+    assert started.returncode == 0, started.stderr
+    binary = tmp_path / "criu"
+    if criu_stand_in:
+        binary.write_text(criu_stand_in)
+        binary.chmod(0o755)
+    monkeypatch.setenv("CEDANA_RAY_CRIU", str(binary))
+    line = assert_one_error(cedana("dump", "job", "c1"), PrerequisiteError)
+    monkeypatch.delenv("CEDANA_RAY_CRIU")
+    assert mention in line and "make setup" in line
+    assert json.loads(cedana("ps", "--json").stdout)[0]["state"] == "running"

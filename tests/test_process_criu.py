@@ -17,7 +17,7 @@ import pytest
 
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError
+from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError, StorageError
 from cedana_ray.models import Compression, CriuOptions, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
@@ -265,3 +265,28 @@ def test_an_engine_keeps_checkpoints_in_its_own_home(home: Path, tmp_path: Path)
     start(other, COUNTER, ready="count=1")
     result = other.dump("j1", DumpRequest())
     assert result.path == f"file://{tmp_path / 'other' / 'checkpoints' / result.checkpoint}"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB filesystem (tmpfs) to fill up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("compression", [Compression.none, Compression.zstd])
+def test_full_disk_fails_cleanly_and_the_job_runs_on(
+    engine: Engine, small_disk: Path, compression: Compression
+) -> None:
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "64"], ready="ready")
+    request = DumpRequest(storage=f"file://{small_disk}", compression=compression)
+    with pytest.raises((DumpError, StorageError), match=r"No space left|ENOSPC"):
+        engine.dump("j1", request)
+    assert engine.job("j1").state is JobState.running
+    assert engine.checkpoints("j1") == []
+    assert list(small_disk.iterdir()) == [], "no half checkpoint is left behind"
+    n = len(log_lines(engine, "j1"))
+    wait_for(lambda: len(log_lines(engine, "j1")) > n, what="the job to go on")
