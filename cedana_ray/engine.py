@@ -207,7 +207,8 @@ class Engine:
         update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
         if not ctx.request.leave_running:
             update["state"] = JobState.checkpointed
-        self.registry.save_job(job.model_copy(update=update))
+        current = self.registry.job(job.jid)  # re-read: `job kill` does not wait for a dump
+        self.registry.save_job(current.model_copy(update=update))
         if not ctx.request.leave_running:
             self._stop(job)
         return result

@@ -59,9 +59,9 @@ def tick(engine: Engine, jid: str, keep: int) -> bool:
         return False
     try:
         result = engine.dump(jid, DumpRequest(leave_running=True))
-        print(f"{time.strftime('%FT%T')} checkpoint {result.checkpoint} in {result.duration_s:.2f} s", flush=True)
         if keep:
             prune(engine, jid, keep)
+        print(f"{time.strftime('%FT%T')} checkpoint {result.checkpoint} in {result.duration_s:.2f} s", flush=True)
     except CedanaError as exc:
         print(f"{time.strftime('%FT%T')} checkpoint failed: {exc}", flush=True)
     return True
