@@ -223,7 +223,8 @@ class Engine:
         images = store.dump_dir(ckpt, req.compression, work)
         ctx.state.update(images=images, work=work)
         try:
-            next_(ctx)
+            with store.prehash(images, ckpt) as prehashed:
+                next_(ctx)
             ctx.report("store")
             manifest = store.commit(
                 images,
@@ -241,6 +242,7 @@ class Engine:
                 compression=req.compression,
                 streams=req.streams,
                 progress=ctx.progress,
+                prehashed=prehashed,
             )
         except BaseException:
             store.discard(ckpt)

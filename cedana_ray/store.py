@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,53 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def _chunk_in_place(fd: int, off: int, size: int) -> Chunk:
+    digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
+    return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
+
+
+class Prehasher:
+    """Hashes the full chunks of images while CRIU is still writing them.
+
+    CRIU writes each image file sequentially, so a chunk wholly below a file's current
+    size is final. Used for in-place dumps: commit() then hashes only what is left,
+    and hashing overlaps with CRIU instead of following it.
+    """
+
+    def __init__(self, images: Path, chunk_size: int = DEFAULT_CHUNK) -> None:
+        self.images = images
+        self.chunk_size = chunk_size
+        self.chunks: dict[str, list[Chunk]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prehash", daemon=True)
+
+    def __enter__(self) -> Prehasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            for path in sorted(self.images.iterdir()):
+                with contextlib.suppress(OSError):
+                    self._catch_up(path)
+
+    def _catch_up(self, path: Path) -> None:
+        done = self.chunks.setdefault(path.name, [])
+        size = path.stat().st_size
+        if (len(done) + 1) * self.chunk_size > size:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while (len(done) + 1) * self.chunk_size <= size and not self._stop.is_set():
+                done.append(_chunk_in_place(fd, len(done) * self.chunk_size, self.chunk_size))
+        finally:
+            os.close(fd)
 
 
 def register_schemes(schemes: dict[str, Any]) -> None:
@@ -87,6 +135,14 @@ class CheckpointStore:
     def url_of(self, ckpt: str) -> str:
         return f"{self.url}/{ckpt}"
 
+    def prehash(self, images: Path, ckpt: str) -> contextlib.AbstractContextManager[Prehasher | None]:
+        """Hash chunks of an in-place dump while it is written (a no-op otherwise)."""
+        return Prehasher(images) if self._in_place(images, ckpt) else contextlib.nullcontext()
+
+    def _in_place(self, images: Path, ckpt: str) -> bool:
+        """Whether ``images`` are the stored data of ``ckpt`` (local, uncompressed)."""
+        return self.local and images == Path(self.path(ckpt)) / "data"
+
     def dump_dir(self, ckpt: str, compression: Compression, staging: Path) -> Path:
         """Where CRIU should write the images of ``ckpt``: in place, or in ``staging``."""
         target = Path(self.path(ckpt)) / "data" if self.local and compression is Compression.none else staging / ckpt
@@ -103,23 +159,28 @@ class CheckpointStore:
         chunk_size: int = DEFAULT_CHUNK,
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
+        prehashed: Prehasher | None = None,
     ) -> Manifest:
         """Store the image files in ``images`` and write the manifest last.
 
         ``manifest`` holds every manifest field but ``files``, ``compression`` and
-        ``chunk_size``. On any failure nothing that lists as a checkpoint is left.
+        ``chunk_size``; ``prehashed`` the chunks already hashed during the dump. On any
+        failure nothing that lists as a checkpoint is left.
         """
+        known = prehashed.chunks if prehashed and prehashed.chunk_size == chunk_size else {}
         ckpt = manifest["checkpoint"]
         try:
-            in_place = images == Path(self.path(ckpt)) / "data" and self.local
+            in_place = self._in_place(images, ckpt)
             names = sorted(p.name for p in images.iterdir() if p.is_file())
             total = sum((images / n).stat().st_size for n in names)
             done = 0
             files = []
             with ThreadPoolExecutor(streams) as pool:
                 for name in names:
-                    writer = self._hash_in_place if in_place else self._write_file
-                    image = writer(pool, images / name, ckpt, compression, chunk_size, streams)
+                    if in_place:
+                        image = self._hash_in_place(pool, images / name, known.get(name, []), chunk_size, streams)
+                    else:
+                        image = self._write_file(pool, images / name, ckpt, compression, chunk_size, streams)
                     files.append(image)
                     done += image.size
                     if progress:
@@ -139,17 +200,14 @@ class CheckpointStore:
         return [(off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)] or [(0, 0)]
 
     def _hash_in_place(
-        self, pool: ThreadPoolExecutor, path: Path, ckpt: str, compression: Compression, chunk_size: int, streams: int
+        self, pool: ThreadPoolExecutor, path: Path, known: list[Chunk], chunk_size: int, streams: int
     ) -> ImageFile:
+        """Hash the chunks of ``path`` where they lie, after the ``known`` ones."""
+        rest = [span for span in self._chunks(path, chunk_size) if span[0] >= len(known) * chunk_size]
         fd = os.open(path, os.O_RDONLY)
         try:
-
-            def one(span: tuple[int, int]) -> Chunk:
-                off, size = span
-                digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
-                return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
-
-            chunks = tuple(bounded_map(pool, one, self._chunks(path, chunk_size), streams * 2))
+            hashed = bounded_map(pool, lambda span: _chunk_in_place(fd, *span), rest, streams * 2)
+            chunks = (*known, *hashed)
         finally:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=chunks)

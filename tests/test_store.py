@@ -18,7 +18,7 @@ import pytest
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
-from cedana_ray.store import MANIFEST, CheckpointStore, bounded_map
+from cedana_ray.store import MANIFEST, CheckpointStore, Prehasher, bounded_map
 
 CHUNK = 4096
 # name -> size: empty, exactly one chunk, several chunks with a partial last one, one byte past a chunk
@@ -400,3 +400,41 @@ def test_bounded_map_reraises_in_order() -> None:
         for r in bounded_map(pool, work, range(10), 3):
             got.append(r)
     assert got == [0, 1, 2, 3, 4]
+
+
+def test_prehasher_hashes_while_a_file_grows(tmp_path: Path) -> None:
+    """Chunks hashed while the file was being written are the chunks of the final file."""
+    store = CheckpointStore(f"file://{tmp_path / 'store'}")
+    images = store.dump_dir("ckpt-p", Compression.none, tmp_path / "staging")
+    data = os.urandom(10 * 4096 + 123)
+    with Prehasher(images, chunk_size=4096) as prehashed, (images / "pages-1.img").open("wb") as f:
+        for off in range(0, len(data), 1000):  # a slow, sequential writer, like CRIU
+            f.write(data[off : off + 1000])
+            f.flush()
+            time.sleep(0.002)
+        time.sleep(0.05)
+    assert len(prehashed.chunks["pages-1.img"]) == 10, "the full chunks were hashed during the write"
+    manifest = {
+        "checkpoint": "ckpt-p",
+        "jid": "j",
+        "type": "process",
+        "node": "local",
+        "created": datetime.now(UTC),
+        "criu_version": "4.2",
+        "criu": CriuOptions(),
+    }
+    got = store.commit(images, manifest, compression=Compression.none, chunk_size=4096, prehashed=prehashed)
+    chunks = got.files[0].chunks
+    assert [c.offset for c in chunks] == [i * 4096 for i in range(11)]
+    assert [c.sha256 for c in chunks] == [
+        hashlib.sha256(data[c.offset : c.offset + c.size]).hexdigest() for c in chunks
+    ]
+    store.fetch("ckpt-p", tmp_path / "out")  # verifies every chunk
+
+
+def test_prehash_only_for_in_place_dumps(tmp_path: Path) -> None:
+    store = CheckpointStore(f"file://{tmp_path / 'store'}")
+    in_place = store.dump_dir("a", Compression.none, tmp_path / "staging")
+    staged = store.dump_dir("b", Compression.zstd, tmp_path / "staging")
+    with store.prehash(in_place, "a") as p, store.prehash(staged, "b") as q:
+        assert isinstance(p, Prehasher) and q is None
