@@ -108,7 +108,7 @@ def dump(
         raise DumpError(f"criu dump of PID {pid} failed: {detail}")
 
 
-def restore_args(images: Path, work: Path, opts: CriuOptions) -> list[str]:
+def restore_args(images: Path, work: Path, opts: CriuOptions, *, leave_stopped: bool = False) -> list[str]:
     """The restore command line, run by the workload's supervisor."""
-    args = [binary(), "restore", "-D", str(images), "-W", str(work), "-o", "restore.log"]
-    return [*args, "--restore-detached", *option_args(opts)]
+    args = [binary(), "restore", "-D", str(images), "-W", str(work), "-o", "restore.log", "--restore-detached"]
+    return [*args, *(["--leave-stopped"] if leave_stopped else []), *option_args(opts)]

@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -290,15 +291,36 @@ class Engine:
 
     # -- restore
     def fetch(self, ctx: Context, next_: Handler) -> Job:
-        """Verify and lay out the checkpoint's images locally for the handler."""
+        """Verify and lay out the checkpoint's images locally for the handler.
+
+        Images CRIU can read where they are stored are verified while CRIU restores
+        them into a stopped tree, which resumes only once every chunk checked out (it
+        is killed otherwise): an unverified image never runs. GPU jobs, whose restore
+        needs the tree running, are verified first.
+        """
         store: CheckpointStore = ctx.state["store"]
-        tmp = staging_area(self.paths.staging, ctx.state["image_bytes"])
+        manifest: Manifest = ctx.state["manifest"]
+        tmp = staging_area(self.paths.staging, manifest.image_bytes)
+        (tmp / "work").mkdir()
+        ctx.state["work"] = tmp / "work"
         try:
-            manifest, images = store.fetch(ctx.state["checkpoint"], tmp / "images", ctx.request.streams, ctx.progress)
-            work = tmp / "work"
-            work.mkdir()
-            ctx.state.update(manifest=manifest, images=images, work=work)
-            return next_(ctx)
+            if not store.readable_in_place(manifest) or manifest.details.get("gpu"):
+                _, ctx.state["images"] = store.fetch(
+                    manifest.checkpoint, tmp / "images", ctx.request.streams, ctx.progress
+                )
+                return next_(ctx)
+            ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
+            with ThreadPoolExecutor(1) as verifier:
+                verified = verifier.submit(store.fetch, manifest.checkpoint, tmp / "verified", ctx.request.streams)
+                job: Job = next_(ctx)
+                try:
+                    verified.result()
+                except BaseException:
+                    signal_tree(job.pid, signal.SIGKILL)
+                    raise
+            if not manifest.details.get("frozen"):
+                signal_tree(job.pid, signal.SIGCONT)
+            return job
         finally:
             remove_tree(tmp)
 
@@ -339,7 +361,7 @@ class Engine:
         )
         handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
         state = {
-            "image_bytes": manifest.image_bytes,
+            "manifest": manifest,
             "jid": target,
             "job_dir": job_dir,
             "store": store,

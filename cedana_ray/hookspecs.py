@@ -101,7 +101,8 @@ def cedana_restore_middleware_late() -> list[Middleware]:
 @hookspec(firstresult=True)
 def cedana_restore_handler() -> Handler:
     """Restores the workload from the local image dir in ``ctx.state['images']``;
-    returns the restored :class:`Job`."""
+    returns the restored :class:`Job`. When ``ctx.state['leave_stopped']`` is set, the
+    restored tree must be left stopped: the core resumes it once the images are verified."""
 
 
 @hookspec(firstresult=True)

@@ -276,6 +276,17 @@ class CheckpointStore:
                 continue  # no manifest: not a checkpoint (or a stray file, or a name no id can have)
         return sorted(found, key=lambda m: m.created)
 
+    def readable_in_place(self, manifest: Manifest) -> bool:
+        """Whether CRIU can read ``manifest``'s images where they are stored."""
+        return self.local and manifest.compression is Compression.none
+
+    def link(self, manifest: Manifest, dest: Path) -> Path:
+        """Links in ``dest`` to the images of an in-place checkpoint, unverified."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for image in manifest.files:
+            os.symlink(f"{self.path(manifest.checkpoint)}/data/{image.name}", dest / image.name)
+        return dest
+
     def fetch(
         self, ckpt: str, dest: Path, streams: int = DEFAULT_STREAMS, progress: Progress | None = None
     ) -> tuple[Manifest, Path]:

@@ -220,9 +220,12 @@ def test_corrupted_image_is_refused(engine: Engine) -> None:
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
+    lines = len(log_lines(engine, "j1"))
     with pytest.raises(CorruptCheckpoint, match="pages-"):
         engine.restore(RestoreRequest(), jid="j1")
     assert engine.job("j1").state is JobState.checkpointed
+    time.sleep(0.3)
+    assert len(log_lines(engine, "j1")) == lines, "the corrupted image never ran"
 
 
 def test_concurrent_dumps_are_refused(engine: Engine) -> None:

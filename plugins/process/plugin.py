@@ -98,7 +98,9 @@ def restore(ctx: Context) -> Job:
     details = manifest.details
     spec = {
         "mode": "restore",
-        "criu": criu.restore_args(ctx.state["images"], work, manifest.criu),
+        "criu": criu.restore_args(
+            ctx.state["images"], work, manifest.criu, leave_stopped=ctx.state.get("leave_stopped", False)
+        ),
         "pipes": details.get("pipes", []),
         "work": str(work),
         "log": str(job_dir / "log"),
