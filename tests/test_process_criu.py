@@ -293,3 +293,11 @@ def test_full_disk_fails_cleanly_and_the_job_runs_on(
     assert list(small_disk.iterdir()) == [], "no half checkpoint is left behind"
     n = len(log_lines(engine, "j1"))
     wait_for(lambda: len(log_lines(engine, "j1")) > n, what="the job to go on")
+
+
+def test_query_lists_jobs_with_what_their_trees_use(engine: Engine) -> None:
+    start(engine, COUNTER, ready="count=1")
+    (row,) = engine.query("process")
+    assert row["jid"] == "j1" and row["state"] == "running"
+    assert row["processes"] == 2, "the namespace init and the workload"
+    assert row["rss_bytes"] > 1 << 20

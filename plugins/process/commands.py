@@ -103,7 +103,7 @@ def query(as_json: bool, local: bool) -> None:
     rows = engine().query(NAME)
 
     def human() -> None:
-        cols = ("jid", "state", "pid", "processes", "rss_bytes", "last_checkpoint")
+        cols = ("jid", "state", "pid", "processes", "rss_bytes", "gpu_memory_bytes", "last_checkpoint")
         table(cols, [[r.get(c) for c in cols] for r in rows])
 
     show(as_json, rows, human)

@@ -124,8 +124,21 @@ def unfreeze(ctx: Context) -> None:
     signal_tree(ctx.job.pid, signal.SIGCONT)
 
 
+def _gpu_memory_by_pid() -> dict[int, int]:
+    """GPU memory per PID, when an NVIDIA driver is there."""
+    from cedana_ray.plugins.gpu import nvml
+
+    if nvml.unavailable():
+        return {}
+    used: dict[int, int] = {}
+    for p in nvml.processes():
+        used[p.pid] = used.get(p.pid, 0) + p.memory_used
+    return used
+
+
 def query(ctx: Context) -> list[dict[str, Any]]:
-    """The process jobs of this node with what their trees use now."""
+    """The process jobs of this node with what their trees use now (GPU memory included)."""
+    gpu = _gpu_memory_by_pid()
     rows = []
     for job in ctx.request:
         row: dict[str, Any] = job.row()
@@ -133,6 +146,8 @@ def query(ctx: Context) -> list[dict[str, Any]]:
             procs = members(job.pid)
             row["processes"] = len(procs)
             row["rss_bytes"] = sum(p.memory_info().rss for p in procs)
+            if gpu:
+                row["gpu_memory_bytes"] = sum(gpu.get(p.pid, 0) for p in procs)
         rows.append(row)
     return rows
 
