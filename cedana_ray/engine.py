@@ -336,11 +336,11 @@ class Engine:
         The restored job keeps the job's id unless ``request.jid`` names a new one (a
         clone); a live job is never replaced.
         """
-        criu.version()
         url = request.path or self._checkpoint_of(jid, request.checkpoint).path
         root, ckpt = split_url(url)
         store = CheckpointStore(root)
         manifest = store.manifest(ckpt)
+        criu.version()
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
         target = request.jid or jid or manifest.jid

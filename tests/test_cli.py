@@ -125,7 +125,7 @@ def test_error(args: str, error: type[CedanaError], mention: str, home: Path) ->
     assert mention in assert_one_error(cedana(*args.split()), error)
 
 
-# dump and restore check for CRIU before anything else
+# dump and restore need CRIU; these run where it is installed
 CRIU_ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("dump job nope", JobNotFound, "nope"),
     ("restore job nope", JobNotFound, "nope"),

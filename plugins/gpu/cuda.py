@@ -53,10 +53,6 @@ class _RestoreArgs(ctypes.Structure):
     )
 
 
-CUDA_ERROR_NOT_INITIALIZED = 3
-CUDA_ERROR_NOT_FOUND = 500
-
-
 def uuid_bytes(uuid: str) -> bytes:
     """NVML's ``GPU-xxxxxxxx-...`` as the 16 raw bytes of a CUuuid."""
     return bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
