@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from typing import Any
 
 import click
@@ -23,6 +24,7 @@ from .launch import LaunchError, launch
 
 NAME = "process"
 TRACE_INTERVAL = 0.1  # seconds between GPU samples
+REAP_GRACE_S = 2.0  # how long a supervisor may take to record an exit
 
 
 def _new_job(ctx: Context, pid: int, started: float, ns_root: int | None = None, **fields: Any) -> Job:
@@ -256,14 +258,23 @@ def cedana_cleanup(job: Job) -> None:
 
 @hookimpl
 def cedana_reaper(job: Job) -> int | None:
+    """The exit code the supervisor recorded; it may take a moment to write it after
+    the job's init is gone, so wait briefly before calling the job lost."""
     if not job.log:
         return None
-    try:
-        with open(os.path.join(os.path.dirname(job.log), "exit.json")) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record["exit_code"] if record.get("pid") == job.pid else None
+    exit_file = os.path.join(os.path.dirname(job.log), "exit.json")
+    deadline = time.monotonic() + REAP_GRACE_S
+    while True:
+        try:
+            with open(exit_file) as f:
+                record = json.load(f)
+            if record.get("pid") == job.pid:
+                return record["exit_code"]
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 @hookimpl
