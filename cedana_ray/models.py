@@ -174,4 +174,6 @@ class HealthCheck(BaseModel):
     name: str
     ok: bool
     detail: str = ""
-    fatal: bool = True  # when False, a failure is a warning
+    # A failed fatal check fails `cedana-ray check`; any failed check makes the plugin's
+    # features incompatible. Optional hardware (a GPU) is checked with fatal=False.
+    fatal: bool = True

@@ -179,10 +179,12 @@ def test_failing_fatal_health_check(pm: PluginManager) -> None:
 
 
 def test_failing_warning_health_check(pm: PluginManager) -> None:
+    """A non-fatal check (optional hardware) does not fail `check`, but the plugin's
+    features still cannot work here, and the matrix says so."""
     pm.register_checked(FakeUnhealthy(fatal=False), "fake-unhealthy")
     matrix = features.compute(pm)
-    assert matrix.features["Dump command"]["fake-unhealthy"] is Status.implemented
-    assert "fake-unhealthy" not in matrix.errors
+    assert matrix.features["Dump command"]["fake-unhealthy"] is Status.incompatible
+    assert matrix.errors["fake-unhealthy"] == ["health check fake-binary: fakectl not found"]
 
 
 def test_known_but_absent_plugins(pm: PluginManager) -> None:

@@ -22,21 +22,23 @@ def _checkpoint_api() -> HealthCheck:
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
-        return HealthCheck(name="CUDA checkpoint API", ok=False, detail=f"libcuda.so.1: {exc}")
+        return HealthCheck(name="CUDA checkpoint API", ok=False, fatal=False, detail=f"libcuda.so.1: {exc}")
     ok = hasattr(lib, "cuCheckpointProcessLock")
-    return HealthCheck(name="CUDA checkpoint API", ok=ok, detail="available" if ok else "driver >= 570 needed")
+    detail = "available" if ok else "driver >= 570 needed"
+    return HealthCheck(name="CUDA checkpoint API", ok=ok, fatal=False, detail=detail)
 
 
 @hookimpl
 def cedana_health_checks() -> list[HealthCheck]:
+    # GPUs are optional: without them the GPU features are off, cedana-ray is fine.
     if reason := nvml.unavailable():
-        return [HealthCheck(name="nvml", ok=False, detail=reason)]
+        return [HealthCheck(name="nvml", ok=False, fatal=False, detail=reason)]
     versions = nvml.driver()
     found = nvml.gpus()
     names = ", ".join(sorted({g.name for g in found})) or "none"
     return [
         HealthCheck(name="nvml", ok=True, detail=f"driver {versions['driver']}, CUDA {versions['cuda']}"),
-        HealthCheck(name="gpus", ok=bool(found), detail=f"{len(found)} GPU(s): {names}"),
+        HealthCheck(name="gpus", ok=bool(found), fatal=False, detail=f"{len(found)} GPU(s): {names}"),
         _checkpoint_api(),
     ]
 
