@@ -311,7 +311,7 @@ class Engine:
                 return next_(ctx)
             ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
             with ThreadPoolExecutor(1) as verifier:
-                verified = verifier.submit(store.fetch, manifest.checkpoint, tmp / "verified", ctx.request.streams)
+                verified = verifier.submit(store.verify, manifest, ctx.request.streams)
                 job: Job = next_(ctx)
                 try:
                     verified.result()

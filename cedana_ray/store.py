@@ -297,22 +297,33 @@ class CheckpointStore:
         Raises :class:`CorruptCheckpoint` naming the first bad chunk.
         """
         manifest = self.manifest(ckpt)
+        if self.readable_in_place(manifest):
+            self.verify(manifest, streams, progress)
+            return manifest, self.link(manifest, dest)
         dest.mkdir(parents=True, exist_ok=True)
+        self._each_file(manifest, dest, streams, progress)
+        return manifest, dest
+
+    def verify(self, manifest: Manifest, streams: int = DEFAULT_STREAMS, progress: Progress | None = None) -> None:
+        """Check every chunk's sha256; raises :class:`CorruptCheckpoint` naming the first bad one."""
+        self._each_file(manifest, None, streams, progress)
+
+    def _each_file(self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None) -> None:
         total, done = manifest.image_bytes, 0
         with ThreadPoolExecutor(streams) as pool:
             for image in manifest.files:
-                self._fetch_file(pool, ckpt, manifest.compression, image, dest, streams)
+                self._fetch_file(pool, manifest, image, dest, streams)
                 done += image.size
                 if progress:
                     progress("fetch", done, total)
-        return manifest, dest
 
     def _fetch_file(
-        self, pool: ThreadPoolExecutor, ckpt: str, compression: Compression, image: ImageFile, dest: Path, streams: int
+        self, pool: ThreadPoolExecutor, manifest: Manifest, image: ImageFile, dest: Path | None, streams: int
     ) -> None:
-        source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[compression]}"
-        in_place = self.local and compression is Compression.none
-        _, decompress = codec(compression)
+        """Verify the chunks of ``image``; decompress them into ``dest`` unless it is None."""
+        ckpt = manifest.checkpoint
+        source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[manifest.compression]}"
+        _, decompress = codec(manifest.compression)
 
         def one(index: int) -> tuple[Chunk, bytes]:
             chunk = image.chunks[index]
@@ -324,13 +335,12 @@ class CheckpointStore:
                 raise CorruptCheckpoint(
                     f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)"
                 )
-            return chunk, b"" if in_place else decompress(data)
+            return chunk, b"" if dest is None else decompress(data)
 
         results = bounded_map(pool, one, range(len(image.chunks)), streams * 2)
-        if in_place:
+        if dest is None:
             for _ in results:
                 pass
-            os.symlink(source, dest / image.name)
             return
         fd = os.open(dest / image.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
