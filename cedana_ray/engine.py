@@ -142,7 +142,7 @@ class Engine:
         return job
 
     def _stop(self, job: Job) -> None:
-        sig = self.pm.call_for(job.type, "cedana_kill_signal") or 15
+        sig = self.pm.call_for(job.type, "cedana_kill_signal") or signal.SIGTERM
         if job.pid is not None:
             signal_tree(job.pid, sig)
 

@@ -11,8 +11,9 @@ import click
 
 from .. import __version__
 from ..errors import CedanaError, UsageError
-from ..features import ROWS, SYMBOLS, compute, plugin_errors
+from ..features import ROWS, SYMBOLS, FeatureMatrix, compute, plugin_errors
 from ..plugins_manager import get_plugin_manager
+from ..requests import DumpRequest, RestoreRequest
 from .options import common, dump_options, engine, restore_options
 from .output import console, error, human_size, progress, show, show_dump, show_job, show_restore, table
 
@@ -65,10 +66,10 @@ for group in (run, manage, dump, restore, freeze, unfreeze, query):
 @click.argument("jid")
 @dump_options
 @common
-def dump_job(jid: str, request: object, as_json: bool, local: bool) -> None:
+def dump_job(jid: str, request: DumpRequest, as_json: bool, local: bool) -> None:
     """Checkpoint job JID."""
     with progress(not as_json) as bar:
-        show_dump(as_json, engine().dump(jid, request, bar))  # type: ignore[arg-type]
+        show_dump(as_json, engine().dump(jid, request, bar))
 
 
 @restore.command("job")
@@ -77,12 +78,12 @@ def dump_job(jid: str, request: object, as_json: bool, local: bool) -> None:
 @click.option("--node", metavar="NODE", help="Node to restore on (with a cluster).")
 @restore_options
 @common
-def restore_job(jid: str, node: str | None, request: object, as_json: bool, local: bool) -> None:
+def restore_job(jid: str, node: str | None, request: RestoreRequest, as_json: bool, local: bool) -> None:
     """Restore job JID from its last (or a given) checkpoint."""
     if node not in (None, "local"):
         raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
     with progress(not as_json) as bar:
-        show_restore(as_json, engine().restore(request, jid=jid, progress=bar))  # type: ignore[arg-type]
+        show_restore(as_json, engine().restore(request, jid=jid, progress=bar))
 
 
 def _job_state_command(group: click.Group, verb: str) -> None:
@@ -221,19 +222,19 @@ def features(errors: bool, as_json: bool) -> None:
     show(as_json, doc, lambda: _print_features(m, errors))
 
 
-def _print_features(m: object, errors: bool) -> None:
+def _print_features(m: FeatureMatrix, errors: bool) -> None:
     from rich.table import Table
 
-    t = Table("FEATURE", *(p.upper() for p in m.plugins), box=None, header_style="bold")  # type: ignore[attr-defined]
+    t = Table("FEATURE", *(p.upper() for p in m.plugins), box=None, header_style="bold")
     for row in ROWS:
         if row is None:
             t.add_section()
             continue
-        t.add_row(row[0], *(SYMBOLS[m.features[row[0]][p]] for p in m.plugins))  # type: ignore[attr-defined]
+        t.add_row(row[0], *(SYMBOLS[m.features[row[0]][p]] for p in m.plugins))
     console.print(t)
     console.print("✔ = implemented, • = unimplemented, — = not installed, ✖ = incompatible")
     if errors:
-        for name, reasons in m.errors.items():  # type: ignore[attr-defined]
+        for name, reasons in m.errors.items():
             for reason in reasons:
                 console.print(f"{name}: {reason}", highlight=False)
 
