@@ -1,1 +1,1 @@
-"""Ray actors of cedana-ray (NodeAgent, Coordinator). They come with the Ray control plane."""
+"""Ray actors of cedana-ray: a NodeAgent on every node and the Coordinator on the head."""

@@ -16,10 +16,10 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
-from . import criu
+from . import catalog, criu
 from .config import Paths, paths
 from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
@@ -40,8 +40,9 @@ def new_id(prefix: str) -> str:
 class Engine:
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
-    def __init__(self, home: Paths | None = None, pm: PluginManager | None = None) -> None:
+    def __init__(self, home: Paths | None = None, pm: PluginManager | None = None, node: str = "local") -> None:
         self.paths = (home or paths()).ensure()
+        self.node = node  # the Ray node id when a NodeAgent runs this engine
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
         for schemes in self.pm.hook.cedana_checkpoint_storage():
@@ -89,7 +90,7 @@ class Engine:
         job_dir.mkdir(parents=True, exist_ok=True)
         ctx = Context(request, state={"jid": jid, "job_dir": job_dir})
         try:
-            job = Pipeline(handler).with_(*middleware)(ctx)
+            job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
         except BaseException:
             remove_tree(job_dir)
             raise
@@ -98,6 +99,8 @@ class Engine:
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         """Start a workload of type ``jtype`` on this machine."""
+        if request.node not in (None, "local", self.node) or request.restore_on_loss:
+            raise UsageError("--node and --restore-on-loss need a cluster", hint="`cedana-ray up` first")
         hook = "cedana_run_handler_serverless"
         mws = self._middleware(jtype, "cedana_run_middleware", "cedana_gpu_tracing", "cedana_run_middleware_late")
         job = self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)
@@ -250,13 +253,7 @@ class Engine:
             raise
         finally:
             remove_tree(work)  # CRIU's logs, and the images when they were staged
-        info = CheckpointInfo(
-            checkpoint=ckpt,
-            jid=job.jid,
-            path=store.url_of(ckpt),
-            size_bytes=manifest.size_bytes,
-            created=manifest.created,
-        )
+        info = CheckpointInfo.of(manifest, store.url_of(ckpt))
         self.registry.add_checkpoint(info)
         return DumpResult(
             jid=job.jid,
@@ -392,7 +389,7 @@ class Engine:
             return None
 
     def _record_restore(self, existing: Job | None, restored: Job, manifest: Manifest) -> Job:
-        update = {"last_checkpoint": manifest.checkpoint}
+        update = {"last_checkpoint": manifest.checkpoint, "node": self.node}
         if existing:
             keep = {"created", "command", "managed"}
             restored = existing.model_copy(update={**restored.model_dump(exclude=keep), **update})
@@ -408,30 +405,20 @@ class Engine:
         return self.registry.checkpoints(jid)
 
     def inspect(self, ckpt: str) -> Manifest:
-        root, name = split_url(self.registry.checkpoint(ckpt).path)
-        return CheckpointStore(root).manifest(name)
+        return catalog.inspect(self.registry, ckpt)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
-        info = self.registry.checkpoint(ckpt)
-        root, name = split_url(info.path)
-        with self._lock(info.jid):
-            with suppress(CheckpointNotFound):  # gone from the store: drop it from the catalog too
-                CheckpointStore(root).delete(name)
-            self.registry.delete_checkpoint(ckpt)
-            self._forget_checkpoint(info)
-        return info
-
-    def _forget_checkpoint(self, info: CheckpointInfo) -> None:
-        try:
-            job = self.registry.job(info.jid)
-        except JobNotFound:
-            return
-        if job.last_checkpoint == info.checkpoint:
-            rest = self.registry.checkpoints(info.jid)
-            self.registry.save_job(job.model_copy(update={"last_checkpoint": rest[-1].checkpoint if rest else None}))
+        with self._lock(self.registry.checkpoint(ckpt).jid):
+            return catalog.delete(self.registry, ckpt)
 
     def log_path(self, jid: str) -> str:
         job = self.job(jid)
         if not job.log or not os.path.exists(job.log):
             raise UsageError(f"job {jid} has no log", hint="adopted (managed) jobs keep their own output")
         return job.log
+
+    def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes of job ``jid``'s output, from ``offset``."""
+        with open(self.log_path(jid), "rb") as f:
+            f.seek(offset)
+            return f.read(limit)

@@ -11,6 +11,7 @@ fsspec and SQLite are translated at the boundary (``raise ... from exc``)::
      |    +-- CheckpointNotFound        unknown id, or no manifest
      |    +-- PluginNotFound
      +-- StateError (4)                 job not running, frozen, dump in progress
+ |    +-- Unreachable               a cluster actor (agent, coordinator) is gone or silent
      +-- PermissionDenied (5)           a PID you may not touch
      +-- PrerequisiteError (6)          missing or too old CRIU, missing binary
      +-- CheckpointError (7)
@@ -36,6 +37,10 @@ class CedanaError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # keeps the hint when an error crosses a process boundary (a Ray actor call)
+        return (type(self), (self.message,), {"hint": self.hint})
+
 
 class UsageError(CedanaError):
     exit_code = 2
@@ -59,6 +64,10 @@ class PluginNotFound(NotFoundError):
 
 class StateError(CedanaError):
     exit_code = 4
+
+
+class Unreachable(StateError):
+    pass
 
 
 class PermissionDenied(CedanaError):

@@ -144,6 +144,17 @@ class CheckpointInfo(BaseModel):
     size_bytes: int
     created: datetime
 
+    @classmethod
+    def of(cls, manifest: Manifest, path: str) -> CheckpointInfo:
+        """The catalog entry of the checkpoint ``manifest`` describes, stored at ``path``."""
+        return cls(
+            checkpoint=manifest.checkpoint,
+            jid=manifest.jid,
+            path=path,
+            size_bytes=manifest.size_bytes,
+            created=manifest.created,
+        )
+
 
 class DumpResult(BaseModel):
     jid: str
@@ -166,6 +177,34 @@ class RestoreResult(BaseModel):
     def summary(self) -> dict[str, Any]:
         """The keys of ``restore --json``: the job's, plus the checkpoint and timings."""
         return {**self.job.summary(), **self.model_dump(mode="json", exclude={"job"})}
+
+
+class NodeStatus(BaseModel):
+    """A node of the cluster as its agent reports it (``nodes --json``)."""
+
+    node: str
+    hostname: str = ""
+    alive: bool = True
+    draining: bool = False
+    pid: int | None = None  # the agent's
+    types: list[str] = Field(default_factory=list)  # job types it can restore
+    live_jobs: int = 0
+    cpus: int = 0
+    memory_available: int = 0
+    error: str | None = None  # why the agent did not answer
+
+
+class MigrateResult(BaseModel):
+    """A migration (``migrate --json``): where the job went and what each step took."""
+
+    jid: str
+    source: str
+    target: str
+    checkpoint: str
+    dump_s: float
+    restore_s: float
+    duration_s: float
+    job: Job
 
 
 class HealthCheck(BaseModel):

@@ -16,6 +16,8 @@ class RunRequest(BaseModel):
     gpu_tracing: bool = False
     checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps
     keep: int | None = Field(None, ge=1)  # how many of those checkpoints to keep
+    node: str | None = None  # with a cluster: the node to run on (an id prefix); default: placed
+    restore_on_loss: bool = False  # with a cluster: restore from the last checkpoint if the node dies
 
 
 class ManageRequest(BaseModel):

@@ -44,10 +44,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("CEDANA_RAY_HOME", str(home))
     monkeypatch.delenv("CEDANA_RAY_STORAGE", raising=False)
     yield home
-    _kill_jobs(home)
+    kill_jobs(home)
 
 
-def _kill_jobs(home: Path) -> None:
+def kill_jobs(home: Path) -> None:
     if not (home / "state.db").exists():
         return
     for job in Engine(Paths(home)).registry.jobs():

@@ -115,7 +115,7 @@ ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("manage process notapid", UsageError, "notapid"),
     ("manage process 1", PermissionDenied, "PID 1"),
     ("dump process 1", PermissionDenied, "PID 1"),
-    ("migrate nope --to x", JobNotFound, "nope"),
+    ("migrate nope --to x", UsageError, "needs a cluster"),
     ("freeze job nope", JobNotFound, "nope"),
 ]
 

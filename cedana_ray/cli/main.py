@@ -5,15 +5,18 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import click
 
 from .. import __version__
+from ..cluster import Cluster
+from ..engine import Engine
 from ..errors import CedanaError, UsageError
 from ..features import ROWS, SYMBOLS, FeatureMatrix, compute, plugin_errors
+from ..models import LIVE_STATES
 from ..plugins_manager import get_plugin_manager
 from ..requests import DumpRequest, RestoreRequest
+from . import cluster as cluster_commands
 from .options import common, dump_options, engine, restore_options
 from .output import console, error, human_size, progress, show, show_dump, show_job, show_restore, table
 
@@ -58,7 +61,7 @@ restore = plugin_group("restore", "cedana_restore_command", "Restore a job or a 
 freeze = plugin_group("freeze", "cedana_freeze_command", "Pause a job or a workload.")
 unfreeze = plugin_group("unfreeze", "cedana_unfreeze_command", "Resume a frozen job or workload.")
 query = plugin_group("query", "cedana_query_command", "List the workloads of a runtime on this node.")
-for group in (run, manage, dump, restore, freeze, unfreeze, query):
+for group in (run, manage, dump, restore, freeze, unfreeze, query, *cluster_commands.COMMANDS):
     cli.add_command(group)
 
 
@@ -80,10 +83,14 @@ def dump_job(jid: str, request: DumpRequest, as_json: bool, local: bool) -> None
 @common
 def restore_job(jid: str, node: str | None, request: RestoreRequest, as_json: bool, local: bool) -> None:
     """Restore job JID from its last (or a given) checkpoint."""
-    if node not in (None, "local"):
-        raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
+    backend = engine()
     with progress(not as_json) as bar:
-        show_restore(as_json, engine().restore(request, jid=jid, progress=bar))
+        if isinstance(backend, Cluster):
+            show_restore(as_json, backend.restore(request, jid=jid, progress=bar, node=node))
+        elif node not in (None, "local"):
+            raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
+        else:
+            show_restore(as_json, backend.restore(request, jid=jid, progress=bar))
 
 
 def _job_state_command(group: click.Group, verb: str) -> None:
@@ -96,19 +103,6 @@ def _job_state_command(group: click.Group, verb: str) -> None:
 
 _job_state_command(freeze, "freeze")
 _job_state_command(unfreeze, "unfreeze")
-
-
-@cli.command()
-@click.argument("jid")
-@click.option("--to", "node", required=True, metavar="NODE", help="Target node id (a unique prefix is enough).")
-@common
-def migrate(jid: str, node: str, as_json: bool, local: bool) -> None:
-    """Move job JID to another node (dump, transfer, restore)."""
-    engine().job(jid)
-    raise UsageError(
-        "migration needs a Ray cluster; this machine runs in local mode",
-        hint="on one machine, `dump job` then `restore job` does the same",
-    )
 
 
 @cli.command()
@@ -151,20 +145,23 @@ def job_delete(jid: str, as_json: bool, local: bool) -> None:
 @common
 def logs(jid: str, follow: bool, as_json: bool, local: bool) -> None:
     """Print the output of job JID."""
-    path = Path(engine().log_path(jid))
-    with path.open("rb") as f:
-        if as_json:
-            show(True, {"jid": jid, "log": f.read().decode(errors="replace")}, lambda: None)
+    if as_json:
+        data = b""
+        while chunk := engine().read_log(jid, len(data)):
+            data += chunk
+        show(True, {"jid": jid, "log": data.decode(errors="replace")}, lambda: None)
+        return
+    offset = 0
+    while True:
+        chunk = engine().read_log(jid, offset)
+        if chunk:
+            offset += len(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        elif not follow or engine().job(jid).state not in LIVE_STATES:
             return
-        while True:
-            chunk = f.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            elif not follow or engine().job(jid).state.value not in ("running", "frozen"):
-                return
-            else:
-                time.sleep(0.2)
+        else:
+            time.sleep(0.2)
 
 
 @cli.group()
@@ -271,7 +268,7 @@ def check(full: bool, as_json: bool) -> None:
     """Health of CRIU, the state dir, the store and every plugin."""
     from ..health import run_checks
 
-    report = run_checks(engine(), full)
+    report = run_checks(Engine(), full)
     show(
         as_json,
         report,

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from .. import cluster
+from ..cluster import Cluster
 from ..engine import Engine
 from ..models import Compression, CriuOptions
 from ..requests import DumpRequest, RestoreRequest
@@ -19,17 +21,18 @@ F = Callable[..., Any]
 def common(fn: F) -> F:
     """``--json`` and ``--local`` for every command."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(fn)
-    return click.option("--local", is_flag=True, help="Run on this machine without a cluster (the default for now).")(
-        fn
-    )
+    return click.option("--local", is_flag=True, help="Run on this machine without a cluster.")(fn)
 
 
-def engine() -> Engine:
-    """The engine of this invocation, created on first use."""
+def engine() -> Engine | Cluster:
+    """What this invocation works with, created on first use: the cluster when one is
+    known (``up`` was run here, or ``CEDANA_RAY_ADDRESS``/``RAY_ADDRESS`` is set) and
+    ``--local`` was not given, else this machine alone."""
     ctx = click.get_current_context()
     root = ctx.find_root()
     if root.obj is None:
-        root.obj = Engine()
+        addr = None if ctx.params.get("local") else cluster.address()
+        root.obj = cluster.Cluster(addr) if addr else Engine()
     return root.obj
 
 

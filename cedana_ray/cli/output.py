@@ -22,6 +22,8 @@ def _plain(obj: Any) -> Any:
         return obj.model_dump(mode="json")
     if isinstance(obj, (list, tuple)):
         return [_plain(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
     return obj
 
 

@@ -20,6 +20,10 @@ NAME = "process"
 @click.option("--checkpoint-every", metavar="DUR", help="Checkpoint (leaving it running) every DUR: 30s, 5m, 1h.")
 @click.option("--keep", type=click.IntRange(1), metavar="N", help="Keep only the last N of those checkpoints.")
 @click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
+@click.option("--node", metavar="NODE", help="With a cluster: the node to run on (default: the least loaded).")
+@click.option(
+    "--restore-on-loss", is_flag=True, help="With a cluster: restore from the last checkpoint if the node dies."
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @common
 def run(
@@ -30,6 +34,8 @@ def run(
     checkpoint_every: str | None,
     keep: int | None,
     gpu_tracing: bool,
+    node: str | None,
+    restore_on_loss: bool,
     cmd: tuple[str, ...],
     as_json: bool,
     local: bool,
@@ -43,7 +49,15 @@ def run(
     if keep and not every:
         raise click.BadParameter("needs --checkpoint-every", param_hint="--keep")
     request = RunRequest(
-        cmd=list(cmd), jid=jid, cwd=cwd, env=env_vars, gpu_tracing=gpu_tracing, checkpoint_every=every, keep=keep
+        cmd=list(cmd),
+        jid=jid,
+        cwd=cwd,
+        env=env_vars,
+        gpu_tracing=gpu_tracing,
+        checkpoint_every=every,
+        keep=keep,
+        node=node,
+        restore_on_loss=restore_on_loss,
     )
     job = engine().run(NAME, request)
     if storage:

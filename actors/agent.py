@@ -1,0 +1,106 @@
+"""NodeAgent: the cedana-ray daemon of one Ray node.
+
+One per alive node, pinned there and restarted by Ray when it dies. It runs the
+core pipelines with this node's plugins through an :class:`Engine` whose state
+lives under ``BASE/nodes/NODE_ID``, so a restarted agent finds its jobs again:
+workloads are started detached (the process supervisor double-forks into its own
+session), outlive the agent, and are re-adopted from the node's registry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cedana_ray.config import Paths
+from cedana_ray.engine import Engine
+from cedana_ray.errors import JobNotFound
+from cedana_ray.models import LIVE_STATES, DumpResult, Job, NodeStatus, RestoreResult
+from cedana_ray.proctree import signal_tree
+from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+
+
+def node_home(base: str | Path, node_id: str) -> Path:
+    return Path(base) / "nodes" / node_id
+
+
+class NodeAgent:
+    def __init__(self, node_id: str, base: str) -> None:
+        home = node_home(base, node_id)
+        os.environ["CEDANA_RAY_HOME"] = str(home)  # plugins that read the state dir see the node's
+        self.node_id = node_id
+        self.engine = Engine(Paths(home), node=node_id)
+
+    def status(self) -> NodeStatus:
+        """Health and load: what placement and `cedana-ray nodes` show."""
+        from cedana_ray.features import Status, compute
+
+        matrix = compute(self.engine.pm)
+        runnable = matrix.features.get("Restore handler", {})
+        vm = psutil.virtual_memory()
+        return NodeStatus(
+            node=self.node_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            types=sorted(p for p, s in runnable.items() if s == Status.implemented),
+            live_jobs=sum(j.state in LIVE_STATES for j in self.engine.jobs()),
+            cpus=psutil.cpu_count() or 1,
+            memory_available=vm.available,
+        )
+
+    def run(self, jtype: str, request: RunRequest) -> Job:
+        return self.engine.run(jtype, request)
+
+    def manage(self, jtype: str, request: ManageRequest) -> Job:
+        return self.engine.manage(jtype, request)
+
+    def job(self, jid: str) -> Job:
+        return self.engine.job(jid)
+
+    def jobs(self) -> list[Job]:
+        return self.engine.jobs()
+
+    def dump(self, jid: str, request: DumpRequest) -> DumpResult:
+        return self.engine.dump(jid, request)
+
+    def restore(self, request: RestoreRequest, history: bytes = b"") -> RestoreResult:
+        """Restore a checkpoint here; ``history`` is the job's output so far on its previous node."""
+        if history and request.jid:
+            log = self.engine.paths.job_dir(request.jid) / "log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_bytes(history)  # the restored job appends to it
+        return self.engine.restore(request)
+
+    def freeze(self, jid: str) -> Job:
+        return self.engine.freeze(jid)
+
+    def unfreeze(self, jid: str) -> Job:
+        return self.engine.unfreeze(jid)
+
+    def kill(self, jid: str) -> Job:
+        return self.engine.kill(jid)
+
+    def delete(self, jid: str) -> Job:
+        return self.engine.delete(jid)
+
+    def query(self, jtype: str) -> list[dict[str, Any]]:
+        return self.engine.query(jtype)
+
+    def read_log(self, jid: str, offset: int, limit: int) -> bytes:
+        return self.engine.read_log(jid, offset, limit)
+
+    def forget(self, jid: str) -> None:
+        """Drop a job that now lives on another node, stopping what is left of it here."""
+        try:
+            job = self.engine.registry.job(jid)
+        except JobNotFound:
+            return
+        if job.state in LIVE_STATES and job.pid:
+            signal_tree(job.pid, signal.SIGKILL)
+        self.engine.pm.call_for(job.type, "cedana_cleanup", job=job)
+        self.engine.registry.delete_job(jid)

@@ -1,0 +1,33 @@
+"""Calls into cedana-ray actors, with Ray's failures turned into cedana-ray errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import exceptions as rex
+
+from cedana_ray.errors import CedanaError, Unreachable
+
+GONE = (rex.RayActorError, rex.ActorUnavailableError, rex.ActorUnschedulableError)
+
+
+def call(ref: Any, timeout: float | None = None) -> Any:
+    """``ray.get(ref)``; the actor's own CedanaError is re-raised as it was."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except rex.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, CedanaError):
+            raise cause from None
+        if isinstance(cause, GONE):
+            raise Unreachable(f"the cedana-ray actor is gone: {_first_line(cause)}") from None
+        raise CedanaError(f"{type(cause).__name__}: {cause}") from exc
+    except rex.GetTimeoutError:
+        raise Unreachable(f"no answer within {timeout:.0f} s") from None
+    except GONE as exc:
+        raise Unreachable(f"the cedana-ray actor is gone: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

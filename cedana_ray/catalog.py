@@ -1,0 +1,54 @@
+"""The checkpoint catalog of a registry: what a checkpoint id stands for in its store.
+
+Shared by local mode (the Engine) and the cluster's Coordinator, which keep the same
+tables.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+
+from .errors import CheckpointNotFound, JobNotFound
+from .models import CheckpointInfo, Manifest
+from .registry import Registry
+from .store import CheckpointStore, split_url
+
+
+def inspect(registry: Registry, ckpt: str) -> Manifest:
+    root, name = split_url(registry.checkpoint(ckpt).path)
+    return CheckpointStore(root).manifest(name)
+
+
+def delete(registry: Registry, ckpt: str) -> CheckpointInfo:
+    """Remove checkpoint ``ckpt`` from its store and the catalog; its job falls back to the one before."""
+    info = registry.checkpoint(ckpt)
+    root, name = split_url(info.path)
+    with suppress(CheckpointNotFound):  # gone from the store: drop it from the catalog too
+        CheckpointStore(root).delete(name)
+    registry.delete_checkpoint(ckpt)
+    try:
+        job = registry.job(info.jid)
+    except JobNotFound:
+        return info
+    if job.last_checkpoint == info.checkpoint:
+        rest = registry.checkpoints(info.jid)
+        registry.save_job(job.model_copy(update={"last_checkpoint": rest[-1].checkpoint if rest else None}))
+    return info
+
+
+def recover(registry: Registry, url: str) -> list[CheckpointInfo]:
+    """Catalog the checkpoints of known jobs found in the store at ``url`` but not in the catalog.
+
+    A dump that finished while its catalog was away (a restarted coordinator) is not lost.
+    """
+    store = CheckpointStore(url)
+    known = {c.checkpoint for c in registry.checkpoints()}
+    jobs = {j.jid for j in registry.jobs()}
+    found = []
+    for m in store.list():
+        if m.checkpoint in known or m.jid not in jobs:
+            continue
+        info = CheckpointInfo.of(m, store.url_of(m.checkpoint))
+        registry.add_checkpoint(info)
+        found.append(info)
+    return found

@@ -1,0 +1,110 @@
+"""Cluster commands: ``up``, ``down``, ``nodes``, ``migrate`` and ``drain``."""
+
+from __future__ import annotations
+
+import click
+
+from ..cluster import Cluster
+from ..errors import UsageError
+from ..models import Compression, NodeStatus
+from ..requests import DumpRequest
+from .options import common, engine
+from .output import console, human_size, show, table
+
+
+def cluster() -> Cluster:
+    """The cluster this command needs; a clear error in local mode."""
+    found = engine()
+    if not isinstance(found, Cluster):
+        raise UsageError("this command needs a cluster", hint="run `cedana-ray up` first, or set RAY_ADDRESS")
+    return found
+
+
+@click.command()
+@click.option("--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local head).")
+@click.option("--storage", metavar="URL", help="Cluster checkpoint store (default: file://STATE/cluster/checkpoints).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def up(address: str | None, storage: str | None, as_json: bool) -> None:
+    """Join (or start) a Ray cluster and start the coordinator and one agent per node."""
+    from ..launcher import up as start
+
+    state, nodes = start(address, storage)
+
+    def human() -> None:
+        console.print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
+        _nodes_table(nodes)
+
+    show(as_json, {**state.model_dump(), "nodes": nodes}, human)
+
+
+@click.command()
+@click.option("--kill-jobs", is_flag=True, help="Kill running jobs instead of refusing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def down(kill_jobs: bool, as_json: bool) -> None:
+    """Stop what `up` started (the head too if `up` started it); jobs' checkpoints stay."""
+    from ..launcher import down as stop
+
+    report = stop(kill_jobs)
+    show(as_json, report, lambda: console.print(f"cedana-ray is down ({report['actors']} actors stopped)"))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def nodes(as_json: bool) -> None:
+    """The cluster's nodes as their agents report them."""
+    found = cluster().nodes()
+    show(as_json, found, lambda: _nodes_table(found))
+
+
+def _nodes_table(found: list[NodeStatus]) -> None:
+    rows = [
+        [
+            n.node[:12],
+            n.hostname,
+            "draining" if n.draining else ("error: " + n.error if n.error else "ok"),
+            ",".join(n.types),
+            n.live_jobs,
+            human_size(n.memory_available),
+        ]
+        for n in found
+    ]
+    table(("node", "host", "agent", "types", "jobs", "mem free"), rows)
+
+
+@click.command()
+@click.argument("jid")
+@click.option("--to", "node", required=True, metavar="NODE", help="Target node id (a unique prefix is enough).")
+@click.option(
+    "--compression",
+    type=click.Choice([c.value for c in Compression]),
+    default="lz4",
+    show_default=True,
+    help="Compression of the migration checkpoint.",
+)
+@common
+def migrate(jid: str, node: str, compression: str, as_json: bool, local: bool) -> None:
+    """Move job JID to another node (freeze, dump, restore there); it keeps its id."""
+    if local:
+        raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
+    result = cluster().migrate(jid, node, DumpRequest(compression=Compression(compression)))
+
+    def human() -> None:
+        console.print(
+            f"job {jid} moved {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
+            f" (dump {result.dump_s:.2f} s, restore {result.restore_s:.2f} s)",
+            highlight=False,
+        )
+
+    show(as_json, result, human)
+
+
+@click.command()
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def drain(node: str, as_json: bool) -> None:
+    """Move every job off NODE (before it goes away); no new job is placed there."""
+    moved = cluster().drain(node)
+    show(as_json, moved, lambda: table(("jid", "to", "seconds"), [[m.jid, m.target[:12], m.duration_s] for m in moved]))
+
+
+COMMANDS = (up, down, nodes, migrate, drain)

@@ -1,0 +1,190 @@
+"""The cluster as a client sees it: the Coordinator behind the Engine's methods.
+
+Any process (the CLI, a driver, a Ray job's entrypoint) that can reach the Ray cluster
+talks to the coordinator through :class:`Cluster`, which has the same methods as the
+local :class:`~cedana_ray.engine.Engine`, so commands and the Python API work the
+same in both modes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .config import paths
+from .errors import PrerequisiteError, UsageError
+from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
+from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+
+
+class ClusterState(BaseModel):
+    """What ``up`` started, kept in ``CEDANA_RAY_HOME/cluster.json`` for later commands and ``down``."""
+
+    address: str
+    storage: str
+    base: str
+    head_temp_dir: str | None = None  # set when `up` started the Ray head itself
+    dashboard: str | None = None
+
+
+def state_file() -> Path:
+    return paths().home / "cluster.json"
+
+
+def load_state() -> ClusterState | None:
+    try:
+        return ClusterState.model_validate_json(state_file().read_text())
+    except FileNotFoundError:
+        return None
+
+
+def save_state(state: ClusterState) -> None:
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.model_dump(), indent=2))
+    tmp.replace(path)
+
+
+def address() -> str | None:
+    """The cluster to use: ``CEDANA_RAY_ADDRESS``, ``RAY_ADDRESS`` (set in Ray jobs) or the one `up` joined."""
+    found = os.environ.get("CEDANA_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if found:
+        return found
+    state = load_state()
+    return state.address if state else None
+
+
+def connect(addr: str) -> None:
+    import ray
+
+    from .actors.coordinator import NAMESPACE
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(
+            address=addr,
+            namespace=NAMESPACE,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except ConnectionError as exc:
+        raise PrerequisiteError(
+            f"cannot reach the Ray cluster at {addr}: {exc}", hint="`cedana-ray up`, or --local"
+        ) from None
+
+
+class Cluster:
+    """cedana-ray on a Ray cluster: every call goes to the coordinator."""
+
+    def __init__(self, addr: str) -> None:
+        import ray
+
+        from .actors.coordinator import COORDINATOR, NAMESPACE
+
+        connect(addr)
+        self.address = addr
+        try:
+            self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+        except ValueError:
+            raise PrerequisiteError(
+                f"no cedana-ray coordinator on the Ray cluster at {addr}", hint="`cedana-ray up`, or --local"
+            ) from None
+
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        from .actors.remote import call
+
+        return call(getattr(self.coordinator, method).remote(*args), timeout=timeout)
+
+    @property
+    def node(self) -> str:
+        """The node this client runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def job(self, jid: str) -> Job:
+        return self._call("job", jid)
+
+    def jobs(self) -> list[Job]:
+        return self._call("jobs")
+
+    def run(self, jtype: str, request: RunRequest) -> Job:
+        return self._call("run", jtype, request)
+
+    def manage(self, jtype: str, request: ManageRequest) -> Job:
+        return self._call("manage", jtype, request, self.node)
+
+    def job_for(self, jtype: str, target: str) -> Job:
+        for job in self.jobs():
+            if job.type == jtype and job.node == self.node and str(job.pid) == target:
+                return job
+        return self.manage(jtype, ManageRequest(target=target))
+
+    def set_storage(self, jid: str, url: str) -> Job:
+        return self._call("set_storage", jid, url)
+
+    def kill(self, jid: str) -> Job:
+        return self._call("kill", jid)
+
+    def delete(self, jid: str) -> Job:
+        return self._call("delete", jid)
+
+    def freeze(self, jid: str) -> Job:
+        return self._call("freeze", jid)
+
+    def unfreeze(self, jid: str) -> Job:
+        return self._call("unfreeze", jid)
+
+    def query(self, jtype: str) -> list[dict[str, Any]]:
+        return self._call("query", jtype)
+
+    def dump(self, jid: str, request: DumpRequest, progress: Any = None) -> DumpResult:
+        return self._call("dump", jid, request)
+
+    def restore(
+        self,
+        request: RestoreRequest,
+        jid: str | None = None,
+        jtype: str | None = None,
+        progress: Any = None,
+        node: str | None = None,
+    ) -> RestoreResult:
+        if jtype and request.path:
+            from .store import CheckpointStore, split_url
+
+            root, name = split_url(request.path)
+            if (found := CheckpointStore(root).manifest(name).type) != jtype:
+                raise UsageError(f"checkpoint {name} is of a {found} job, not {jtype}")
+        return self._call("restore", request, jid, node)
+
+    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
+        return self._call("migrate", jid, node, request)
+
+    def drain(self, node: str) -> list[MigrateResult]:
+        return self._call("drain", node)
+
+    def nodes(self) -> list[NodeStatus]:
+        return self._call("nodes")
+
+    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
+        return self._call("checkpoints", jid)
+
+    def inspect(self, ckpt: str) -> Manifest:
+        return self._call("inspect", ckpt)
+
+    def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
+        return self._call("delete_checkpoint", ckpt)
+
+    def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        return self._call("read_log", jid, offset, limit)
+
+    def info(self) -> dict[str, Any]:
+        return self._call("info")

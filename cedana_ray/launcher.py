@@ -1,0 +1,180 @@
+"""``cedana-ray up`` and ``down``: the control plane on a Ray cluster.
+
+``up`` joins the Ray cluster at an address (or ``RAY_ADDRESS``), or starts a local
+head with a private temp dir when there is none, then starts the coordinator
+(detached, named, on the head node) and waits until every alive node has its agent.
+``down`` stops the actors ``up`` started, and the head only if ``up`` started it,
+found by its private temp dir: never another Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .cluster import ClusterState, connect, load_state, save_state, state_file
+from .config import paths
+from .errors import PrerequisiteError, StateError
+from .models import LIVE_STATES, NodeStatus
+
+AGENTS_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
+    """Start a local Ray head in a private temp dir: (address, temp dir, dashboard address)."""
+    temp = tempfile.mkdtemp(prefix="cr-ray-")  # short: Ray's socket paths must stay under 108 chars
+    port, dashboard = _free_port(), _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    args = [
+        str(ray_bin),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp}",
+        f"--object-store-memory={object_store_mb << 20}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--disable-usage-stats",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        shutil.rmtree(temp, ignore_errors=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PrerequisiteError(f"`ray start --head` failed: {last}")
+    return f"127.0.0.1:{port}", temp, f"http://127.0.0.1:{dashboard}"
+
+
+def stop_head(temp_dir: str, timeout: float = 15.0) -> int:
+    """Stop the Ray processes of the head started with ``temp_dir``; how many there were."""
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, left = psutil.wait_procs(procs, timeout=timeout)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return len(procs)
+
+
+def _head_node() -> str:
+    import ray
+
+    for n in ray.nodes():
+        if n["Alive"] and "node:__internal_head__" in n.get("Resources", {}):
+            return n["NodeID"]
+    raise PrerequisiteError("the Ray cluster has no alive head node")
+
+
+def start_coordinator(base: str, storage: str) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .actors.coordinator import COORDINATOR, NAMESPACE, Coordinator
+
+    return (
+        ray.remote(Coordinator)
+        .options(
+            name=COORDINATOR,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_concurrency=64,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(_head_node(), soft=False),
+        )
+        .remote(base, storage)
+    )
+
+
+def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list[NodeStatus]:
+    """Until every alive node's agent answers."""
+    import ray
+
+    from .actors.remote import call
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        nodes: list[NodeStatus] = call(coordinator.nodes.remote(), timeout=timeout)
+        if {n.node for n in nodes if n.error is None} >= alive:
+            return nodes
+        if time.monotonic() > deadline:
+            raise StateError(f"agents did not start on every node within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterState, list[NodeStatus]]:
+    """Join (or start) Ray and start the control plane; idempotent."""
+    from .actors.remote import call
+
+    previous = load_state()
+    address = address or os.environ.get("RAY_ADDRESS") or (previous.address if previous else None)
+    head_temp = dashboard = None
+    if previous and previous.address == address:
+        head_temp, dashboard = previous.head_temp_dir, previous.dashboard
+    if not address:
+        address, head_temp, dashboard = start_head()
+    base = str(paths().home / "cluster")
+    storage = storage or f"file://{base}/checkpoints"
+    try:
+        connect(address)
+        coordinator = start_coordinator(base, storage)
+        info = call(coordinator.info.remote(), timeout=AGENTS_TIMEOUT_S)
+        nodes = wait_for_agents(coordinator)
+    except BaseException:
+        if head_temp:
+            stop_head(head_temp)
+        raise
+    state = ClusterState(
+        address=address, storage=info["storage"], base=info["base"], head_temp_dir=head_temp, dashboard=dashboard
+    )
+    save_state(state)
+    return state, nodes
+
+
+def down(kill_jobs: bool = False) -> dict[str, Any]:
+    """Stop what ``up`` started: the coordinator, the agents, and the head if it was ours."""
+    import ray
+
+    from .actors.coordinator import NAMESPACE
+    from .cluster import Cluster
+
+    state = load_state()
+    if state is None:
+        raise StateError("no cluster was started from here", hint=f"{state_file()} is missing")
+    client = Cluster(state.address)
+    live = [j for j in client.jobs() if j.state in LIVE_STATES]
+    if live and not kill_jobs:
+        raise StateError(
+            f"{len(live)} job(s) still running: {', '.join(j.jid for j in live)}",
+            hint="dump or kill them first, or `cedana-ray down --kill-jobs`",
+        )
+    for job in live:
+        client.kill(job.jid)
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    for name in actors:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    ray.shutdown()
+    stopped = stop_head(state.head_temp_dir) if state.head_temp_dir else 0
+    state_file().unlink()
+    return {"actors": len(actors), "killed_jobs": [j.jid for j in live], "head_processes": stopped}

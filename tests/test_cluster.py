@@ -1,0 +1,256 @@
+"""The Ray control plane on a real multi-node Ray cluster (several raylets on this machine).
+
+Nodes come from ``ray.cluster_utils.Cluster``, which starts and stops its own processes;
+jobs are real CRIU-checkpointed processes started by the agents.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import ray
+from cedana_ray.actors.coordinator import COORDINATOR, NAMESPACE, agent_name
+from conftest import kill_jobs
+from ray.cluster_utils import Cluster as RayCluster
+from test_process_criu import COUNTER, wait_for
+
+from cedana_ray import launcher
+from cedana_ray.cluster import Cluster
+from cedana_ray.errors import CedanaError, NotFoundError, StateError, UsageError
+from cedana_ray.models import JobState
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.store import CheckpointStore, split_url
+
+pytestmark = [pytest.mark.criu, pytest.mark.timeout(180)]
+NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 << 20}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    home = tmp_path_factory.mktemp("cluster-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CEDANA_RAY_HOME", str(home))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        cluster = RayCluster(initialize_head=True, head_node_args=NODE_ARGS)
+        cluster.add_node(**NODE_ARGS)
+        try:
+            launcher.up(address=cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            for node_home in (home / "cluster" / "nodes").glob("*"):
+                kill_jobs(node_home)
+
+
+@pytest.fixture
+def client(ray_cluster: RayCluster) -> Cluster:
+    return Cluster(ray_cluster.address)
+
+
+def counts(client: Cluster, jid: str) -> list[int]:
+    text = client.read_log(jid, 0, 1 << 24).decode()
+    return [int(m.group(1)) for m in re.finditer(r"count=(\d+)", text)]
+
+
+def last(client: Cluster, jid: str) -> int:
+    found = counts(client, jid)
+    return found[-1] if found else -1
+
+
+def run_counter(client: Cluster, jid: str, **kw: object) -> str:
+    client.run("process", RunRequest(cmd=COUNTER, jid=jid, **kw))  # type: ignore[arg-type]
+    wait_for(lambda: last(client, jid) >= 3, what=f"{jid} counting")
+    return jid
+
+
+def alive_nodes() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+def other(node: str) -> str:
+    return next(n for n in alive_nodes() if n != node)
+
+
+def assert_continuous(client: Cluster, jid: str, more_than: int) -> None:
+    wait_for(lambda: last(client, jid) > more_than + 3, what=f"{jid} counting on")
+    found = counts(client, jid)
+    assert found == list(range(len(found))), "the count went on without a restart or a gap"
+
+
+def test_one_agent_per_node_including_late_joiners(ray_cluster: RayCluster, client: Cluster) -> None:
+    nodes = client.nodes()
+    assert sorted(n.node for n in nodes) == alive_nodes()
+    assert all("process" in n.types and n.error is None for n in nodes)
+    ray_cluster.add_node(**NODE_ARGS)
+    wait_for(lambda: len(alive_nodes()) == 3, what="the third node")
+    wait_for(lambda: sorted(n.node for n in client.nodes() if n.error is None) == alive_nodes(), 60, "its agent")
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+    assert names == {COORDINATOR, *(agent_name(n) for n in alive_nodes())}
+
+
+def test_run_dump_and_restore_on_another_node(client: Cluster) -> None:
+    jid = run_counter(client, "c-restore")
+    job = client.job(jid)
+    assert job.node in alive_nodes() and job.state is JobState.running
+    assert [j.node for j in client.jobs() if j.jid == jid] == [job.node]
+    result = client.dump(jid, DumpRequest())
+    assert client.job(jid).state is JobState.checkpointed
+    assert client.job(jid).last_checkpoint == result.checkpoint
+    stopped = last(client, jid)
+    with pytest.raises(StateError):
+        client.dump(jid, DumpRequest())
+    target = other(job.node)
+    restored = client.restore(RestoreRequest(), jid=jid, node=target[:10]).job
+    assert restored.node == target and restored.state is JobState.running
+    assert_continuous(client, jid, stopped)  # the log came along from the first node
+    assert [c.checkpoint for c in client.checkpoints(jid)] == [result.checkpoint]
+    client.kill(jid)
+
+
+def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
+    jid = run_counter(client, "c-migrate")
+    source = client.job(jid).node
+    target = other(source)
+    moved = client.migrate(jid, target[:8])
+    assert (moved.source, moved.target, moved.jid) == (source, target, jid)
+    assert moved.dump_s > 0 and moved.restore_s > 0
+    job = client.job(jid)
+    assert job.node == target and job.state is JobState.running and job.last_checkpoint == moved.checkpoint
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
+
+
+def test_bad_migrations_leave_the_job_running(client: Cluster) -> None:
+    jid = run_counter(client, "c-bad")
+    node = client.job(jid).node
+    with pytest.raises(NotFoundError, match="no alive node"):
+        client.migrate(jid, "ffffffffff")
+    with pytest.raises(UsageError, match="already runs"):
+        client.migrate(jid, node)
+    with pytest.raises(UsageError, match="ambiguous"):
+        client.migrate(jid, "")
+
+    errors: list[Exception] = []
+
+    def migrate() -> None:
+        try:
+            client.migrate(jid, other(node))
+        except CedanaError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], StateError), errors
+    job = client.job(jid)
+    assert job.state is JobState.running and job.node == other(node)
+    with pytest.raises(StateError, match="running"):
+        client.restore(RestoreRequest(), jid=jid)
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
+    with pytest.raises(StateError, match="killed"):
+        client.migrate(jid, node)
+
+
+def test_policy_checkpoints_and_keeps_the_last_k(client: Cluster) -> None:
+    jid = run_counter(client, "c-policy", checkpoint_every=1.0, keep=2)
+    seen: set[str] = set()
+
+    def three_made_two_kept() -> bool:
+        now = {c.checkpoint for c in client.checkpoints(jid)}
+        seen.update(now)
+        return len(seen) >= 3 and len(now) == 2
+
+    wait_for(three_made_two_kept, 30, "three policy checkpoints, two kept")
+    kept = client.checkpoints(jid)
+    assert len(kept) <= 2 and client.job(jid).state is JobState.running
+    pruned = (seen - {c.checkpoint for c in kept}).pop()
+    root, _ = split_url(kept[0].path)
+    assert pruned not in {m.checkpoint for m in CheckpointStore(root).list()}, "pruned from the store too"
+    client.kill(jid)
+
+
+def test_agent_restart_readopts_running_jobs(client: Cluster) -> None:
+    jid = run_counter(client, "c-agent")
+    job = client.job(jid)
+    agent = ray.get_actor(agent_name(job.node), namespace=NAMESPACE)
+    old_pid = ray.get(agent.status.remote()).pid
+    ray.kill(agent, no_restart=False)
+    wait_for(lambda: _agent_pid(job.node) not in (None, old_pid), 60, "the agent's restart")
+    again = client.job(jid)
+    assert again.state is JobState.running and again.pid == job.pid, "the job outlived its agent"
+    client.dump(jid, DumpRequest(leave_running=True))
+    client.kill(jid)
+
+
+def _agent_pid(node: str) -> int | None:
+    try:
+        agent = ray.get_actor(agent_name(node), namespace=NAMESPACE)
+        return ray.get(agent.status.remote(), timeout=5).pid
+    except Exception:
+        return None
+
+
+def test_coordinator_restart_recovers_jobs_and_checkpoints(client: Cluster) -> None:
+    jid = run_counter(client, "c-coord")
+    job = client.job(jid)
+    agent = ray.get_actor(agent_name(job.node), namespace=NAMESPACE)
+    coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+    ray.kill(coordinator, no_restart=False)
+    # a checkpoint committed while the coordinator is away (as a policy dump in flight would be)
+    storage = launcher.load_state().storage  # type: ignore[union-attr]
+    away = ray.get(agent.dump.remote(jid, DumpRequest(leave_running=True, storage=storage)))
+    fresh = _wait_for_coordinator()
+    assert fresh.job(jid).state is JobState.running
+    assert "c-restore" in {j.jid for j in fresh.jobs()}, "earlier jobs are still known"
+    assert away.checkpoint in {c.checkpoint for c in fresh.checkpoints(jid)}
+    fresh.kill(jid)
+
+
+def _wait_for_coordinator() -> Cluster:
+    def ready() -> Cluster | None:
+        try:
+            client = Cluster(ray.get_runtime_context().gcs_address)
+            client.info()
+            return client
+        except CedanaError:
+            return None
+
+    return wait_for(ready, 60, "the coordinator's restart")  # type: ignore[return-value]
+
+
+def test_drain_moves_jobs_off_a_node(client: Cluster) -> None:
+    jid = run_counter(client, "c-drain")
+    node = client.job(jid).node
+    moved = client.drain(node[:12])
+    assert [m.jid for m in moved] == [jid] and moved[0].target != node
+    assert client.job(jid).node != node
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
+
+
+def test_lost_node_jobs_are_restored_elsewhere(ray_cluster: RayCluster, client: Cluster) -> None:
+    head = ray_cluster.head_node.node_id
+    victim = next(n for n in ray_cluster.worker_nodes if n.node_id != head)
+    jid = run_counter(client, "c-lost", node=victim.node_id, restore_on_loss=True)
+    client.dump(jid, DumpRequest(leave_running=True))
+    at_dump = client.job(jid).pid
+    for p in [psutil.Process(at_dump), *psutil.Process(at_dump).children(recursive=True)]:
+        p.kill()  # the machine goes down with the node
+    ray_cluster.remove_node(victim)
+
+    def restored() -> bool:
+        job = client.job(jid)
+        return job.state is JobState.running and job.node != victim.node_id
+
+    wait_for(restored, 60, "the job restored on another node")
+    wait_for(lambda: last(client, jid) >= 0, what="output after the restore")
+    client.kill(jid)
