@@ -34,7 +34,10 @@ class NodeAgent:
         home = node_home(base, node_id)
         os.environ["CEDANA_RAY_HOME"] = str(home)  # plugins that read the state dir see the node's
         self.node_id = node_id
-        self.engine = Engine(Paths(home), node=node_id)
+        import ray
+
+        address = ray.get_runtime_context().gcs_address
+        self.engine = Engine(Paths(home, Path(base) / "control"), node=node_id, cluster_address=address)
 
     def status(self) -> NodeStatus:
         """Health and load: what placement and `cedana-ray nodes` show."""

@@ -10,8 +10,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("run", "manage", "dump", "restore", "freeze", "unfreeze", "kill", "delete", "job", "jobs", "checkpoints")
-__all__ = ["__version__", *_API]
+_API = (
+    "init",
+    "run",
+    "manage",
+    "dump",
+    "restore",
+    "migrate",
+    "freeze",
+    "unfreeze",
+    "kill",
+    "delete",
+    "job",
+    "jobs",
+    "logs",
+    "checkpoints",
+    "nodes",
+)
+_INSIDE = ("checkpoint", "on_restore")  # for code running inside a job
+__all__ = ["__version__", *_API, *_INSIDE]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in _INSIDE:
+        from . import inside
+
+        return getattr(inside, name)
     raise AttributeError(f"module 'cedana_ray' has no attribute {name!r}")

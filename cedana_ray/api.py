@@ -1,36 +1,84 @@
-"""The Python API of cedana-ray, on this machine (local mode).
+"""The Python API of cedana-ray, on a cluster or on this machine.
 
-Each function raises :class:`cedana_ray.errors.CedanaError` subclasses; the
-models it returns are those the CLI prints with ``--json``::
+Every function works against the backend :func:`init` chose: the cluster when one is
+known (``init(address)``, ``CEDANA_RAY_ADDRESS``/``RAY_ADDRESS``, or ``cedana-ray up``
+run on this machine), this machine alone otherwise or with ``init(local=True)``. The
+models returned are those the CLI prints with ``--json``; errors are
+:class:`cedana_ray.errors.CedanaError` subclasses::
 
     import cedana_ray
-    job = cedana_ray.run(["python", "train.py"])
-    ckpt = cedana_ray.dump(job.jid)
-    cedana_ray.restore(job.jid)
+    job = cedana_ray.run(["python", "train.py"], checkpoint_every=60, keep=3)
+    job.migrate("3f2a")          # a node id prefix
+    job.dump(leave_running=True)
+    print(job.status, job.logs()[-200:])
+
+Code running *inside* a job uses :func:`cedana_ray.checkpoint` and
+:func:`cedana_ray.on_restore` (see :mod:`cedana_ray.inside`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
+from . import cluster
+from .cluster import Cluster
 from .engine import Engine
-from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job
+from .errors import UsageError
+from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job, MigrateResult, NodeStatus
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
-
-@functools.cache
-def _engine() -> Engine:
-    return Engine()
+_backend: Engine | Cluster | None = None
 
 
-def run(cmd: Sequence[str], *, jid: str | None = None, cwd: str | None = None, type: str = "process") -> Job:
-    """Start ``cmd`` as a checkpointable job. Returns the running :class:`Job`."""
-    return _engine().run(type, RunRequest(cmd=list(cmd), jid=jid, cwd=cwd))
+def init(address: str | None = None, *, local: bool = False) -> Engine | Cluster:
+    """Choose where jobs live: the cluster at ``address`` (default: the one known here), or this machine."""
+    global _backend
+    found = None if local else (address or cluster.address())
+    _backend = Cluster(found) if found else Engine()
+    return _backend
+
+
+def _engine() -> Engine | Cluster:
+    return _backend or init()
+
+
+def _cluster(what: str) -> Cluster:
+    backend = _engine()
+    if not isinstance(backend, Cluster):
+        raise UsageError(f"{what} needs a cluster", hint="cedana_ray.init(address) or `cedana-ray up`")
+    return backend
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    jid: str | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    type: str = "process",
+    node: str | None = None,
+    checkpoint_every: float | None = None,
+    keep: int | None = None,
+    restore_on_loss: bool = False,
+    storage: str | None = None,
+) -> Job:
+    """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job."""
+    request = RunRequest(
+        cmd=list(cmd),
+        jid=jid,
+        cwd=cwd,
+        env=env or {},
+        node=node,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        restore_on_loss=restore_on_loss,
+    )
+    job = _engine().run(type, request)
+    return _engine().set_storage(job.jid, storage) if storage else job
 
 
 def manage(target: int | str, *, jid: str | None = None, type: str = "process") -> Job:
-    """Adopt a running workload (a PID for ``process``) as a job."""
+    """Adopt a running workload of this node (a PID for ``process``) as a job."""
     return _engine().manage(type, ManageRequest(target=str(target), jid=jid))
 
 
@@ -50,10 +98,26 @@ def dump(
 
 
 def restore(
-    jid: str | None = None, *, checkpoint: str | None = None, path: str | None = None, new_jid: str | None = None
+    jid: str | None = None,
+    *,
+    checkpoint: str | None = None,
+    path: str | None = None,
+    new_jid: str | None = None,
+    node: str | None = None,
 ) -> Job:
-    """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``."""
-    return _engine().restore(RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid), jid=jid).job
+    """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on ``node`` if given."""
+    request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid)
+    backend = _engine()
+    if isinstance(backend, Cluster):
+        return backend.restore(request, jid=jid, node=node).job
+    if node not in (None, "local"):
+        raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
+    return backend.restore(request, jid=jid).job
+
+
+def migrate(jid: str, node: str) -> MigrateResult:
+    """Move job ``jid`` to ``node`` (an id prefix): dump there, restore here, same id."""
+    return _cluster("migration").migrate(jid, node)
 
 
 def freeze(jid: str) -> Job:
@@ -80,5 +144,17 @@ def jobs() -> list[Job]:
     return _engine().jobs()
 
 
+def logs(jid: str) -> str:
+    """Everything job ``jid`` printed so far."""
+    data = b""
+    while chunk := _engine().read_log(jid, len(data)):
+        data += chunk
+    return data.decode(errors="replace")
+
+
 def checkpoints(jid: str | None = None) -> list[CheckpointInfo]:
     return _engine().checkpoints(jid)
+
+
+def nodes() -> list[NodeStatus]:
+    return _cluster("listing nodes").nodes()

@@ -12,6 +12,9 @@ class Paths:
     """The state directory (``CEDANA_RAY_HOME``) and what lives in it."""
 
     home: Path
+    # Where jobs' control dirs live (see cedana_ray.inside). The same path on every node
+    # of a cluster, so a job finds its own after a migration.
+    control_root: Path | None = None
 
     @property
     def db(self) -> Path:
@@ -40,6 +43,9 @@ class Paths:
 
     def job_dir(self, jid: str) -> Path:
         return self.jobs / jid
+
+    def control(self, jid: str) -> Path:
+        return (self.control_root or self.home / "control") / jid
 
     def ensure(self) -> Paths:
         for d in (self.home, self.jobs, self.staging, self.locks, self.checkpoints):

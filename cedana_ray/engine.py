@@ -13,6 +13,7 @@ import fcntl
 import os
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +41,16 @@ def new_id(prefix: str) -> str:
 class Engine:
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
-    def __init__(self, home: Paths | None = None, pm: PluginManager | None = None, node: str = "local") -> None:
+    def __init__(
+        self,
+        home: Paths | None = None,
+        pm: PluginManager | None = None,
+        node: str = "local",
+        cluster_address: str | None = None,
+    ) -> None:
         self.paths = (home or paths()).ensure()
         self.node = node  # the Ray node id when a NodeAgent runs this engine
+        self.cluster_address = cluster_address  # where a job's own checkpoint requests go
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
         for schemes in self.pm.hook.cedana_checkpoint_storage():
@@ -88,7 +96,7 @@ class Engine:
         handler = self._handler(jtype, hook, what)
         job_dir = self.paths.job_dir(jid)
         job_dir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(request, state={"jid": jid, "job_dir": job_dir})
+        ctx = Context(request, state={"jid": jid, "job_dir": job_dir, "control": self._control(jid)})
         try:
             job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
         except BaseException:
@@ -96,6 +104,16 @@ class Engine:
             raise
         self.registry.add_job(job)
         return job
+
+    def _control(self, jid: str) -> dict[str, Any]:
+        """How a job's supervisor serves the job's own checkpoint requests (cedana_ray.inside)."""
+        argv = [sys.executable, "-m", "cedana_ray.cli", "dump", "job", jid, "--leave-running", "--json"]
+        if self.cluster_address:
+            env = {"CEDANA_RAY_ADDRESS": self.cluster_address}
+        else:
+            argv.append("--local")
+            env = {"CEDANA_RAY_HOME": str(self.paths.home)}
+        return {"dir": str(self.paths.control(jid)), "argv": argv, "env": env}
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         """Start a workload of type ``jtype`` on this machine."""
@@ -364,6 +382,7 @@ class Engine:
             "store": store,
             "checkpoint": ckpt,
             "command": manifest.details.get("command", []),
+            "control": self._control(target),
         }
         ctx = Context(request, progress=progress, state=state)
         start = time.perf_counter()

@@ -7,6 +7,7 @@ jobs are real CRIU-checkpointed processes started by the agents.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -254,3 +255,29 @@ def test_lost_node_jobs_are_restored_elsewhere(ray_cluster: RayCluster, client: 
     wait_for(restored, 60, "the job restored on another node")
     wait_for(lambda: last(client, jid) >= 0, what="output after the restore")
     client.kill(jid)
+
+
+def test_python_api_from_a_driver(ray_cluster: RayCluster) -> None:
+    import cedana_ray
+
+    cedana_ray.init(ray_cluster.address)
+    job = cedana_ray.run(COUNTER, jid="c-api")
+    wait_for(lambda: "count=3" in job.logs(), what="output through the API")
+    moved = job.migrate(other(job.node)[:12])
+    assert moved.job.node != job.node and job.status is JobState.running
+    dumped = job.dump(leave_running=True)
+    assert dumped.checkpoint in {c.checkpoint for c in cedana_ray.checkpoints("c-api")}
+    assert "c-api" in {j.jid for j in cedana_ray.jobs()} and len(cedana_ray.nodes()) >= 2
+    assert job.kill().state is JobState.killed
+
+
+def test_a_job_checkpoints_itself_and_survives_migration(client: Cluster) -> None:
+    from test_process_criu import WORKLOADS
+
+    client.run("process", RunRequest(cmd=[sys.executable, str(WORKLOADS / "self_checkpoint.py")], jid="c-inside"))
+    wait_for(lambda: b"checkpoint=" in client.read_log("c-inside"), what="the job's own checkpoint")
+    ckpt = re.search(rb"checkpoint=(\S+)", client.read_log("c-inside")).group(1).decode()  # type: ignore[union-attr]
+    assert ckpt in {c.checkpoint for c in client.checkpoints("c-inside")}
+    client.migrate("c-inside", other(client.job("c-inside").node))
+    wait_for(lambda: b"on_restore called" in client.read_log("c-inside"), what="on_restore after the migration")
+    client.kill("c-inside")

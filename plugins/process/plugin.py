@@ -7,12 +7,13 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 import psutil
 
-from cedana_ray import criu
+from cedana_ray import criu, inside
 from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck, Job, JobState
@@ -44,13 +45,15 @@ def run(ctx: Context) -> Job:
     """Start the command under a supervisor, in new PID and mount namespaces."""
     req, job_dir = ctx.request, ctx.state["job_dir"]
     log = job_dir / "log"
+    control = ctx.state["control"]
     spec = {
         "mode": "run",
         "cmd": req.cmd,
         "cwd": req.cwd or os.getcwd(),
-        "env": req.env,
+        "env": {**req.env, "CEDANA_RAY_JID": ctx.state["jid"], "CEDANA_RAY_CONTROL": control["dir"]},
         "log": str(log),
         "exit_file": str(job_dir / "exit.json"),
+        "control": control,
     }
     try:
         reply = launch(spec, job_dir)
@@ -107,12 +110,14 @@ def restore(ctx: Context) -> Job:
         "work": str(work),
         "log": str(job_dir / "log"),
         "exit_file": str(job_dir / "exit.json"),
+        "control": ctx.state["control"],
     }
     try:
         reply = launch(spec, job_dir)
     except LaunchError as exc:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
+    inside.record_restore(Path(spec["control"]["dir"]), manifest.checkpoint)
     state = JobState.frozen if details.get("frozen") else JobState.running
     command = ctx.state.get("command", [])
     return _supervised_job(ctx, reply, state=state, command=command, log=spec["log"])

@@ -24,12 +24,16 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+CONTROL_POLL_S = 0.1
+PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -168,6 +172,44 @@ def start(spec: dict) -> tuple[int, int]:
     return init, r
 
 
+def serve_control(control: dict) -> None:
+    """Run the job's own checkpoint requests (``NAME.request`` files, see cedana_ray.inside)
+    from out here, where the dump cannot catch us, and write ``NAME.result`` back."""
+    folder = control["dir"]
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, **control["env"]}
+    while True:
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".request"):
+                continue
+            name = entry.removesuffix(".request")
+            os.unlink(os.path.join(folder, entry))
+            done = subprocess.run(control["argv"], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            try:
+                result = {"checkpoint": json.loads(done.stdout)["checkpoint"]}
+            except (ValueError, KeyError):
+                result = {"error": (done.stderr.strip().splitlines() or ["dump failed"])[-1]}
+            tmp = os.path.join(folder, name + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(result, f)
+            os.replace(tmp, os.path.join(folder, name + ".result"))
+        time.sleep(CONTROL_POLL_S)
+
+
+def start_control(control: dict) -> int:
+    """Fork the control server while we are still in the host PID namespace: what it runs
+    must not land in the job's namespace. It dies with us."""
+    pid = os.fork()
+    if pid == 0:
+        _close_fds_except()
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            serve_control(control)
+        finally:
+            os._exit(0)
+    return pid
+
+
 def supervise(spec: dict, pid: int, out: int) -> None:
     with open(spec["log"], "ab", buffering=0) as log:
         while chunk := os.read(out, 65536):
@@ -185,6 +227,8 @@ def main() -> None:
     if os.fork():
         os._exit(0)  # the launcher returns; we live on, re-parented
     os.setsid()
+    if spec.get("control"):
+        start_control(spec["control"])
     try:
         pid, out = start(spec)
     except BaseException as exc:

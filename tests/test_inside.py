@@ -1,0 +1,41 @@
+"""The in-job API (cedana_ray.checkpoint / on_restore) with real CRIU, in local mode."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from test_process_criu import WORKLOADS, log_lines, start, wait_for
+
+from cedana_ray import inside
+from cedana_ray.engine import Engine
+from cedana_ray.errors import UsageError
+from cedana_ray.requests import RestoreRequest
+
+pytestmark = pytest.mark.criu
+
+
+def checkpoints_in_log(engine: Engine, jid: str) -> list[str]:
+    return [m.group(1) for ln in log_lines(engine, jid) if (m := re.match(r"checkpoint=(\S+)", ln))]
+
+
+def test_a_job_checkpoints_itself_and_hears_of_its_restore(engine: Engine) -> None:
+    jid = start(engine, [sys.executable, str(WORKLOADS / "self_checkpoint.py")], ready="checkpoint=")
+    [ckpt] = checkpoints_in_log(engine, jid)
+    assert [c.checkpoint for c in engine.checkpoints(jid)] == [ckpt], "the job's own request made a real checkpoint"
+    wait_for(lambda: "count=10" in log_lines(engine, jid), what="running on after its checkpoint")
+    engine.kill(jid)
+
+    engine.restore(RestoreRequest(checkpoint=ckpt), jid=jid)
+    wait_for(lambda: "on_restore called" in log_lines(engine, jid), what="the on_restore callback")
+    assert checkpoints_in_log(engine, jid) == [ckpt, ckpt], "the restored copy got the id it came from"
+
+
+def test_outside_a_job_the_api_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CEDANA_RAY_CONTROL", raising=False)
+    with pytest.raises(UsageError, match="not inside a cedana-ray job"):
+        inside.checkpoint()
+    with pytest.raises(UsageError):
+        inside.on_restore(lambda: None)
