@@ -51,6 +51,7 @@ NAMESPACE = "cedana-ray"
 COORDINATOR = "cedana-ray-coordinator"
 MONITOR_PERIOD_S = 1.0
 MAX_LOG_CARRIED = 64 << 20
+DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end
 log = logging.getLogger("cedana_ray.coordinator")
 
 
@@ -68,7 +69,7 @@ class Coordinator:
         self.draining: dict[str, float] = {}  # node -> deadline (epoch seconds, 0: none)
         self.due: dict[str, float] = {}  # jid -> next policy checkpoint (monotonic)
         self._busy: set[str] = set()
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="coordinator")
         recovered = catalog.recover(self.registry, storage)
         if recovered:
@@ -156,17 +157,19 @@ class Coordinator:
 
     # -- jobs
     @contextmanager
-    def _claim(self, jid: str) -> Iterator[None]:
-        """One coordinator operation (dump, migration, policy run) per job at a time."""
-        with self._lock:
-            if jid in self._busy:
+    def _claim(self, jid: str, wait: float = 0.0) -> Iterator[None]:
+        """One coordinator operation (dump, migration, policy run) per job at a time;
+        waits up to ``wait`` seconds for the one in progress."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: jid not in self._busy, timeout=wait):
                 raise StateError(f"job {jid} is being checkpointed or migrated", hint="try again when it is done")
             self._busy.add(jid)
         try:
             yield
         finally:
-            with self._lock:
+            with self._idle:
                 self._busy.discard(jid)
+                self._idle.notify_all()
 
     def _merge(self, record: Job, seen: Job) -> Job:
         """The registry's record updated with what the job's agent sees now."""
@@ -292,7 +295,7 @@ class Coordinator:
 
     # -- checkpoints
     def dump(self, jid: str, request: DumpRequest) -> DumpResult:
-        with self._claim(jid):
+        with self._claim(jid, wait=DUMP_WAIT_S):  # e.g. behind a policy checkpoint
             return self._dump(self._live(jid), request)
 
     def _dump(self, job: Job, request: DumpRequest) -> DumpResult:
@@ -396,9 +399,9 @@ class Coordinator:
         The source stays frozen while the target restores, and resumes if anything fails,
         so a failed migration leaves the job running where it was.
         """
+        target = self._place(self.registry.job(jid).type, node)  # bad input fails fast, even while busy
         with self._claim(jid):
             job = self._live(jid)
-            target = self._place(job.type, node)
             if target == job.node:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
             return self._migrate(job, target, request or DumpRequest())

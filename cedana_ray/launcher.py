@@ -39,7 +39,7 @@ def _free_port() -> int:
 def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
     """Start a local Ray head in a private temp dir: (address, temp dir, dashboard address)."""
     temp = tempfile.mkdtemp(prefix="cr-ray-")  # short: Ray's socket paths must stay under 108 chars
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent_http, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     ray_bin = Path(sys.executable).with_name("ray")
     args = [
         str(ray_bin),
@@ -51,9 +51,16 @@ def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
+        # Ray's fixed defaults collide with any other Ray on the machine
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
         "--disable-usage-stats",
     ]
-    done = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # jobs (`ray job submit` entrypoints) find this cedana-ray and this Python first
+    env = {**os.environ, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     if done.returncode != 0:
         shutil.rmtree(temp, ignore_errors=True)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -63,7 +70,11 @@ def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
 
 def stop_head(temp_dir: str, timeout: float = 15.0) -> int:
     """Stop the Ray processes of the head started with ``temp_dir``; how many there were."""
-    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    procs = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if temp_dir in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()
+    ]
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
@@ -123,6 +134,20 @@ def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list
         time.sleep(0.5)
 
 
+def wait_for_job_server(timeout: float = AGENTS_TIMEOUT_S) -> None:
+    """Until the head's dashboard agent is registered: `ray job submit` fails before that."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{_head_node()}"
+    deadline = time.monotonic() + timeout
+    while not _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD):
+        if time.monotonic() > deadline:
+            raise StateError(f"the Ray job server did not start within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterState, list[NodeStatus]]:
     """Join (or start) Ray and start the control plane; idempotent."""
     from .actors.remote import call
@@ -132,18 +157,23 @@ def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterS
     head_temp = dashboard = None
     if previous and previous.address == address:
         head_temp, dashboard = previous.head_temp_dir, previous.dashboard
-    if not address:
-        address, head_temp, dashboard = start_head()
     base = str(paths().home / "cluster")
     storage = storage or f"file://{base}/checkpoints"
+    if not address:
+        address, head_temp, dashboard = start_head()
+        # recorded at once, so that `down` finds this head even if `up` is interrupted
+        save_state(ClusterState(address=address, storage=storage, base=base, head_temp_dir=head_temp))
     try:
         connect(address)
         coordinator = start_coordinator(base, storage)
         info = call(coordinator.info.remote(), timeout=AGENTS_TIMEOUT_S)
         nodes = wait_for_agents(coordinator)
+        if dashboard:
+            wait_for_job_server()
     except BaseException:
         if head_temp:
             stop_head(head_temp)
+            state_file().unlink(missing_ok=True)
         raise
     state = ClusterState(
         address=address, storage=info["storage"], base=info["base"], head_temp_dir=head_temp, dashboard=dashboard
@@ -162,18 +192,23 @@ def down(kill_jobs: bool = False) -> dict[str, Any]:
     state = load_state()
     if state is None:
         raise StateError("no cluster was started from here", hint=f"{state_file()} is missing")
-    client = Cluster(state.address)
-    live = [j for j in client.jobs() if j.state in LIVE_STATES]
+    try:
+        client: Cluster | None = Cluster(state.address)
+    except PrerequisiteError:
+        client = None  # an interrupted `up`, or the head is gone: no control plane to stop
+    live = [j for j in client.jobs() if j.state in LIVE_STATES] if client else []
     if live and not kill_jobs:
         raise StateError(
             f"{len(live)} job(s) still running: {', '.join(j.jid for j in live)}",
             hint="dump or kill them first, or `cedana-ray down --kill-jobs`",
         )
     for job in live:
-        client.kill(job.jid)
-    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
-    for name in actors:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        client.kill(job.jid)  # type: ignore[union-attr]
+    actors = []
+    if client:
+        actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+        for name in actors:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
     ray.shutdown()
     stopped = stop_head(state.head_temp_dir) if state.head_temp_dir else 0
     state_file().unlink()

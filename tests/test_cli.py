@@ -75,14 +75,14 @@ def test_version() -> None:
 # -- the real entry point
 
 
-def cedana(*args: str) -> subprocess.CompletedProcess[str]:
+def cedana(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``cedana-ray ARGS`` in a subprocess, with the test's CEDANA_RAY_HOME."""
     assert "CEDANA_RAY_HOME" in os.environ  # the `home` fixture must be active
     return subprocess.run(
         [sys.executable, "-m", "cedana_ray.cli", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 

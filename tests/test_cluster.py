@@ -6,6 +6,8 @@ jobs are real CRIU-checkpointed processes started by the agents.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 import threading
@@ -37,6 +39,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         mp.setenv("CEDANA_RAY_HOME", str(home))
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
+        before = ray_processes()
         cluster = RayCluster(initialize_head=True, head_node_args=NODE_ARGS)
         cluster.add_node(**NODE_ARGS)
         try:
@@ -45,8 +48,32 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         finally:
             ray.shutdown()
             cluster.shutdown()
+            stop_leftovers(before)
             for node_home in (home / "cluster" / "nodes").glob("*"):
                 kill_jobs(node_home)
+
+
+def ray_processes() -> set[psutil.Process]:
+    """Ray's processes in this session (ours, or our children's, even once re-parented)."""
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            mine = os.getsid(p.pid) == os.getsid(0) and p.pid != os.getpid()
+        except ProcessLookupError:
+            continue
+        if mine and ("ray" in (p.info["name"] or "") or any("/ray/" in a for a in p.info["cmdline"] or [])):
+            found.add(p)
+    return found
+
+
+def stop_leftovers(before: set[psutil.Process]) -> None:
+    """Stop the Ray processes the fixture started that outlived ``Cluster.shutdown()`` (under
+    load, a removed node's dashboard agent or the head's client server can)."""
+    left = list(ray_processes() - before)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
 
 
 @pytest.fixture

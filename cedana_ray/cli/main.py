@@ -110,12 +110,9 @@ _job_state_command(unfreeze, "unfreeze")
 def ps(as_json: bool, local: bool) -> None:
     """List jobs: id, type, state, PID, node, last checkpoint."""
     jobs = engine().jobs()
-    cols = ("jid", "type", "state", "pid", "node", "last_checkpoint")
-    show(
-        as_json,
-        [j.row() for j in jobs],
-        lambda: table(cols, [[getattr(j, c) if c != "state" else j.state.value for c in cols] for j in jobs]),
-    )
+    rows = [[j.jid, j.type, j.state.value, j.pid, j.node[:12], j.last_checkpoint] for j in jobs]
+    cols = ("jid", "type", "state", "pid", "node", "last checkpoint")
+    show(as_json, [j.row() for j in jobs], lambda: table(cols, rows))
 
 
 @cli.group()
