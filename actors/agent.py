@@ -9,9 +9,11 @@ session), outlive the agent, and are re-adopted from the node's registry.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,15 @@ import psutil
 
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import JobNotFound
+from cedana_ray.errors import CedanaError, JobNotFound
 from cedana_ray.models import LIVE_STATES, DumpResult, Job, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+
+from .remote import COORDINATOR, NAMESPACE, call
+
+DRAIN_DEADLINE_S = 60.0
+log = logging.getLogger("cedana_ray.agent")
 
 
 def node_home(base: str | Path, node_id: str) -> Path:
@@ -38,6 +45,25 @@ class NodeAgent:
 
         address = ray.get_runtime_context().gcs_address
         self.engine = Engine(Paths(home, Path(base) / "control"), node=node_id, cluster_address=address)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_: object) -> None:
+        """A node about to go away (a preemption notice) says so with SIGTERM: move the
+        node's jobs elsewhere within the deadline, then go."""
+        threading.Thread(target=self._drain_and_exit, name="drain", daemon=True).start()
+
+    def _drain_and_exit(self) -> None:
+        import ray
+
+        deadline = float(os.environ.get("CEDANA_RAY_DRAIN_DEADLINE_S", DRAIN_DEADLINE_S))
+        try:
+            coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+            moved = call(coordinator.drain.remote(self.node_id), timeout=deadline)
+            log.warning("SIGTERM: %d job(s) moved off node %s", len(moved), self.node_id[:12])
+        except CedanaError as exc:
+            log.error("SIGTERM: drain of node %s failed: %s", self.node_id[:12], exc)
+        os._exit(0)
 
     def status(self) -> NodeStatus:
         """Health and load: what placement and `cedana-ray nodes` show."""

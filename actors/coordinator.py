@@ -45,18 +45,12 @@ from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunR
 from cedana_ray.store import CheckpointStore, split_url
 
 from .agent import NodeAgent
-from .remote import call
+from .remote import NAMESPACE, agent_name, call
 
-NAMESPACE = "cedana-ray"
-COORDINATOR = "cedana-ray-coordinator"
 MONITOR_PERIOD_S = 1.0
 MAX_LOG_CARRIED = 64 << 20
 DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end
 log = logging.getLogger("cedana_ray.coordinator")
-
-
-def agent_name(node_id: str) -> str:
-    return f"cedana-ray-agent-{node_id}"
 
 
 class Coordinator:

@@ -9,6 +9,8 @@ from ray import exceptions as rex
 
 from cedana_ray.errors import CedanaError, Unreachable
 
+NAMESPACE = "cedana-ray"
+COORDINATOR = "cedana-ray-coordinator"
 GONE = (rex.RayActorError, rex.ActorUnavailableError, rex.ActorUnschedulableError)
 
 
@@ -27,6 +29,10 @@ def call(ref: Any, timeout: float | None = None) -> Any:
         raise Unreachable(f"no answer within {timeout:.0f} s") from None
     except GONE as exc:
         raise Unreachable(f"the cedana-ray actor is gone: {_first_line(exc)}") from None
+
+
+def agent_name(node_id: str) -> str:
+    return f"cedana-ray-agent-{node_id}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -63,7 +63,7 @@ def address() -> str | None:
 def connect(addr: str) -> None:
     import ray
 
-    from .actors.coordinator import NAMESPACE
+    from .actors.remote import NAMESPACE
 
     if ray.is_initialized():
         return
@@ -87,7 +87,7 @@ class Cluster:
     def __init__(self, addr: str) -> None:
         import ray
 
-        from .actors.coordinator import COORDINATOR, NAMESPACE
+        from .actors.remote import COORDINATOR, NAMESPACE
 
         connect(addr)
         self.address = addr

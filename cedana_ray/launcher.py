@@ -99,7 +99,8 @@ def start_coordinator(base: str, storage: str) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .actors.coordinator import COORDINATOR, NAMESPACE, Coordinator
+    from .actors.coordinator import Coordinator
+    from .actors.remote import COORDINATOR, NAMESPACE
 
     return (
         ray.remote(Coordinator)
@@ -186,7 +187,7 @@ def down(kill_jobs: bool = False) -> dict[str, Any]:
     """Stop what ``up`` started: the coordinator, the agents, and the head if it was ours."""
     import ray
 
-    from .actors.coordinator import NAMESPACE
+    from .actors.remote import NAMESPACE
     from .cluster import Cluster
 
     state = load_state()

@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
 import ray
-from cedana_ray.actors.coordinator import COORDINATOR, NAMESPACE, agent_name
+from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
 from conftest import kill_jobs
 from ray.cluster_utils import Cluster as RayCluster
 from test_process_criu import COUNTER, wait_for
@@ -308,3 +310,33 @@ def test_a_job_checkpoints_itself_and_survives_migration(client: Cluster) -> Non
     client.migrate("c-inside", other(client.job("c-inside").node))
     wait_for(lambda: b"on_restore called" in client.read_log("c-inside"), what="on_restore after the migration")
     client.kill("c-inside")
+
+
+# The last tests leave nodes draining: keep them at the end of the module.
+
+
+def test_sigterm_to_an_agent_moves_its_jobs(ray_cluster: RayCluster, client: Cluster) -> None:
+    head = ray_cluster.head_node.node_id
+    node = next(n for n in alive_nodes() if n != head)
+    jid = run_counter(client, "c-sigterm", node=node)
+    os.kill(_agent_pid(node), signal.SIGTERM)  # type: ignore[arg-type]
+    wait_for(lambda: client.job(jid).node != node, 60, "the job moved off the node")
+    assert client.job(jid).state is JobState.running
+    assert_continuous(client, jid, last(client, jid))
+    assert node in {n.node for n in client.nodes() if n.draining}, "no new job goes there"
+    client.kill(jid)
+
+
+def test_ray_drain_node_moves_its_jobs(ray_cluster: RayCluster, client: Cluster) -> None:
+    from ray.core.generated import autoscaler_pb2
+
+    added = ray_cluster.add_node(**NODE_ARGS).node_id
+    wait_for(lambda: added in {n.node for n in client.nodes() if n.error is None}, 60, "the new node's agent")
+    jid = run_counter(client, "c-raydrain", node=added)
+    gcs = ray._raylet.GcsClient(address=ray_cluster.address)
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    accepted, why = gcs.drain_node(added, reason, "test preemption", int(time.time() * 1000) + 60_000)
+    assert accepted, why
+    wait_for(lambda: client.job(jid).node != added, 60, "the job moved off the draining node")
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
