@@ -48,6 +48,7 @@ from .agent import NodeAgent
 from .remote import NAMESPACE, agent_name, call
 
 MONITOR_PERIOD_S = 1.0
+RECOVER_PERIOD_S = 10.0  # how often the store is searched for checkpoints the catalog missed
 MAX_LOG_CARRIED = 64 << 20
 DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end
 log = logging.getLogger("cedana_ray.coordinator")
@@ -65,20 +66,26 @@ class Coordinator:
         self._busy: set[str] = set()
         self._idle = threading.Condition()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="coordinator")
-        recovered = catalog.recover(self.registry, storage)
-        if recovered:
-            log.warning("catalogued %d checkpoint(s) committed while the coordinator was away", len(recovered))
+        self._recover_catalog()
         self._tick()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
     # -- nodes and agents
     def _monitor(self) -> None:
+        last_recover = time.monotonic()
         while True:
             time.sleep(MONITOR_PERIOD_S)
             try:
                 self._tick()
+                if time.monotonic() - last_recover > RECOVER_PERIOD_S:
+                    last_recover = time.monotonic()
+                    self._recover_catalog()
             except Exception:  # the monitor must outlive any one bad tick
                 log.error("monitor tick failed:\n%s", traceback.format_exc())
+
+    def _recover_catalog(self) -> None:
+        if recovered := catalog.recover(self.registry, self.storage):
+            log.warning("catalogued %d checkpoint(s) committed while the coordinator was away", len(recovered))
 
     def _tick(self) -> None:
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -119,7 +126,7 @@ class Coordinator:
         found = []
         for node in sorted(self.agents):
             try:
-                status = call(self.agents[node].status.remote(), timeout=30)
+                status = call(self._agent(node).status.remote(), timeout=30)
             except CedanaError as exc:
                 status = NodeStatus(node=node, error=str(exc))
             found.append(status.model_copy(update={"draining": node in self.draining}))
@@ -138,7 +145,7 @@ class Coordinator:
         """The node for a ``jtype`` job: the one named, or the least loaded that can run it."""
         if node is not None:
             chosen = self.resolve_node(node)
-            status = call(self.agents[chosen].status.remote(), timeout=30)
+            status = call(self._agent(chosen).status.remote(), timeout=30)
             if jtype not in status.types:
                 raise PrerequisiteError(
                     f"node {chosen[:12]} cannot run {jtype} jobs", hint="`cedana-ray nodes` shows what each can run"
@@ -193,14 +200,14 @@ class Coordinator:
         if record.node not in self.agents or jid in self._busy:
             return record
         try:
-            return self._merge(record, call(self.agents[record.node].job.remote(jid)))
+            return self._merge(record, call(self._agent(record.node).job.remote(jid)))
         except (NotFoundError, Unreachable):  # forgotten there, or the node is going away
             return record
 
     def jobs(self) -> list[Job]:
         records = self.registry.jobs()
-        nodes = {r.node for r in records if r.node in self.agents}
-        pending = {n: self.agents[n].jobs.remote() for n in nodes}
+        agents = dict(self.agents)  # the monitor thread changes it
+        pending = {n: agents[n].jobs.remote() for n in {r.node for r in records} if n in agents}
         seen: dict[str, Job] = {}
         for node, ref in pending.items():
             try:
@@ -225,7 +232,7 @@ class Coordinator:
         local = request.model_copy(
             update={"jid": jid, "node": None, "checkpoint_every": None, "keep": None, "restore_on_loss": False}
         )
-        job = call(self.agents[node].run.remote(jtype, local))
+        job = call(self._agent(node).run.remote(jtype, local))
         details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss}
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
@@ -331,16 +338,23 @@ class Coordinator:
         agent_request = request.model_copy(update={"path": path, "checkpoint": None})
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
-        result: RestoreResult = call(self.agents[target].restore.remote(agent_request, history))
+        result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))
         job = result.job
         if existing:
             if existing.node != target and existing.node in self.agents:
-                call(self.agents[existing.node].forget.remote(existing.jid))
+                self._forget(existing)
             keep = {"created", "command", "managed", "details"}
             job = existing.model_copy(update=job.model_dump(exclude=keep))
         job = job.model_copy(update={"last_checkpoint": manifest.checkpoint, "node": target})
         self.registry.save_job(job)
         return result.model_copy(update={"job": job})
+
+    def _forget(self, job: Job) -> None:
+        """Drop what is left of a job on the node it left; the job is safe elsewhere either way."""
+        try:
+            call(self._agent(job.node).forget.remote(job.jid))
+        except CedanaError as exc:
+            log.warning("job %s: could not clean up on node %s: %s", job.jid, job.node[:12], exc)
 
     def _log_of(self, jid: str | None, node: str | None) -> bytes:
         """Job ``jid``'s output on ``node`` (its last MAX_LOG_CARRIED bytes), to carry to another node."""
@@ -348,7 +362,7 @@ class Coordinator:
             return b""
         data, offset = b"", 0
         with suppress(CedanaError):  # no log there (a managed job): nothing to carry
-            while chunk := call(self.agents[node].read_log.remote(jid, offset, 1 << 20), timeout=30):
+            while chunk := call(self._agent(node).read_log.remote(jid, offset, 1 << 20), timeout=30):
                 offset += len(chunk)
                 data = (data + chunk)[-MAX_LOG_CARRIED:]
         return data
@@ -416,7 +430,7 @@ class Coordinator:
                 call(source.unfreeze.remote(job.jid))
             raise
         if not was_frozen:
-            call(self.agents[target].unfreeze.remote(job.jid))
+            call(self._agent(target).unfreeze.remote(job.jid))
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.job.pid, "log": restored.job.log}
         )

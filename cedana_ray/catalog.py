@@ -51,4 +51,7 @@ def recover(registry: Registry, url: str) -> list[CheckpointInfo]:
         info = CheckpointInfo.of(m, store.url_of(m.checkpoint))
         registry.add_checkpoint(info)
         found.append(info)
+        job = registry.job(m.jid)
+        if registry.checkpoints(m.jid)[-1].checkpoint == m.checkpoint:  # the newest: restores start there
+            registry.save_job(job.model_copy(update={"last_checkpoint": m.checkpoint}))
     return found

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -21,7 +21,7 @@ import ray
 from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
 from conftest import kill_jobs
 from ray.cluster_utils import Cluster as RayCluster
-from test_process_criu import COUNTER, wait_for
+from test_process_criu import COUNTER, WORKLOADS, wait_for
 
 from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
@@ -31,6 +31,7 @@ from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore, split_url
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(180)]
+HEAVY = [sys.executable, str(WORKLOADS / "heavy_counter.py"), "256"]
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 << 20}
 
 
@@ -93,8 +94,8 @@ def last(client: Cluster, jid: str) -> int:
     return found[-1] if found else -1
 
 
-def run_counter(client: Cluster, jid: str, **kw: object) -> str:
-    client.run("process", RunRequest(cmd=COUNTER, jid=jid, **kw))  # type: ignore[arg-type]
+def run_counter(client: Cluster, jid: str, cmd: list[str] = COUNTER, **kw: object) -> str:
+    client.run("process", RunRequest(cmd=cmd, jid=jid, **kw))  # type: ignore[arg-type]
     wait_for(lambda: last(client, jid) >= 3, what=f"{jid} counting")
     return jid
 
@@ -301,8 +302,6 @@ def test_python_api_from_a_driver(ray_cluster: RayCluster) -> None:
 
 
 def test_a_job_checkpoints_itself_and_survives_migration(client: Cluster) -> None:
-    from test_process_criu import WORKLOADS
-
     client.run("process", RunRequest(cmd=[sys.executable, str(WORKLOADS / "self_checkpoint.py")], jid="c-inside"))
     wait_for(lambda: b"checkpoint=" in client.read_log("c-inside"), what="the job's own checkpoint")
     ckpt = re.search(rb"checkpoint=(\S+)", client.read_log("c-inside")).group(1).decode()  # type: ignore[union-attr]
@@ -310,6 +309,80 @@ def test_a_job_checkpoints_itself_and_survives_migration(client: Cluster) -> Non
     client.migrate("c-inside", other(client.job("c-inside").node))
     wait_for(lambda: b"on_restore called" in client.read_log("c-inside"), what="on_restore after the migration")
     client.kill("c-inside")
+
+
+def add_node(ray_cluster: RayCluster, client: Cluster) -> str:
+    node = ray_cluster.add_node(**NODE_ARGS)
+    wait_for(lambda: node.node_id in {n.node for n in client.nodes() if n.error is None}, 60, "the new node's agent")
+    return node
+
+
+def in_background(fn: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def test_target_dying_mid_migration_leaves_the_job_on_its_source(ray_cluster: RayCluster, client: Cluster) -> None:
+    target = add_node(ray_cluster, client)
+    source = ray_cluster.head_node.node_id
+    jid = run_counter(client, "c-target-dies", HEAVY, node=source)
+    thread, errors = in_background(lambda: client.migrate(jid, target.node_id))
+    time.sleep(0.5)  # frozen and dumping on the source
+    ray_cluster.remove_node(target)
+    thread.join(120)
+    assert len(errors) == 1 and isinstance(errors[0], CedanaError), errors
+    job = client.job(jid)
+    assert job.node == source and job.state is JobState.running
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
+
+
+def test_source_dying_mid_dump_restores_from_the_previous_checkpoint(ray_cluster: RayCluster, client: Cluster) -> None:
+    victim = add_node(ray_cluster, client)
+    jid = run_counter(client, "c-source-dies", HEAVY, node=victim.node_id)
+    first = client.dump(jid, DumpRequest(leave_running=True)).checkpoint
+    pid = client.job(jid).pid
+    thread, errors = in_background(lambda: client.dump(jid, DumpRequest()))
+    time.sleep(0.1)
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        p.kill()  # the machine goes down with the node
+    ray_cluster.remove_node(victim)
+    thread.join(120)
+    assert len(errors) == 1 and isinstance(errors[0], CedanaError), errors
+    wait_for(lambda: client.job(jid).state is JobState.lost, 30, "the job marked lost")
+    assert [c.checkpoint for c in client.checkpoints(jid)] == [first], "the failed dump left no checkpoint"
+    restored = client.restore(RestoreRequest(), jid=jid).job
+    assert restored.node != victim.node_id and restored.last_checkpoint == first
+    wait_for(lambda: last(client, jid) > 3, what="counting after the restore")
+    found = counts(client, jid)
+    assert found == list(range(found[0], found[0] + len(found))), "it went on from the checkpoint"
+    client.kill(jid)
+
+
+def test_coordinator_restart_mid_policy_run_loses_nothing(client: Cluster) -> None:
+    jid = run_counter(client, "c-policy-restart", HEAVY, checkpoint_every=1.0, keep=2)
+    wait_for(lambda: client.checkpoints(jid), 30, "a first policy checkpoint")
+    ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE), no_restart=False)  # most likely mid-dump
+    fresh = _wait_for_coordinator()
+    assert fresh.job(jid).state is JobState.running
+    root, _ = split_url(fresh.checkpoints(jid)[0].path)
+
+    def catalog_matches_store() -> bool:
+        stored = {m.checkpoint for m in CheckpointStore(root).list() if m.jid == jid}
+        listed = {c.checkpoint for c in fresh.checkpoints(jid)}
+        return stored == listed and len(listed) == 2
+
+    wait_for(catalog_matches_store, 60, "policy runs again, catalog and store agree, two kept")
+    fresh.kill(jid)
 
 
 # The last tests leave nodes draining: keep them at the end of the module.
