@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretBytes, model_validator
 
+from .errors import UsageError
 from .models import Compression, CriuOptions, Name
 from .store import DEFAULT_STREAMS
 
@@ -29,6 +30,18 @@ class DumpRequest(BaseModel):
     compression: Compression = Compression.zstd
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     criu: CriuOptions = CriuOptions()
+    encrypt: bool = False  # AES-256-GCM per chunk, with ``key``
+    key: SecretBytes | None = None  # 32 bytes; secret, so never in a repr or a dump
+
+    @model_validator(mode="after")
+    def _key_for_encrypt(self) -> DumpRequest:
+        if self.encrypt and self.key is None:
+            raise UsageError("--encrypt needs a key", hint="--key-file FILE or CEDANA_RAY_KEY")
+        return self
+
+    def encryption_key(self) -> bytes | None:
+        """The key to encrypt with, or None for a plain dump."""
+        return self.key.get_secret_value() if self.encrypt and self.key else None
 
 
 class RestoreRequest(BaseModel):
@@ -36,3 +49,7 @@ class RestoreRequest(BaseModel):
     path: str | None = None  # or a checkpoint URL
     jid: Name | None = None  # restore as a new job (a clone) under this id
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
+    key: SecretBytes | None = None  # of an encrypted checkpoint
+
+    def decryption_key(self) -> bytes | None:
+        return self.key.get_secret_value() if self.key else None
