@@ -49,9 +49,15 @@ def register_schemes(schemes: dict[str, Any]) -> None:
     """Make plugin-provided filesystems known to fsspec (refusing silent overrides).
 
     A plugin may specialise the class fsspec would use (a subclass of it, as
-    ``storage/s3`` does with s3fs), never replace it with an unrelated one.
+    ``storage/s3`` does with s3fs), never replace it with an unrelated one. A class
+    given as an import path (``"pkg.module.Class"``) is imported on first use; it
+    replaces fsspec's default for the scheme unless a class is already in use.
     """
     for scheme, cls in schemes.items():
+        if isinstance(cls, str):
+            if scheme not in fsspec.registry:  # the classes imported or registered so far
+                fsspec.register_implementation(scheme, cls, clobber=True)
+            continue
         try:
             current = fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError):

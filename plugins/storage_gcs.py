@@ -10,13 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Set before gcsfs is imported, which reads it: its experimental (gRPC) mode makes
-# every call to an emulator wait out a 60 s timeout.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-import gcsfs
-from google.auth import _cloud_sdk
-
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
 
@@ -27,29 +20,16 @@ def emulator() -> str | None:
     return os.environ.get("STORAGE_EMULATOR_HOST") or None
 
 
-class GCSStore(gcsfs.GCSFileSystem):
-    """gcsfs that tries each request once: the store retries, alike on every backend."""
-
-    cachable = False  # the emulator and credentials are read from the environment
-
-    # gcsfs retries a failed request six times with sleeps of up to 32 s: a dead
-    # server would hold a dump for a minute. Call the undecorated request instead.
-    _request = getattr(gcsfs.GCSFileSystem._request, "__wrapped__", gcsfs.GCSFileSystem._request)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if emulator():
-            kwargs.setdefault("token", "anon")  # emulators accept no credentials
-        super().__init__(*args, **kwargs)
-
-
 @hookimpl
 def cedana_checkpoint_storage() -> dict[str, Any]:
-    return {"gs": GCSStore}
+    return {"gs": "cedana_ray.plugins._gcsfs.GCSStore"}  # imported on first use: gcsfs takes 1 s to import
 
 
 def _credentials_check() -> HealthCheck:
     if host := emulator():
         return HealthCheck(name="credentials", ok=True, fatal=False, detail=f"none needed: emulator at {host}")
+    from google.auth import _cloud_sdk  # only here: `cedana-ray` starts faster without it
+
     # Only the files of the chain: probing the metadata server can take seconds off GCE.
     adc = _cloud_sdk.get_application_default_credentials_path()
     candidates = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), adc)

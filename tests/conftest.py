@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cedana_ray.plugins.storage_gcs import gcsfs  # imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT off
+from cedana_ray.plugins._gcsfs import gcsfs  # imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT off
 from fsspec import AbstractFileSystem
 from s3fs import S3FileSystem
 from servers import ACCESS_KEY, SECRET_KEY, FakeGCS, SeaweedS3, Server
