@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from conftest import Remote
 from servers import ACCESS_KEY, SECRET_KEY
-from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, start, wait_for
+from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
 
 from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, StorageError, UsageError
 from cedana_ray.models import Compression, JobState, Layout
-from cedana_ray.requests import DumpRequest, RestoreRequest
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore
 
 pytestmark = pytest.mark.criu
@@ -34,6 +34,13 @@ CLI = [sys.executable, "-m", "cedana_ray.cli"]
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+
+
+def start(engine: Engine, cmd: list[str], ready: str) -> None:
+    """Run ``cmd`` as job j1 and wait for ``ready`` in its log (which may take a moment to appear)."""
+    engine.run("process", RunRequest(cmd=cmd, jid="j1"))
+    log = Path(engine.job("j1").log or "")
+    wait_for(lambda: log.exists() and ready in log.read_text(), what="j1 output")
 
 
 def assert_no_credentials(*texts: str) -> None:
@@ -56,7 +63,7 @@ def assert_stays_checkpointed(engine: Engine, jid: str) -> None:
 
 
 def test_dump_restore_list_inspect_delete(engine: Engine, remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=5")
+    start(engine, COUNTER, "count=5")
     result = engine.dump("j1", DumpRequest(storage=remote.url))
     assert result.path == f"{remote.url}/{result.checkpoint}"
     stopped_at = last_count(engine, "j1")
@@ -77,7 +84,7 @@ def test_dump_restore_list_inspect_delete(engine: Engine, remote: Remote) -> Non
 
 
 def test_encrypted_round_trip_and_wrong_key(engine: Engine, remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=3")
+    start(engine, COUNTER, "count=3")
     result = engine.dump("j1", DumpRequest(storage=remote.url, encrypt=True, key=KEY))
     manifest = engine.inspect(result.checkpoint)
     assert manifest.encryption == "aes-256-gcm" and manifest.key_fingerprint == fingerprint(KEY)
@@ -96,7 +103,7 @@ def test_encrypted_round_trip_and_wrong_key(engine: Engine, remote: Remote) -> N
 
 
 def test_corrupted_then_deleted_chunk_is_refused(engine: Engine, remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=2")
+    start(engine, COUNTER, "count=2")
     result = engine.dump("j1", DumpRequest(storage=remote.url))
     chunk = pages_chunk(remote, result.checkpoint)
     image = chunk.split("/data/")[1].split("/")[0].removesuffix(".zst")
@@ -113,7 +120,7 @@ def test_corrupted_then_deleted_chunk_is_refused(engine: Engine, remote: Remote)
 
 
 def test_missing_bucket_fails_cleanly(engine: Engine, remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=2")
+    start(engine, COUNTER, "count=2")
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         engine.dump("j1", DumpRequest(storage=f"{remote.scheme}://no-such-bucket/x"))
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
@@ -121,7 +128,7 @@ def test_missing_bucket_fails_cleanly(engine: Engine, remote: Remote) -> None:
 
 
 def test_interrupted_upload_leaves_nothing(engine: Engine, remote: Remote) -> None:
-    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], ready="ready")
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], "ready")
 
     def interrupt(stage: str, done: int, total: int) -> None:
         if stage == "store" and done:
@@ -145,7 +152,7 @@ def killer(remote: Remote, stage: str) -> Callable[[str, int, int], None]:
 
 
 def test_server_killed_mid_upload(engine: Engine, own_remote: Remote) -> None:
-    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], ready="ready")
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], "ready")
     request = DumpRequest(storage=own_remote.url, compression=Compression.none)
     with pytest.raises(StorageError, match="unreachable"):
         engine.dump("j1", request, progress=killer(own_remote, "store"))
@@ -157,7 +164,7 @@ def test_server_killed_mid_upload(engine: Engine, own_remote: Remote) -> None:
 
 
 def test_server_killed_mid_restore(engine: Engine, own_remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=2")
+    start(engine, COUNTER, "count=2")
     engine.dump("j1", DumpRequest(storage=own_remote.url))
     with pytest.raises(StorageError, match="unreachable"):
         engine.restore(RestoreRequest(), jid="j1", progress=killer(own_remote, "fetch"))
@@ -170,7 +177,7 @@ def test_server_killed_mid_restore(engine: Engine, own_remote: Remote) -> None:
 
 @pytest.mark.parametrize("remote", ["s3"], indirect=True)
 def test_wrong_credentials_one_line_no_secret(engine: Engine, remote: Remote) -> None:
-    start(engine, COUNTER, ready="count=2")
+    start(engine, COUNTER, "count=2")
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong-secret-for-the-test"}
     res = cli("dump", "job", "j1", "--dir", remote.url, "--json", env=env)
     assert res.returncode == StorageError.exit_code and res.stdout == ""
@@ -183,7 +190,7 @@ def test_wrong_credentials_one_line_no_secret(engine: Engine, remote: Remote) ->
 
 @pytest.mark.parametrize("remote", ["s3"], indirect=True)  # the one backend with credentials
 def test_cli_json_never_shows_credentials(engine: Engine, remote: Remote, tmp_path: Path) -> None:
-    start(engine, COUNTER, ready="count=2")
+    start(engine, COUNTER, "count=2")
     key_file = tmp_path / "key"
     key_file.write_text(KEY.hex())
     dump = cli("dump", "job", "j1", "--dir", remote.url, "--encrypt", "--key-file", str(key_file), "--json")
