@@ -52,6 +52,7 @@ def run(ctx: Context) -> Job:
         "log": str(log),
         "exit_file": str(job_dir / "exit.json"),
     }
+    log.touch()  # the supervisor opens it only after launch returns: `logs` must work at once
     try:
         reply = launch(spec, job_dir)
     except LaunchError as exc:
