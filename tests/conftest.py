@@ -149,4 +149,4 @@ def own_remote(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyte
             monkeypatch.setenv(var, value)
         yield remote
     finally:
-        server.stop()
+        server.kill()  # a throwaway server: a graceful stop of weed takes 2 s

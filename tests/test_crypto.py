@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cedana_ray.cli.main import cli
 from cedana_ray.crypto import ChunkCipher, fingerprint, load_key, parse_key
 from cedana_ray.errors import CorruptCheckpoint, UsageError
+from cedana_ray.requests import DumpRequest
 
 KEY = bytes(range(32))
 
@@ -62,3 +63,12 @@ def test_dump_key_errors(home: Path, monkeypatch: pytest.MonkeyPatch, args: list
     monkeypatch.delenv("CEDANA_RAY_KEY", raising=False)
     result = CliRunner().invoke(cli, ["dump", "job", "j1", *args], standalone_mode=False)
     assert isinstance(result.exception, UsageError) and message in str(result.exception)
+
+
+def test_requests_check_and_hide_the_key() -> None:
+    with pytest.raises(UsageError, match="32 bytes"):
+        DumpRequest(encrypt=True, key=b"short")
+    request = DumpRequest(encrypt=True, key=KEY)
+    assert request.encryption_key() == KEY
+    assert repr(KEY)[2:-1] not in repr(request) and KEY.hex() not in request.model_dump_json()
+    assert DumpRequest(key=KEY).encryption_key() is None, "a key alone does not encrypt"
