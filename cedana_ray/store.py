@@ -283,14 +283,12 @@ class CheckpointStore:
 
     # -- read
     def manifest(self, ckpt: str) -> Manifest:
-        try:
-            with self._errors(f"reading checkpoint {ckpt} from"):
+        with self._errors(f"reading checkpoint {ckpt} from"):
+            try:
                 raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}"))
-        except StorageError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError | NotADirectoryError):  # NotADirectory: a stray file
-                raise
-            self._require_bucket(exc.__cause__)
-            raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc.__cause__
+            except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
+                self._require_bucket(exc)
+                raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
         try:
             return Manifest.model_validate_json(raw)
         except ValueError as exc:
@@ -306,14 +304,12 @@ class CheckpointStore:
             raise StorageError(f"opening {self.url} failed: bucket {self.bucket!r} does not exist") from exc
 
     def list(self) -> list[Manifest]:
-        try:
-            with self._errors("listing"):
+        with self._errors("listing"):
+            try:
                 entries = retrying(lambda: self.fs.ls(self.root, detail=False, refresh=True))
-        except StorageError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
-            self._require_bucket(exc.__cause__)
-            return []
+            except FileNotFoundError as exc:  # nothing stored yet, or no bucket
+                self._require_bucket(exc)
+                return []
         found = []
         for entry in entries:
             try:
