@@ -242,7 +242,7 @@ class Engine:
         store = CheckpointStore(req.storage or job.details.get("storage") or self.paths.storage)
         ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         work = staging_area(self.paths.staging, tree_rss(job.pid))
-        images = store.dump_dir(ckpt, req.compression, work)
+        images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
         ctx.state.update(images=images, work=work)
         try:
             with store.prehash(images, ckpt) as prehashed:
@@ -265,6 +265,7 @@ class Engine:
                 streams=req.streams,
                 progress=ctx.progress,
                 prehashed=prehashed,
+                key=req.encryption_key(),
             )
         except BaseException:
             store.discard(ckpt)
@@ -321,7 +322,7 @@ class Engine:
         try:
             if not store.readable_in_place(manifest) or manifest.details.get("gpu"):
                 _, ctx.state["images"] = store.fetch(
-                    manifest.checkpoint, tmp / "images", ctx.request.streams, ctx.progress
+                    manifest.checkpoint, tmp / "images", ctx.request.streams, ctx.progress, ctx.request.decryption_key()
                 )
                 return next_(ctx)
             ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)

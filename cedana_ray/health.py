@@ -54,7 +54,8 @@ def _store_checks(engine: Engine) -> list[HealthCheck]:
     url = engine.paths.storage
     try:
         store = CheckpointStore(url)
-        store.fs.makedirs(store.root, exist_ok=True)
+        if store.local:  # on an object store makedirs would create a missing bucket
+            store.fs.makedirs(store.root, exist_ok=True)
         count = len(store.list())
         return [HealthCheck(name="default store", ok=True, detail=f"{url}: {count} checkpoint(s)")]
     except (CedanaError, OSError) as exc:

@@ -193,7 +193,10 @@ def cedana_query_handler() -> Handler:
 # -- called on every plugin
 @hookspec
 def cedana_checkpoint_storage() -> dict[str, Any]:
-    """URL schemes this plugin stores checkpoints on: ``{scheme: fsspec class}``."""
+    """URL schemes this plugin stores checkpoints on: ``{scheme: fsspec class}``.
+
+    A class may be given as its import path (``"pkg.module.Class"``), imported when
+    the scheme is first used, so that heavy backends do not slow every command."""
 
 
 @hookspec

@@ -38,6 +38,13 @@ class Compression(StrEnum):
     none = "none"
 
 
+class Layout(StrEnum):
+    """How a checkpoint's image files are stored."""
+
+    file = "file"  # one file per image, chunks at stored offsets (local stores)
+    chunks = "chunks"  # one object per chunk, uploaded and fetched in parallel (object stores)
+
+
 class JobState(StrEnum):
     running = "running"
     frozen = "frozen"
@@ -169,6 +176,9 @@ class Manifest(BaseModel):
     files: tuple[ImageFile, ...]
     parent: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)  # plugin facts for restore
+    layout: Layout = Layout.file
+    encryption: str | None = None  # "aes-256-gcm" when the chunks are encrypted
+    key_fingerprint: str | None = None  # of the key they were encrypted with; never the key
 
     @property
     def size_bytes(self) -> int:

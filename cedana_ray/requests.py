@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
 
+from pydantic import AfterValidator, BaseModel, Field, SecretBytes, model_validator
+
+from .crypto import KEY_BYTES
+from .errors import UsageError
 from .models import Compression, CriuOptions, Name
 from .store import DEFAULT_STREAMS
+
+
+def _check_key(key: SecretBytes) -> SecretBytes:
+    if len(key.get_secret_value()) != KEY_BYTES:
+        raise UsageError(f"an encryption key has {KEY_BYTES} bytes", hint="load it with cedana_ray.crypto.load_key")
+    return key
+
+
+Key = Annotated[SecretBytes, AfterValidator(_check_key)]  # secret: never in a repr or a dump
 
 
 class RunRequest(BaseModel):
@@ -31,6 +44,18 @@ class DumpRequest(BaseModel):
     compression: Compression = Compression.zstd
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     criu: CriuOptions = CriuOptions()
+    encrypt: bool = False  # AES-256-GCM per chunk, with ``key``
+    key: Key | None = None
+
+    @model_validator(mode="after")
+    def _key_for_encrypt(self) -> DumpRequest:
+        if self.encrypt and self.key is None:
+            raise UsageError("--encrypt needs a key", hint="--key-file FILE or CEDANA_RAY_KEY")
+        return self
+
+    def encryption_key(self) -> bytes | None:
+        """The key to encrypt with, or None for a plain dump."""
+        return self.key.get_secret_value() if self.encrypt and self.key else None
 
 
 class RestoreRequest(BaseModel):
@@ -38,3 +63,7 @@ class RestoreRequest(BaseModel):
     path: str | None = None  # or a checkpoint URL
     jid: Name | None = None  # restore as a new job (a clone) under this id
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
+    key: Key | None = None  # of an encrypted checkpoint
+
+    def decryption_key(self) -> bytes | None:
+        return self.key.get_secret_value() if self.key else None

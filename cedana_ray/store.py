@@ -5,6 +5,12 @@ Layout of checkpoint ``ID`` under a store URL::
     URL/ID/data/<image file><ext>   chunks, each an independent compressed frame
     URL/ID/manifest.json            written last; without it there is no checkpoint
 
+On object stores (``s3://``, ``gs://``) each chunk is its own object,
+``URL/ID/data/<image file><ext>/<index>``, so chunks are uploaded and fetched in
+parallel and a failed request is retried alone (see :mod:`cedana_ray.retry`).
+Chunks may be encrypted (:mod:`cedana_ray.crypto`); sha256 is of the stored bytes,
+so integrity is checked without the key.
+
 With ``--compression none`` on a local store CRIU dumps straight into
 ``URL/ID/data`` and the chunks are only hashed in place, so a local uncompressed
 checkpoint costs CRIU's own write plus one read.
@@ -17,92 +23,47 @@ import hashlib
 import os
 import shutil
 import tempfile
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 import psutil
 from fsspec.implementations.local import LocalFileSystem
 
+from .chunking import DEFAULT_CHUNK, Prehasher, bounded_map, chunk_in_place
 from .codec import EXTENSIONS, codec
-from .errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
-from .models import Chunk, Compression, ImageFile, Manifest, check_name
+from .crypto import ALGORITHM, ChunkCipher, cipher_for, fingerprint
+from .errors import CedanaError, CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
+from .models import Chunk, Compression, ImageFile, Layout, Manifest, check_name
+from .retry import ATTEMPTS, describe, is_storage_error, retrying
 
 MANIFEST = "manifest.json"
-DEFAULT_CHUNK = 8 << 20
 DEFAULT_STREAMS = max(2, min(8, os.cpu_count() or 2))
 Progress = Callable[[str, int, int], None]
-T = TypeVar("T")
-
-
-def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[Any], window: int) -> Iterator[T]:
-    """``pool.map`` in order, with at most ``window`` results in memory."""
-    pending: deque[Future[T]] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _chunk_in_place(fd: int, off: int, size: int) -> Chunk:
-    digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
-    return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
-
-
-class Prehasher:
-    """Hashes the full chunks of images while CRIU is still writing them.
-
-    CRIU writes each image file sequentially, so a chunk wholly below a file's current
-    size is final. Used for in-place dumps: commit() then hashes only what is left,
-    and hashing overlaps with CRIU instead of following it.
-    """
-
-    def __init__(self, images: Path, chunk_size: int = DEFAULT_CHUNK) -> None:
-        self.images = images
-        self.chunk_size = chunk_size
-        self.chunks: dict[str, list[Chunk]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prehash", daemon=True)
-
-    def __enter__(self) -> Prehasher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            for path in sorted(self.images.iterdir()):
-                with contextlib.suppress(OSError):
-                    self._catch_up(path)
-
-    def _catch_up(self, path: Path) -> None:
-        done = self.chunks.setdefault(path.name, [])
-        size = path.stat().st_size
-        if (len(done) + 1) * self.chunk_size > size:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while (len(done) + 1) * self.chunk_size <= size and not self._stop.is_set():
-                done.append(_chunk_in_place(fd, len(done) * self.chunk_size, self.chunk_size))
-        finally:
-            os.close(fd)
+Encoder = Callable[[int, tuple[int, int]], bytes]  # (chunk index, (offset, size)) -> stored bytes
 
 
 def register_schemes(schemes: dict[str, Any]) -> None:
-    """Make plugin-provided filesystems known to fsspec (refusing silent overrides)."""
+    """Make plugin-provided filesystems known to fsspec (refusing silent overrides).
+
+    A plugin may specialise the class fsspec would use (a subclass of it, as
+    ``storage/s3`` does with s3fs), never replace it with an unrelated one. A class
+    given as an import path (``"pkg.module.Class"``) is imported on first use; it
+    replaces fsspec's default for the scheme unless a class is already in use.
+    """
     for scheme, cls in schemes.items():
-        if scheme in fsspec.available_protocols():
+        if isinstance(cls, str):
+            if scheme not in fsspec.registry:  # the classes imported or registered so far
+                fsspec.register_implementation(scheme, cls, clobber=True)
             continue
-        fsspec.register_implementation(scheme, cls)
+        try:
+            current = fsspec.get_filesystem_class(scheme)
+        except (ValueError, ImportError):
+            current = None
+        if current is None or (current is not cls and issubclass(cls, current)):
+            fsspec.register_implementation(scheme, cls, clobber=True)
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -127,6 +88,19 @@ class CheckpointStore:
                 hint=f"known schemes: {', '.join(sorted(fsspec.available_protocols()))}",
             ) from exc
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.bucket = "" if self.local else self.root.split("/", 1)[0]
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Backend errors as one :class:`StorageError` line naming the store, never credentials."""
+        try:
+            yield
+        except CedanaError:
+            raise
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            raise StorageError(f"{action} {self.url} failed: {describe(exc, self.bucket or self.root)}") from exc
 
     # -- paths
     def path(self, ckpt: str) -> str:
@@ -143,9 +117,10 @@ class CheckpointStore:
         """Whether ``images`` are the stored data of ``ckpt`` (local, uncompressed)."""
         return self.local and images == Path(self.path(ckpt)) / "data"
 
-    def dump_dir(self, ckpt: str, compression: Compression, staging: Path) -> Path:
+    def dump_dir(self, ckpt: str, compression: Compression, staging: Path, encrypted: bool = False) -> Path:
         """Where CRIU should write the images of ``ckpt``: in place, or in ``staging``."""
-        target = Path(self.path(ckpt)) / "data" if self.local and compression is Compression.none else staging / ckpt
+        in_place = self.local and compression is Compression.none and not encrypted
+        target = Path(self.path(ckpt)) / "data" if in_place else staging / ckpt
         target.mkdir(parents=True, exist_ok=False)
         return target
 
@@ -160,40 +135,62 @@ class CheckpointStore:
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
         prehashed: Prehasher | None = None,
+        key: bytes | None = None,
     ) -> Manifest:
         """Store the image files in ``images`` and write the manifest last.
 
-        ``manifest`` holds every manifest field but ``files``, ``compression`` and
-        ``chunk_size``; ``prehashed`` the chunks already hashed during the dump. On any
-        failure nothing that lists as a checkpoint is left.
+        ``manifest`` holds every manifest field but ``files``, ``compression``,
+        ``chunk_size`` and the storage ones; ``prehashed`` the chunks already hashed
+        during the dump; ``key`` encrypts every chunk. On any failure nothing that
+        lists as a checkpoint is left.
         """
-        known = prehashed.chunks if prehashed and prehashed.chunk_size == chunk_size else {}
         ckpt = manifest["checkpoint"]
+        storage = {
+            "layout": Layout.file if self.local else Layout.chunks,
+            "encryption": ALGORITHM if key else None,
+            "key_fingerprint": fingerprint(key) if key else None,
+            "compression": compression,
+            "chunk_size": chunk_size,
+        }
+        cipher = ChunkCipher(key, ckpt) if key else None
         try:
-            in_place = self._in_place(images, ckpt)
-            names = sorted(p.name for p in images.iterdir() if p.is_file())
-            total = sum((images / n).stat().st_size for n in names)
-            done = 0
-            files = []
-            with ThreadPoolExecutor(streams) as pool:
-                for name in names:
-                    if in_place:
-                        image = self._hash_in_place(pool, images / name, known.get(name, []), chunk_size, streams)
-                    else:
-                        image = self._write_file(pool, images / name, ckpt, compression, chunk_size, streams)
-                    files.append(image)
-                    done += image.size
-                    if progress:
-                        progress("store", done, total)
-            final = Manifest(**manifest, files=tuple(files), compression=compression, chunk_size=chunk_size)
-            self._write_manifest(ckpt, final)
+            with self._errors(f"storing checkpoint {ckpt} in"):
+                files = self._store_files(images, ckpt, compression, chunk_size, streams, progress, prehashed, cipher)
+                final = Manifest(**manifest, **storage, files=tuple(files))
+                self._write_manifest(ckpt, final)
             return final
-        except OSError as exc:
-            self.discard(ckpt)
-            raise StorageError(f"storing checkpoint {ckpt} in {self.url} failed: {exc}") from exc
         except BaseException:
             self.discard(ckpt)
             raise
+
+    def _store_files(
+        self,
+        images: Path,
+        ckpt: str,
+        compression: Compression,
+        chunk_size: int,
+        streams: int,
+        progress: Progress | None,
+        prehashed: Prehasher | None,
+        cipher: ChunkCipher | None,
+    ) -> list[ImageFile]:
+        known = prehashed.chunks if prehashed and prehashed.chunk_size == chunk_size else {}
+        in_place = self._in_place(images, ckpt)
+        names = sorted(p.name for p in images.iterdir() if p.is_file())
+        total = sum((images / n).stat().st_size for n in names)
+        done = 0
+        files = []
+        with ThreadPoolExecutor(streams) as pool:
+            for name in names:
+                if in_place:
+                    image = self._hash_in_place(pool, images / name, known.get(name, []), chunk_size, streams)
+                else:
+                    image = self._write_file(pool, images / name, ckpt, compression, chunk_size, streams, cipher)
+                files.append(image)
+                done += image.size
+                if progress:
+                    progress("store", done, total)
+        return files
 
     def _chunks(self, path: Path, chunk_size: int) -> list[tuple[int, int]]:
         size = path.stat().st_size
@@ -206,38 +203,70 @@ class CheckpointStore:
         rest = [span for span in self._chunks(path, chunk_size) if span[0] >= len(known) * chunk_size]
         fd = os.open(path, os.O_RDONLY)
         try:
-            hashed = bounded_map(pool, lambda span: _chunk_in_place(fd, *span), rest, streams * 2)
+            hashed = bounded_map(pool, lambda span: chunk_in_place(fd, *span), rest, streams * 2)
             chunks = (*known, *hashed)
         finally:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=chunks)
 
     def _write_file(
-        self, pool: ThreadPoolExecutor, path: Path, ckpt: str, compression: Compression, chunk_size: int, streams: int
+        self,
+        pool: ThreadPoolExecutor,
+        path: Path,
+        ckpt: str,
+        compression: Compression,
+        chunk_size: int,
+        streams: int,
+        cipher: ChunkCipher | None,
     ) -> ImageFile:
         compress, _ = codec(compression)
         fd = os.open(path, os.O_RDONLY)
 
-        def one(span: tuple[int, int]) -> tuple[int, int, bytes, str]:
-            off, size = span
-            data = compress(os.pread(fd, size, off))
-            return off, size, data, hashlib.sha256(data).hexdigest()
+        def encode(index: int, span: tuple[int, int]) -> bytes:
+            data = compress(os.pread(fd, span[1], span[0]))
+            return cipher.encrypt(data, path.name, index) if cipher else data
 
-        chunks = []
-        stored = 0
         target = f"{self.path(ckpt)}/data/{path.name}{EXTENSIONS[compression]}"
         try:
-            self.fs.makedirs(f"{self.path(ckpt)}/data", exist_ok=True)
-            with self.fs.open(target, "wb") as out:
-                for off, size, data, digest in bounded_map(pool, one, self._chunks(path, chunk_size), streams * 2):
-                    out.write(data)
-                    chunks.append(
-                        Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest)
-                    )
-                    stored += len(data)
+            write = self._append_chunks if self.local else self._put_chunks
+            chunks = write(pool, target, self._chunks(path, chunk_size), encode, streams)
         finally:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=tuple(chunks))
+
+    def _append_chunks(
+        self, pool: ThreadPoolExecutor, target: str, spans: list[tuple[int, int]], encode: Encoder, streams: int
+    ) -> list[Chunk]:
+        """Encode chunks in parallel and append them, in order, to the one file ``target``."""
+
+        def one(item: tuple[int, tuple[int, int]]) -> tuple[tuple[int, int], bytes]:
+            return item[1], encode(*item)
+
+        chunks = []
+        stored = 0
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(target, "wb") as out:
+            for (off, size), data in bounded_map(pool, one, enumerate(spans), streams * 2):
+                out.write(data)
+                digest = hashlib.sha256(data).hexdigest()
+                chunks.append(Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest))
+                stored += len(data)
+        return chunks
+
+    def _put_chunks(
+        self, pool: ThreadPoolExecutor, target: str, spans: list[tuple[int, int]], encode: Encoder, streams: int
+    ) -> list[Chunk]:
+        """Encode and upload chunks in parallel, each as its own object under ``target``."""
+
+        def one(item: tuple[int, tuple[int, int]]) -> Chunk:
+            index, (off, size) = item
+            data = encode(index, (off, size))
+            retrying(lambda: self.fs.pipe_file(f"{target}/{index:06d}", data))
+            return Chunk(
+                offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+
+        return list(bounded_map(pool, one, enumerate(spans), streams * 2))
 
     def _write_manifest(self, ckpt: str, manifest: Manifest) -> None:
         data = manifest.model_dump_json(indent=1).encode()
@@ -249,25 +278,38 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-        else:
-            self.fs.pipe_file(final, data)
+        else:  # an object store's PUT is atomic already
+            retrying(lambda: self.fs.pipe_file(final, data))
 
     # -- read
     def manifest(self, ckpt: str) -> Manifest:
-        try:
-            raw = self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}")
-        except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
-            raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
+        with self._errors(f"reading checkpoint {ckpt} from"):
+            try:
+                raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}"))
+            except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
+                self._require_bucket(exc)
+                raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
         try:
             return Manifest.model_validate_json(raw)
         except ValueError as exc:
             raise CorruptCheckpoint(f"checkpoint {ckpt}: unreadable manifest: {exc}") from exc
 
+    def _require_bucket(self, exc: BaseException) -> None:
+        """Raise a clear :class:`StorageError` when ``exc`` came from a missing bucket."""
+        if self.local:
+            return
+        with self._errors("opening"):
+            exists = retrying(lambda: self.fs.exists(self.bucket))
+        if not exists:
+            raise StorageError(f"opening {self.url} failed: bucket {self.bucket!r} does not exist") from exc
+
     def list(self) -> list[Manifest]:
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
+        with self._errors("listing"):
+            try:
+                entries = retrying(lambda: self.fs.ls(self.root, detail=False, refresh=True))
+            except FileNotFoundError as exc:  # nothing stored yet, or no bucket
+                self._require_bucket(exc)
+                return []
         found = []
         for entry in entries:
             try:
@@ -278,7 +320,7 @@ class CheckpointStore:
 
     def readable_in_place(self, manifest: Manifest) -> bool:
         """Whether CRIU can read ``manifest``'s images where they are stored."""
-        return self.local and manifest.compression is Compression.none
+        return self.local and manifest.compression is Compression.none and not manifest.encryption
 
     def link(self, manifest: Manifest, dest: Path) -> Path:
         """Links in ``dest`` to the images of an in-place checkpoint, unverified."""
@@ -288,54 +330,78 @@ class CheckpointStore:
         return dest
 
     def fetch(
-        self, ckpt: str, dest: Path, streams: int = DEFAULT_STREAMS, progress: Progress | None = None
+        self,
+        ckpt: str,
+        dest: Path,
+        streams: int = DEFAULT_STREAMS,
+        progress: Progress | None = None,
+        key: bytes | None = None,
     ) -> tuple[Manifest, Path]:
         """Verify every chunk of ``ckpt`` and lay its images out in ``dest``.
 
         Returns the manifest and the directory CRIU should restore from: ``dest``,
-        holding decompressed files, or links to an uncompressed local checkpoint.
-        Raises :class:`CorruptCheckpoint` naming the first bad chunk.
+        holding decompressed (and decrypted, with ``key``) files, or links to an
+        uncompressed local checkpoint. Raises :class:`CorruptCheckpoint` naming the
+        first bad chunk, :class:`UsageError` when an encrypted checkpoint's key is
+        missing or wrong.
         """
         manifest = self.manifest(ckpt)
         if self.readable_in_place(manifest):
             self.verify(manifest, streams, progress)
             return manifest, self.link(manifest, dest)
+        cipher = cipher_for(manifest, key)
         dest.mkdir(parents=True, exist_ok=True)
-        self._each_file(manifest, dest, streams, progress)
+        self._each_file(manifest, dest, streams, progress, cipher)
         return manifest, dest
 
     def verify(self, manifest: Manifest, streams: int = DEFAULT_STREAMS, progress: Progress | None = None) -> None:
         """Check every chunk's sha256; raises :class:`CorruptCheckpoint` naming the first bad one."""
-        self._each_file(manifest, None, streams, progress)
+        self._each_file(manifest, None, streams, progress, None)
 
-    def _each_file(self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None) -> None:
+    def _each_file(
+        self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None, cipher: ChunkCipher | None
+    ) -> None:
         total, done = manifest.image_bytes, 0
-        with ThreadPoolExecutor(streams) as pool:
+        with self._errors(f"fetching checkpoint {manifest.checkpoint} from"), ThreadPoolExecutor(streams) as pool:
             for image in manifest.files:
-                self._fetch_file(pool, manifest, image, dest, streams)
+                self._fetch_file(pool, manifest, image, dest, streams, cipher)
                 done += image.size
                 if progress:
                     progress("fetch", done, total)
 
-    def _fetch_file(
-        self, pool: ThreadPoolExecutor, manifest: Manifest, image: ImageFile, dest: Path | None, streams: int
-    ) -> None:
-        """Verify the chunks of ``image``; decompress them into ``dest`` unless it is None."""
-        ckpt = manifest.checkpoint
+    def _read_chunk(self, manifest: Manifest, image: ImageFile, index: int) -> bytes:
+        """The stored bytes of chunk ``index`` of ``image``, checked against its sha256."""
+        ckpt, chunk = manifest.checkpoint, image.chunks[index]
         source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[manifest.compression]}"
+        try:
+            if manifest.layout is Layout.chunks:
+                data = retrying(lambda: self.fs.cat_file(f"{source}/{index:06d}"))
+            else:
+                end = chunk.stored_offset + chunk.stored_size
+                data = retrying(lambda: self.fs.cat_file(source, chunk.stored_offset, end))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is missing") from exc
+        if len(data) != chunk.stored_size or hashlib.sha256(data).hexdigest() != chunk.sha256:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)")
+        return data
+
+    def _fetch_file(
+        self,
+        pool: ThreadPoolExecutor,
+        manifest: Manifest,
+        image: ImageFile,
+        dest: Path | None,
+        streams: int,
+        cipher: ChunkCipher | None,
+    ) -> None:
+        """Verify the chunks of ``image``; decrypt and decompress them into ``dest`` unless it is None."""
         _, decompress = codec(manifest.compression)
 
         def one(index: int) -> tuple[Chunk, bytes]:
-            chunk = image.chunks[index]
-            try:
-                data = self.fs.cat_file(source, chunk.stored_offset, chunk.stored_offset + chunk.stored_size)
-            except FileNotFoundError as exc:
-                raise CorruptCheckpoint(f"checkpoint {ckpt}: image {image.name} is missing") from exc
-            if len(data) != chunk.stored_size or hashlib.sha256(data).hexdigest() != chunk.sha256:
-                raise CorruptCheckpoint(
-                    f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)"
-                )
-            return chunk, b"" if dest is None else decompress(data)
+            data = self._read_chunk(manifest, image, index)
+            if dest is None:
+                return image.chunks[index], b""
+            return image.chunks[index], decompress(cipher.decrypt(data, image.name, index) if cipher else data)
 
         results = bounded_map(pool, one, range(len(image.chunks)), streams * 2)
         if dest is None:
@@ -346,7 +412,9 @@ class CheckpointStore:
         try:
             for chunk, data in results:
                 if len(data) != chunk.size:
-                    raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk of {image.name} has the wrong size")
+                    raise CorruptCheckpoint(
+                        f"checkpoint {manifest.checkpoint}: chunk of {image.name} has the wrong size"
+                    )
                 os.pwrite(fd, data, chunk.offset)
             os.ftruncate(fd, image.size)
         finally:
@@ -355,14 +423,29 @@ class CheckpointStore:
     # -- delete
     def delete(self, ckpt: str) -> None:
         self.manifest(ckpt)  # raises when there is no such checkpoint
-        self.discard(ckpt)
+        with self._errors(f"deleting checkpoint {ckpt} from"):
+            self._remove(ckpt)
 
-    def discard(self, ckpt: str) -> None:
-        """Remove whatever exists of ``ckpt``, manifest first so it stops listing."""
+    def discard(self, ckpt: str) -> bool:
+        """Remove whatever exists of ``ckpt``, as far as the store lets us; whether all went.
+
+        Called on failed dumps, maybe because the store is unreachable: what cannot be
+        removed then has no manifest, so it never lists as a checkpoint.
+        """
+        try:
+            self._remove(ckpt, attempts=1)  # after a failure, often of the store itself: don't wait on it
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            return False
+        return True
+
+    def _remove(self, ckpt: str, attempts: int = ATTEMPTS) -> None:
+        """Remove ``ckpt``, manifest first so it stops listing."""
         path = self.path(ckpt)
         for target in (f"{path}/{MANIFEST}", path):
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(target, recursive=target == path)
+                retrying(lambda target=target: self.fs.rm(target, recursive=target == path), attempts)
 
 
 SHM = Path("/dev/shm")

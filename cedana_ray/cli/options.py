@@ -10,7 +10,9 @@ import click
 
 from .. import cluster
 from ..cluster import Cluster
+from ..crypto import KEY_ENV, load_key
 from ..engine import Engine
+from ..errors import UsageError
 from ..models import Compression, CriuOptions
 from ..requests import DumpRequest, RestoreRequest
 from ..store import DEFAULT_STREAMS
@@ -36,6 +38,13 @@ def engine() -> Engine | Cluster:
     return root.obj
 
 
+key_file_option = click.option(
+    "--key-file",
+    metavar="FILE",
+    help=f"Key of an encrypted checkpoint: 32 bytes, 64 hex digits or base64 (default: ${KEY_ENV}).",
+)
+
+
 def dump_options(fn: F) -> F:
     """The options of every dump command, turned into a ``request: DumpRequest``."""
     options = [
@@ -59,6 +68,10 @@ def dump_options(fn: F) -> F:
         click.option("--file-locks", is_flag=True, help="Checkpoint file locks."),
         click.option("--shell-job", is_flag=True, help="The workload is attached to a terminal session."),
         click.option("--external", multiple=True, metavar="RES", help="CRIU external resource (repeatable)."),
+        click.option(
+            "--encrypt", is_flag=True, help=f"Encrypt the checkpoint (AES-256-GCM; key: --key-file or {KEY_ENV})."
+        ),
+        key_file_option,
     ]
 
     @functools.wraps(fn)
@@ -69,18 +82,27 @@ def dump_options(fn: F) -> F:
             shell_job=kw.pop("shell_job"),
             external=tuple(kw.pop("external")),
         )
+        encrypt = kw.pop("encrypt")
         kw["request"] = DumpRequest(
             leave_running=kw.pop("leave_running"),
             storage=kw.pop("storage"),
             compression=Compression(kw.pop("compression")),
             streams=kw.pop("streams"),
             criu=criu,
+            encrypt=encrypt,
+            key=_dump_key(encrypt, kw.pop("key_file")),
         )
         return fn(**kw)
 
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def _dump_key(encrypt: bool, key_file: str | None) -> bytes | None:
+    if key_file and not encrypt:
+        raise UsageError("--key-file is for encrypted dumps", hint="add --encrypt")
+    return load_key(key_file) if encrypt else None
 
 
 def restore_options(fn: F) -> F:
@@ -93,9 +115,11 @@ def restore_options(fn: F) -> F:
             streams=kw.pop("streams"),
             checkpoint=kw.pop("checkpoint", None),
             path=kw.pop("path", None),
+            key=load_key(kw.pop("key_file")),
         )
         return fn(**kw)
 
+    wrapper = key_file_option(wrapper)
     wrapper = click.option(
         "--streams",
         type=click.IntRange(1, 64),

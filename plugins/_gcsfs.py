@@ -1,0 +1,29 @@
+"""The filesystem of ``storage/gcs``, imported only when a ``gs://`` URL is used."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Set before gcsfs is imported, which reads it: its experimental (gRPC) mode makes
+# every call to an emulator wait out a 60 s timeout.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import gcsfs
+
+from .storage_gcs import emulator
+
+
+class GCSStore(gcsfs.GCSFileSystem):
+    """gcsfs that tries each request once: the store retries, alike on every backend."""
+
+    cachable = False  # the emulator and credentials are read from the environment
+
+    # gcsfs retries a failed request six times with sleeps of up to 32 s: a dead
+    # server would hold a dump for a minute. Call the undecorated request instead.
+    _request = getattr(gcsfs.GCSFileSystem._request, "__wrapped__", gcsfs.GCSFileSystem._request)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if emulator():
+            kwargs.setdefault("token", "anon")  # emulators accept no credentials
+        super().__init__(*args, **kwargs)

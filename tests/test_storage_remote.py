@@ -1,0 +1,213 @@
+"""Checkpoints on S3 (SeaweedFS) and GCS (fake-gcs-server): real servers, real CRIU jobs.
+
+Each test runs on both backends through the ``remote`` fixture (a fresh bucket on
+the session's servers) or ``own_remote`` (a server of its own, to kill).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Remote
+from servers import ACCESS_KEY, SECRET_KEY
+from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
+
+from cedana_ray.crypto import fingerprint
+from cedana_ray.engine import Engine
+from cedana_ray.errors import CorruptCheckpoint, StorageError, UsageError
+from cedana_ray.models import Compression, JobState, Layout
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.store import CheckpointStore
+
+pytestmark = pytest.mark.criu
+
+KEY = bytes(range(32))
+CLI = [sys.executable, "-m", "cedana_ray.cli"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+
+
+def start(engine: Engine, cmd: list[str], ready: str) -> None:
+    """Run ``cmd`` as job j1 and wait for ``ready`` in its log (which may take a moment to appear)."""
+    engine.run("process", RunRequest(cmd=cmd, jid="j1"))
+    log = Path(engine.job("j1").log or "")
+    wait_for(lambda: log.exists() and ready in log.read_text(), what="j1 output")
+
+
+def assert_no_credentials(*texts: str) -> None:
+    for text in texts:
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
+
+
+def pages_chunk(remote: Remote, ckpt: str) -> str:
+    """The first stored chunk of the checkpoint's largest pages image."""
+    fs = remote.raw()
+    chunks = [p for p in fs.find(f"{remote.bucket}/ckpts/{ckpt}/data") if "/pages-" in p]
+    return max(chunks, key=lambda p: fs.size(p))
+
+
+def assert_stays_checkpointed(engine: Engine, jid: str) -> None:
+    lines = len(log_lines(engine, jid))
+    assert engine.job(jid).state is JobState.checkpointed
+    time.sleep(0.3)
+    assert len(log_lines(engine, jid)) == lines, "nothing ran"
+
+
+def test_dump_restore_list_inspect_delete(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=5")
+    result = engine.dump("j1", DumpRequest(storage=remote.url))
+    assert result.path == f"{remote.url}/{result.checkpoint}"
+    stopped_at = last_count(engine, "j1")
+
+    engine.restore(RestoreRequest(), jid="j1")
+    wait_for(lambda: last_count(engine, "j1") > stopped_at + 5, what="counting after restore")
+    counts = counts_of(engine, "j1")
+    assert counts == list(range(len(counts))), "counting went on without a restart or a gap"
+
+    assert [c.checkpoint for c in engine.checkpoints("j1")] == [result.checkpoint]
+    manifest = engine.inspect(result.checkpoint)
+    assert manifest.layout is Layout.chunks and manifest.encryption is None
+    assert [m.checkpoint for m in CheckpointStore(remote.url).list()] == [result.checkpoint]
+    engine.delete_checkpoint(result.checkpoint)
+    assert engine.checkpoints("j1") == []
+    assert CheckpointStore(remote.url).list() == []
+    assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if result.checkpoint in p]
+
+
+def test_encrypted_round_trip_and_wrong_key(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=3")
+    result = engine.dump("j1", DumpRequest(storage=remote.url, encrypt=True, key=KEY))
+    manifest = engine.inspect(result.checkpoint)
+    assert manifest.encryption == "aes-256-gcm" and manifest.key_fingerprint == fingerprint(KEY)
+    raw_manifest = remote.raw().cat_file(f"{remote.bucket}/ckpts/{result.checkpoint}/manifest.json")
+    assert KEY.hex().encode() not in raw_manifest and KEY not in raw_manifest
+
+    with pytest.raises(UsageError, match=f"checkpoint {result.checkpoint} is encrypted"):
+        engine.restore(RestoreRequest(), jid="j1")
+    with pytest.raises(UsageError, match=f"wrong key for checkpoint {result.checkpoint}"):
+        engine.restore(RestoreRequest(key=bytes(32)), jid="j1")
+    assert_stays_checkpointed(engine, "j1")
+
+    at = last_count(engine, "j1")
+    engine.restore(RestoreRequest(key=KEY), jid="j1")
+    wait_for(lambda: last_count(engine, "j1") > at + 3, what="counting after an encrypted restore")
+
+
+def test_corrupted_then_deleted_chunk_is_refused(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=2")
+    result = engine.dump("j1", DumpRequest(storage=remote.url))
+    chunk = pages_chunk(remote, result.checkpoint)
+    image = chunk.split("/data/")[1].split("/")[0].removesuffix(".zst")
+    fs = remote.raw()
+    data = bytearray(fs.cat_file(chunk))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(chunk, bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=f"chunk 0 of {image} is corrupted"):
+        engine.restore(RestoreRequest(), jid="j1")
+    fs.rm(chunk)
+    with pytest.raises(CorruptCheckpoint, match=f"chunk 0 of {image} is missing"):
+        engine.restore(RestoreRequest(), jid="j1")
+    assert_stays_checkpointed(engine, "j1")
+
+
+def test_missing_bucket_fails_cleanly(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=2")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        engine.dump("j1", DumpRequest(storage=f"{remote.scheme}://no-such-bucket/x"))
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+    assert not remote.raw().exists("no-such-bucket"), "a dump never creates a bucket"
+
+
+def test_interrupted_upload_leaves_nothing(engine: Engine, remote: Remote) -> None:
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], "ready")
+
+    def interrupt(stage: str, done: int, total: int) -> None:
+        if stage == "store" and done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.dump("j1", DumpRequest(storage=remote.url, compression=Compression.none), progress=interrupt)
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+    assert CheckpointStore(remote.url).list() == []
+    assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "the upload was removed"
+
+
+def killer(remote: Remote, stage: str) -> Callable[[str, int, int], None]:
+    """A progress callback that kills the server once the first file of ``stage`` is done."""
+
+    def progress(at: str, done: int, total: int) -> None:
+        if at == stage and done:
+            remote.server.kill()
+
+    return progress
+
+
+def test_server_killed_mid_upload(engine: Engine, own_remote: Remote) -> None:
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "32"], "ready")
+    request = DumpRequest(storage=own_remote.url, compression=Compression.none)
+    with pytest.raises(StorageError, match="unreachable"):
+        engine.dump("j1", request, progress=killer(own_remote, "store"))
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+    n = len(log_lines(engine, "j1"))
+    wait_for(lambda: len(log_lines(engine, "j1")) > n, what="the job to go on")
+    own_remote.server.start()  # same data dir: what the dump left behind
+    assert CheckpointStore(own_remote.url).list() == []
+
+
+def test_server_killed_mid_restore(engine: Engine, own_remote: Remote) -> None:
+    start(engine, COUNTER, "count=2")
+    engine.dump("j1", DumpRequest(storage=own_remote.url))
+    with pytest.raises(StorageError, match="unreachable"):
+        engine.restore(RestoreRequest(), jid="j1", progress=killer(own_remote, "fetch"))
+    assert_stays_checkpointed(engine, "j1")
+    own_remote.server.start()
+    at = last_count(engine, "j1")
+    engine.restore(RestoreRequest(), jid="j1")
+    wait_for(lambda: last_count(engine, "j1") > at + 2, what="counting once the server is back")
+
+
+@pytest.mark.parametrize("remote", ["s3"], indirect=True)
+def test_wrong_credentials_one_line_no_secret(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=2")
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong-secret-for-the-test"}
+    res = cli("dump", "job", "j1", "--dir", remote.url, "--json", env=env)
+    assert res.returncode == StorageError.exit_code and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert f"access to bucket {remote.bucket!r} denied" in res.stderr
+    assert "wrong-secret-for-the-test" not in res.stderr
+    assert_no_credentials(res.stderr)
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+
+
+@pytest.mark.parametrize("remote", ["s3"], indirect=True)  # the one backend with credentials
+def test_cli_json_never_shows_credentials(engine: Engine, remote: Remote, tmp_path: Path) -> None:
+    start(engine, COUNTER, "count=2")
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY.hex())
+    dump = cli("dump", "job", "j1", "--dir", remote.url, "--encrypt", "--key-file", str(key_file), "--json")
+    assert dump.returncode == 0, dump.stderr
+    ckpt = json.loads(dump.stdout)["checkpoint"]
+    outputs = [dump.stdout, dump.stderr]
+    for args in (["checkpoint", "list"], ["checkpoint", "inspect", ckpt], ["check"]):
+        res = cli(*args, "--json")
+        outputs += [res.stdout, res.stderr]
+    checks = {(c["component"], c["name"]): c for c in json.loads(outputs[-2])["checks"]}
+    assert checks["plugin storage/s3", "endpoint"]["ok"] and checks["plugin storage/s3", "credentials"]["ok"]
+    assert_no_credentials(*outputs)
+    assert KEY.hex() not in "".join(outputs)
+    wrong = tmp_path / "wrong"
+    wrong.write_text(bytes(32).hex())
+    res = cli("restore", "job", "j1", "--key-file", str(wrong), "--json")
+    assert res.returncode == UsageError.exit_code and f"wrong key for checkpoint {ckpt}" in res.stderr
+    res = cli("restore", "job", "j1", "--key-file", str(key_file), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["state"] == "running"
