@@ -30,7 +30,8 @@ def test_a_job_checkpoints_itself_and_hears_of_its_restore(engine: Engine) -> No
 
     engine.restore(RestoreRequest(checkpoint=ckpt), jid=jid)
     wait_for(lambda: "on_restore called" in log_lines(engine, jid), what="the on_restore callback")
-    assert checkpoints_in_log(engine, jid) == [ckpt, ckpt], "the restored copy got the id it came from"
+    # the restored copy, which was waiting in checkpoint(), got the id it came from
+    wait_for(lambda: checkpoints_in_log(engine, jid) == [ckpt, ckpt], what="checkpoint() returning after restore")
 
 
 def test_outside_a_job_the_api_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
