@@ -20,6 +20,7 @@ annotation, and ``runc checkpoint`` kills them itself once dumped.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -66,11 +67,12 @@ def _container(job: Job) -> str:
     return job.details["target"]
 
 
-def _own_bundle(ctx: Context, bundle: Path) -> Path:
+def _own_bundle(ctx: Context, bundle: Path, cid: str) -> Path:
     """A copy of ``bundle`` in the job dir whose CRIU config file is ours, written now."""
     job_dir: Path = ctx.state["job_dir"]
     conf = write_criu_config(job_dir / "criu.conf", *(["leave-stopped"] if ctx.state.get("leave_stopped") else []))
-    return derive_bundle(bundle, job_dir / "bundle", conf)
+    root_tag = hashlib.sha256(str(default_root()).encode()).hexdigest()[:8]
+    return derive_bundle(bundle, job_dir / "bundle", conf, f"/cedana-ray/{root_tag}/{cid}")
 
 
 def _start(ctx: Context, cid: str, bundle: Path, runc_args: list[str]) -> tuple[dict[str, Any], Runc]:
@@ -114,7 +116,7 @@ def run(ctx: Context) -> Job:
     load_bundle(bundle)
     _require_free(_runc(), req.container)
     try:
-        reply, runc = _start(ctx, req.container, _own_bundle(ctx, bundle), ["run", "--detach"])
+        reply, runc = _start(ctx, req.container, _own_bundle(ctx, bundle, req.container), ["run", "--detach"])
     except LaunchError as exc:
         raise UsageError(f"runc could not start {req.container}: {exc}") from exc
     return _job(ctx, reply, runc, req.container, bundle, state=JobState.running, command=req.cmd)
@@ -206,7 +208,7 @@ def write_restore_config(ctx: Context, next_: Handler) -> Job:
     """Just before CRIU: the bundle copy and CRIU config file of the restored container
     (``leave-stopped`` when the core verifies the images while CRIU restores). Late, so
     that nothing is written into the job dir until every earlier check has passed."""
-    ctx.state["own_bundle"] = _own_bundle(ctx, ctx.state["bundle"])
+    ctx.state["own_bundle"] = _own_bundle(ctx, ctx.state["bundle"], ctx.state["container"])
     return next_(ctx)
 
 

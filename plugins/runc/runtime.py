@@ -104,16 +104,18 @@ def load_bundle(bundle: Path) -> dict[str, Any]:
     return spec
 
 
-def derive_bundle(bundle: Path, dest: Path, criu_config: Path) -> Path:
+def derive_bundle(bundle: Path, dest: Path, criu_config: Path, cgroup: str) -> Path:
     """A bundle in ``dest`` that runs ``bundle``'s rootfs with our CRIU configuration file.
 
     runc reads the CRIU options it cannot pass itself (the network lock, leave-stopped)
     from the file the container's ``org.criu.config`` annotation names; the user's
-    bundle stays untouched.
+    bundle stays untouched. Without a cgroups path runc would use ``/ID``, shared by
+    every runc root on the machine: the container gets ``cgroup`` instead.
     """
     spec = load_bundle(bundle)
     spec["root"]["path"] = str((bundle / spec["root"]["path"]).resolve())
     spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
+    spec.setdefault("linux", {}).setdefault("cgroupsPath", cgroup)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(spec, indent=1))
     return dest
