@@ -68,3 +68,39 @@ def counts(log: Path) -> list[int]:
 def last_count(log: Path) -> int:
     found = counts(log)
     return found[-1] if found else -1
+
+
+def oci_image(rootfs: Path, layout: Path, script: str) -> Path:
+    """An OCI image archive of ``rootfs`` running ``sh -c SCRIPT``, built with umoci."""
+    tag = f"{layout}:latest"
+    unpacked = layout.parent / "unpacked"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", tag], check=True)
+    subprocess.run(["umoci", "unpack", "--image", tag, str(unpacked)], check=True, capture_output=True)
+    shutil.rmtree(unpacked / "rootfs")
+    shutil.copytree(rootfs, unpacked / "rootfs", symlinks=True)
+    subprocess.run(["umoci", "repack", "--image", tag, str(unpacked)], check=True)
+    config = ["--config.cmd", "sh", "--config.cmd", "-c", "--config.cmd", script]
+    subprocess.run(["umoci", "config", "--image", tag, *config], check=True)
+    archive = layout.with_suffix(".tar")
+    subprocess.run(["tar", "-C", str(layout), "-cf", str(archive), "."], check=True)
+    return archive
+
+
+def start_containerd(base: Path) -> subprocess.Popen[bytes]:
+    """containerd with its config, root, state and socket under ``base`` (CRI disabled)."""
+    config = base / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{base}/root"\nstate = "{base}/state"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{base}/containerd.sock"\n'
+        f'[ttrpc]\n  address = "{base}/containerd.sock.ttrpc"\n'
+        f'[debug]\n  address = "{base}/debug.sock"\n'
+    )
+    with open(base / "containerd.log", "wb") as log:
+        daemon = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    wait_for(lambda: (base / "containerd.sock").exists() or daemon.poll() is not None, what="containerd")
+    if daemon.poll() is not None:
+        raise RuntimeError(f"containerd exited: {(base / 'containerd.log').read_text()[-500:]}")
+    return daemon

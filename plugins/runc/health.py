@@ -20,12 +20,14 @@ def _runc_version() -> HealthCheck:
     try:
         out = subprocess.run([binary(), "--version"], capture_output=True, text=True, check=True).stdout
     except (PrerequisiteError, OSError, subprocess.CalledProcessError) as exc:
-        return HealthCheck(name="runc", ok=False, detail=str(exc))
+        return HealthCheck(name="runc", ok=False, fatal=False, detail=str(exc))  # an optional runtime
     match = re.search(r"runc version (\d+)\.(\d+)\S*", out)
     if not match:
         return HealthCheck(name="runc", ok=False, detail=f"cannot parse `runc --version`: {out.strip()!r}")
     ok = (int(match.group(1)), int(match.group(2))) >= MIN_VERSION
-    return HealthCheck(name="runc", ok=ok, detail=f"{match.group(0)} at {binary()}" + ("" if ok else " (need >= 1.1)"))
+    return HealthCheck(
+        name="runc", ok=ok, fatal=False, detail=f"{match.group(0)} at {binary()}" + ("" if ok else " (need >= 1.1)")
+    )
 
 
 def _criu() -> HealthCheck:
