@@ -4,6 +4,9 @@ queried, cleaned up; and its error paths."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,7 +35,8 @@ SCRIPT = "i=0; while true; do echo $i > /count; echo count=$i; i=$((i+1)); sleep
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
     base = tmp_path_factory.mktemp("containerd", numbered=True)
     daemon = start_containerd(base)
-    ctr = Ctr(str(base / "containerd.sock"), "cedana-ray-test")
+    # containerd keeps runc state in /run/containerd/runc/NAMESPACE, outside base: a fresh namespace
+    ctr = Ctr(str(base / "containerd.sock"), f"cedana-ray-test-{secrets.token_hex(3)}")
     try:
         archive = oci_image(busybox_rootfs(base / "rootfs"), base / "image", SCRIPT)
         ctr.call("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
@@ -43,6 +47,8 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
             daemon.wait(10)
         except subprocess.TimeoutExpired:
             daemon.kill()
+        with contextlib.suppress(OSError):  # empty once every container is removed
+            os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
 
 
 @pytest.fixture

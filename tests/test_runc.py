@@ -18,7 +18,7 @@ from test_cli import assert_one_error, cedana
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CheckpointNotFound, DumpError, JobNotFound, StateError, UsageError
 from cedana_ray.features import compute
-from cedana_ray.models import JobState
+from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(missing("runc")), reason=str(missing("runc")))]
@@ -58,9 +58,12 @@ def runc(engine: Engine) -> Runc:
     return Runc(engine.paths.home / "runc")
 
 
-def test_counter_continues_after_dump_kill_restore(engine: Engine, counter_bundle: Path) -> None:
+@pytest.mark.parametrize("compression", [Compression.zstd, Compression.none])  # none: restored in place
+def test_counter_continues_after_dump_kill_restore(
+    engine: Engine, counter_bundle: Path, compression: Compression
+) -> None:
     start(engine, counter_bundle)
-    result = engine.dump("c1", DumpRequest())
+    result = engine.dump("c1", DumpRequest(compression=compression))
     assert engine.job("c1").state is JobState.checkpointed
     stopped_at = last_count(log(engine, "c1"))
     time.sleep(0.3)

@@ -212,11 +212,21 @@ def write_restore_config(ctx: Context, next_: Handler) -> Job:
     return next_(ctx)
 
 
+def image_dir(images: Path) -> Path:
+    """Where CRIU should read the images: the store's own directory when ``images`` only
+    links to it (an uncompressed local checkpoint). CRIU reads some images after entering
+    the container's mount namespace, where absolute links from the host do not resolve."""
+    targets = {p.resolve().parent for p in images.iterdir() if p.is_symlink()}
+    if len(targets) == 1 and all(p.is_symlink() for p in images.iterdir()):
+        return targets.pop()
+    return images
+
+
 def restore(ctx: Context) -> Job:
     """``runc restore --detach`` under a new shim, from the fetched images."""
     manifest, work = ctx.state["manifest"], ctx.state["work"]
     cid, bundle = ctx.state["container"], ctx.state["bundle"]
-    args = ["restore", "--detach", "--image-path", str(ctx.state["images"]), "--work-path", str(work)]
+    args = ["restore", "--detach", "--image-path", str(image_dir(ctx.state["images"])), "--work-path", str(work)]
     try:
         reply, runc = _start(ctx, cid, ctx.state["own_bundle"], [*args, *criu_args(manifest.criu)])
     except LaunchError as exc:
