@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup criu demo test lint bench clean
+.PHONY: setup criu containers demo test lint bench clean
 
-setup: $(STAMP) criu
+setup: $(STAMP) criu containers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 criu:
 	@bash scripts/install-criu.sh
+
+containers:
+	@bash scripts/install-containers.sh
 
 demo: setup
 	$(BIN)/python scripts/demo.py

@@ -124,7 +124,7 @@ class Cluster:
 
     def job_for(self, jtype: str, target: str) -> Job:
         for job in self.jobs():
-            if job.type == jtype and job.node == self.node and str(job.pid) == target:
+            if job.type == jtype and job.node == self.node and job.target == target:
                 return job
         return self.manage(jtype, ManageRequest(target=target))
 

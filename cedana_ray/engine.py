@@ -139,7 +139,7 @@ class Engine:
 
     def _job_of(self, jtype: str, target: str) -> Job | None:
         for job in self.jobs():
-            if job.type == jtype and job.state in LIVE_STATES and str(job.pid) == target:
+            if job.type == jtype and job.state in LIVE_STATES and job.target == target:
                 return job
         return None
 

@@ -73,6 +73,12 @@ class Job(BaseModel):
     created: datetime = Field(default_factory=utcnow)
     details: dict[str, Any] = Field(default_factory=dict)  # plugin-owned facts
 
+    @property
+    def target(self) -> str:
+        """What users name the workload by in ``<verb> <type> TARGET``: the id a plugin
+        recorded in ``details["target"]`` (a container id), else the PID."""
+        return str(self.details.get("target", self.pid))
+
     def summary(self) -> dict[str, Any]:
         """The keys of ``run``/``manage``/``restore`` ``--json``."""
         return self.model_dump(mode="json", include={"jid", "type", "pid", "node", "state"})

@@ -243,13 +243,13 @@ def test_features_json_shape(home: Path) -> None:
     for label, row in doc["features"].items():
         assert list(row) == doc["plugins"], label
         assert set(row.values()) <= STATUSES, label
-    assert doc["features"]["Dump command"]["runc"] == "not installed"
+    assert doc["features"]["Dump command"]["kata"] == "not installed"
 
 
 def test_features_json_errors(home: Path) -> None:
     doc = features_json("--errors")
     assert set(doc) == {"plugins", "features", "errors"}
-    assert doc["errors"]["runc"][0].startswith("not installed")
+    assert doc["errors"]["kata"][0].startswith("not installed")
 
 
 @pytest.mark.criu  # without a working CRIU the process plugin's health checks fail

@@ -74,15 +74,22 @@ def manage(pid: str, jid: str | None, as_json: bool, local: bool) -> None:
     show_job(as_json, engine().manage(NAME, ManageRequest(target=pid, jid=jid)), "managing")
 
 
-@click.command(NAME)
-@click.argument("pid")
-@dump_options
-@common
-def dump(pid: str, request: DumpRequest, as_json: bool, local: bool) -> None:
-    """Checkpoint the process tree PID (adopting it as a job if it is not one)."""
-    job = engine().job_for(NAME, pid)
-    with progress(not as_json) as bar:
-        show_dump(as_json, engine().dump(job.jid, request, bar))
+def dump_command(name: str, target: str, what: str) -> click.Command:
+    """``dump NAME TARGET``: checkpoint a workload by the id users know it by."""
+
+    @click.command(name, help=f"Checkpoint {what} {target} (adopting it as a job if it is not one).")
+    @click.argument("target", metavar=target)
+    @dump_options
+    @common
+    def command(target: str, request: DumpRequest, as_json: bool, local: bool) -> None:
+        job = engine().job_for(name, target)
+        with progress(not as_json) as bar:
+            show_dump(as_json, engine().dump(job.jid, request, bar))
+
+    return command
+
+
+dump = dump_command(NAME, "PID", "the process tree")
 
 
 @click.command(NAME)
@@ -95,19 +102,21 @@ def restore(request: RestoreRequest, as_json: bool, local: bool) -> None:
         show_restore(as_json, engine().restore(request, jtype=NAME, progress=bar))
 
 
-def _freeze_command(verb: str) -> click.Command:
-    @click.command(NAME, help=f"{verb.capitalize()} the process tree PID.")
-    @click.argument("pid")
+def state_command(name: str, verb: str, target: str, what: str) -> click.Command:
+    """``freeze|unfreeze NAME TARGET``."""
+
+    @click.command(name, help=f"{verb.capitalize()} {what} {target}.")
+    @click.argument("target", metavar=target)
     @common
-    def command(pid: str, as_json: bool, local: bool) -> None:
-        job = engine().job_for(NAME, pid)
+    def command(target: str, as_json: bool, local: bool) -> None:
+        job = engine().job_for(name, target)
         show_job(as_json, getattr(engine(), verb)(job.jid), f"{verb}d")
 
     return command
 
 
-freeze = _freeze_command("freeze")
-unfreeze = _freeze_command("unfreeze")
+freeze = state_command(NAME, "freeze", "PID", "the process tree")
+unfreeze = state_command(NAME, "unfreeze", "PID", "the process tree")
 
 
 @click.command(NAME)

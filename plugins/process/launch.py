@@ -1,4 +1,8 @@
-"""Starting a workload's supervisor and waiting for its first word."""
+"""Starting a workload's supervisor and waiting for its first word; reading its last.
+
+Shared by the runtime plugins whose workloads are watched by a detached supervisor
+(``process``'s namespace init, ``runc``'s shim): both speak the same protocol.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from cedana_ray.errors import CedanaError
 
@@ -18,14 +25,14 @@ class LaunchError(CedanaError):
     """The supervisor could not start the workload."""
 
 
-def launch(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
-    """Start a detached supervisor for ``spec``; its reply once the workload runs:
-    ``{"pid": N, "ns_root": M | None}``."""
+def launch(spec: dict[str, Any], job_dir: Path, script: Path = SUPERVISOR) -> dict[str, Any]:
+    """Start the detached supervisor ``script`` for ``spec``; its reply once the
+    workload runs: ``{"pid": N, "start_ticks": T, ...}``."""
     r, w = os.pipe()
     errors = job_dir / "supervisor.err"
     with open(errors, "ab") as err:
         starter = subprocess.Popen(
-            [sys.executable, str(SUPERVISOR), json.dumps({**spec, "status_fd": w})],
+            [sys.executable, str(script), json.dumps({**spec, "status_fd": w})],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -44,3 +51,25 @@ def launch(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
     if "error" in reply:
         raise LaunchError(reply["error"])
     return reply
+
+
+def started_at(reply: dict[str, Any]) -> float:
+    """The workload's start time from a supervisor's reply, as psutil's create_time()."""
+    return psutil.boot_time() + reply["start_ticks"] / os.sysconf("SC_CLK_TCK")
+
+
+def recorded_exit(exit_file: str, pid: int | None, grace_s: float) -> int | None:
+    """The exit code a supervisor recorded for ``pid``; it may take a moment to write
+    it after the workload is gone, so wait up to ``grace_s`` before giving up (None)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            with open(exit_file) as f:
+                record = json.load(f)
+            if record.get("pid") == pid:
+                return record["exit_code"]
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import click
-import psutil
 
 from cedana_ray import criu, inside
 from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
@@ -21,7 +18,7 @@ from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import alive, members, signal_tree
 
 from . import commands, tree
-from .launch import LaunchError, launch
+from .launch import LaunchError, launch, recorded_exit, started_at
 
 NAME = "process"
 TRACE_INTERVAL = 0.1  # seconds between GPU samples
@@ -37,8 +34,7 @@ def _new_job(ctx: Context, pid: int, started: float, ns_root: int | None = None,
 
 def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
     """The job a supervisor started; its start time as psutil computes create_time()."""
-    started = psutil.boot_time() + reply["start_ticks"] / os.sysconf("SC_CLK_TCK")
-    return _new_job(ctx, reply["pid"], started, reply["ns_root"], **fields)
+    return _new_job(ctx, reply["pid"], started_at(reply), reply["ns_root"], **fields)
 
 
 def run(ctx: Context) -> Job:
@@ -264,23 +260,10 @@ def cedana_cleanup(job: Job) -> None:
 
 @hookimpl
 def cedana_reaper(job: Job) -> int | None:
-    """The exit code the supervisor recorded; it may take a moment to write it after
-    the job's init is gone, so wait briefly before calling the job lost."""
+    """The exit code the supervisor recorded (it may take a moment to write it)."""
     if not job.log:
         return None
-    exit_file = os.path.join(os.path.dirname(job.log), "exit.json")
-    deadline = time.monotonic() + REAP_GRACE_S
-    while True:
-        try:
-            with open(exit_file) as f:
-                record = json.load(f)
-            if record.get("pid") == job.pid:
-                return record["exit_code"]
-        except (OSError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
+    return recorded_exit(os.path.join(os.path.dirname(job.log), "exit.json"), job.pid, REAP_GRACE_S)
 
 
 @hookimpl

@@ -1,0 +1,319 @@
+"""Hook implementations of the ``containerd`` plugin: containers of one containerd namespace.
+
+A dump is containerd's own checkpoint of the task and its rw layer (``ctr c checkpoint
+--task --rw``), exported as an OCI archive into the store's image dir, where it is
+compressed, chunked and hashed like any checkpoint, and then removed from containerd:
+the store holds it, so it can be restored by any containerd that has the base image.
+A restore imports it back and creates a new container and task from it (``ctr c
+restore --live --rw``), the rw layer put back. As for runc, CRIU options go through
+the CRIU configuration file named by the container's ``org.criu.config`` annotation,
+set when we run the container: the network lock, ``leave-stopped`` (the container is
+stopped, not killed, until its checkpoint is stored) and the CRIU options of a dump.
+
+The task's output goes to the job log (``--log-uri``) while it runs; ``ctr c restore``
+cannot re-attach a log, so a restored container's stdout is discarded: workloads that
+need their output across restores write it inside the container.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
+
+from cedana_ray.config import paths
+from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
+from cedana_ray.hookspecs import hookimpl
+from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
+from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.requests import RunRequest
+
+from . import commands
+from .client import Ctr
+
+NAME = "containerd"
+ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
+
+
+class ContainerdRunRequest(RunRequest):
+    """``run containerd``: the image and the container id (``cmd`` only describes it)."""
+
+    image: str
+    container: str
+    snapshotter: str | None = None
+
+
+def _ctr(job: Job | None = None) -> Ctr:
+    env = Ctr.from_env()
+    return Ctr(job.details["address"], job.details["namespace"]) if job else env
+
+
+def criu_config(cid: str) -> Path:
+    """The CRIU configuration file of container ``cid`` and of every clone restored from
+    it (the annotation travels in the checkpoint's spec), so it outlives the job."""
+    path = paths().home / "containerd" / "criu" / f"{cid}.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_lines(opts: CriuOptions, stopped: bool) -> list[str]:
+    lines = ["leave-stopped"] if stopped else []
+    lines += [name for name, on in (("tcp-established", opts.tcp_established), ("file-locks", opts.file_locks)) if on]
+    lines += ["shell-job"] if opts.shell_job else []
+    return lines + [f"external {e}" for e in opts.external]
+
+
+def _job(ctx: Context, ctr: Ctr, cid: str, image: str, **fields: Any) -> Job:
+    pid, _ = ctr.tasks()[cid]
+    details = {"target": cid, "address": ctr.address, "namespace": ctr.namespace, "image": image}
+    details["started"] = psutil.Process(pid).create_time()
+    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
+
+
+def _require_image(ctr: Ctr, image: str) -> None:
+    if image not in ctr.images():
+        raise JobNotFound(
+            f"image {image} not found in containerd namespace {ctr.namespace}", hint="`ctr images import` it first"
+        )
+
+
+def _require_free(ctr: Ctr, cid: str) -> None:
+    """Refuse an id in use; a container of that id whose task is gone (a dumped job's) is removed."""
+    if cid not in ctr.containers():
+        return
+    status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
+    if status != "STOPPED":
+        raise StateError(f"containerd container {cid} already exists ({status.lower()})", hint="choose another id")
+    ctr.remove(cid)
+
+
+def run(ctx: Context) -> Job:
+    """``ctr run --detach`` with our CRIU config annotation and the job log as its output."""
+    req: ContainerdRunRequest = ctx.request
+    ctr = _ctr()
+    _require_image(ctr, req.image)
+    _require_free(ctr, req.container)
+    conf = write_criu_config(criu_config(req.container))
+    log = ctx.state["job_dir"] / "log"
+    args = ["run", "--detach", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
+    args += ["--snapshotter", req.snapshotter] if req.snapshotter else []
+    ctr.call(*args, req.image, req.container, error=UsageError)
+    return _job(ctx, ctr, req.container, req.image, state=JobState.running, command=req.cmd, log=str(log))
+
+
+def manage(ctx: Context) -> Job:
+    """Adopt a container of our namespace that has a running or paused task."""
+    ctr, cid = _ctr(), ctx.request.target
+    image = ctr.containers().get(cid)
+    if image is None:
+        raise JobNotFound(f"no containerd container {cid!r} in namespace {ctr.namespace}")
+    status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
+    if status not in ("RUNNING", "PAUSED"):
+        raise StateError(f"containerd container {cid} is {status.lower()}, not running")
+    state = JobState.frozen if status == "PAUSED" else JobState.running
+    return _job(ctx, ctr, cid, image, state=state, command=["ctr", "run", image, cid], managed=True)
+
+
+def _container_info(ctr: Ctr, cid: str) -> dict[str, Any]:
+    return json.loads(ctr.call("containers", "info", cid))
+
+
+def prepare_dump(ctx: Context, next_: Handler) -> Any:
+    """Load the container: its task's PID, image, snapshotter and CRIU config file."""
+    job: Job = ctx.job
+    ctr, cid = _ctr(job), job.details["target"]
+    pid, status = ctr.tasks().get(cid, (0, "STOPPED"))
+    if status not in ("RUNNING", "PAUSED"):
+        raise StateError(f"containerd container {cid} is {status.lower()}, not running")
+    info = _container_info(ctr, cid)
+    annotations = (info.get("Spec") or {}).get("annotations") or {}
+    ctx.state.update(pid=pid, criu_config=annotations.get(CRIU_CONFIG_ANNOTATION))
+    ctx.state["details"] = {
+        "container": cid,
+        "image": info["Image"],
+        "snapshotter": info["Snapshotter"],
+        "paused": status == "PAUSED",
+        "namespace": ctr.namespace,
+    }
+    return next_(ctx)
+
+
+def checkpoint(ctx: Context) -> None:
+    """Checkpoint task and rw layer as a containerd image, export it into the image dir."""
+    req, job = ctx.request, ctx.job
+    ctr, cid = _ctr(job), job.details["target"]
+    conf = ctx.state.get("criu_config")
+    if conf:  # ours: CRIU leaves the task stopped for the core to kill once stored
+        write_criu_config(Path(conf), *config_lines(req.criu, stopped=not req.leave_running))
+    elif req.criu != CriuOptions() or not req.leave_running:
+        raise UsageError(
+            f"container {cid} was not started by cedana-ray: only --leave-running dumps without CRIU options"
+        )
+    ref = f"cedana-ray.local/checkpoint/{cid}:{secrets.token_hex(4)}"
+    try:
+        ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
+        ctr.call("images", "export", "--skip-manifest-json", str(ctx.state["images"] / ARCHIVE), ref, error=DumpError)
+    finally:
+        if ref in ctr.images():
+            ctr.call("images", "rm", ref)
+    ctx.state["details"]["checkpoint_ref"] = ref
+
+
+def restore(ctx: Context) -> Job:
+    """Import the checkpoint image and create a new container and task from it."""
+    manifest = ctx.state["manifest"]
+    details, ctr = manifest.details, _ctr()
+    cid = details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    _require_image(ctr, details["image"])
+    _require_free(ctr, cid)
+    # the restored spec names the original container's CRIU config: CRIU reads it now
+    write_criu_config(criu_config(details["container"]), *config_lines(manifest.criu, ctx.state.get("leave_stopped")))
+    ref = details["checkpoint_ref"]
+    try:
+        ctr.call("images", "import", "--no-unpack", str(ctx.state["images"] / ARCHIVE), error=RestoreError)
+        ctr.call("containers", "restore", "--live", "--rw", cid, ref, error=RestoreError)
+    except CedanaError as exc:
+        raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {cid} failed: {exc}") from exc
+    finally:
+        if ref in ctr.images():
+            ctr.call("images", "rm", ref)
+    state = JobState.running
+    if details.get("paused"):
+        ctr.call("tasks", "pause", cid)
+        state = JobState.frozen
+    return _job(ctx, ctr, cid, details["image"], state=state, command=ctx.state.get("command", []))
+
+
+def freeze(ctx: Context) -> None:
+    _ctr(ctx.job).call("tasks", "pause", ctx.job.details["target"])
+
+
+def unfreeze(ctx: Context) -> None:
+    _ctr(ctx.job).call("tasks", "resume", ctx.job.details["target"])
+
+
+def query(ctx: Context) -> list[dict[str, Any]]:
+    """The containers of our namespace with their task (PID, status) and job."""
+    ctr = _ctr()
+    jobs = {j.details["target"]: j.jid for j in ctx.request if j.details.get("namespace") == ctr.namespace}
+    tasks = ctr.tasks()
+    rows = []
+    for cid, image in sorted(ctr.containers().items()):
+        pid, status = tasks.get(cid, (None, "no task"))
+        rows.append({"id": cid, "image": image, "status": status.lower(), "pid": pid, "jid": jobs.get(cid)})
+    return rows
+
+
+def health_checks() -> list[HealthCheck]:
+    ctr = Ctr.from_env()
+    try:
+        server = ctr.call("version").split("Server:")[-1]
+    except CedanaError as exc:
+        return [HealthCheck(name="containerd", ok=False, fatal=False, detail=str(exc))]
+    version = next((ln.split(":", 1)[1].strip() for ln in server.splitlines() if "Version:" in ln), "?")
+    return [HealthCheck(name="containerd", ok=True, detail=f"containerd {version} at {ctr.address}")]
+
+
+@hookimpl
+def cedana_run_handler() -> Handler:
+    return run
+
+
+@hookimpl
+def cedana_run_handler_serverless() -> Handler:
+    return run  # the daemon runs the container: no Ray cluster is needed
+
+
+@hookimpl
+def cedana_manage_handler() -> Handler:
+    return manage
+
+
+@hookimpl
+def cedana_dump_middleware() -> list[Middleware]:
+    return [prepare_dump]
+
+
+@hookimpl
+def cedana_dump_handler() -> Handler:
+    return checkpoint
+
+
+@hookimpl
+def cedana_restore_handler() -> Handler:
+    return restore
+
+
+@hookimpl
+def cedana_freeze_handler() -> Handler:
+    return freeze
+
+
+@hookimpl
+def cedana_unfreeze_handler() -> Handler:
+    return unfreeze
+
+
+@hookimpl
+def cedana_query_handler() -> Handler:
+    return query
+
+
+@hookimpl
+def cedana_kill_signal() -> int:
+    return signal.SIGKILL  # a container's init ignores signals it has no handler for
+
+
+@hookimpl
+def cedana_cleanup(job: Job) -> None:
+    """Task, container and snapshot, then the job dir."""
+    _ctr(job).remove(job.details["target"])
+    if job.log:
+        shutil.rmtree(Path(job.log).parent, ignore_errors=True)
+
+
+@hookimpl
+def cedana_health_checks() -> list[HealthCheck]:
+    return health_checks()
+
+
+@hookimpl
+def cedana_run_command() -> click.Command:
+    return commands.run
+
+
+@hookimpl
+def cedana_manage_command() -> click.Command:
+    return commands.manage
+
+
+@hookimpl
+def cedana_dump_command() -> click.Command:
+    return commands.dump
+
+
+@hookimpl
+def cedana_restore_command() -> click.Command:
+    return commands.restore
+
+
+@hookimpl
+def cedana_freeze_command() -> click.Command:
+    return commands.freeze
+
+
+@hookimpl
+def cedana_unfreeze_command() -> click.Command:
+    return commands.unfreeze
+
+
+@hookimpl
+def cedana_query_command() -> click.Command:
+    return commands.query

@@ -1,0 +1,1 @@
+"""The ``runc`` plugin: OCI containers run, checkpointed and restored through runc."""

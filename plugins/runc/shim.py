@@ -1,0 +1,105 @@
+"""The shim of one ``runc`` container (standard library only): its reaper and its output.
+
+Started by the runc plugin as ``python shim.py SPEC_JSON`` through the process
+plugin's launcher. It detaches, makes itself a child subreaper and runs the given
+``runc run --detach`` or ``runc restore --detach`` with the container's stdout and
+stderr on a pipe it owns: runc hands the pipe to the container (and, on restore,
+CRIU re-attaches the restored container to the new shim's pipe), and the container's
+init is re-parented to the shim once runc exits. The shim then replies
+``{"pid": INIT, "start_ticks": T}`` (or ``{"error": "..."}``) on the status fd,
+copies the output to the job log, reaps the init and writes its exit code.
+
+A pipe, not a file: CRIU cannot dump a container whose stdout is a host file
+outside the container's mounts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _runc_error(log: str, rc: int) -> str:
+    """The last error runc logged (``--log-format json``)."""
+    message = f"runc exited with status {rc}"
+    try:
+        with open(log) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("level") in ("error", "fatal"):
+                    message = entry.get("msg", message)
+    except OSError:
+        pass
+    return message
+
+
+def _start_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:  # ours to reap, so readable even if it exited
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def start(spec: dict) -> tuple[int, int]:
+    """Run runc with the output pipe; (the container init's PID, the pipe's read end)."""
+    r, w = os.pipe()
+    with open(os.devnull, "rb") as null:
+        rc = subprocess.run(spec["argv"], stdin=null, stdout=w, stderr=w).returncode
+    os.close(w)
+    if rc != 0:
+        raise RuntimeError(_runc_error(spec["runc_log"], rc))
+    with open(spec["pid_file"]) as f:
+        return int(f.read().strip()), r
+
+
+def supervise(spec: dict, pid: int, out: int) -> None:
+    """Copy the output until every writer is gone, then reap the init and record its exit."""
+    with open(spec["log"], "ab", buffering=0) as log:
+        while chunk := os.read(out, 65536):
+            log.write(chunk)
+    code = None
+    while code is None:
+        try:
+            reaped, status = os.waitpid(-1, 0)  # orphans of the container land here too
+        except ChildProcessError:
+            break  # reaped by someone else: unknown
+        if reaped == pid:
+            code = _exit_code(status)
+    tmp = spec["exit_file"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": pid, "exit_code": code}, f)
+    os.replace(tmp, spec["exit_file"])
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    status = os.fdopen(spec["status_fd"], "w")
+    if os.fork():
+        os._exit(0)  # the launcher returns; we live on, re-parented
+    os.setsid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        pid, out = start(spec)
+        reply = {"pid": pid, "start_ticks": _start_ticks(pid)}
+    except BaseException as exc:
+        status.write(json.dumps({"error": str(exc)}))
+        status.close()
+        os._exit(1)
+    status.write(json.dumps(reply))
+    status.close()
+    supervise(spec, pid, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The containerd plugin against a real containerd (started here, under a temp dir): a
+busybox counter image built with umoci, dumped, killed, restored, cloned, frozen,
+queried, cleaned up; and its error paths."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cedana_ray.plugins.containerd.client import Ctr
+from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
+from containers import busybox_rootfs, missing, oci_image, start_containerd, wait_for
+from test_cli import assert_one_error, cedana
+
+from cedana_ray.engine import Engine
+from cedana_ray.errors import JobNotFound, StateError, UsageError
+from cedana_ray.features import compute
+from cedana_ray.models import JobState
+from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
+
+NEEDS = ("runc", "containerd", "ctr", "umoci")
+pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(missing(*NEEDS)), reason=str(missing(*NEEDS)))]
+IMAGE = "localhost/counter:latest"
+# Also writes its count inside the container: `ctr c restore` cannot re-attach a log.
+SCRIPT = "i=0; while true; do echo $i > /count; echo count=$i; i=$((i+1)); sleep 0.05; done"
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
+    base = tmp_path_factory.mktemp("containerd", numbered=True)
+    daemon = start_containerd(base)
+    # containerd keeps runc state in /run/containerd/runc/NAMESPACE, outside base: a fresh namespace
+    ctr = Ctr(str(base / "containerd.sock"), f"cedana-ray-test-{secrets.token_hex(3)}")
+    try:
+        archive = oci_image(busybox_rootfs(base / "rootfs"), base / "image", SCRIPT)
+        ctr.call("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
+        yield ctr
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        with contextlib.suppress(OSError):  # empty once every container is removed
+            os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
+
+
+@pytest.fixture
+def ctr(containerd: Ctr, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ctr]:
+    """The test's view of containerd; every container it leaves is removed."""
+    monkeypatch.setenv("CONTAINERD_ADDRESS", containerd.address)
+    monkeypatch.setenv("CONTAINERD_NAMESPACE", containerd.namespace)
+    yield containerd
+    for cid in containerd.containers():
+        containerd.remove(cid)
+
+
+def count(engine: Engine, jid: str) -> int:
+    """The counter inside the container, through its task's root."""
+    try:
+        return int((Path(f"/proc/{engine.job(jid).pid}/root/count")).read_text())
+    except (OSError, ValueError):
+        return -1
+
+
+def start(engine: Engine, cid: str = "d1") -> str:
+    engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container=cid, jid=cid))
+    wait_for(lambda: count(engine, cid) >= 3, what=f"{cid} counting")
+    return cid
+
+
+def test_counter_continues_after_dump_kill_restore(engine: Engine, ctr: Ctr) -> None:
+    start(engine)
+    assert "count=" in (engine.paths.job_dir("d1") / "log").read_text(), "the task's output is the job log"
+    result = engine.dump("d1", DumpRequest())
+    assert engine.job("d1").state is JobState.checkpointed
+    assert ctr.tasks().get("d1", (0, "STOPPED"))[1] == "STOPPED", "the task is gone after a dump"
+    manifest = engine.inspect(result.checkpoint)
+    assert manifest.details["image"] == IMAGE and manifest.details["snapshotter"] == "overlayfs"
+    assert not any("checkpoint" in i for i in ctr.images()), "the checkpoint lives in our store only"
+
+    job = engine.restore(RestoreRequest(), jid="d1").job
+    restored_at = count(engine, "d1")
+    assert restored_at >= 3, "the rw layer and the counter came back, not a fresh start"
+    wait_for(lambda: count(engine, "d1") > restored_at + 3, what="counting after restore")
+    assert job.state is JobState.running and ctr.tasks()["d1"] == (job.pid, "RUNNING")
+
+
+def test_restore_as_new_container_while_original_runs(engine: Engine, ctr: Ctr) -> None:
+    start(engine)
+    engine.dump("d1", DumpRequest(leave_running=True))
+    with pytest.raises(StateError, match="job d1 is running"):
+        engine.restore(RestoreRequest(), jid="d1")
+    clone = engine.restore(RestoreRequest(jid="d2"), jid="d1").job
+    wait_for(lambda: count(engine, "d2") > 3, what="the clone counting")
+    assert {c: s for c, (_, s) in ctr.tasks().items()} == {"d1": "RUNNING", "d2": "RUNNING"}
+    rows = {r["id"]: r for r in engine.query("containerd")}
+    assert rows["d2"]["jid"] == "d2" and rows["d2"]["pid"] == clone.pid and rows["d2"]["image"] == IMAGE
+
+
+def test_freeze_and_unfreeze(engine: Engine, ctr: Ctr) -> None:
+    start(engine)
+    engine.freeze("d1")
+    assert ctr.tasks()["d1"][1] == "PAUSED"
+    frozen_at = count(engine, "d1")
+    time.sleep(0.3)
+    assert count(engine, "d1") == frozen_at
+    engine.unfreeze("d1")
+    wait_for(lambda: count(engine, "d1") > frozen_at, what="counting after unfreeze")
+
+
+def test_cleanup_leaves_no_task_container_or_snapshot(engine: Engine, ctr: Ctr) -> None:
+    start(engine)
+    engine.kill("d1")
+    wait_for(lambda: engine.job("d1").state is not JobState.running, what="the kill")
+    engine.delete("d1")
+    assert "d1" not in ctr.containers() and "d1" not in ctr.tasks() and "d1" not in ctr.snapshots()
+
+
+def test_errors(engine: Engine, ctr: Ctr) -> None:
+    with pytest.raises(JobNotFound, match="image localhost/nope:1 not found"):
+        engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image="localhost/nope:1", container="x"))
+    with pytest.raises(JobNotFound, match="no containerd container 'nope'"):
+        engine.job_for("containerd", "nope")
+    start(engine)
+    with pytest.raises(StateError, match="already exists"):
+        engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="d1", jid="other"))
+    engine.dump("d1", DumpRequest())
+    with pytest.raises(StateError, match="is stopped"):
+        engine.manage("containerd", ManageRequest(target="d1"))
+
+
+def test_cli_errors_are_one_line(ctr: Ctr) -> None:
+    assert_one_error(cedana("run", "containerd", "--image", "localhost/nope:1", "--id", "x", "--local"), JobNotFound)
+    assert_one_error(cedana("dump", "containerd", "nope", "--local"), JobNotFound)
+    assert_one_error(cedana("run", "containerd", "--image", IMAGE, "--id", "a/b", "--local"), UsageError)
+
+
+def test_features_show_containerd(engine: Engine, ctr: Ctr) -> None:
+    features = compute(engine.pm).features
+    for row in ("Dump command", "Dump handler", "Restore handler", "Custom cleanup", "Health checks"):
+        assert features[row]["containerd"] == "implemented", row
+    assert features["Custom reaper"]["containerd"] == "unimplemented"
