@@ -393,8 +393,8 @@ def test_sigterm_to_an_agent_moves_its_jobs(ray_cluster: RayCluster, client: Clu
     node = next(n for n in alive_nodes() if n != head)
     jid = run_counter(client, "c-sigterm", node=node)
     os.kill(_agent_pid(node), signal.SIGTERM)  # type: ignore[arg-type]
-    wait_for(lambda: client.job(jid).node != node, 60, "the job moved off the node")
-    assert client.job(jid).state is JobState.running
+    moved = lambda: (job := client.job(jid)).node != node and job.state is JobState.running  # noqa: E731
+    wait_for(moved, 60, "the job moved off the node and running")
     assert_continuous(client, jid, last(client, jid))
     assert node in {n.node for n in client.nodes() if n.draining}, "no new job goes there"
     client.kill(jid)
@@ -410,6 +410,7 @@ def test_ray_drain_node_moves_its_jobs(ray_cluster: RayCluster, client: Cluster)
     reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
     accepted, why = gcs.drain_node(added, reason, "test preemption", int(time.time() * 1000) + 60_000)
     assert accepted, why
-    wait_for(lambda: client.job(jid).node != added, 60, "the job moved off the draining node")
+    moved = lambda: (job := client.job(jid)).node != added and job.state is JobState.running  # noqa: E731
+    wait_for(moved, 60, "the job moved off the draining node and running")
     assert_continuous(client, jid, last(client, jid))
     client.kill(jid)
