@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cedana_ray import catalog
 from cedana_ray.engine import new_id
@@ -40,12 +39,14 @@ from cedana_ray.models import (
     RestoreResult,
     utcnow,
 )
+from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore, split_url
 
 from .agent import NodeAgent
-from .remote import NAMESPACE, agent_name, call
+from .remote import agent_name, call, detached
+from .store_server import STORE, StoreServer
 
 MONITOR_PERIOD_S = 1.0
 RECOVER_PERIOD_S = 10.0  # how often the store is searched for checkpoints the catalog missed
@@ -57,8 +58,10 @@ log = logging.getLogger("cedana_ray.coordinator")
 class Coordinator:
     def __init__(self, base: str, storage: str) -> None:
         self.base = Path(base)
+        self.started = time.time()
         self.base.mkdir(parents=True, exist_ok=True)
         self.storage = storage
+        get_plugin_manager()  # the storage plugins' schemes, for the catalog's stores
         self.registry = Registry(self.base / "coordinator.db")
         self.agents: dict[str, Any] = {}
         self.draining: dict[str, float] = {}  # node -> deadline (epoch seconds, 0: none)
@@ -66,6 +69,7 @@ class Coordinator:
         self._busy: set[str] = set()
         self._idle = threading.Condition()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="coordinator")
+        self.store = self._spawn_store()
         self._recover_catalog()
         self._tick()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
@@ -101,20 +105,11 @@ class Coordinator:
         self._run_policies()
 
     def _spawn_agent(self, node: str) -> Any:
-        return (
-            ray.remote(NodeAgent)
-            .options(
-                name=agent_name(node),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                max_concurrency=32,
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            )
-            .remote(node, str(self.base))
-        )
+        return detached(NodeAgent, agent_name(node), node, node, str(self.base), concurrency=32)
+
+    def _spawn_store(self) -> Any:
+        """The cedana:// store, beside the coordinator on the head node."""
+        return detached(StoreServer, STORE, ray.get_runtime_context().get_node_id(), str(self.base))
 
     def _agent(self, node: str) -> Any:
         agent = self.agents.get(node)
@@ -495,7 +490,7 @@ class Coordinator:
             log.error("policy checkpoint of job %s failed: %s", jid, exc)
 
     def info(self) -> dict[str, Any]:
-        return {"storage": self.storage, "base": str(self.base), "nodes": len(self.agents)}
+        return {"storage": self.storage, "base": str(self.base), "nodes": len(self.agents), "started": self.started}
 
 
 def _draining_nodes() -> dict[str, int]:

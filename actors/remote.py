@@ -31,6 +31,27 @@ def call(ref: Any, timeout: float | None = None) -> Any:
         raise Unreachable(f"the cedana-ray actor is gone: {_first_line(exc)}") from None
 
 
+def detached(cls: type, name: str, node: str, *args: Any, concurrency: int = 16) -> Any:
+    """A detached, named actor pinned to ``node`` and restarted by Ray when it dies;
+    the running one if it exists already."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(cls)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_concurrency=concurrency,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        .remote(*args)
+    )
+
+
 def agent_name(node_id: str) -> str:
     return f"cedana-ray-agent-{node_id}"
 

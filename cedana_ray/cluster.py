@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from .config import paths
 from .errors import PrerequisiteError, UsageError
 from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
+from .plugins_manager import get_plugin_manager
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 
@@ -90,6 +91,7 @@ class Cluster:
         from .actors.remote import COORDINATOR, NAMESPACE
 
         connect(addr)
+        get_plugin_manager()  # storage schemes, for checkpoint URLs read here
         self.address = addr
         try:
             self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)

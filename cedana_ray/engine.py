@@ -29,7 +29,7 @@ from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from .store import CheckpointStore, register_schemes, remove_tree, split_url, staging_area
+from .store import CheckpointStore, remove_tree, split_url, staging_area
 
 Progress = Callable[[str, int, int], None]
 
@@ -53,8 +53,6 @@ class Engine:
         self.cluster_address = cluster_address  # where a job's own checkpoint requests go
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
-        for schemes in self.pm.hook.cedana_checkpoint_storage():
-            register_schemes(schemes)
 
     # -- jobs
     def job(self, jid: str) -> Job:

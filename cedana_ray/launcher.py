@@ -96,26 +96,10 @@ def _head_node() -> str:
 
 
 def start_coordinator(base: str, storage: str) -> Any:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from .actors.coordinator import Coordinator
-    from .actors.remote import COORDINATOR, NAMESPACE
+    from .actors.remote import COORDINATOR, detached
 
-    return (
-        ray.remote(Coordinator)
-        .options(
-            name=COORDINATOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            max_concurrency=64,
-            num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(_head_node(), soft=False),
-        )
-        .remote(base, storage)
-    )
+    return detached(Coordinator, COORDINATOR, _head_node(), base, storage, concurrency=64)
 
 
 def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list[NodeStatus]:
@@ -159,7 +143,7 @@ def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterS
     if previous and previous.address == address:
         head_temp, dashboard = previous.head_temp_dir, previous.dashboard
     base = str(paths().home / "cluster")
-    storage = storage or f"file://{base}/checkpoints"
+    storage = storage or os.environ.get("CEDANA_RAY_STORAGE") or f"file://{base}/checkpoints"
     if not address:
         address, head_temp, dashboard = start_head()
         # recorded at once, so that `down` finds this head even if `up` is interrupted

@@ -78,6 +78,11 @@ class PluginManager(pluggy.PluginManager):
 
 @functools.cache
 def get_plugin_manager() -> PluginManager:
+    """The installed plugins, loaded once; their storage schemes are known to fsspec from then on."""
+    from .store import register_schemes
+
     pm = PluginManager()
     pm.load_entry_points()
+    for schemes in pm.hook.cedana_checkpoint_storage():
+        register_schemes(schemes)
     return pm

@@ -20,6 +20,7 @@ from cedana_ray.errors import (
     JobNotFound,
     PermissionDenied,
     PrerequisiteError,
+    StorageError,
     UsageError,
 )
 
@@ -116,6 +117,7 @@ ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("manage process 1", PermissionDenied, "PID 1"),
     ("dump process 1", PermissionDenied, "PID 1"),
     ("migrate nope --to x", UsageError, "needs a cluster"),
+    ("restore process --path cedana://ckpts/c1", StorageError, "no cluster here"),
     ("freeze job nope", JobNotFound, "nope"),
 ]
 

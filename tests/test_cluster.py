@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 import ray
 from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
+from cedana_ray.actors.store_server import STORE
 from conftest import kill_jobs
 from ray.cluster_utils import Cluster as RayCluster
 from test_process_criu import COUNTER, WORKLOADS, wait_for
@@ -122,7 +124,7 @@ def test_one_agent_per_node_including_late_joiners(ray_cluster: RayCluster, clie
     wait_for(lambda: len(alive_nodes()) == 3, what="the third node")
     wait_for(lambda: sorted(n.node for n in client.nodes() if n.error is None) == alive_nodes(), 60, "its agent")
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
-    assert names == {COORDINATOR, *(agent_name(n) for n in alive_nodes())}
+    assert names == {COORDINATOR, STORE, *(agent_name(n) for n in alive_nodes())}
 
 
 def test_run_dump_and_restore_on_another_node(client: Cluster) -> None:
@@ -234,24 +236,31 @@ def test_coordinator_restart_recovers_jobs_and_checkpoints(client: Cluster) -> N
     jid = run_counter(client, "c-coord")
     job = client.job(jid)
     agent = ray.get_actor(agent_name(job.node), namespace=NAMESPACE)
-    coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
-    ray.kill(coordinator, no_restart=False)
+    before = _kill_coordinator(client)
     # a checkpoint committed while the coordinator is away (as a policy dump in flight would be)
     storage = launcher.load_state().storage  # type: ignore[union-attr]
     away = ray.get(agent.dump.remote(jid, DumpRequest(leave_running=True, storage=storage)))
-    fresh = _wait_for_coordinator()
+    fresh = _fresh_coordinator(before)
     assert fresh.job(jid).state is JobState.running
     assert "c-restore" in {j.jid for j in fresh.jobs()}, "earlier jobs are still known"
-    assert away.checkpoint in {c.checkpoint for c in fresh.checkpoints(jid)}
+    wait_for(lambda: away.checkpoint in {c.checkpoint for c in fresh.checkpoints(jid)}, 30, "the catalogued dump")
     fresh.kill(jid)
 
 
-def _wait_for_coordinator() -> Cluster:
+def _kill_coordinator(client: Cluster) -> float:
+    """Kill the coordinator (Ray restarts it); when the killed one had started."""
+    before = client.info()["started"]
+    ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE), no_restart=False)
+    return before
+
+
+def _fresh_coordinator(before: float) -> Cluster:
+    """A client of the coordinator that replaced the one started at ``before``."""
+
     def ready() -> Cluster | None:
         try:
-            client = Cluster(ray.get_runtime_context().gcs_address)
-            client.info()
-            return client
+            fresh = Cluster(ray.get_runtime_context().gcs_address)
+            return fresh if fresh.info()["started"] != before else None
         except CedanaError:
             return None
 
@@ -371,8 +380,7 @@ def test_source_dying_mid_dump_restores_from_the_previous_checkpoint(ray_cluster
 def test_coordinator_restart_mid_policy_run_loses_nothing(client: Cluster) -> None:
     jid = run_counter(client, "c-policy-restart", HEAVY, checkpoint_every=1.0, keep=2)
     wait_for(lambda: client.checkpoints(jid), 30, "a first policy checkpoint")
-    ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE), no_restart=False)  # most likely mid-dump
-    fresh = _wait_for_coordinator()
+    fresh = _fresh_coordinator(_kill_coordinator(client))  # most likely mid-dump
     assert fresh.job(jid).state is JobState.running
     root, _ = split_url(fresh.checkpoints(jid)[0].path)
 
@@ -383,6 +391,20 @@ def test_coordinator_restart_mid_policy_run_loses_nothing(client: Cluster) -> No
 
     wait_for(catalog_matches_store, 60, "policy runs again, catalog and store agree, two kept")
     fresh.kill(jid)
+
+
+def test_cedana_store_carries_a_migration(ray_cluster: RayCluster, client: Cluster) -> None:
+    jid = run_counter(client, "c-store")
+    client.set_storage(jid, "cedana://ckpts")
+    source = client.job(jid).node
+    moved = client.migrate(jid, other(source))
+    [info] = [c for c in client.checkpoints(jid) if c.checkpoint == moved.checkpoint]
+    assert info.path.startswith("cedana://ckpts/")
+    base = Path(launcher.load_state().base)  # type: ignore[union-attr]
+    assert (base / "store" / "ckpts" / moved.checkpoint / "manifest.json").is_file(), "kept on the head node"
+    assert client.inspect(moved.checkpoint).jid == jid
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
 
 
 # The last tests leave nodes draining: keep them at the end of the module.

@@ -54,3 +54,13 @@ def test_editable_install_maps_folders_under_cedana_ray(tmp_path: Path) -> None:
     plugin_file, bare = out.stdout.splitlines()
     assert Path(plugin_file).resolve() == ROOT / "plugins" / "process" / "plugin.py"
     assert bare == "None None None", "no bare top-level plugins/actors/jobs modules"
+
+
+def test_cluster_yaml_is_a_valid_ray_launcher_config() -> None:
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    validate_config(config)  # Ray's own schema check, as `ray up` runs it
+    commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"])
+    assert "install-criu.sh" in commands and "cedana-ray up --address" in commands

@@ -1,0 +1,172 @@
+"""The Ray control plane's costs: CLI round trips, migration steps, coordinator load.
+
+On a throwaway two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``,
+stopped by this script), in a throwaway ``CEDANA_RAY_HOME``:
+
+* CLI round trip: ``cedana-ray ps`` and a small leave-running ``dump job`` through the
+  cluster, against the same commands with ``--local`` on a job of the local engine;
+* migration of a process holding SIZE of memory, split into dump (freeze + checkpoint
+  on the source) and restore (transfer through the store + restore on the target);
+* coordinator load: N registered jobs (``sleep``), each with a periodic policy, then
+  the time of ``jobs()`` (what ``ps`` costs) and of one monitor pass.
+
+Run as root::
+
+    .venv/bin/python bench/control_plane.py [--sizes 256M,1G] [--jobs 200] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster as RayCluster
+from rich.console import Console
+from rich.table import Table
+
+from cedana_ray import launcher
+from cedana_ray.cluster import Cluster
+from cedana_ray.config import Paths
+from cedana_ray.engine import Engine
+from cedana_ray.models import Compression
+from cedana_ray.requests import DumpRequest, RunRequest
+
+MiB = 1 << 20
+HOLD = "import os, sys, time; b = bytearray(os.urandom(int(sys.argv[1]))); print('ready', flush=True); time.sleep(1e6)"
+NODE = {"num_cpus": 1, "object_store_memory": 100 * MiB}
+
+
+def timed(fn: Callable[[], object], repeat: int = 3) -> float:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cedana_ray.cli", *args], check=True, capture_output=True)
+
+
+def size_of(text: str) -> int:
+    return int(float(text[:-1]) * {"M": MiB, "G": 1 << 30}[text[-1]])
+
+
+def wait_ready(read: Callable[[], bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while b"ready" not in read():
+        if time.monotonic() > deadline:
+            raise TimeoutError("workload not ready")
+        time.sleep(0.1)
+
+
+def round_trips(client: Cluster, home: Path) -> dict[str, float]:
+    """The same commands through the cluster and with --local (same home: cluster.json is there)."""
+    client.run("process", RunRequest(cmd=["sleep", "1e6"], jid="rt-cluster"))
+    local = Engine(Paths(home))
+    local.run("process", RunRequest(cmd=["sleep", "1e6"], jid="rt-local"))
+    result = {
+        "ps cluster": timed(lambda: cli("ps", "--json")),
+        "dump cluster": timed(lambda: cli("dump", "job", "rt-cluster", "--leave-running", "--json")),
+        "ps --local": timed(lambda: cli("ps", "--local", "--json")),
+        "dump --local": timed(lambda: cli("dump", "job", "rt-local", "--leave-running", "--local", "--json")),
+    }
+    local.kill("rt-local")
+    client.kill("rt-cluster")
+    return result
+
+
+def migrations(client: Cluster, sizes: list[str]) -> list[dict[str, object]]:
+    rows = []
+    for text in sizes:
+        jid = f"mig-{text}"
+        job = client.run("process", RunRequest(cmd=[sys.executable, "-c", HOLD, str(size_of(text))], jid=jid))
+        wait_ready(lambda jid=jid: client.read_log(jid))  # type: ignore[misc]
+        target = next(n.node for n in client.nodes() if n.node != job.node)
+        for compression in (Compression.none, Compression.lz4):
+            moved = client.migrate(jid, target, DumpRequest(compression=compression))
+            rows.append(
+                {
+                    "size": text,
+                    "compression": compression.value,
+                    "dump_s": moved.dump_s,
+                    "restore_s": moved.restore_s,
+                    "total_s": moved.duration_s,
+                }
+            )
+            target = moved.source
+        client.kill(jid)
+    return rows
+
+
+def coordinator_load(client: Cluster, n: int) -> dict[str, float]:
+    start = time.perf_counter()
+    for i in range(n):
+        client.run("process", RunRequest(cmd=["sleep", "1e6"], jid=f"load-{i}", checkpoint_every=3600, keep=2))
+    registered = time.perf_counter() - start
+    result = {
+        "jobs": n,
+        "run per job s": registered / n,
+        "jobs() s": timed(client.jobs),
+        "ps CLI s": timed(lambda: cli("ps", "--json")),
+    }
+    for i in range(n):
+        client.kill(f"load-{i}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="256M,1G")
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="cr-bench-"))
+    os.environ.update(CEDANA_RAY_HOME=str(home), RAY_AUTH_MODE="disabled")
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster = RayCluster(initialize_head=True, head_node_args=NODE)
+    cluster.add_node(**NODE)
+    try:
+        launcher.up(address=cluster.address)
+        client = Cluster(cluster.address)
+        report = {
+            "round_trips": round_trips(client, home),
+            "migrations": migrations(client, args.sizes.split(",")),
+            "coordinator": coordinator_load(client, args.jobs),
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    show(report, args.json)
+
+
+def show(report: dict, as_json: bool) -> None:  # type: ignore[type-arg]
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console = Console()
+    rt = report["round_trips"]
+    t = Table("command", "cluster s", "--local s", "ratio", title="CLI round trip (median of 3)")
+    for cmd in ("ps", "dump"):
+        c, lo = rt[f"{cmd} cluster"], rt[f"{cmd} --local"]
+        t.add_row(cmd, f"{c:.3f}", f"{lo:.3f}", f"{c / lo:.2f}x")
+    console.print(t)
+    t = Table("size", "compression", "dump s", "restore s", "total s", title="migration")
+    for r in report["migrations"]:
+        t.add_row(r["size"], r["compression"], f"{r['dump_s']:.2f}", f"{r['restore_s']:.2f}", f"{r['total_s']:.2f}")
+    console.print(t)
+    console.print({k: round(v, 4) for k, v in report["coordinator"].items()})
+
+
+if __name__ == "__main__":
+    main()
