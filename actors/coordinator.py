@@ -30,6 +30,7 @@ from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, Sta
 from cedana_ray.models import (
     LIVE_STATES,
     CheckpointInfo,
+    Compression,
     DumpResult,
     Job,
     JobState,
@@ -407,7 +408,12 @@ class Coordinator:
             job = self._live(jid)
             if target == job.node:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
-            return self._migrate(job, target, request or DumpRequest())
+            return self._migrate(job, target, request or self._migration_request(job))
+
+    def _migration_request(self, job: Job) -> DumpRequest:
+        """Uncompressed to a local store (compressing costs more than writing), lz4 to a remote one."""
+        url = job.details.get("storage") or self.storage
+        return DumpRequest(compression=Compression.none if url.startswith("file://") else Compression.lz4)
 
     def _migrate(self, job: Job, target: str, request: DumpRequest) -> MigrateResult:
         source = self._agent(job.node)
@@ -457,7 +463,8 @@ class Coordinator:
         for job in self.jobs():
             if job.node == node and job.state in LIVE_STATES:
                 with self._claim(job.jid):
-                    moved.append(self._migrate(job, self._place(job.type, exclude=node), DumpRequest()))
+                    target = self._place(job.type, exclude=node)
+                    moved.append(self._migrate(job, target, self._migration_request(job)))
         return moved
 
     def _drain_logged(self, node: str) -> None:

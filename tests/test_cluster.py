@@ -7,6 +7,7 @@ jobs are real CRIU-checkpointed processes started by the agents.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -27,7 +28,7 @@ from test_process_criu import COUNTER, WORKLOADS, wait_for
 
 from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
-from cedana_ray.errors import CedanaError, NotFoundError, StateError, UsageError
+from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import JobState
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore, split_url
@@ -107,7 +108,10 @@ def alive_nodes() -> list[str]:
 
 
 def other(node: str) -> str:
-    return next(n for n in alive_nodes() if n != node)
+    """An alive node, other than ``node``, that can take process jobs."""
+    nodes = Cluster(ray.get_runtime_context().gcs_address).nodes()
+    fit = [n.node for n in nodes if n.node != node and "process" in n.types and not n.draining and n.error is None]
+    return sorted(fit)[0]
 
 
 def assert_continuous(client: Cluster, jid: str, more_than: int) -> None:
@@ -405,6 +409,46 @@ def test_cedana_store_carries_a_migration(ray_cluster: RayCluster, client: Clust
     assert client.inspect(moved.checkpoint).jid == jid
     assert_continuous(client, jid, last(client, jid))
     client.kill(jid)
+
+
+def test_migration_to_a_node_without_the_runtime_is_refused(ray_cluster: RayCluster, client: Cluster) -> None:
+    bare = ray_cluster.add_node(**NODE_ARGS, env_vars={"CEDANA_RAY_CRIU": "/nonexistent/criu"}).node_id
+    wait_for(lambda: bare in {n.node for n in client.nodes() if n.error is None}, 60, "the bare node's agent")
+    assert "process" not in next(n for n in client.nodes() if n.node == bare).types
+    jid = run_counter(client, "c-no-runtime")
+    with pytest.raises(PrerequisiteError, match="cannot run process jobs"):
+        client.migrate(jid, bare)
+    assert client.job(jid).state is JobState.running and client.job(jid).node != bare
+    client.kill(jid)
+
+
+TORCH = importlib.util.find_spec("torch") is not None
+
+
+def losses(client: Cluster, jid: str) -> list[str]:
+    return re.findall(r"step=\d+ loss=\S+", client.read_log(jid, 0, 1 << 24).decode())
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("torch", marks=pytest.mark.skipif(not TORCH, reason="PyTorch is not installed (make setup)")),
+        "numpy",
+    ],
+)
+def test_training_loss_curve_is_identical_across_a_migration(client: Cluster, backend: str) -> None:
+    if backend == "numpy":
+        pytest.importorskip("numpy", reason="NumPy is not installed")
+    cmd = [sys.executable, "-m", "cedana_ray.jobs.train", "--steps", "60", "--interval", "0.03", "--backend", backend]
+    client.run("process", RunRequest(cmd=cmd, jid=f"train-plain-{backend}"))
+    moved = f"train-moved-{backend}"
+    client.run("process", RunRequest(cmd=cmd, jid=moved))
+    wait_for(lambda: len(losses(client, moved)) >= 20, 60, "training under way")
+    client.migrate(moved, other(client.job(moved).node))
+    for jid in (f"train-plain-{backend}", moved):
+        wait_for(lambda jid=jid: b"done" in client.read_log(jid), 120, f"{jid} finished")
+    plain = losses(client, f"train-plain-{backend}")
+    assert len(plain) == 60 and losses(client, moved) == plain, "the migrated run's loss curve is the same"
 
 
 # The last tests leave nodes draining: keep them at the end of the module.

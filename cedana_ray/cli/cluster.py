@@ -77,16 +77,15 @@ def _nodes_table(found: list[NodeStatus]) -> None:
 @click.option(
     "--compression",
     type=click.Choice([c.value for c in Compression]),
-    default="lz4",
-    show_default=True,
-    help="Compression of the migration checkpoint.",
+    help="Compression of the migration checkpoint (default: none on a file:// store, lz4 elsewhere).",
 )
 @common
-def migrate(jid: str, node: str, compression: str, as_json: bool, local: bool) -> None:
+def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: bool) -> None:
     """Move job JID to another node (freeze, dump, restore there); it keeps its id."""
     if local:
         raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
-    result = cluster().migrate(jid, node, DumpRequest(compression=Compression(compression)))
+    request = DumpRequest(compression=Compression(compression)) if compression else None
+    result = cluster().migrate(jid, node, request)
 
     def human() -> None:
         console.print(
