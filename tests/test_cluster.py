@@ -33,7 +33,7 @@ from cedana_ray.models import JobState
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore, split_url
 
-pytestmark = [pytest.mark.criu, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(180)]
 HEAVY = [sys.executable, str(WORKLOADS / "heavy_counter.py"), "256"]
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 << 20}
 
@@ -456,7 +456,7 @@ def test_training_loss_curve_is_identical_across_a_migration(client: Cluster, ba
 
 def test_sigterm_to_an_agent_moves_its_jobs(ray_cluster: RayCluster, client: Cluster) -> None:
     head = ray_cluster.head_node.node_id
-    node = next(n for n in alive_nodes() if n != head)
+    node = other(head)
     jid = run_counter(client, "c-sigterm", node=node)
     os.kill(_agent_pid(node), signal.SIGTERM)  # type: ignore[arg-type]
     moved = lambda: (job := client.job(jid)).node != node and job.state is JobState.running  # noqa: E731

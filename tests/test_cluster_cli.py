@@ -19,7 +19,7 @@ from test_process_criu import COUNTER, wait_for
 
 from cedana_ray.errors import StateError, UsageError
 
-pytestmark = [pytest.mark.criu, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(240)]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
