@@ -7,9 +7,9 @@ import json
 import re
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from test_process_criu import wait_for
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "sleep", "echo", "cat", "true", "ls")
@@ -49,15 +49,6 @@ def bundle(dest: Path, rootfs: Path, script: str = COUNTER) -> Path:
     spec["root"] = {"path": str(rootfs), "readonly": True}
     config.write_text(json.dumps(spec, indent=1))
     return dest
-
-
-def wait_for(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def counts(log: Path) -> list[int]:

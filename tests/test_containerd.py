@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
-from containers import busybox_rootfs, missing, oci_image, start_containerd, wait_for
+from containers import busybox_rootfs, missing, oci_image, start_containerd
 from test_cli import assert_one_error, cedana
+from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
 from cedana_ray.errors import JobNotFound, StateError, UsageError

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from cedana_ray.plugins.runc.plugin import RuncRestoreRequest, RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
-from containers import bundle, busybox_rootfs, counts, last_count, missing, wait_for
+from containers import bundle, busybox_rootfs, counts, last_count, missing
 from test_cli import assert_one_error, cedana
+from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CheckpointNotFound, DumpError, JobNotFound, StateError, UsageError

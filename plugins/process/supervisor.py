@@ -61,7 +61,7 @@ def _close_fds_except(*keep: int) -> None:
     os.closerange(last, os.sysconf("SC_OPEN_MAX"))
 
 
-def _exit_code(status: int) -> int:
+def exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
@@ -139,7 +139,7 @@ def _init_loop(root: int) -> None:
         except ChildProcessError:
             os._exit(0)
         if pid == root:
-            code = _exit_code(status)
+            code = exit_code(status)
             os._exit(128 - code if code < 0 else code)
 
 
@@ -215,10 +215,15 @@ def supervise(spec: dict, pid: int, out: int) -> None:
         while chunk := os.read(out, 65536):
             log.write(chunk)
     _, status = os.waitpid(pid, 0)
-    tmp = spec["exit_file"] + ".tmp"
+    record_exit(spec["exit_file"], pid, exit_code(status))
+
+
+def record_exit(exit_file: str, pid: int, code: int | None) -> None:
+    """The workload's exit code (None: unknown), for the plugin's reaper; written atomically."""
+    tmp = exit_file + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"pid": pid, "exit_code": _exit_code(status)}, f)
-    os.replace(tmp, spec["exit_file"])
+        json.dump({"pid": pid, "exit_code": code}, f)
+    os.replace(tmp, exit_file)
 
 
 def main() -> None:

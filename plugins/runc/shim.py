@@ -21,11 +21,9 @@ import os
 import subprocess
 import sys
 
+from cedana_ray.plugins.process.supervisor import exit_code, record_exit
+
 PR_SET_CHILD_SUBREAPER = 36
-
-
-def _exit_code(status: int) -> int:
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _runc_error(log: str, rc: int) -> str:
@@ -74,11 +72,8 @@ def supervise(spec: dict, pid: int, out: int) -> None:
         except ChildProcessError:
             break  # reaped by someone else: unknown
         if reaped == pid:
-            code = _exit_code(status)
-    tmp = spec["exit_file"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pid": pid, "exit_code": code}, f)
-    os.replace(tmp, spec["exit_file"])
+            code = exit_code(status)
+    record_exit(spec["exit_file"], pid, code)
 
 
 def main() -> None:

@@ -1,0 +1,124 @@
+"""Command builders every runtime plugin shares: ``run`` options, ``manage``, ``dump``,
+``restore``, ``freeze``/``unfreeze`` and ``query`` of a workload type."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..models import check_name
+from ..policy import parse_duration
+from ..requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .options import common, dump_options, engine, restore_options
+from .output import progress, show, show_dump, show_job, show_restore, table
+
+F = Callable[..., Any]
+
+
+def container_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A click callback: a container id is a name (no ``/``, no ``..``)."""
+    return check_name(value, "container id")
+
+
+def policy_options(fn: F) -> F:
+    """``--storage``, ``--checkpoint-every`` and ``--keep``, passed on as ``storage``, ``every`` (seconds), ``keep``."""
+
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        text = kw.pop("checkpoint_every")
+        kw["every"] = parse_duration(text) if text else None
+        if kw["keep"] and not kw["every"]:
+            raise click.BadParameter("needs --checkpoint-every", param_hint="--keep")
+        return fn(**kw)
+
+    options = [
+        click.option("--storage", metavar="URL", help="Default checkpoint store of this job."),
+        click.option(
+            "--checkpoint-every", metavar="DUR", help="Checkpoint (leaving it running) every DUR: 30s, 5m, 1h."
+        ),
+        click.option("--keep", type=click.IntRange(1), metavar="N", help="Keep only the last N of those checkpoints."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def start(name: str, request: RunRequest, storage: str | None, as_json: bool) -> None:
+    """Run the workload, give it its store, print the job."""
+    job = engine().run(name, request)
+    if storage:
+        job = engine().set_storage(job.jid, storage)
+    show_job(as_json, job, "started")
+
+
+def manage_command(name: str, target: str, what: str) -> click.Command:
+    @click.command(name, help=f"Adopt {what} {target}, started elsewhere, as a job.")
+    @click.argument("target", metavar=target)
+    @click.option("--jid", metavar="ID", help="Job id (default: generated).")
+    @common
+    def command(target: str, jid: str | None, as_json: bool, local: bool) -> None:
+        show_job(as_json, engine().manage(name, ManageRequest(target=target, jid=jid)), "managing")
+
+    return command
+
+
+def dump_command(name: str, target: str, what: str) -> click.Command:
+    """``dump NAME TARGET``: checkpoint a workload by the id users know it by."""
+
+    @click.command(name, help=f"Checkpoint {what} {target} (adopting it as a job if it is not one).")
+    @click.argument("target", metavar=target)
+    @dump_options
+    @common
+    def command(target: str, request: DumpRequest, as_json: bool, local: bool) -> None:
+        job = engine().job_for(name, target)
+        with progress(not as_json) as bar:
+            show_dump(as_json, engine().dump(job.jid, request, bar))
+
+    return command
+
+
+def restore_command(name: str, help: str, *options: Callable[[F], F]) -> Callable[[F], click.Command]:
+    """``restore NAME --path URL``; the decorated function turns the request into the type's own."""
+
+    def decorate(make_request: F) -> click.Command:
+        @click.command(name, help=help)
+        @click.option("--path", required=True, metavar="URL", help="The checkpoint's URL (see `checkpoint list`).")
+        @restore_options
+        @common
+        @functools.wraps(make_request)
+        def command(request: RestoreRequest, as_json: bool, local: bool, **extra: Any) -> None:
+            request = make_request(request, **extra)
+            with progress(not as_json) as bar:
+                show_restore(as_json, engine().restore(request, jtype=name, progress=bar))
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def state_command(name: str, verb: str, target: str, what: str) -> click.Command:
+    """``freeze|unfreeze NAME TARGET``."""
+
+    @click.command(name, help=f"{verb.capitalize()} {what} {target}.")
+    @click.argument("target", metavar=target)
+    @common
+    def command(target: str, as_json: bool, local: bool) -> None:
+        job = engine().job_for(name, target)
+        show_job(as_json, getattr(engine(), verb)(job.jid), f"{verb}d")
+
+    return command
+
+
+def query_command(name: str, columns: tuple[str, ...], help: str) -> click.Command:
+    @click.command(name, help=help)
+    @common
+    def command(as_json: bool, local: bool) -> None:
+        rows = engine().query(name)
+        show(as_json, rows, lambda: table(columns, [[r.get(c) for c in columns] for r in rows]))
+
+    return command
