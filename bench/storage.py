@@ -1,7 +1,7 @@
-"""Remote checkpoints: cedana-ray streaming to S3 and GCS against plain uploads.
+"""Remote checkpoints: cedana-ray streaming to S3, GCS and cedana:// against plain uploads.
 
 For each size and backend (SeaweedFS for S3, fake-gcs-server for GCS, both real
-servers on 127.0.0.1, as in the tests), a workload holding that much memory (half
+servers on 127.0.0.1, as in the tests; a one-node Ray cluster for cedana://), a workload holding that much memory (half
 incompressible, half zeros; see ``dump_restore.py``) is checkpointed three ways:
 
 * ``stream none`` / ``stream zstd``: ``Engine.dump`` straight to the bucket, chunks
@@ -15,7 +15,7 @@ incompressible, half zeros; see ``dump_restore.py``) is checkpointed three ways:
 The goal: a streaming dump takes at most 1.2x the longer of the raw local dump
 and the raw upload (``dump / max``, at most 1.2). Run as root::
 
-    .venv/bin/python bench/storage.py [--sizes 256M,1G] [--backends s3,gs] [--json]
+    .venv/bin/python bench/storage.py [--sizes 256M,1G] [--backends s3,gs,cedana] [--json]
 """
 
 from __future__ import annotations
@@ -74,20 +74,49 @@ class Row:
     local_dump_s: float = 0.0
 
 
-def start_server(backend: str, root: Path) -> Server:
-    server: Server = SeaweedS3(root) if backend == "s3" else FakeGCS(root)
+class ClusterStore:
+    """``cedana://``: a one-node Ray cluster with the control plane, whose head serves the store."""
+
+    endpoint = "cedana://"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def start(self) -> None:
+        from ray.cluster_utils import Cluster as RayCluster
+
+        from cedana_ray import launcher
+
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        self.cluster = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 1 << 30})
+        launcher.up(address=self.cluster.address)  # connects this process: cedana:// works here
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+def start_server(backend: str, root: Path) -> Server | ClusterStore:
+    server: Server | ClusterStore = {"s3": SeaweedS3, "gs": FakeGCS, "cedana": ClusterStore}[backend](root)
     server.start()
     if backend == "s3":
         os.environ.update(AWS_ENDPOINT_URL_S3=server.endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY)
         os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
-    else:
+    elif backend == "gs":
         os.environ["STORAGE_EMULATOR_HOST"] = server.endpoint
     plain_client(backend, server).mkdir(BUCKET)
     return server
 
 
-def plain_client(backend: str, server: Server) -> object:
-    """The backend's own fsspec client with its defaults: what a user would upload with."""
+def plain_client(backend: str, server: Server | ClusterStore) -> object:
+    """The backend's own fsspec client with its defaults: what a user would upload with
+    (for cedana://, whole files through the store actor)."""
+    if backend == "cedana":
+        from cedana_ray.plugins.storage_cedana import CedanaFileSystem
+
+        return CedanaFileSystem(skip_instance_cache=True)
     if backend == "s3":
         from s3fs import S3FileSystem
 
@@ -118,7 +147,7 @@ def bench_stream(engine: Engine, backend: str, size: int, compression: Compressi
     return Row(backend, size, mode, result.image_bytes, result.size_bytes, dump_s[0], restore_s[0])
 
 
-def bench_local_put(engine: Engine, backend: str, size: int, server: Server, base: Path) -> Row:
+def bench_local_put(engine: Engine, backend: str, size: int, server: Server | ClusterStore, base: Path) -> Row:
     fs = plain_client(backend, server)
     jid = run_workload(engine, size, base)
     try:
@@ -193,13 +222,13 @@ def table(rows: list[Row]) -> Table:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256M,1G", help="comma-separated workload sizes (default 256M,1G)")
-    parser.add_argument("--backends", default="s3,gs", help="comma-separated: s3, gs (default both)")
+    parser.add_argument("--backends", default="s3,gs,cedana", help="comma-separated: s3, gs, cedana (default all)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if unknown := set(backends) - {"s3", "gs"}:
-        parser.error(f"unknown backend(s): {', '.join(sorted(unknown))} (known: s3, gs)")
+    if unknown := set(backends) - {"s3", "gs", "cedana"}:
+        parser.error(f"unknown backend(s): {', '.join(sorted(unknown))} (known: s3, gs, cedana)")
     if os.geteuid() != 0:
         parser.error("CRIU needs root")
     criu.version()

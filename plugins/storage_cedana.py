@@ -76,6 +76,14 @@ class CedanaFileSystem(AbstractFileSystem):
     def pipe_file(self, path: str, value: bytes, **kwargs: Any) -> None:
         self._call("pipe_file", self._strip_protocol(path), value)
 
+    def put_file(self, lpath: str, rpath: str, **kwargs: Any) -> None:
+        with open(lpath, "rb") as f:
+            self.pipe_file(rpath, f.read())
+
+    def get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
+        with open(lpath, "wb") as f:
+            f.write(self.cat_file(rpath))
+
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self._call("makedirs", self._strip_protocol(path))
 
