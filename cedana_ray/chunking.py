@@ -1,8 +1,7 @@
-"""Chunks of image files: bounded parallel maps, and hashing while CRIU writes."""
+"""Chunks of image files: bounded parallel maps, and work on chunks while CRIU writes them."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -29,27 +28,43 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[
         yield pending.popleft().result()
 
 
+ChunkFn = Callable[[Path, int, int, int], Chunk]  # (image file, index, offset, size) -> its Chunk
+
+
 def chunk_in_place(fd: int, off: int, size: int) -> Chunk:
     digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
     return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
 
 
-class Prehasher:
-    """Hashes the full chunks of images while CRIU is still writing them.
+def hash_in_place(path: Path, index: int, off: int, size: int) -> Chunk:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return chunk_in_place(fd, off, size)
+    finally:
+        os.close(fd)
+
+
+class EarlyChunks:
+    """Processes the full chunks of image files while CRIU is still writing them.
 
     CRIU writes each image file sequentially, so a chunk wholly below a file's current
-    size is final. Used for in-place dumps: commit() then hashes only what is left,
-    and hashing overlaps with CRIU instead of following it.
+    size is final. In-place dumps have those chunks hashed, dumps to an object store
+    have them encoded and uploaded (``process``); commit() then handles only what is
+    left, and the work overlaps with CRIU instead of following it.
     """
 
-    def __init__(self, images: Path, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, images: Path, process: ChunkFn = hash_in_place, chunk_size: int = DEFAULT_CHUNK, streams: int = 1
+    ) -> None:
         self.images = images
+        self.process = process
         self.chunk_size = chunk_size
+        self.streams = streams
         self.chunks: dict[str, list[Chunk]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prehash", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="early-chunks", daemon=True)
 
-    def __enter__(self) -> Prehasher:
+    def __enter__(self) -> EarlyChunks:
         self._thread.start()
         return self
 
@@ -58,19 +73,19 @@ class Prehasher:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            for path in sorted(self.images.iterdir()):
-                with contextlib.suppress(OSError):
-                    self._catch_up(path)
+        with ThreadPoolExecutor(self.streams) as pool:
+            while not self._stop.wait(0.01):
+                for path in sorted(self.images.iterdir()):
+                    try:
+                        self._catch_up(pool, path)
+                    except Exception:  # commit() redoes what is missing here, and reports the error
+                        return
 
-    def _catch_up(self, path: Path) -> None:
+    def _catch_up(self, pool: ThreadPoolExecutor, path: Path) -> None:
         done = self.chunks.setdefault(path.name, [])
-        size = path.stat().st_size
-        if (len(done) + 1) * self.chunk_size > size:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while (len(done) + 1) * self.chunk_size <= size and not self._stop.is_set():
-                done.append(chunk_in_place(fd, len(done) * self.chunk_size, self.chunk_size))
-        finally:
-            os.close(fd)
+        full = path.stat().st_size // self.chunk_size
+        spans = [(i, i * self.chunk_size, self.chunk_size) for i in range(len(done), full)]
+        for chunk in bounded_map(pool, lambda span: self.process(path, *span), spans, self.streams * 2):
+            done.append(chunk)
+            if self._stop.is_set():
+                return

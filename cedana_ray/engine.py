@@ -243,7 +243,8 @@ class Engine:
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
         ctx.state.update(images=images, work=work)
         try:
-            with store.prehash(images, ckpt) as prehashed:
+            early = store.early_chunks(images, ckpt, req.compression, req.encryption_key(), req.streams)
+            with early as prehashed:
                 next_(ctx)
             ctx.report("store")
             manifest = store.commit(

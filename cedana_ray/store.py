@@ -32,7 +32,7 @@ import fsspec
 import psutil
 from fsspec.implementations.local import LocalFileSystem
 
-from .chunking import DEFAULT_CHUNK, Prehasher, bounded_map, chunk_in_place
+from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, cipher_for, fingerprint
 from .errors import CedanaError, CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
@@ -109,9 +109,23 @@ class CheckpointStore:
     def url_of(self, ckpt: str) -> str:
         return f"{self.url}/{ckpt}"
 
-    def prehash(self, images: Path, ckpt: str) -> contextlib.AbstractContextManager[Prehasher | None]:
-        """Hash chunks of an in-place dump while it is written (a no-op otherwise)."""
-        return Prehasher(images) if self._in_place(images, ckpt) else contextlib.nullcontext()
+    def early_chunks(
+        self,
+        images: Path,
+        ckpt: str,
+        compression: Compression = Compression.none,
+        key: bytes | None = None,
+        streams: int = DEFAULT_STREAMS,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> contextlib.AbstractContextManager[EarlyChunks | None]:
+        """While CRIU writes ``images``: hash the chunks of an in-place dump, or upload those
+        of a dump to an object store (a no-op for a local compressed store)."""
+        if self._in_place(images, ckpt):
+            return EarlyChunks(images, chunk_size=chunk_size)
+        if not self.local:
+            cipher = ChunkCipher(key, ckpt) if key else None
+            return EarlyChunks(images, self._uploader(ckpt, compression, cipher), chunk_size, streams)
+        return contextlib.nullcontext()
 
     def _in_place(self, images: Path, ckpt: str) -> bool:
         """Whether ``images`` are the stored data of ``ckpt`` (local, uncompressed)."""
@@ -134,14 +148,14 @@ class CheckpointStore:
         chunk_size: int = DEFAULT_CHUNK,
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
-        prehashed: Prehasher | None = None,
+        prehashed: EarlyChunks | None = None,
         key: bytes | None = None,
     ) -> Manifest:
         """Store the image files in ``images`` and write the manifest last.
 
         ``manifest`` holds every manifest field but ``files``, ``compression``,
-        ``chunk_size`` and the storage ones; ``prehashed`` the chunks already hashed
-        during the dump; ``key`` encrypts every chunk. On any failure nothing that
+        ``chunk_size`` and the storage ones; ``prehashed`` the chunks already hashed or
+        uploaded during the dump; ``key`` encrypts every chunk. On any failure nothing that
         lists as a checkpoint is left.
         """
         ckpt = manifest["checkpoint"]
@@ -171,7 +185,7 @@ class CheckpointStore:
         chunk_size: int,
         streams: int,
         progress: Progress | None,
-        prehashed: Prehasher | None,
+        prehashed: EarlyChunks | None,
         cipher: ChunkCipher | None,
     ) -> list[ImageFile]:
         known = prehashed.chunks if prehashed and prehashed.chunk_size == chunk_size else {}
@@ -184,6 +198,9 @@ class CheckpointStore:
             for name in names:
                 if in_place:
                     image = self._hash_in_place(pool, images / name, known.get(name, []), chunk_size, streams)
+                elif not self.local:
+                    upload = self._uploader(ckpt, compression, cipher)
+                    image = self._finish(pool, images / name, known.get(name, []), chunk_size, streams, upload)
                 else:
                     image = self._write_file(pool, images / name, ckpt, compression, chunk_size, streams, cipher)
                 files.append(image)
@@ -209,6 +226,31 @@ class CheckpointStore:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=chunks)
 
+    def _finish(
+        self, pool: ThreadPoolExecutor, path: Path, known: list[Chunk], chunk_size: int, streams: int, upload: ChunkFn
+    ) -> ImageFile:
+        """Upload the chunks of ``path`` after the ``known`` ones (sent while CRIU wrote it)."""
+        rest = [(i, off, size) for i, (off, size) in enumerate(self._chunks(path, chunk_size)) if i >= len(known)]
+        sent = bounded_map(pool, lambda span: upload(path, *span), rest, streams * 2)
+        return ImageFile(name=path.name, size=path.stat().st_size, chunks=(*known, *sent))
+
+    def _uploader(self, ckpt: str, compression: Compression, cipher: ChunkCipher | None) -> ChunkFn:
+        """Encode one chunk of an image file and store it as its own object."""
+        encode = _encoder(compression, cipher)
+        ext = EXTENSIONS[compression]
+
+        def upload(path: Path, index: int, off: int, size: int) -> Chunk:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = encode(path.name, index, os.pread(fd, size, off))
+            finally:
+                os.close(fd)
+            retrying(lambda: self.fs.pipe_file(f"{self.path(ckpt)}/data/{path.name}{ext}/{index:06d}", data))
+            digest = hashlib.sha256(data).hexdigest()
+            return Chunk(offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=digest)
+
+        return upload
+
     def _write_file(
         self,
         pool: ThreadPoolExecutor,
@@ -219,17 +261,15 @@ class CheckpointStore:
         streams: int,
         cipher: ChunkCipher | None,
     ) -> ImageFile:
-        compress, _ = codec(compression)
+        """Encode the chunks of ``path`` into one file of a local store."""
+        encode = _encoder(compression, cipher)
         fd = os.open(path, os.O_RDONLY)
-
-        def encode(index: int, span: tuple[int, int]) -> bytes:
-            data = compress(os.pread(fd, span[1], span[0]))
-            return cipher.encrypt(data, path.name, index) if cipher else data
-
         target = f"{self.path(ckpt)}/data/{path.name}{EXTENSIONS[compression]}"
         try:
-            write = self._append_chunks if self.local else self._put_chunks
-            chunks = write(pool, target, self._chunks(path, chunk_size), encode, streams)
+            spans = self._chunks(path, chunk_size)
+            chunks = self._append_chunks(
+                pool, target, spans, lambda i, span: encode(path.name, i, os.pread(fd, span[1], span[0])), streams
+            )
         finally:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=tuple(chunks))
@@ -252,21 +292,6 @@ class CheckpointStore:
                 chunks.append(Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest))
                 stored += len(data)
         return chunks
-
-    def _put_chunks(
-        self, pool: ThreadPoolExecutor, target: str, spans: list[tuple[int, int]], encode: Encoder, streams: int
-    ) -> list[Chunk]:
-        """Encode and upload chunks in parallel, each as its own object under ``target``."""
-
-        def one(item: tuple[int, tuple[int, int]]) -> Chunk:
-            index, (off, size) = item
-            data = encode(index, (off, size))
-            retrying(lambda: self.fs.pipe_file(f"{target}/{index:06d}", data))
-            return Chunk(
-                offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-
-        return list(bounded_map(pool, one, enumerate(spans), streams * 2))
 
     def _write_manifest(self, ckpt: str, manifest: Manifest) -> None:
         data = manifest.model_dump_json(indent=1).encode()
@@ -446,6 +471,17 @@ class CheckpointStore:
         for target in (f"{path}/{MANIFEST}", path):
             with contextlib.suppress(FileNotFoundError):
                 retrying(lambda target=target: self.fs.rm(target, recursive=target == path), attempts)
+
+
+def _encoder(compression: Compression, cipher: ChunkCipher | None) -> Callable[[str, int, bytes], bytes]:
+    """Chunk ``index`` of image ``name``, compressed and (with a cipher) encrypted."""
+    compress, _ = codec(compression)
+
+    def encode(name: str, index: int, raw: bytes) -> bytes:
+        data = compress(raw)
+        return cipher.encrypt(data, name, index) if cipher else data
+
+    return encode
 
 
 SHM = Path("/dev/shm")

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
+from cedana_ray.chunking import EarlyChunks
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
-from cedana_ray.store import MANIFEST, CheckpointStore, Prehasher, bounded_map
+from cedana_ray.store import MANIFEST, CheckpointStore, bounded_map
 
 CHUNK = 4096
 # name -> size: empty, exactly one chunk, several chunks with a partial last one, one byte past a chunk
@@ -402,18 +403,25 @@ def test_bounded_map_reraises_in_order() -> None:
     assert got == [0, 1, 2, 3, 4]
 
 
-def test_prehasher_hashes_while_a_file_grows(tmp_path: Path) -> None:
-    """Chunks hashed while the file was being written are the chunks of the final file."""
-    store = CheckpointStore(f"file://{tmp_path / 'store'}")
-    images = store.dump_dir("ckpt-p", Compression.none, tmp_path / "staging")
+@pytest.mark.parametrize("remote", [False, True], ids=["hashed in place", "uploaded to an object store"])
+def test_chunks_are_handled_while_a_file_grows(tmp_path: Path, remote: bool) -> None:
+    """Chunks hashed (in place) or uploaded (object store) while CRIU was still writing the
+    file are those of the final file; commit() only handles the rest."""
+    url = f"memory://early-{tmp_path.name}" if remote else f"file://{tmp_path / 'store'}"
+    compression = Compression.zstd if remote else Compression.none
+    store = CheckpointStore(url)
+    images = store.dump_dir("ckpt-p", compression, tmp_path / "staging")
     data = os.urandom(10 * 4096 + 123)
-    with Prehasher(images, chunk_size=4096) as prehashed, (images / "pages-1.img").open("wb") as f:
+    with (
+        store.early_chunks(images, "ckpt-p", compression, chunk_size=4096) as early,
+        (images / "pages-1.img").open("wb") as f,
+    ):
         for off in range(0, len(data), 1000):  # a slow, sequential writer, like CRIU
             f.write(data[off : off + 1000])
             f.flush()
             time.sleep(0.002)
         time.sleep(0.05)
-    assert len(prehashed.chunks["pages-1.img"]) == 10, "the full chunks were hashed during the write"
+    assert early is not None and len(early.chunks["pages-1.img"]) == 10, "full chunks were done during the write"
     manifest = {
         "checkpoint": "ckpt-p",
         "jid": "j",
@@ -423,18 +431,15 @@ def test_prehasher_hashes_while_a_file_grows(tmp_path: Path) -> None:
         "criu_version": "4.2",
         "criu": CriuOptions(),
     }
-    got = store.commit(images, manifest, compression=Compression.none, chunk_size=4096, prehashed=prehashed)
-    chunks = got.files[0].chunks
-    assert [c.offset for c in chunks] == [i * 4096 for i in range(11)]
-    assert [c.sha256 for c in chunks] == [
-        hashlib.sha256(data[c.offset : c.offset + c.size]).hexdigest() for c in chunks
-    ]
-    store.fetch("ckpt-p", tmp_path / "out")  # verifies every chunk
+    got = store.commit(images, manifest, compression=compression, chunk_size=4096, prehashed=early)
+    assert [c.offset for c in got.files[0].chunks] == [i * 4096 for i in range(11)]
+    _, fetched = store.fetch("ckpt-p", tmp_path / "out")  # verifies every chunk
+    assert (fetched / "pages-1.img").read_bytes() == data
 
 
-def test_prehash_only_for_in_place_dumps(tmp_path: Path) -> None:
+def test_early_chunks_only_for_in_place_and_object_store_dumps(tmp_path: Path) -> None:
     store = CheckpointStore(f"file://{tmp_path / 'store'}")
     in_place = store.dump_dir("a", Compression.none, tmp_path / "staging")
     staged = store.dump_dir("b", Compression.zstd, tmp_path / "staging")
-    with store.prehash(in_place, "a") as p, store.prehash(staged, "b") as q:
-        assert isinstance(p, Prehasher) and q is None
+    with store.early_chunks(in_place, "a") as p, store.early_chunks(staged, "b", Compression.zstd) as q:
+        assert isinstance(p, EarlyChunks) and q is None
