@@ -497,9 +497,11 @@ def staging_area(base: Path, nbytes: int = 0) -> Path:
     In memory (``/dev/shm``) when they fit there with room to spare, since images
     staged on disk are written once and read back at once: page-cache pressure on a
     slow disk made that the largest cost of compressed dumps and restores. Else under
-    ``base``.
+    ``base``. ``CEDANA_RAY_STAGING`` names the directory to use instead, always.
     """
-    if nbytes and _fits_in_memory(nbytes):
+    if pinned := os.environ.get("CEDANA_RAY_STAGING"):
+        base = Path(pinned)
+    elif nbytes and _fits_in_memory(nbytes):
         base = SHM / "cedana-ray"
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=base))

@@ -270,16 +270,6 @@ def test_an_engine_keeps_checkpoints_in_its_own_home(home: Path, tmp_path: Path)
     assert result.path == f"file://{tmp_path / 'other' / 'checkpoints' / result.checkpoint}"
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB filesystem (tmpfs) to fill up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 @pytest.mark.parametrize("compression", [Compression.none, Compression.zstd])
 def test_full_disk_fails_cleanly_and_the_job_runs_on(
     engine: Engine, small_disk: Path, compression: Compression

@@ -21,7 +21,7 @@ from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lin
 
 from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, StorageError, UsageError
+from cedana_ray.errors import CorruptCheckpoint, DumpError, StorageError, UsageError
 from cedana_ray.models import Compression, JobState, Layout
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore
@@ -139,6 +139,19 @@ def test_interrupted_upload_leaves_nothing(engine: Engine, remote: Remote) -> No
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
     assert CheckpointStore(remote.url).list() == []
     assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "the upload was removed"
+
+
+def test_full_staging_disk_fails_cleanly(
+    engine: Engine, remote: Remote, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CEDANA_RAY_STAGING", str(small_disk))  # 16 MiB for a 64 MiB image
+    start(engine, [sys.executable, str(WORKLOADS / "buffer.py"), "64"], "ready")
+    with pytest.raises((DumpError, StorageError), match=r"No space left|ENOSPC"):
+        engine.dump("j1", DumpRequest(storage=remote.url))
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+    assert CheckpointStore(remote.url).list() == []
+    assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "early uploads were removed"
+    assert list(small_disk.iterdir()) == [], "the staging area was cleaned up"
 
 
 def killer(remote: Remote, stage: str) -> Callable[[str, int, int], None]:
