@@ -23,6 +23,7 @@ from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, DumpError, StorageError, UsageError
 from cedana_ray.models import Compression, JobState, Layout
+from cedana_ray.policy import prune
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore
 
@@ -152,6 +153,14 @@ def test_full_staging_disk_fails_cleanly(
     assert CheckpointStore(remote.url).list() == []
     assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "early uploads were removed"
     assert list(small_disk.iterdir()) == [], "the staging area was cleaned up"
+
+
+def test_keep_last_k_prunes_the_bucket_too(engine: Engine, remote: Remote) -> None:
+    start(engine, COUNTER, "count=2")
+    made = [engine.dump("j1", DumpRequest(storage=remote.url, leave_running=True)).checkpoint for _ in range(3)]
+    prune(engine, "j1", keep=1)  # what `--checkpoint-every ... --keep 1` runs after each dump
+    assert [c.checkpoint for c in engine.checkpoints("j1")] == made[-1:]
+    assert [m.checkpoint for m in CheckpointStore(remote.url).list()] == made[-1:]
 
 
 def killer(remote: Remote, stage: str) -> Callable[[str, int, int], None]:
