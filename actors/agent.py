@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunR
 from .remote import COORDINATOR, NAMESPACE, call
 
 DRAIN_DEADLINE_S = 60.0
+TYPES_TTL_S = 60.0
 log = logging.getLogger("cedana_ray.agent")
 
 
@@ -44,6 +46,8 @@ class NodeAgent:
         import ray
 
         address = ray.get_runtime_context().gcs_address
+        self._known_types: list[str] = []
+        self._types_at = -TYPES_TTL_S
         self.engine = Engine(Paths(home, Path(base) / "control"), node=node_id, cluster_address=address)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -67,20 +71,28 @@ class NodeAgent:
 
     def status(self) -> NodeStatus:
         """Health and load: what placement and `cedana-ray nodes` show."""
-        from cedana_ray.features import Status, compute
-
-        matrix = compute(self.engine.pm)
-        runnable = matrix.features.get("Restore handler", {})
         vm = psutil.virtual_memory()
         return NodeStatus(
             node=self.node_id,
             hostname=socket.gethostname(),
             pid=os.getpid(),
-            types=sorted(p for p, s in runnable.items() if s == Status.implemented),
+            types=self._types(),
             live_jobs=sum(j.state in LIVE_STATES for j in self.engine.jobs()),
             cpus=psutil.cpu_count() or 1,
             memory_available=vm.available,
         )
+
+    def _types(self) -> list[str]:
+        """The job types this node can restore, from the plugins' health; cached, since
+        health checks (CRIU, daemons, endpoints) take a while and rarely change."""
+        from cedana_ray.features import Status, compute
+
+        now = time.monotonic()
+        if now - self._types_at > TYPES_TTL_S:
+            runnable = compute(self.engine.pm).features.get("Restore handler", {})
+            self._known_types = sorted(p for p, s in runnable.items() if s == Status.implemented)
+            self._types_at = now
+        return self._known_types
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         return self.engine.run(jtype, request)

@@ -109,9 +109,15 @@ def alive_nodes() -> list[str]:
 
 def other(node: str) -> str:
     """An alive node, other than ``node``, that can take process jobs."""
-    nodes = Cluster(ray.get_runtime_context().gcs_address).nodes()
-    fit = [n.node for n in nodes if n.node != node and "process" in n.types and not n.draining and n.error is None]
-    return sorted(fit)[0]
+    client = Cluster(ray.get_runtime_context().gcs_address)
+
+    def fit() -> list[str]:
+        nodes = client.nodes()
+        return sorted(
+            n.node for n in nodes if n.node != node and "process" in n.types and not n.draining and not n.error
+        )
+
+    return wait_for(fit, 60, "another node for process jobs")[0]  # type: ignore[index]
 
 
 def assert_continuous(client: Cluster, jid: str, more_than: int) -> None:
