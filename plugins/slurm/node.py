@@ -1,0 +1,82 @@
+"""One Ray node of an allocation, as the batch script starts it (head) or ``srun`` does (workers).
+
+``python -m cedana_ray.plugins.slurm.node head ADDRESS_FILE`` starts ``ray start --head
+--block`` in a private temp dir and writes the head's address to ADDRESS_FILE once it
+accepts connections; ``... worker ADDRESS`` joins it. Either stays in the foreground
+until Ray exits or it is sent SIGTERM/SIGINT (forwarded to Ray, which stops its
+processes), then removes its temp dir: nothing of Ray outlives the allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cedana_ray.launcher import free_port, node_args
+
+HEAD_TIMEOUT_S = 120.0
+
+
+def _accepts(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _publish_when_up(ray: subprocess.Popen[bytes], address: str, out: Path) -> None:
+    """Write ``address`` to ``out`` (atomically) once the head's GCS accepts connections."""
+    deadline = time.monotonic() + HEAD_TIMEOUT_S
+    while not _accepts(address):
+        if ray.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"the Ray head at {address} did not come up")
+        time.sleep(0.2)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(address + "\n")
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cedana_ray.plugins.slurm.node")
+    parser.add_argument("role", choices=["head", "worker"])
+    parser.add_argument("target", help="head: file to write the address to; worker: the head's address")
+    parser.add_argument("--object-store-mb", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    from ray.util import get_node_ip_address
+
+    ip = get_node_ip_address()
+    temp = tempfile.mkdtemp(prefix="crs-")  # short: Ray's socket paths must stay under 108 chars
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--node-ip-address={ip}"]
+    cmd += node_args(temp, args.object_store_mb)
+    if args.role == "head":
+        address = f"{ip}:{free_port()}"
+        cmd += ["--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false"]
+    else:
+        cmd += [f"--address={args.target}"]
+    ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: ray.terminate())
+    try:
+        if args.role == "head":
+            _publish_when_up(ray, address, Path(args.target))
+        return ray.wait()
+    finally:
+        if ray.poll() is None:
+            ray.terminate()
+            ray.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
