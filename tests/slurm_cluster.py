@@ -50,7 +50,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
-KillWait=5
+KillWait=30
 SchedulerType=sched/builtin
 # pending jobs (a requeued one once its BeginTime passed) are looked at every 2 s, not 60
 SchedulerParameters=sched_interval=2
@@ -157,8 +157,19 @@ class SlurmCluster:
         env = {**os.environ, **self.env}
         return subprocess.run(args, capture_output=True, text=True, env=env, check=check, timeout=timeout)
 
+    def cancel_all(self, timeout: float = 60.0) -> None:
+        """Cancel every job and wait until they are gone: their batch scripts clean up
+        (stop their Ray) only while slurmctld and slurmd are there to signal them."""
+        if self.run("scancel", "--user", "root", check=False).returncode != 0:
+            return
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     def stop(self) -> None:
-        """Stop the daemons by PID (slurmd first, munged last), then remove the temp dir."""
+        """Cancel the jobs, stop the daemons by PID (slurmd first, munged last), remove the temp dir."""
+        if "slurmd" in self.procs:
+            self.cancel_all()
         for name in reversed(DAEMONS):
             proc = self.procs.pop(name, None)
             if proc is None:

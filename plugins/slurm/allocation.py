@@ -54,7 +54,7 @@ def catalog(home: Path) -> Registry | None:
 def connect(job_id: str) -> Cluster:
     """The cedana-ray cluster of running SLURM job ``job_id``."""
     job = client.job(job_id)
-    if job.state != "RUNNING":
+    if job.state not in ("RUNNING", "COMPLETING"):  # COMPLETING: being signalled, Ray may still answer
         raise StateError(f"SLURM job {job_id} is {job.state}, not RUNNING")
     state = cluster_state(home_of(job))
     if state is None:

@@ -11,7 +11,7 @@ import fsspec
 
 from cedana_ray.cli.options import common, dump_options
 from cedana_ray.cli.output import console, human_size, show, table
-from cedana_ray.errors import StateError
+from cedana_ray.errors import StateError, UsageError
 from cedana_ray.models import Compression, JobState
 from cedana_ray.pipeline import Context, Pipeline
 from cedana_ray.plugins_manager import get_plugin_manager
@@ -102,7 +102,7 @@ def _known_scheme(url: str) -> str:
         schemes |= set(found or {})
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in schemes:
-        raise click.BadParameter(f"{url!r} is not a store URL (known schemes: file, s3, gs...)", param_hint="--storage")
+        raise UsageError(f"--storage: {url!r} is not a store URL", hint=f"known schemes: {', '.join(sorted(schemes))}")
     return url
 
 
@@ -148,7 +148,7 @@ def sbatch(output: Path, cmd: tuple[str, ...], as_json: bool, **options: Any) ->
         _known_scheme(options["storage"])
     root = options.pop("state_dir").absolute()
     if any(c.isspace() for c in str(root)):
-        raise click.BadParameter(f"{str(root)!r} contains white space (SLURM's --comment)", param_hint="--state-dir")
+        raise UsageError(f"--state-dir: {str(root)!r} contains white space, which SLURM's --comment cannot hold")
     spec = BatchSpec(command=list(cmd), state_root=root, **options)
     output.write_text(render(spec))
     output.chmod(0o755)

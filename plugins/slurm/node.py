@@ -5,11 +5,19 @@
 accepts connections; ``... worker ADDRESS`` joins it. Either stays in the foreground
 until Ray exits or it is sent SIGTERM/SIGINT (forwarded to Ray, which stops its
 processes), then removes its temp dir: nothing of Ray outlives the allocation.
+
+Workloads detach from Ray (their supervisor double-forks) so that they outlive an agent
+restart; the starter is their child subreaper, so they stay in the job step's process
+tree, where SLURM finds and stops them when the job ends (proctrack/linuxproc follows
+parent PIDs), and the starter stops any still running when its Ray is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -19,9 +27,37 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from cedana_ray.launcher import free_port, node_args
 
 HEAD_TIMEOUT_S = 120.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _reap_orphans(ray: subprocess.Popen[bytes]) -> None:
+    """Collect the exit status of adopted orphans (not Ray's: ``ray.wait()`` wants it)."""
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if found is not None and found.si_pid != ray.pid:
+                os.waitpid(found.si_pid, 0)
+                continue
+        return
+
+
+def _stop_leftovers() -> None:
+    """Kill what is left below us once Ray is gone: workloads whose checkpoint did not happen."""
+    left = psutil.Process().children(recursive=True)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 def _accepts(address: str) -> bool:
@@ -63,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false"]
     else:
         cmd += [f"--address={args.target}"]
+    _become_subreaper()
     ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ray.terminate())
+    signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans(ray))
     try:
         if args.role == "head":
             _publish_when_up(ray, address, Path(args.target))
@@ -75,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.poll() is None:
             ray.terminate()
             ray.wait()
+        _stop_leftovers()
         shutil.rmtree(temp, ignore_errors=True)
 
 
