@@ -98,6 +98,7 @@ def summary(job: client.SlurmJob) -> dict[str, Any]:
         "slurm_job": job.job_id,
         "state": job.state,
         "nodes": job.nodes,
+        "restarts": job.restarts,
         "ray_address": state.address if state else None,
         "workloads": [{"jid": w.jid, "state": w.state.value} for w in workloads],
         "last_checkpoint": last.checkpoint if last else None,

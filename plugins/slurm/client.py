@@ -1,12 +1,13 @@
-"""The SLURM client tools (scontrol, squeue), their failures translated to our errors.
+"""The SLURM client tools (scontrol, squeue, munge), their failures translated to our errors.
 
-Only what the plugin needs: a job's record, the jobs that run cedana-ray, requeue,
-ping and version. A missing tool is a :class:`PrerequisiteError`, an unreachable
+Only what the plugin needs: a job's record, the jobs that run cedana-ray, ping,
+version and munge. A missing tool is a :class:`PrerequisiteError`, an unreachable
 slurmctld one too (with SLURM's own last line), an unknown job :class:`NotFoundError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -90,17 +91,13 @@ def job(job_id: str) -> SlurmJob:
 
 def cedana_jobs() -> list[SlurmJob]:
     """The queued and running jobs our template rendered."""
-    out = run("squeue", "-h", "-o", "%i|%T|%N|%k")
-    jobs = []
-    for line in out.splitlines():
-        job_id, state, nodes, comment = line.split("|", 3)
+    found = []
+    for line in run("squeue", "-h", "-o", "%i|%k").splitlines():
+        job_id, comment = line.split("|", 1)
         if comment.startswith(COMMENT_PREFIX):
-            jobs.append(SlurmJob(job_id=job_id, state=state, nodes=nodes, comment=comment))
-    return jobs
-
-
-def requeue(job_id: str) -> None:
-    run("scontrol", "requeue", job_id)
+            with contextlib.suppress(NotFoundError):  # it ended since squeue listed it
+                found.append(job(job_id))  # scontrol has the restart count, squeue has not
+    return found
 
 
 def ping() -> str:

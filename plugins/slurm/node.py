@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "head":
         address = f"{ip}:{free_port()}"
         cmd += ["--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false"]
+        # the headless dashboard (job server) and the client server still run: no fixed ports
+        cmd += [f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     else:
         cmd += [f"--address={args.target}"]
     _become_subreaper()
