@@ -127,14 +127,14 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     wait_for(lambda: query(job_id)["last_checkpoint"], 30, "a periodic checkpoint")
 
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
-    wait_for(lambda: restored_counts(out, 1) >= 3, 90, "the counter restored after the preemption notice")
+    wait_for(lambda: restored_counts(out, 1) >= 2, 90, "the counter restored after the preemption notice")
     assert "checkpointed" in output(out) and f"requeueing SLURM job {job_id}" in output(out)
     assert_count_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
 
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
     wait_for(lambda: output(out).count("requeueing") == 2, 60, "the time-limit warning")
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED")  # or it is warned at once again
-    wait_for(lambda: restored_counts(out, 2) >= 3, 90, "the counter restored after the time-limit warning")
+    wait_for(lambda: restored_counts(out, 2) >= 2, 90, "the counter restored after the time-limit warning")
     assert_count_continues(output(out).split(RESTORED)[1], output(out).split(RESTORED)[2])
     assert "Restarts=2" in slurm.run("scontrol", "show", "job", job_id).stdout
 

@@ -54,9 +54,10 @@ def catalog(home: Path) -> Registry | None:
 def connect(job_id: str) -> Cluster:
     """The cedana-ray cluster of running SLURM job ``job_id``."""
     job = client.job(job_id)
+    home = home_of(job)
     if job.state not in ("RUNNING", "COMPLETING"):  # COMPLETING: being signalled, Ray may still answer
         raise StateError(f"SLURM job {job_id} is {job.state}, not RUNNING")
-    state = cluster_state(home_of(job))
+    state = cluster_state(home)
     if state is None:
         raise StateError(f"cedana-ray is not up in SLURM job {job_id} yet")
     return Cluster(state.address)

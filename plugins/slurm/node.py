@@ -32,6 +32,7 @@ import psutil
 from cedana_ray.launcher import free_port, node_args
 
 HEAD_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -81,6 +82,21 @@ def _publish_when_up(ray: subprocess.Popen[bytes], address: str, out: Path) -> N
     tmp.replace(out)
 
 
+def _kill_group(ray: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(ray.pid, signal.SIGKILL)
+
+
+def _stop_ray(ray: subprocess.Popen[bytes]) -> None:
+    """Stop Ray within STOP_GRACE_S, or kill its process group: SLURM kills the whole job
+    after KillWait (30 s by default), and we want to clean up before."""
+    ray.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        ray.wait(STOP_GRACE_S)
+    _kill_group(ray)
+    ray.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cedana_ray.plugins.slurm.node")
     parser.add_argument("role", choices=["head", "worker"])
@@ -102,19 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd += [f"--address={args.target}"]
     _become_subreaper()
-    ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started
+    # its own process group, with every Ray process it starts: see _stop_ray
+    ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started,
+    # but it may first wait 30 s to drain through a GCS that got the same SIGTERM: cut it short
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: ray.terminate())
+        signal.signal(sig, lambda *_: (ray.terminate(), signal.alarm(STOP_GRACE_S)))
+    signal.signal(signal.SIGALRM, lambda *_: _kill_group(ray))
     signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans(ray))
     try:
         if args.role == "head":
             _publish_when_up(ray, address, Path(args.target))
         return ray.wait()
     finally:
-        if ray.poll() is None:
-            ray.terminate()
-            ray.wait()
+        _stop_ray(ray)
         _stop_leftovers()
         shutil.rmtree(temp, ignore_errors=True)
 
