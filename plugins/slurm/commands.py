@@ -9,7 +9,7 @@ from typing import Any
 import click
 import fsspec
 
-from cedana_ray.cli.options import common, dump_options
+from cedana_ray.cli.options import dump_options
 from cedana_ray.cli.output import console, human_size, show, table
 from cedana_ray.errors import StateError, UsageError
 from cedana_ray.models import Compression, JobState
@@ -23,13 +23,15 @@ from .template import BatchSpec, render
 
 NAME = "slurm"
 job_id_argument = click.argument("job_id", metavar="JOBID")
+# no --local: these commands act on an allocation's cluster (or, query, on SLURM alone)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 
 
 @click.command(NAME)
 @job_id_argument
 @dump_options
-@common
-def dump(job_id: str, request: DumpRequest, as_json: bool, local: bool) -> None:
+@json_option
+def dump(job_id: str, request: DumpRequest, as_json: bool) -> None:
     """Checkpoint every cedana-ray workload of SLURM job JOBID."""
     cluster = allocation.connect(job_id)
     results = allocation.each(allocation.live(cluster, job_id), lambda j: cluster.dump(j.jid, request))
@@ -39,8 +41,8 @@ def dump(job_id: str, request: DumpRequest, as_json: bool, local: bool) -> None:
 
 @click.command(NAME)
 @job_id_argument
-@common
-def restore(job_id: str, as_json: bool, local: bool) -> None:
+@json_option
+def restore(job_id: str, as_json: bool) -> None:
     """Restore the workloads of SLURM job JOBID from their last checkpoints."""
     cluster = allocation.connect(job_id)
     jobs = allocation.restorable(cluster, job_id)
@@ -52,8 +54,8 @@ def restore(job_id: str, as_json: bool, local: bool) -> None:
 def _state_command(verb: str) -> click.Command:
     @click.command(NAME, help=f"{verb.capitalize()} every cedana-ray workload of SLURM job JOBID.")
     @job_id_argument
-    @common
-    def command(job_id: str, as_json: bool, local: bool) -> None:
+    @json_option
+    def command(job_id: str, as_json: bool) -> None:
         cluster = allocation.connect(job_id)
         jobs = allocation.each(allocation.live(cluster, job_id), lambda j: getattr(cluster, verb)(j.jid))
         rows = [[j.jid, j.state.value, j.pid] for j in jobs]
@@ -67,8 +69,8 @@ unfreeze = _state_command("unfreeze")
 
 
 @click.command(NAME)
-@common
-def query(as_json: bool, local: bool) -> None:
+@json_option
+def query(as_json: bool) -> None:
     """List the SLURM jobs that run cedana-ray: state, nodes, Ray address, workloads, last checkpoint."""
     handler = get_plugin_manager().require(NAME, "cedana_query_handler", "query")
     rows: list[dict[str, Any]] = Pipeline(handler)(Context(None))
@@ -137,7 +139,7 @@ def _known_scheme(url: str) -> str:
 @click.option("--job-name", default="cedana-ray", show_default=True, help="SLURM job name.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Script to write.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@json_option
 def sbatch(output: Path, cmd: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Render a batch script that runs CMD as a cedana-ray workload, checkpointed before
     preemption or the time limit and restored when the job is requeued. Submit it with
@@ -159,7 +161,7 @@ def sbatch(output: Path, cmd: tuple[str, ...], as_json: bool, **options: Any) ->
 @slurm_group.command("setup")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--warning", "warning_s", type=click.IntRange(1), default=120, show_default=True, metavar="SECONDS")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@json_option
 def setup(directory: Path, warning_s: int, as_json: bool) -> None:
     """Write the batch template and the slurm.conf settings for preemption into DIR.
 
@@ -172,7 +174,7 @@ def setup(directory: Path, warning_s: int, as_json: bool) -> None:
 
 @slurm_group.command("destroy")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@json_option
 def destroy(directory: Path, as_json: bool) -> None:
     """Remove what `slurm setup` wrote into DIR (slurm.conf is left to you)."""
     from .setup import uninstall
