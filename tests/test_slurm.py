@@ -147,7 +147,7 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
 def test_unknown_and_foreign_jobs(slurm: SlurmCluster, home: Path) -> None:
     assert "no SLURM job 999999" in assert_one_error(cedana("dump", "slurm", "999999"), NotFoundError)
     assert_one_error(cedana("restore", "slurm", "not-a-job"), UsageError)
-    foreign = slurm.run("sbatch", "--parsable", "--wrap", "sleep 60").stdout.strip()
+    foreign = slurm.run("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 60").stdout.strip()
     try:
         assert "does not run cedana-ray" in assert_one_error(cedana("freeze", "slurm", foreign), UsageError)
         assert query(foreign) == {}, "query lists only cedana-ray's jobs"
