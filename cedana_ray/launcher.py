@@ -30,33 +30,41 @@ from .models import LIVE_STATES, NodeStatus
 AGENTS_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def node_args(temp: str, object_store_mb: int) -> list[str]:
+    """`ray start` options of every node we start: a private temp dir, a bounded object
+    store, and free ports where Ray's fixed defaults collide with any other Ray on the machine."""
+    agent_http, agent_grpc, metrics, runtime_env = (free_port() for _ in range(4))
+    return [
+        f"--temp-dir={temp}",
+        f"--object-store-memory={object_store_mb << 20}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        "--disable-usage-stats",
+    ]
+
+
 def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
     """Start a local Ray head in a private temp dir: (address, temp dir, dashboard address)."""
     temp = tempfile.mkdtemp(prefix="cr-ray-")  # short: Ray's socket paths must stay under 108 chars
-    port, dashboard, agent_http, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dashboard = free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     args = [
         str(ray_bin),
         "start",
         "--head",
         f"--port={port}",
-        f"--temp-dir={temp}",
-        f"--object-store-memory={object_store_mb << 20}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
-        # Ray's fixed defaults collide with any other Ray on the machine
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}",
-        "--disable-usage-stats",
+        *node_args(temp, object_store_mb),
     ]
     # jobs (`ray job submit` entrypoints) find this cedana-ray and this Python first
     env = {**os.environ, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}

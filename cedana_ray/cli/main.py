@@ -24,7 +24,8 @@ _debug = False
 
 
 class PluginGroup(click.Group):
-    """A group whose commands are the core's plus one per plugin, from ``hook``."""
+    """A group whose commands are the core's plus the plugins', from ``hook`` (one
+    command per plugin, or a list of them for ``cedana_helper_commands``)."""
 
     def __init__(self, *args: object, hook: str, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -32,7 +33,8 @@ class PluginGroup(click.Group):
 
     def _plugin_commands(self) -> dict[str, click.Command]:
         found = getattr(get_plugin_manager().hook, self.hook)()
-        return {c.name: c for c in found if c is not None and c.name}
+        commands = [c for item in found for c in (item if isinstance(item, list) else [item])]
+        return {c.name: c for c in commands if c is not None and c.name}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self._plugin_commands()))
@@ -45,7 +47,8 @@ def plugin_group(name: str, hook: str, help: str) -> PluginGroup:
     return PluginGroup(name, hook=hook, help=help)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# the root group: the core's commands and the plugins' helper commands (`slurm setup`, `gpu trace`)
+@click.group(cls=PluginGroup, hook="cedana_helper_commands", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cedana-ray")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 def cli(debug: bool) -> None:

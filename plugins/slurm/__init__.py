@@ -1,0 +1,1 @@
+"""The ``slurm`` plugin: Ray clusters in SLURM allocations, checkpointed before preemption."""
