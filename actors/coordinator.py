@@ -467,6 +467,12 @@ class Coordinator:
                     moved.append(self._migrate(job, target, self._migration_request(job)))
         return moved
 
+    def undrain(self, node: str) -> str:
+        """Take new jobs on ``node`` again (a drain that was called off)."""
+        node = self.resolve_node(node)
+        self.draining.pop(node, None)
+        return node
+
     def _drain_logged(self, node: str) -> None:
         try:
             for m in self.drain(node):

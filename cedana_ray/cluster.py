@@ -173,6 +173,9 @@ class Cluster:
     def drain(self, node: str) -> list[MigrateResult]:
         return self._call("drain", node)
 
+    def undrain(self, node: str) -> str:
+        return self._call("undrain", node)
+
     def nodes(self) -> list[NodeStatus]:
         return self._call("nodes")
 

@@ -117,7 +117,10 @@ def other(node: str) -> str:
             n.node for n in nodes if n.node != node and "process" in n.types and not n.draining and not n.error
         )
 
-    return wait_for(fit, 60, "another node for process jobs")[0]  # type: ignore[index]
+    try:
+        return wait_for(fit, 60, "another node for process jobs")[0]  # type: ignore[index]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the nodes: {client.nodes()}") from None
 
 
 def assert_continuous(client: Cluster, jid: str, more_than: int) -> None:
@@ -283,8 +286,11 @@ def test_drain_moves_jobs_off_a_node(client: Cluster) -> None:
     moved = client.drain(node[:12])
     assert [m.jid for m in moved] == [jid] and moved[0].target != node
     assert client.job(jid).node != node
+    assert node in {n.node for n in client.nodes() if n.draining}, "no new job goes there"
     assert_continuous(client, jid, last(client, jid))
     client.kill(jid)
+    assert client.undrain(node[:12]) == node
+    assert node not in {n.node for n in client.nodes() if n.draining}, "it takes jobs again"
 
 
 def test_lost_node_jobs_are_restored_elsewhere(ray_cluster: RayCluster, client: Cluster) -> None:

@@ -1,9 +1,10 @@
 """The slurm plugin against real SLURM daemons (munged, slurmctld, slurmd; see slurm_cluster.py).
 
 A rendered batch script brings up Ray and cedana-ray in the allocation and runs the
-counter as a workload; SLURM's own warning (USR1 to the batch step, from `scancel
---batch --signal=USR1` or from a time limit) checkpoints it and requeues the job, and
-the requeued run restores it: the count goes on with the digest of an unbroken run.
+counter, with a training loop beside it, as a workload; SLURM's own warning (USR1 to the
+batch step, from `scancel --batch --signal=USR1` or from a time limit) checkpoints it and
+requeues the job, and the requeued run restores it: the count goes on with the digest of an
+unbroken run, and the loss curve with the losses of an unbroken run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,11 @@ from cedana_ray.errors import NotFoundError, PrerequisiteError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTER = [sys.executable, str(ROOT / "jobs" / "counter.py"), "0.2"]
+TRAIN = [sys.executable, "-m", "cedana_ray.jobs.train", "--backend", "numpy", "--interval", "0.2"]
+# one process tree: the counter, and the training loop as its child
+WORKLOAD = ["sh", "-c", f"{shlex.join([*TRAIN, '--steps', '100000'])} & exec {shlex.join(COUNTER)}"]
 COUNT = re.compile(r"^count=(\d+) pid=\d+ digest=([0-9a-f]{16})$", re.M)
+LOSS = re.compile(r"^step=(\d+) loss=(\S+)$", re.M)
 RESTORED = "restored the workloads"
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -58,7 +65,7 @@ def submit(slurm: SlurmCluster, where: Path, *render: str, sbatch: tuple[str, ..
     where.mkdir(exist_ok=True)
     script, out = where / "job.sbatch", where / "slurm.out"
     rendered = cedana("slurm", "sbatch", "--output", str(script), "--state-dir", str(where / "state"), *render, "--",
-                      *COUNTER)  # fmt: skip
+                      *WORKLOAD)  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     done = slurm.run("sbatch", "--parsable", "-D", str(where), "-o", str(out), *sbatch, str(script))
     return done.stdout.strip().split(";")[0], out
@@ -86,12 +93,26 @@ def assert_count_continues(before: str, after: str) -> None:
         assert digest == expected_digest(int(n)), f"count={n}: the restored state is not the run's"
 
 
+def assert_loss_continues(before: str, after: str) -> None:
+    """The training loop went on from its step, with the losses of an unbroken run."""
+    first = [int(n) for n, _ in LOSS.findall(before)]
+    then = LOSS.findall(after)[:5]
+    assert first and then, after[-2000:]
+    assert int(then[0][0]) > max(first), f"training restarted at step {then[0][0]} after {max(first)}"
+    unbroken = subprocess.run(
+        [*TRAIN, "--interval", "0", "--steps", str(int(then[-1][0]) + 1)], capture_output=True, text=True, check=True
+    )
+    curve = dict(LOSS.findall(unbroken.stdout))
+    assert all(curve[n] == loss for n, loss in then), "the restored training is not the run's"
+
+
 def leftover_workloads(where: Path) -> list[psutil.Process]:
-    """Counters still running in ``where``: the batch script must have stopped them."""
+    """Workloads (counter, training) still running in ``where``: the batch script must have stopped them."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "counter.py" in " ".join(p.info["cmdline"] or []) and p.cwd() == str(where):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if ("counter.py" in cmd or "cedana_ray.jobs.train" in cmd) and p.cwd() == str(where):
                 found.append(p)
         except psutil.Error:
             continue
@@ -130,12 +151,16 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     wait_for(lambda: restored_counts(out, 1) >= 2, 90, "the counter restored after the preemption notice")
     assert "checkpointed" in output(out) and f"requeueing SLURM job {job_id}" in output(out)
     assert_count_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
+    wait_for(lambda: LOSS.search(output(out).split(RESTORED)[1]), 30, "training after the restore")
+    assert_loss_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
 
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
     wait_for(lambda: output(out).count("requeueing") == 2, 60, "the time-limit warning")
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED")  # or it is warned at once again
     wait_for(lambda: restored_counts(out, 2) >= 2, 90, "the counter restored after the time-limit warning")
     assert_count_continues(output(out).split(RESTORED)[1], output(out).split(RESTORED)[2])
+    wait_for(lambda: LOSS.search(output(out).split(RESTORED)[2]), 30, "training after the second restore")
+    assert_loss_continues(output(out).split(RESTORED)[1], output(out).split(RESTORED)[2])
     assert "Restarts=2" in slurm.run("scontrol", "show", "job", job_id).stdout
 
     slurm.run("scancel", job_id)

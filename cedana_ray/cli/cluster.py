@@ -99,9 +99,14 @@ def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: 
 
 @click.command()
 @click.argument("node")
+@click.option("--cancel", is_flag=True, help="Call a drain off: NODE takes new jobs again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def drain(node: str, as_json: bool) -> None:
+def drain(node: str, cancel: bool, as_json: bool) -> None:
     """Move every job off NODE (before it goes away); no new job is placed there."""
+    if cancel:
+        found = cluster().undrain(node)
+        show(as_json, {"node": found, "draining": False}, lambda: console.print(f"node {found[:12]} takes jobs again"))
+        return
     moved = cluster().drain(node)
     show(as_json, moved, lambda: table(("jid", "to", "seconds"), [[m.jid, m.target[:12], m.duration_s] for m in moved]))
 
