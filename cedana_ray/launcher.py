@@ -152,7 +152,8 @@ def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterS
         head_temp, dashboard = previous.head_temp_dir, previous.dashboard
     base = str(paths().home / "cluster")
     storage = storage or os.environ.get("CEDANA_RAY_STORAGE") or f"file://{base}/checkpoints"
-    if not address:
+    started = not address
+    if started:
         address, head_temp, dashboard = start_head()
         # recorded at once, so that `down` finds this head even if `up` is interrupted
         save_state(ClusterState(address=address, storage=storage, base=base, head_temp_dir=head_temp))
@@ -164,8 +165,8 @@ def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterS
         if dashboard:
             wait_for_job_server()
     except BaseException:
-        if head_temp:
-            stop_head(head_temp)
+        if started:  # a head this call started; never one an earlier `up` left running
+            stop_head(head_temp)  # type: ignore[arg-type]
             state_file().unlink(missing_ok=True)
         raise
     state = ClusterState(
