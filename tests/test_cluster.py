@@ -57,6 +57,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             stop_leftovers(before)
             for node_home in (home / "cluster" / "nodes").glob("*"):
                 kill_jobs(node_home)
+            kill_supervised_under(home)
 
 
 def ray_processes() -> set[psutil.Process]:
@@ -70,6 +71,16 @@ def ray_processes() -> set[psutil.Process]:
         if mine and ("ray" in (p.info["name"] or "") or any("/ray/" in a for a in p.info["cmdline"] or [])):
             found.add(p)
     return found
+
+
+def kill_supervised_under(home: Path) -> None:
+    """Workloads whose supervisor works under ``home`` but no registry knows: a restore an agent
+    finished on a node removed before it could record it (the target dying mid-migration)."""
+    for p in psutil.process_iter(["cmdline"]):
+        if str(home) in " ".join(p.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for q in [*p.children(recursive=True), p]:
+                    q.kill()
 
 
 def stop_leftovers(before: set[psutil.Process]) -> None:
