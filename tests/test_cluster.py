@@ -193,19 +193,11 @@ def test_bad_migrations_leave_the_job_running(client: Cluster) -> None:
     with pytest.raises(UsageError, match="ambiguous"):
         client.migrate(jid, "")
 
-    errors: list[Exception] = []
-
-    def migrate() -> None:
-        try:
-            client.migrate(jid, other(node))
-        except CedanaError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=migrate) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    target = other(node)
+    runs = [in_background(lambda: client.migrate(jid, target)) for _ in range(2)]
+    for thread, _ in runs:
+        thread.join()
+    errors = [e for _, found in runs for e in found]
     assert len(errors) == 1 and isinstance(errors[0], StateError), errors
     job = client.job(jid)
     assert job.state is JobState.running and job.node == other(node)
