@@ -15,6 +15,17 @@ from .models import Chunk
 
 DEFAULT_CHUNK = 8 << 20
 T = TypeVar("T")
+# Memory images hold many all-zero chunks (buffers allocated and cleared, never filled);
+# comparing with zeros runs at memory speed, some 30x faster than hashing them.
+_ZEROS = bytes(DEFAULT_CHUNK)
+_ZEROS_SHA256 = hashlib.sha256(_ZEROS).hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    """The hex sha256 of ``data``; a full chunk of zeros takes its precomputed digest."""
+    if len(data) == DEFAULT_CHUNK and data == _ZEROS:
+        return _ZEROS_SHA256
+    return hashlib.sha256(data).hexdigest()
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[Any], window: int) -> Iterator[T]:
@@ -32,7 +43,7 @@ ChunkFn = Callable[[Path, int, int, int], Chunk]  # (image file, index, offset, 
 
 
 def chunk_in_place(fd: int, off: int, size: int) -> Chunk:
-    digest = hashlib.sha256(os.pread(fd, size, off)).hexdigest()
+    digest = sha256(os.pread(fd, size, off))
     return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
 
 

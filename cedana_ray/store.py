@@ -19,7 +19,6 @@ checkpoint costs CRIU's own write plus one read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ import fsspec
 import psutil
 from fsspec.implementations.local import LocalFileSystem
 
-from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place
+from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, sha256
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, cipher_for, fingerprint
 from .errors import CedanaError, CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
@@ -246,7 +245,7 @@ class CheckpointStore:
             finally:
                 os.close(fd)
             retrying(lambda: self.fs.pipe_file(f"{self.path(ckpt)}/data/{path.name}{ext}/{index:06d}", data))
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256(data)
             return Chunk(offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=digest)
 
         return upload
@@ -288,7 +287,7 @@ class CheckpointStore:
         with self.fs.open(target, "wb") as out:
             for (off, size), data in bounded_map(pool, one, enumerate(spans), streams * 2):
                 out.write(data)
-                digest = hashlib.sha256(data).hexdigest()
+                digest = sha256(data)
                 chunks.append(Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest))
                 stored += len(data)
         return chunks
@@ -406,7 +405,7 @@ class CheckpointStore:
                 data = retrying(lambda: self.fs.cat_file(source, chunk.stored_offset, end))
         except FileNotFoundError as exc:
             raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is missing") from exc
-        if len(data) != chunk.stored_size or hashlib.sha256(data).hexdigest() != chunk.sha256:
+        if len(data) != chunk.stored_size or sha256(data) != chunk.sha256:
             raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)")
         return data
 

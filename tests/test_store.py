@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cedana_ray.chunking import EarlyChunks
+from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, sha256
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
@@ -192,6 +192,35 @@ def test_corrupt_chunk_is_named(
         store.fetch("ckpt-1", tmp_path / "out")
     assert "pages-1.img" in str(info.value)
     assert "chunk 2 " in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes(DEFAULT_CHUNK),
+        bytes(DEFAULT_CHUNK - 1) + b"\1",
+        b"\1" + bytes(DEFAULT_CHUNK - 1),
+        bytes(DEFAULT_CHUNK - 1),
+        bytes(DEFAULT_CHUNK + 1),
+        b"",
+        os.urandom(DEFAULT_CHUNK),
+    ],
+    ids=["zeros", "last-byte-set", "first-byte-set", "short-zeros", "long-zeros", "empty", "random"],
+)
+def test_sha256_shortcut_for_zero_chunks_is_exact(data: bytes) -> None:
+    assert sha256(data) == hashlib.sha256(data).hexdigest()
+
+
+def test_corrupt_zero_chunk_is_named(store: CheckpointStore, staging: Path, tmp_path: Path) -> None:
+    """A chunk of zeros takes the precomputed digest, and a flipped byte in it is still caught."""
+    images = store.dump_dir("ckpt-1", Compression.none, staging)
+    (images / "pages-1.img").write_bytes(os.urandom(DEFAULT_CHUNK) + bytes(2 * DEFAULT_CHUNK))
+    manifest = store.commit(images, manifest_fields("ckpt-1"), compression=Compression.none)
+    chunk = manifest.files[0].chunks[1]
+    assert chunk.sha256 == hashlib.sha256(bytes(DEFAULT_CHUNK)).hexdigest()
+    flip_byte(stored_file(store, "ckpt-1", "pages-1.img", Compression.none), chunk.stored_offset + 4096)
+    with pytest.raises(CorruptCheckpoint, match=r"chunk 1 of pages-1\.img"):
+        store.fetch("ckpt-1", tmp_path / "out")
 
 
 @pytest.mark.parametrize("compression", list(Compression))
