@@ -120,12 +120,13 @@ class Coordinator:
 
     def nodes(self) -> list[NodeStatus]:
         found = []
+        gpus = _gpus()
         for node in sorted(self.agents):
             try:
                 status = call(self._agent(node).status.remote(), timeout=30)
             except CedanaError as exc:
                 status = NodeStatus(node=node, error=str(exc))
-            found.append(status.model_copy(update={"draining": node in self.draining}))
+            found.append(status.model_copy(update={"draining": node in self.draining, "gpus": gpus.get(node, 0)}))
         return found
 
     def resolve_node(self, prefix: str) -> str:
@@ -137,19 +138,25 @@ class Coordinator:
             raise NotFoundError(f"no alive node {prefix!r}", hint="`cedana-ray nodes` lists them")
         return matches[0]
 
-    def _place(self, jtype: str, node: str | None = None, exclude: str | None = None) -> str:
-        """The node for a ``jtype`` job: the one named, or the least loaded that can run it."""
+    def _place(self, jtype: str, node: str | None = None, exclude: str | None = None, gpu: bool = False) -> str:
+        """The node for a ``jtype`` job: the one named, or the least loaded that can run it
+        (among those with a GPU when the job needs one)."""
+        what = f"{jtype} job that needs a GPU" if gpu else f"{jtype} job"
         if node is not None:
             chosen = self.resolve_node(node)
             status = call(self._agent(chosen).status.remote(), timeout=30)
-            if jtype not in status.types:
+            if jtype not in status.types or (gpu and not _gpus().get(chosen)):
                 raise PrerequisiteError(
-                    f"node {chosen[:12]} cannot run {jtype} jobs", hint="`cedana-ray nodes` shows what each can run"
+                    f"node {chosen[:12]} cannot run a {what}", hint="`cedana-ray nodes` shows what each can run"
                 )
             return chosen
-        fit = [s for s in self.nodes() if s.error is None and jtype in s.types and not s.draining and s.node != exclude]
+        fit = [
+            s
+            for s in self.nodes()
+            if s.error is None and jtype in s.types and not s.draining and s.node != exclude and (s.gpus or not gpu)
+        ]
         if not fit:
-            raise PrerequisiteError(f"no node can take a {jtype} job now", hint="`cedana-ray nodes`")
+            raise PrerequisiteError(f"no node can take a {what} now", hint="`cedana-ray nodes`")
         return min(fit, key=lambda s: (s.live_jobs, -s.memory_available, s.node)).node
 
     # -- jobs
@@ -224,12 +231,20 @@ class Coordinator:
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         jid = self._new_jid(request.jid)
-        node = self._place(jtype, request.node)
+        node = self._place(jtype, request.node, gpu=request.gpu)
+        # Ray's resources placed it on a GPU node: the agent need not check the driver again
         local = request.model_copy(
-            update={"jid": jid, "node": None, "checkpoint_every": None, "keep": None, "restore_on_loss": False}
+            update={
+                "jid": jid,
+                "node": None,
+                "checkpoint_every": None,
+                "keep": None,
+                "restore_on_loss": False,
+                "gpu": False,
+            }
         )
         job = call(self._agent(node).run.remote(jtype, local))
-        details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss}
+        details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss, "needs_gpu": request.gpu}
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
         job = job.model_copy(update={"details": {**job.details, **details}})
@@ -285,9 +300,16 @@ class Coordinator:
         return call(self._agent(job.node).read_log.remote(jid, offset, limit))
 
     def query(self, jtype: str) -> list[dict[str, Any]]:
-        rows = []
+        """Every node's answer; a node that lacks what the query needs (a driver, a
+        daemon) is left out, and the query fails only when no node could answer."""
+        rows, missing = [], []
         for node, agent in sorted(self.agents.items()):
-            rows += [{**r, "node": node} for r in call(agent.query.remote(jtype))]
+            try:
+                rows += [{**r, "node": node} for r in call(agent.query.remote(jtype))]
+            except PrerequisiteError as exc:
+                missing.append(exc)
+        if missing and len(missing) == len(self.agents):
+            raise missing[0]
         return rows
 
     # -- checkpoints
@@ -325,7 +347,8 @@ class Coordinator:
                     hint="restore a clone with --jid NEW, or kill the job first",
                 )
             here = existing.node if existing and existing.node in self.agents else None
-            target = self._place(manifest.type, here if node is None else node)
+            gpu = _needs_gpu(existing, manifest)
+            target = self._place(manifest.type, here if node is None else node, gpu=gpu)
             return self._restore_on(target, existing, manifest, path, request.model_copy(update={"jid": target_jid}))
 
     def _restore_on(
@@ -403,7 +426,8 @@ class Coordinator:
         The source stays frozen while the target restores, and resumes if anything fails,
         so a failed migration leaves the job running where it was.
         """
-        target = self._place(self.registry.job(jid).type, node)  # bad input fails fast, even while busy
+        record = self.registry.job(jid)
+        target = self._place(record.type, node, gpu=_needs_gpu(record))  # bad input fails fast, even while busy
         with self._claim(jid):
             job = self._live(jid)
             if target == job.node:
@@ -463,7 +487,7 @@ class Coordinator:
         for job in self.jobs():
             if job.node == node and job.state in LIVE_STATES:
                 with self._claim(job.jid):
-                    target = self._place(job.type, exclude=node)
+                    target = self._place(job.type, exclude=node, gpu=_needs_gpu(job))
                     moved.append(self._migrate(job, target, self._migration_request(job)))
         return moved
 
@@ -515,3 +539,13 @@ def _draining_nodes() -> dict[str, int]:
     except Exception as exc:  # a private API: if it changes, lose drain detection, not the monitor
         log.warning("cannot read Ray's drain state: %s", exc)
         return {}
+
+
+def _gpus() -> dict[str, float]:
+    """Each alive node's GPUs, as Ray counts them (detected, or declared with ``--num-gpus``)."""
+    return {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]}
+
+
+def _needs_gpu(job: Job | None, manifest: Manifest | None = None) -> bool:
+    """A job run with ``--gpu``, or a checkpoint that holds CUDA state, goes to a GPU node only."""
+    return bool((job and job.details.get("needs_gpu")) or (manifest and manifest.details.get("gpu")))

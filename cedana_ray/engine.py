@@ -189,7 +189,8 @@ class Engine:
 
     def query(self, jtype: str) -> list[dict[str, Any]]:
         handler = self._handler(jtype, "cedana_query_handler", "query")
-        return Pipeline(handler)(Context([j for j in self.jobs() if j.type == jtype]))
+        jobs = self.jobs()  # all of them in state: `query gpu` tells which jobs use each GPU
+        return Pipeline(handler)(Context([j for j in jobs if j.type == jtype], state={"jobs": jobs}))
 
     # -- dump
     @contextmanager

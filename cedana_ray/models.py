@@ -251,6 +251,7 @@ class NodeStatus(BaseModel):
     live_jobs: int = 0
     cpus: int = 0
     memory_available: int = 0
+    gpus: float = 0  # Ray's GPU resource of the node (detected, or declared with --num-gpus)
     error: str | None = None  # why the agent did not answer
 
 

@@ -27,6 +27,7 @@ class RunRequest(BaseModel):
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     gpu_tracing: bool = False
+    gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
     checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps
     keep: int | None = Field(None, ge=1)  # how many of those checkpoints to keep
     node: str | None = None  # with a cluster: the node to run on (an id prefix); default: placed

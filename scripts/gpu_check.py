@@ -71,9 +71,10 @@ def reference(cmd: list[str]) -> dict[str, Any]:
 
 def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
     tracing = args.device == "cuda"
-    job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu_tracing=tracing))
+    job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu=tracing, gpu_tracing=tracing))
     log = Path(job.log)
     wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
+    users = [r["jobs"] for r in engine.query("gpu")] if tracing else []
     dump = engine.dump("gpu", DumpRequest(compression=Compression(args.compression), streams=16))
     assert engine.job("gpu").state is JobState.checkpointed
     manifest = engine.inspect(dump.checkpoint)
@@ -88,6 +89,7 @@ def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> di
         "restore": restored.model_dump(),
         "hot_dump": hot.model_dump(),
         "trace": _trace(engine, log) if tracing else None,
+        "query_gpu_jobs": users,
     }
 
 
@@ -116,6 +118,8 @@ def verdict(ref: dict[str, Any], got: dict[str, Any], args: argparse.Namespace) 
     if args.device == "cuda":
         if not got["gpu"].get("processes"):
             failures.append("the dump did not intercept any CUDA process")
+        if not any("gpu" in jobs for jobs in got["query_gpu_jobs"]):
+            failures.append(f"`query gpu` does not list the job on any GPU: {got['query_gpu_jobs']}")
         if got["trace"] and not got["trace"]["gaps"]:
             failures.append("the GPU trace has no restore gap")
     return failures

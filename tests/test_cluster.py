@@ -431,10 +431,29 @@ def test_migration_to_a_node_without_the_runtime_is_refused(ray_cluster: RayClus
     wait_for(lambda: bare in {n.node for n in client.nodes() if n.error is None}, 60, "the bare node's agent")
     assert "process" not in next(n for n in client.nodes() if n.node == bare).types
     jid = run_counter(client, "c-no-runtime")
-    with pytest.raises(PrerequisiteError, match="cannot run process jobs"):
+    with pytest.raises(PrerequisiteError, match="cannot run a process job"):
         client.migrate(jid, bare)
     assert client.job(jid).state is JobState.running and client.job(jid).node != bare
     client.kill(jid)
+
+
+def test_gpu_jobs_go_to_gpu_nodes_only(ray_cluster: RayCluster, client: Cluster) -> None:
+    """`--gpu` places by Ray's GPU resource. No GPU is here, so the node declares one, as
+    `ray start --num-gpus 1` does; the job itself does not touch it."""
+    with pytest.raises(PrerequisiteError, match="no node can take a process job that needs a GPU"):
+        client.run("process", RunRequest(cmd=COUNTER, jid="c-gpu", gpu=True))
+    gpu_node = ray_cluster.add_node(**NODE_ARGS, num_gpus=1).node_id
+    wait_for(lambda: gpu_node in {n.node for n in client.nodes() if n.error is None}, 60, "the GPU node's agent")
+    assert {n.node: n.gpus for n in client.nodes()}[gpu_node] == 1
+    job = client.run("process", RunRequest(cmd=COUNTER, jid="c-gpu", gpu=True))
+    assert job.node == gpu_node and job.details["needs_gpu"]
+    elsewhere = other(gpu_node)
+    with pytest.raises(PrerequisiteError, match=f"node {elsewhere[:12]} cannot run a process job that needs a GPU"):
+        client.migrate("c-gpu", elsewhere)
+    with pytest.raises(PrerequisiteError, match="needs a GPU"):
+        client.run("process", RunRequest(cmd=COUNTER, jid="c-gpu-2", gpu=True, node=elsewhere))
+    assert client.job("c-gpu").node == gpu_node and client.job("c-gpu").state is JobState.running
+    client.kill("c-gpu")
 
 
 TORCH = importlib.util.find_spec("torch") is not None

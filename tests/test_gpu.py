@@ -27,7 +27,10 @@ def test_missing_driver_is_one_clear_reason() -> None:
 
 
 @no_gpu
-@pytest.mark.parametrize("args", [["query", "gpu"], ["run", "process", "--gpu-tracing", "--", "true"]])
+@pytest.mark.parametrize(
+    "args",
+    [["query", "gpu"], ["run", "process", "--gpu-tracing", "--", "true"], ["run", "process", "--gpu", "--", "true"]],
+)
 def test_gpu_commands_fail_in_one_line_without_driver(home: Path, args: list[str]) -> None:
     res = subprocess.run([sys.executable, "-m", "cedana_ray.cli", *args], capture_output=True, text=True)
     assert res.returncode == 6

@@ -65,10 +65,11 @@ def _nodes_table(found: list[NodeStatus]) -> None:
             ",".join(n.types),
             n.live_jobs,
             human_size(n.memory_available),
+            f"{n.gpus:g}",
         ]
         for n in found
     ]
-    table(("node", "host", "agent", "types", "jobs", "mem free"), rows)
+    table(("node", "host", "agent", "types", "jobs", "mem free", "gpus"), rows)
 
 
 @click.command()

@@ -24,6 +24,7 @@ NAME = "process"
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
 @policy_options
+@click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")
 @click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
 @click.option("--node", metavar="NODE", help="With a cluster: the node to run on (default: the least loaded).")
 @click.option(
@@ -38,6 +39,7 @@ def run(
     storage: str | None,
     every: float | None,
     keep: int | None,
+    gpu: bool,
     gpu_tracing: bool,
     node: str | None,
     restore_on_loss: bool,
@@ -55,6 +57,7 @@ def run(
         jid=jid,
         cwd=cwd,
         env=env_vars,
+        gpu=gpu,
         gpu_tracing=gpu_tracing,
         checkpoint_every=every,
         keep=keep,
