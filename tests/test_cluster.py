@@ -453,6 +453,8 @@ def test_gpu_jobs_go_to_gpu_nodes_only(ray_cluster: RayCluster, client: Cluster)
     with pytest.raises(PrerequisiteError, match="needs a GPU"):
         client.run("process", RunRequest(cmd=COUNTER, jid="c-gpu-2", gpu=True, node=elsewhere))
     assert client.job("c-gpu").node == gpu_node and client.job("c-gpu").state is JobState.running
+    with pytest.raises(PrerequisiteError, match="no NVIDIA driver"):  # no node of this machine has one
+        client.query("gpu")
     client.kill("c-gpu")
 
 
