@@ -19,6 +19,7 @@ from conftest import Remote
 from servers import ACCESS_KEY, SECRET_KEY
 from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
 
+from cedana_ray.chunking import sha256
 from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, DumpError, StorageError, UsageError
@@ -233,3 +234,16 @@ def test_cli_json_never_shows_credentials(engine: Engine, remote: Remote, tmp_pa
     res = cli("restore", "job", "j1", "--key-file", str(key_file), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["state"] == "running"
+
+
+@pytest.mark.parametrize("remote", ["s3"], indirect=True)
+def test_s3_checks_each_chunk_against_our_sha256(remote: Remote) -> None:
+    """Chunks go up unsigned, with our digest in the signed checksum header: the server refuses
+    bytes that do not match it, as a signed payload would be refused."""
+    fs = CheckpointStore(remote.url).fs
+    digest = sha256(b"chunk")
+    fs.pipe_file(f"{remote.bucket}/good", b"chunk", **fs.put_checksum(digest))
+    with pytest.raises(OSError):
+        fs.pipe_file(f"{remote.bucket}/bad", b"chunk, altered on the way", **fs.put_checksum(digest))
+    assert remote.raw().cat_file(f"{remote.bucket}/good") == b"chunk"
+    assert not remote.raw().exists(f"{remote.bucket}/bad")
