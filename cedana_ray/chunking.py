@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from collections import deque
@@ -95,8 +96,7 @@ class EarlyChunks:
     def _catch_up(self, pool: ThreadPoolExecutor, path: Path) -> None:
         done = self.chunks.setdefault(path.name, [])
         full = path.stat().st_size // self.chunk_size
-        spans = [(i, i * self.chunk_size, self.chunk_size) for i in range(len(done), full)]
-        for chunk in bounded_map(pool, lambda span: self.process(path, *span), spans, self.streams * 2):
-            done.append(chunk)
-            if self._stop.is_set():
-                return
+        spans = ((i, i * self.chunk_size, self.chunk_size) for i in range(len(done), full))
+        # Once stopped, start no new chunk but keep those in flight, or commit() redoes them.
+        spans = itertools.takewhile(lambda _: not self._stop.is_set(), spans)
+        done.extend(bounded_map(pool, lambda span: self.process(path, *span), spans, self.streams * 2))

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_process_criu import wait_for
 
-from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, sha256
+from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, hash_in_place, sha256
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
@@ -464,6 +465,23 @@ def test_chunks_are_handled_while_a_file_grows(tmp_path: Path, remote: bool) -> 
     assert [c.offset for c in got.files[0].chunks] == [i * 4096 for i in range(11)]
     _, fetched = store.fetch("ckpt-p", tmp_path / "out")  # verifies every chunk
     assert (fetched / "pages-1.img").read_bytes() == data
+
+
+def test_stopping_early_chunks_keeps_the_chunks_in_flight(tmp_path: Path) -> None:
+    """CRIU ends while chunks are still uploading: those finish and count, none is done twice."""
+    (tmp_path / "pages-1.img").write_bytes(os.urandom(256 * 4096))
+    calls: list[int] = []
+
+    def slow(path: Path, index: int, off: int, size: int) -> Any:
+        calls.append(index)
+        time.sleep(0.02)
+        return hash_in_place(path, index, off, size)
+
+    with EarlyChunks(tmp_path, slow, chunk_size=4096, streams=4) as early:
+        wait_for(lambda: len(calls) >= 6, what="some chunks started")
+    done = early.chunks["pages-1.img"]
+    assert 6 <= len(done) < 256, "stopped before the end"
+    assert sorted(calls) == [c.offset // 4096 for c in done], "every chunk started was kept, in order, once"
 
 
 def test_early_chunks_only_for_in_place_and_object_store_dumps(tmp_path: Path) -> None:
