@@ -22,7 +22,10 @@ import pytest
 import ray
 from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
 from cedana_ray.actors.store_server import STORE
+from cedana_ray.plugins.runc.plugin import RuncRunRequest
+from cedana_ray.plugins.runc.runtime import Runc
 from conftest import kill_jobs
+from containers import bundle, busybox_rootfs, missing
 from ray.cluster_utils import Cluster as RayCluster
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 
@@ -516,3 +519,21 @@ def test_ray_drain_node_moves_its_jobs(ray_cluster: RayCluster, client: Cluster)
     wait_for(moved, 60, "the job moved off the draining node and running")
     assert_continuous(client, jid, last(client, jid))
     client.kill(jid)
+
+
+@pytest.mark.skipif(bool(missing("runc")), reason=str(missing("runc")))
+def test_a_runc_container_migrates_and_keeps_counting(client: Cluster, tmp_path: Path) -> None:
+    """Containers move like processes: the target node restores the container under its own
+    runc root while the source's copy waits frozen, then the source's is deleted."""
+    rootfs = busybox_rootfs(tmp_path / "rootfs")
+    request = RuncRunRequest(
+        cmd=["runc"], bundle=str(bundle(tmp_path / "bundle", rootfs)), container="c-mig", jid="c-runc"
+    )
+    job = client.run("runc", request)
+    wait_for(lambda: last(client, "c-runc") >= 3, what="the container counting")
+    moved = client.migrate("c-runc", other(job.node))
+    assert moved.job.node != job.node and client.job("c-runc").state is JobState.running
+    assert_continuous(client, "c-runc", last(client, "c-runc"))
+    source_root = Path(job.details["root"])
+    assert not Runc(source_root).containers(), "the source's container was deleted"
+    client.kill("c-runc")
