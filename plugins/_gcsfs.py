@@ -11,7 +11,25 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import gcsfs
 
+from cedana_ray.errors import StorageError
+
 from .storage_gcs import emulator
+
+SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"
+
+
+def _credentials(key_file: str) -> Any:
+    """The credentials in ``key_file``, loaded now: gcsfs would fall back to anonymous
+    access on a broken file, which then fails later with a misleading error."""
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        credentials, _ = google.auth.load_credentials_from_file(key_file, scopes=[SCOPE])
+    except (google.auth.exceptions.DefaultCredentialsError, ValueError, OSError) as exc:
+        why = "; ".join(map(str, exc.args))
+        raise StorageError(f"GCS credentials in GOOGLE_APPLICATION_CREDENTIALS cannot be used: {why}") from None
+    return credentials
 
 
 class GCSStore(gcsfs.GCSFileSystem):
@@ -26,4 +44,6 @@ class GCSStore(gcsfs.GCSFileSystem):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if emulator():
             kwargs.setdefault("token", "anon")  # emulators accept no credentials
+        elif key_file := os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            kwargs.setdefault("token", _credentials(key_file))
         super().__init__(*args, **kwargs)

@@ -211,6 +211,24 @@ def test_wrong_credentials_one_line_no_secret(engine: Engine, remote: Remote) ->
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
 
 
+@pytest.mark.parametrize("remote", ["gs"], indirect=True)
+def test_unusable_gcs_key_file_one_line_no_secret(engine: Engine, remote: Remote, tmp_path: Path) -> None:
+    """fake-gcs-server accepts any credentials, so this is the GCS credential failure that can
+    be shown here: a key file that cannot be used fails at once, not as anonymous access later."""
+    secret = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7-not-a-real-key"
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"type": "service_account", "client_email": "ci@example.iam.gserviceaccount.com",
+                               "private_key": f"-----BEGIN PRIVATE KEY-----\n{secret}\n-----END PRIVATE KEY-----\n",
+                               "token_uri": "http://127.0.0.1:9/token"}))  # fmt: skip
+    start(engine, COUNTER, "count=2")
+    env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+    res = cli("dump", "job", "j1", "--dir", remote.url, env={**env, "GOOGLE_APPLICATION_CREDENTIALS": str(key)})
+    assert res.returncode == StorageError.exit_code and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "GCS credentials in GOOGLE_APPLICATION_CREDENTIALS cannot be used" in res.stderr
+    assert secret not in res.stderr
+    assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
+
+
 @pytest.mark.parametrize("remote", ["s3"], indirect=True)  # the one backend with credentials
 def test_cli_json_never_shows_credentials(engine: Engine, remote: Remote, tmp_path: Path) -> None:
     start(engine, COUNTER, "count=2")
