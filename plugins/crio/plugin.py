@@ -123,7 +123,7 @@ def _free_name(cri: Cri, pod: str, name: str) -> None:
     """Remove the exited container of that name in the pod (the dumped one); refuse a live one."""
     for c in cri.containers():
         if c.pod_sandbox_id == pod and c.metadata.name == name:
-            if c.state == RUNNING:
+            if c.state == RUNNING and not _wait_exited(cri, c.id):  # the dump's kill may be in flight
                 raise StateError(f"CRI container {name} is running in pod {pod}", hint="restore a clone with --jid NEW")
             cri.remove(c.id)
 
@@ -170,20 +170,27 @@ def query(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
-def reaper(job: Job) -> int | None:
-    """The exit code the runtime recorded. We are asked as soon as the PID is gone, which
-    can be a moment before the runtime's shim has reaped it: give the runtime that moment."""
+def _wait_exited(cri: Cri, cid: str) -> Any | None:
+    """The container's status once the runtime has seen it exit, or None if it still runs
+    after REAP_WAIT_S. A process we saw die (or SIGKILLed after a dump) can be reported
+    running for a moment, until the runtime's shim has reaped it."""
     deadline = time.monotonic() + REAP_WAIT_S
     while True:
-        try:
-            status, _ = _cri(job).status(job.details["target"])
-        except (JobNotFound, StateError):
-            return None
+        status, _ = cri.status(cid)
         if status.state == EXITED:
-            return status.exit_code
+            return status
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
+
+
+def reaper(job: Job) -> int | None:
+    """The exit code the runtime recorded (asked as soon as the PID is gone)."""
+    try:
+        status = _wait_exited(_cri(job), job.details["target"])
+    except (JobNotFound, StateError):
+        return None
+    return status.exit_code if status else None
 
 
 def health_checks() -> list[HealthCheck]:
