@@ -5,6 +5,7 @@ up), and Debian 12's containerd 1.6, whose CRI answers UNIMPLEMENTED: the plugin
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -19,7 +20,14 @@ from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, JobNotFound, PrerequisiteError, StateError, UsageError
+from cedana_ray.errors import (
+    CorruptCheckpoint,
+    JobNotFound,
+    PrerequisiteError,
+    RestoreError,
+    StateError,
+    UsageError,
+)
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, CriuOptions, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
@@ -194,6 +202,29 @@ def test_errors(engine: Engine, cri: Cri, image: str, monkeypatch: pytest.Monkey
     monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", "unix:///nonexistent/cri.sock")
     with pytest.raises(PrerequisiteError, match="not reachable: no socket"):
         engine.job_for("crio", "other")
+
+
+def test_cli_dump_and_restore(cri: Cri, image: str) -> None:
+    cid = run_counter(cri, image)
+    dumped = cedana("dump", "crio", cid, "--local", "--json")
+    assert dumped.returncode == 0, dumped.stderr
+    doc = json.loads(dumped.stdout)
+    restored = cedana("restore", "crio", "--path", doc["path"], "--local", "--json")
+    assert restored.returncode == 0, restored.stderr
+    job = json.loads(restored.stdout)
+    assert job["jid"] == doc["jid"] and job["type"] == "crio" and job["state"] == "running"
+    rows = json.loads(cedana("query", "crio", "--local", "--json").stdout)
+    (row,) = [r for r in rows if r["jid"] == job["jid"]]
+    assert row["state"] == "running" and row["name"] == "counter" and row["id"] != cid
+
+
+def test_restore_needs_the_pod(engine: Engine, cri: Cri, image: str) -> None:
+    cid = run_counter(cri, image)
+    job = engine.manage("crio", ManageRequest(target=cid, jid="c1"))
+    engine.dump("c1", DumpRequest())
+    cri.call("StopPodSandbox", messages().StopPodSandboxRequest(pod_sandbox_id=job.details["pod"]))
+    with pytest.raises(RestoreError, match=f"pod sandbox {job.details['pod']} is not ready"):
+        engine.restore(RestoreRequest(), jid="c1")
 
 
 def test_cli_errors_are_one_line(cri: Cri, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -100,7 +100,8 @@ class Cri:
             message = f"CRI endpoint {self.endpoint} is not reachable: {details}"
             return PrerequisiteError(message, hint=f"set {ENDPOINT_ENV}")
         if code is grpc.StatusCode.UNIMPLEMENTED:
-            return PrerequisiteError(f"{self.runtime_name()} does not implement CRI {method}", hint=CHECKPOINT_HINT)
+            message = f"{self.runtime_name()} does not implement CRI {method} (UNIMPLEMENTED: {details})"
+            return PrerequisiteError(message, hint=CHECKPOINT_HINT)
         if code is grpc.StatusCode.NOT_FOUND:
             return JobNotFound(f"CRI {method}: {details}")
         if code is grpc.StatusCode.INVALID_ARGUMENT:
