@@ -4,6 +4,7 @@ containerd 1.6 whose CRI does not, and the local registry a CRI restore pulls fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -18,6 +19,8 @@ from test_process_criu import wait_for
 
 CONTAINERD2 = Path(os.environ.get("CEDANA_RAY_CONTAINERD2", "/opt/cedana-ray/containerd2")) / "bin"
 PAUSE = "exec sleep 2147483647"  # the sandbox's process; ours run in their own PID namespace
+# Pods' cgroup parent (else the CRI's machine-wide /k8s.io), removed when the daemon stops
+CGROUP_PARENT = f"/cedana-ray-cri-{os.getpid()}"
 
 
 def free_port() -> int:
@@ -104,6 +107,9 @@ def _remove_pods(cri: Cri) -> None:
     for pod in cri.call("ListPodSandbox", pb.ListPodSandboxRequest()).items:
         cri.call("StopPodSandbox", pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
         cri.call("RemovePodSandbox", pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    for parent in Path("/sys/fs/cgroup").glob(f"*{CGROUP_PARENT}"):  # empty once the pods are gone
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cedana_ray.plugins.crio.client import Cri, messages
 from containers import busybox_rootfs, missing, oci_image
-from cri_daemons import CONTAINERD2, PAUSE, config_v2, config_v3, cri_containerd, publish, registry
+from cri_daemons import CGROUP_PARENT, CONTAINERD2, PAUSE, config_v2, config_v3, cri_containerd, publish, registry
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
@@ -90,6 +90,7 @@ def run_pod(cri: Cri, name: str) -> tuple[str, object]:
         log_directory=str(Path(cri.target.removeprefix("unix://")).parent / "logs" / name),
     )
     config.linux.security_context.namespace_options.network = pb.NODE
+    config.linux.cgroup_parent = CGROUP_PARENT
     return cri.call("RunPodSandbox", pb.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
 
 

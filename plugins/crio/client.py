@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ DEFAULT_ENDPOINT = "unix:///run/containerd/containerd.sock"
 ENDPOINT_ENV = "CONTAINER_RUNTIME_ENDPOINT"  # crictl's and the kubelet's name for it
 RUNTIME, IMAGES = "RuntimeService", "ImageService"
 TIMEOUT_S = 10.0
+REMOVE_RETRY_S = 3.0
 CHECKPOINT_TIMEOUT_S = 300.0  # a CRIU dump or restore of a large container takes a while
 CHECKPOINT_HINT = "CRI checkpointing needs containerd >= 2.0 or CRI-O with enable_criu_support"
 
@@ -162,9 +164,19 @@ class Cri:
         self.call("StopContainer", messages().StopContainerRequest(container_id=cid, timeout=timeout_s))
 
     def remove(self, cid: str) -> None:
-        """Stop and remove the container; a missing one is fine."""
-        with contextlib.suppress(JobNotFound):
-            self.call("RemoveContainer", messages().RemoveContainerRequest(container_id=cid))
+        """Stop and remove the container; a missing one is fine. Retried for a moment: a
+        container killed just before (after a dump) can still be stopping inside the runtime,
+        and containerd 2.1 then fails with ``failed to kill container ...: ttrpc: closed``."""
+        deadline = time.monotonic() + REMOVE_RETRY_S
+        while True:
+            try:
+                with contextlib.suppress(JobNotFound):
+                    self.call("RemoveContainer", messages().RemoveContainerRequest(container_id=cid))
+                return
+            except StateError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def probe_checkpoint(self) -> None:
         """Whether CheckpointContainer is implemented, without checkpointing anything: asking
