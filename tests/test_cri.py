@@ -205,16 +205,17 @@ def test_errors(engine: Engine, cri: Cri, image: str, monkeypatch: pytest.Monkey
         engine.job_for("crio", "other")
 
 
-def test_cli_dump_and_restore(cri: Cri, image: str) -> None:
+def test_cli_dump_and_restore(cri: Cri, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cid = run_counter(cri, image)
-    dumped = cedana("dump", "crio", cid, "--local", "--json")
+    monkeypatch.delenv("CONTAINER_RUNTIME_ENDPOINT")  # the option names it; the job records it
+    dumped = cedana("dump", "crio", "--cri-endpoint", cri.endpoint, cid, "--local", "--json")
     assert dumped.returncode == 0, dumped.stderr
     doc = json.loads(dumped.stdout)
-    restored = cedana("restore", "crio", "--path", doc["path"], "--local", "--json")
+    restored = cedana("restore", "crio", "--cri-endpoint", cri.endpoint, "--path", doc["path"], "--local", "--json")
     assert restored.returncode == 0, restored.stderr
     job = json.loads(restored.stdout)
     assert job["jid"] == doc["jid"] and job["type"] == "crio" and job["state"] == "running"
-    rows = json.loads(cedana("query", "crio", "--local", "--json").stdout)
+    rows = json.loads(cedana("query", "crio", "--cri-endpoint", cri.endpoint, "--local", "--json").stdout)
     (row,) = [r for r in rows if r["jid"] == job["jid"]]
     assert row["state"] == "running" and row["name"] == "counter" and row["id"] != cid
 
@@ -230,8 +231,11 @@ def test_restore_needs_the_pod(engine: Engine, cri: Cri, image: str) -> None:
 
 def test_cli_errors_are_one_line(cri: Cri, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_one_error(cedana("dump", "crio", "nope", "--local"), JobNotFound)
+    down = cedana("query", "crio", "--cri-endpoint", "unix:///no/cri.sock", "--local")
+    line = assert_one_error(down, PrerequisiteError)
+    assert "CRI endpoint unix:///no/cri.sock is not reachable: no socket at /no/cri.sock" in line
     monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", "unix:///nonexistent/cri.sock")
-    line = assert_one_error(cedana("query", "crio", "--local"), PrerequisiteError)
+    line = assert_one_error(cedana("dump", "crio", "x", "--local"), PrerequisiteError)
     assert "CRI endpoint unix:///nonexistent/cri.sock is not reachable" in line
 
 
