@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup criu containers slurm demo test lint bench clean
+.PHONY: setup criu containers cri slurm demo test lint bench clean
 
-setup: $(STAMP) criu containers slurm
+setup: $(STAMP) criu containers cri slurm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ criu:
 
 containers:
 	@bash scripts/install-containers.sh
+
+cri: criu
+	@bash scripts/install-cri.sh
 
 slurm:
 	@bash scripts/install-slurm.sh

@@ -61,8 +61,8 @@ def last_count(log: Path) -> int:
     return found[-1] if found else -1
 
 
-def oci_image(rootfs: Path, layout: Path, script: str) -> Path:
-    """An OCI image archive of ``rootfs`` running ``sh -c SCRIPT``, built with umoci."""
+def oci_image(rootfs: Path, layout: Path, script: str, env: tuple[str, ...] = ()) -> Path:
+    """An OCI image archive of ``rootfs`` running ``sh -c SCRIPT`` with ``env`` (``K=V``), built with umoci."""
     tag = f"{layout}:latest"
     unpacked = layout.parent / "unpacked"
     subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
@@ -72,6 +72,7 @@ def oci_image(rootfs: Path, layout: Path, script: str) -> Path:
     shutil.copytree(rootfs, unpacked / "rootfs", symlinks=True)
     subprocess.run(["umoci", "repack", "--image", tag, str(unpacked)], check=True)
     config = ["--config.cmd", "sh", "--config.cmd", "-c", "--config.cmd", script]
+    config += [arg for kv in env for arg in ("--config.env", kv)]
     subprocess.run(["umoci", "config", "--image", tag, *config], check=True)
     archive = layout.with_suffix(".tar")
     subprocess.run(["tar", "-C", str(layout), "-cf", str(archive), "."], check=True)

@@ -1,0 +1,282 @@
+"""Hook implementations of the ``crio`` plugin: containers of a CRI runtime, through the CRI API.
+
+Named after CRI-O, the column of the feature matrix we model, but it speaks only the
+CRI (``runtime.v1.RuntimeService``), so it serves any CRI runtime that checkpoints:
+CRI-O with CRIU support, containerd >= 2.0. Pods and containers are created by whoever
+owns them (the kubelet, a test); cedana-ray adopts a container (``manage``/``dump crio ID``).
+
+A dump is the runtime's own ``CheckpointContainer``: a tar archive (CRIU images, the rw
+layer's diff, the container's config) written into the store's image dir, where it is
+compressed, chunked and hashed like any checkpoint. CRI checkpoints leave the container
+running; without ``--leave-running`` the core kills it once the checkpoint is stored.
+A restore is ``CreateContainer`` with the archive's path as the image, then
+``StartContainer``, into the pod the container came from (it must still be ready).
+The CRI has no pause and no CRIU options, so there is no freeze/unfreeze here and a
+dump with CRIU options is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+
+from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
+from cedana_ray.hookspecs import hookimpl
+from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
+from cedana_ray.pipeline import Context, Handler, Middleware
+
+from . import commands
+from .client import Cri, messages
+
+NAME = "crio"
+ARCHIVE = "checkpoint.tar"  # the runtime's checkpoint archive, in the store's image dir
+RUNNING, EXITED = 1, 2  # runtime.v1.ContainerState
+REAP_WAIT_S = 2.0
+
+
+def _cri(job: Job | None = None) -> Cri:
+    return Cri(job.details["endpoint"]) if job else Cri.from_env()
+
+
+def _live_status(cri: Cri, cid: str) -> tuple[Any, int]:
+    """The container's status and host PID; refuses one that is not running."""
+    status, info = cri.status(cid)
+    if status.state != RUNNING:
+        state = messages().ContainerState.Name(status.state).removeprefix("CONTAINER_").lower()
+        raise StateError(f"CRI container {cid} is {state}, not running")
+    if not info.get("pid"):
+        raise StateError(f"the CRI runtime at {cri.endpoint} does not report the PID of container {cid}")
+    return status, int(info["pid"])
+
+
+def _job(ctx: Context, cri: Cri, cid: str, **fields: Any) -> Job:
+    status, pid = _live_status(cri, cid)
+    details = {
+        "target": status.id,
+        "endpoint": cri.endpoint,
+        "name": status.metadata.name,
+        "pod": _pod_of(cri, status.id),
+        "image": status.image.image,
+        "started": psutil.Process(pid).create_time(),
+    }
+    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, state=JobState.running, **fields)
+
+
+def _pod_of(cri: Cri, cid: str) -> str:
+    return next(c.pod_sandbox_id for c in cri.containers() if c.id == cid)
+
+
+def manage(ctx: Context) -> Job:
+    """Adopt a running container of the CRI endpoint (its full id, or a prefix the runtime accepts)."""
+    cri = _cri()
+    try:
+        return _job(ctx, cri, ctx.request.target, managed=True, command=["cri", ctx.request.target])
+    except JobNotFound:
+        raise JobNotFound(f"no CRI container {ctx.request.target!r} at {cri.endpoint}") from None
+
+
+def prepare_dump(ctx: Context, next_: Handler) -> Any:
+    """Check the container runs and record what a restore needs: its name, pod and image."""
+    req, job = ctx.request, ctx.job
+    if req.criu != CriuOptions():
+        raise UsageError("CRI CheckpointContainer takes no CRIU options", hint="dump without them")
+    cri = _cri(job)
+    status, pid = _live_status(cri, job.details["target"])
+    ctx.state.update(pid=pid)
+    ctx.state["details"] = {
+        "container": status.id,
+        "name": status.metadata.name,
+        "pod": job.details["pod"],
+        "image": status.image.image,
+        "image_ref": status.image_ref,
+        "log": Path(status.log_path).name,
+        "runtime": cri.runtime_name(),
+    }
+    return next_(ctx)
+
+
+def checkpoint(ctx: Context) -> None:
+    """CheckpointContainer into the image dir: the runtime writes the archive there itself."""
+    job = ctx.job
+    try:
+        _cri(job).checkpoint(job.details["target"], str(ctx.state["images"] / ARCHIVE))
+    except JobNotFound as exc:
+        raise DumpError(str(exc)) from exc
+
+
+def verify_first(ctx: Context, next_: Handler) -> Any:
+    """Verify the archive before the runtime reads it. The core would verify an in-place
+    checkpoint while the restored container sits stopped, but a CRI restore cannot leave
+    it stopped: so an unverified archive never reaches the runtime."""
+    if ctx.state.get("leave_stopped"):
+        ctx.state["store"].verify(ctx.state["manifest"], ctx.request.streams)
+    return next_(ctx)
+
+
+def _free_name(cri: Cri, pod: str, name: str) -> None:
+    """Remove the exited container of that name in the pod (the dumped one); refuse a live one."""
+    for c in cri.containers():
+        if c.pod_sandbox_id == pod and c.metadata.name == name:
+            if c.state == RUNNING and not _wait_exited(cri, c.id):  # the dump's kill may be in flight
+                raise StateError(f"CRI container {name} is running in pod {pod}", hint="restore a clone with --jid NEW")
+            cri.remove(c.id)
+
+
+def restore(ctx: Context) -> Job:
+    """CreateContainer from the checkpoint archive in its pod, then StartContainer."""
+    manifest = ctx.state["manifest"]
+    details, cri = manifest.details, _cri()
+    name = details["name"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    pod_status, pod_config = cri.pod(details["pod"])
+    if pod_status.state != 0:  # SANDBOX_READY
+        raise RestoreError(f"pod sandbox {details['pod']} is not ready: a CRI restore goes into the container's pod")
+    _free_name(cri, details["pod"], name)
+    pb = messages()
+    log = details["log"] if name == details["name"] else f"{name}.log"
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name),
+        image=pb.ImageSpec(image=str(ctx.state["images"] / ARCHIVE)),
+        log_path=log,
+    )
+    try:
+        cid = cri.create(details["pod"], config, pod_config)
+        cri.start(cid)
+    except (JobNotFound, StateError) as exc:
+        raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {name} failed: {exc}") from exc
+    return _job(ctx, cri, cid, command=ctx.state.get("command", []))
+
+
+def query(ctx: Context) -> list[dict[str, Any]]:
+    """The containers of the endpoint with their pod, image, state and job."""
+    cri = _cri()
+    jobs = {j.details["target"]: j.jid for j in ctx.request if j.details.get("endpoint") == cri.endpoint}
+    states = messages().ContainerState
+    return [
+        {
+            "id": c.id,
+            "name": c.metadata.name,
+            "pod": c.pod_sandbox_id,
+            "image": c.image.image,
+            "state": states.Name(c.state).removeprefix("CONTAINER_").lower(),
+            "jid": jobs.get(c.id),
+        }
+        for c in sorted(cri.containers(), key=lambda c: c.created_at)
+    ]
+
+
+def _wait_exited(cri: Cri, cid: str) -> Any | None:
+    """The container's status once the runtime has seen it exit, or None if it still runs
+    after REAP_WAIT_S. A process we saw die (or SIGKILLed after a dump) can be reported
+    running for a moment, until the runtime's shim has reaped it."""
+    deadline = time.monotonic() + REAP_WAIT_S
+    while True:
+        status, _ = cri.status(cid)
+        if status.state == EXITED:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def reaper(job: Job) -> int | None:
+    """The exit code the runtime recorded (asked as soon as the PID is gone)."""
+    try:
+        status = _wait_exited(_cri(job), job.details["target"])
+    except (JobNotFound, StateError):
+        return None
+    return status.exit_code if status else None
+
+
+def health_checks() -> list[HealthCheck]:
+    """The endpoint answers, and whether its runtime implements CheckpointContainer."""
+    cri = Cri.from_env()
+    try:
+        v = cri.version()
+    except (CedanaError, ImportError) as exc:  # grpc missing or the endpoint silent: the finding
+        return [HealthCheck(name="cri endpoint", ok=False, fatal=False, detail=str(exc))]
+    runtime = f"{v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}) at {cri.endpoint}"
+    checks = [HealthCheck(name="cri endpoint", ok=True, detail=runtime)]
+    try:
+        cri.probe_checkpoint()
+    except CedanaError as exc:
+        return [*checks, HealthCheck(name="cri checkpoint", ok=False, fatal=False, detail=str(exc))]
+    return [*checks, HealthCheck(name="cri checkpoint", ok=True, detail="CheckpointContainer is implemented")]
+
+
+@hookimpl
+def cedana_manage_handler() -> Handler:
+    return manage
+
+
+@hookimpl
+def cedana_dump_middleware() -> list[Middleware]:
+    return [prepare_dump]
+
+
+@hookimpl
+def cedana_dump_handler() -> Handler:
+    return checkpoint
+
+
+@hookimpl
+def cedana_restore_middleware() -> list[Middleware]:
+    return [verify_first]
+
+
+@hookimpl
+def cedana_restore_handler() -> Handler:
+    return restore
+
+
+@hookimpl
+def cedana_query_handler() -> Handler:
+    return query
+
+
+@hookimpl
+def cedana_kill_signal() -> int:
+    return signal.SIGKILL  # a container's init ignores signals it has no handler for
+
+
+@hookimpl
+def cedana_reaper(job: Job) -> int | None:
+    return reaper(job)
+
+
+@hookimpl
+def cedana_cleanup(job: Job) -> None:
+    """Remove the container from the runtime, then the job dir."""
+    _cri(job).remove(job.details["target"])
+    if job.log:
+        shutil.rmtree(Path(job.log).parent, ignore_errors=True)
+
+
+@hookimpl
+def cedana_health_checks() -> list[HealthCheck]:
+    return health_checks()
+
+
+@hookimpl
+def cedana_manage_command() -> click.Command:
+    return commands.manage
+
+
+@hookimpl
+def cedana_dump_command() -> click.Command:
+    return commands.dump
+
+
+@hookimpl
+def cedana_restore_command() -> click.Command:
+    return commands.restore
+
+
+@hookimpl
+def cedana_query_command() -> click.Command:
+    return commands.query
