@@ -37,6 +37,7 @@ from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError,
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RunRequest
 
 from . import commands
@@ -46,6 +47,7 @@ NAME = "containerd"
 ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
 WATCH = Path(__file__).with_name("watch.py")
 REAP_GRACE_S = 2.0  # how long a watcher may take to record an exit
+KILLED_EXIT_S = 5.0  # how long a killed task may take to exit and be reaped
 
 
 class ContainerdRunRequest(RunRequest):
@@ -97,11 +99,15 @@ def _require_image(ctr: Ctr, image: str) -> None:
         )
 
 
-def _require_free(ctr: Ctr, cid: str) -> None:
-    """Refuse an id in use; a container of that id whose task is gone (a dumped job's) is removed."""
+def _require_free(ctr: Ctr, cid: str, dying: bool = False) -> None:
+    """Refuse an id in use; a container of that id whose task is gone (a dumped job's) is
+    removed. ``dying``: the task may be the restored job's own, killed after its dump and
+    not gone yet; wait for that first."""
     if cid not in ctr.containers():
         return
-    status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
+    pid, status = ctr.tasks().get(cid, (0, "STOPPED"))
+    if status != "STOPPED" and dying and wait_reaped(pid, KILLED_EXIT_S):
+        status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
     if status != "STOPPED":
         raise StateError(f"containerd container {cid} already exists ({status.lower()})", hint="choose another id")
     ctr.remove(cid)
@@ -190,7 +196,7 @@ def restore(ctx: Context) -> Job:
     details, ctr = manifest.details, _ctr()
     cid = details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
     _require_image(ctr, details["image"])
-    _require_free(ctr, cid)
+    _require_free(ctr, cid, dying=True)
     # the restored spec names the original container's CRIU config: CRIU reads it now
     write_criu_config(criu_config(details["container"]), *config_lines(manifest.criu, ctx.state.get("leave_stopped")))
     ref = details["checkpoint_ref"]
