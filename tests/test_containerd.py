@@ -178,6 +178,10 @@ def test_errors(engine: Engine, ctr: Ctr) -> None:
         engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image="localhost/nope:1", container="x"))
     with pytest.raises(JobNotFound, match="no containerd container 'nope'"):
         engine.job_for("containerd", "nope")
+    bad = ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="x", jid="x", snapshotter="nope")
+    with pytest.raises(UsageError, match=r"containerd could not start x: .*nope"):  # ctr's own words, via the watcher
+        engine.run("containerd", bad)
+    assert not engine.paths.job_dir("x").exists() and "x" not in ctr.containers()
     start(engine)
     with pytest.raises(StateError, match="already exists"):
         engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="d1", jid="other"))
