@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -62,6 +63,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
             daemon.kill()
         with contextlib.suppress(OSError):  # empty once every container is removed
             os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
+        shutil.rmtree(base / "tmp", ignore_errors=True)  # checkpoints containerd unpacked to restore
 
 
 @pytest.fixture
