@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import psutil
 
@@ -17,6 +18,17 @@ def alive(pid: int | None, started: float | None = None) -> bool:
         return same and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def wait_reaped(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` is gone (exited and reaped) within ``timeout`` seconds. A killed
+    process with a large memory takes a moment to exit, and its parent to reap it."""
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def members(pid: int) -> list[psutil.Process]:

@@ -1,12 +1,15 @@
 """The containerd plugin against a real containerd (started here, under a temp dir): a
-busybox counter image built with umoci, dumped, killed, restored, cloned, frozen,
-queried, cleaned up; and its error paths."""
+busybox counter image built with umoci, dumped, killed, restored (its output still in
+the job log, its exit code recorded), cloned, frozen, queried, cleaned up; the Python
+container holding 256 MiB; and the error paths."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,20 +18,30 @@ from pathlib import Path
 import pytest
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
-from containers import busybox_rootfs, missing, oci_image, start_containerd
+from containers import (
+    assert_checksum_kept,
+    busybox_rootfs,
+    counts,
+    last_count,
+    missing,
+    oci_image,
+    python_image,
+    start_containerd,
+)
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
 from cedana_ray.errors import JobNotFound, StateError, UsageError
 from cedana_ray.features import compute
-from cedana_ray.models import JobState
+from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
 
 NEEDS = ("runc", "containerd", "ctr", "umoci")
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(missing(*NEEDS)), reason=str(missing(*NEEDS)))]
 IMAGE = "localhost/counter:latest"
-# Also writes its count inside the container: `ctr c restore` cannot re-attach a log.
+PYTHON_IMAGE = "localhost/python-checksummed:latest"
+# Also writes its count inside the container, to check the rw layer comes back.
 SCRIPT = "i=0; while true; do echo $i > /count; echo count=$i; i=$((i+1)); sleep 0.05; done"
 
 
@@ -50,6 +63,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
             daemon.kill()
         with contextlib.suppress(OSError):  # empty once every container is removed
             os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
+        shutil.rmtree(base / "tmp", ignore_errors=True)  # checkpoints containerd unpacked to restore
 
 
 @pytest.fixture
@@ -60,6 +74,18 @@ def ctr(containerd: Ctr, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield containerd
     for cid in containerd.containers():
         containerd.remove(cid)
+
+
+@pytest.fixture(scope="session")
+def python_image_ref(containerd: Ctr) -> str:
+    """The Python container's image (built once, then cached), imported into the session's namespace."""
+    ctr = containerd
+    ctr.call("images", "import", "--base-name", PYTHON_IMAGE.rsplit(":", 1)[0], str(python_image()))
+    return PYTHON_IMAGE
+
+
+def log(engine: Engine, jid: str) -> Path:
+    return engine.paths.job_dir(jid) / "log"
 
 
 def count(engine: Engine, jid: str) -> int:
@@ -78,8 +104,9 @@ def start(engine: Engine, cid: str = "d1") -> str:
 
 def test_counter_continues_after_dump_kill_restore(engine: Engine, ctr: Ctr) -> None:
     start(engine)
-    assert "count=" in (engine.paths.job_dir("d1") / "log").read_text(), "the task's output is the job log"
+    assert "count=" in log(engine, "d1").read_text(), "the task's output is the job log"
     result = engine.dump("d1", DumpRequest())
+    stopped_at = last_count(log(engine, "d1"))
     assert engine.job("d1").state is JobState.checkpointed
     assert ctr.tasks().get("d1", (0, "STOPPED"))[1] == "STOPPED", "the task is gone after a dump"
     manifest = engine.inspect(result.checkpoint)
@@ -91,6 +118,30 @@ def test_counter_continues_after_dump_kill_restore(engine: Engine, ctr: Ctr) -> 
     assert restored_at >= 3, "the rw layer and the counter came back, not a fresh start"
     wait_for(lambda: count(engine, "d1") > restored_at + 3, what="counting after restore")
     assert job.state is JobState.running and ctr.tasks()["d1"] == (job.pid, "RUNNING")
+
+    # the restored task's output goes on in the job log, and its end is recorded
+    wait_for(lambda: last_count(log(engine, "d1")) > stopped_at + 3, what="the restored task's output in the log")
+    found = counts(log(engine, "d1"))
+    assert found == list(range(len(found))), "the log goes on without a gap or a repeat"
+    shown = cedana("logs", "d1", "--local").stdout
+    assert f"count={stopped_at + 1}\n" in shown and f"count={stopped_at}\n" in shown
+    os.kill(job.pid, signal.SIGKILL)
+    wait_for(lambda: engine.job("d1").state is JobState.exited, what="the restored task's exit to be recorded")
+    assert engine.job("d1").exit_code == 128 + signal.SIGKILL
+
+
+def test_exit_code_of_a_run_task(engine: Engine, ctr: Ctr) -> None:
+    job = engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="d1", jid="d1"))
+    os.kill(job.pid, signal.SIGKILL)
+    wait_for(lambda: engine.job("d1").state is not JobState.running, what="the task's exit")
+    assert engine.job("d1").state is JobState.exited and engine.job("d1").exit_code == 128 + signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing("debootstrap")), reason=str(missing("debootstrap")))
+def test_python_container_keeps_its_256_mib_across_restore(engine: Engine, ctr: Ctr, python_image_ref: str) -> None:
+    engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=python_image_ref, container="py", jid="py"))
+    assert_checksum_kept(engine, "py", DumpRequest(compression=Compression.none))
 
 
 def test_restore_as_new_container_while_original_runs(engine: Engine, ctr: Ctr) -> None:
@@ -129,6 +180,10 @@ def test_errors(engine: Engine, ctr: Ctr) -> None:
         engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image="localhost/nope:1", container="x"))
     with pytest.raises(JobNotFound, match="no containerd container 'nope'"):
         engine.job_for("containerd", "nope")
+    bad = ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="x", jid="x", snapshotter="nope")
+    with pytest.raises(UsageError, match=r"containerd could not start x: .*nope"):  # ctr's own words, via the watcher
+        engine.run("containerd", bad)
+    assert not engine.paths.job_dir("x").exists() and "x" not in ctr.containers()
     start(engine)
     with pytest.raises(StateError, match="already exists"):
         engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="d1", jid="other"))
@@ -147,4 +202,5 @@ def test_features_show_containerd(engine: Engine, ctr: Ctr) -> None:
     features = compute(engine.pm).features
     for row in ("Dump command", "Dump handler", "Restore handler", "Custom cleanup", "Health checks"):
         assert features[row]["containerd"] == "implemented", row
-    assert features["Custom reaper"]["containerd"] == "unimplemented"
+    assert features["Custom reaper"]["containerd"] == "implemented"
+    assert features["Dump VM handler"]["containerd"] == "unimplemented"

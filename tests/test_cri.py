@@ -49,8 +49,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (base / name).mkdir()
     return {
         # oci_image unpacks beside the layout: one dir per image
-        "localhost/pause:latest": oci_image(rootfs, base / "pause" / "image", PAUSE, PATH_ENV),
-        "localhost/counter:latest": oci_image(rootfs, base / "counter" / "image", COUNTER, PATH_ENV),
+        "localhost/pause:latest": oci_image(rootfs, base / "pause" / "image", PAUSE, env=PATH_ENV),
+        "localhost/counter:latest": oci_image(rootfs, base / "counter" / "image", COUNTER, env=PATH_ENV),
     }
 
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from cedana_ray.plugins.runc.plugin import RuncRestoreRequest, RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
-from containers import bundle, busybox_rootfs, counts, last_count, missing
+from containers import (
+    assert_checksum_kept,
+    bundle,
+    busybox_rootfs,
+    checksummed_cmd,
+    counts,
+    last_count,
+    missing,
+    python_rootfs,
+)
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
@@ -33,6 +42,12 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def counter_bundle(rootfs: Path) -> Path:
     return bundle(rootfs.parent / "bundle", rootfs)
+
+
+@pytest.fixture(scope="session")
+def python_bundle(rootfs: Path) -> Path:
+    """The Python container holding 256 MiB (its rootfs built once, then cached)."""
+    return bundle(rootfs.parent / "python-bundle", python_rootfs(), cmd=checksummed_cmd())
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +93,13 @@ def test_counter_continues_after_dump_kill_restore(
     manifest = engine.inspect(result.checkpoint)
     assert manifest.details["container"] == "c1" and manifest.details["bundle"] == str(counter_bundle)
     assert "pid" in manifest.details["namespaces"] and manifest.details["rootfs"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing("debootstrap")), reason=str(missing("debootstrap")))
+def test_python_container_keeps_its_256_mib_across_restore(engine: Engine, python_bundle: Path) -> None:
+    engine.run("runc", RuncRunRequest(cmd=["runc"], bundle=str(python_bundle), container="py", jid="py"))
+    assert_checksum_kept(engine, "py", DumpRequest(compression=Compression.none))
 
 
 def test_restore_as_new_container_while_original_runs(engine: Engine, counter_bundle: Path, tmp_path: Path) -> None:

@@ -50,12 +50,15 @@ class Ctr:
             os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE,
         )
 
-    def call(self, *args: str, error: type[CedanaError] = StateError) -> str:
-        """Run ``ctr ARGS``; its stdout, or ``error`` with ctr's own message."""
+    def argv(self, *args: str) -> list[str]:
+        """The command line of ``ctr ARGS`` against our daemon and namespace."""
         if not os.path.exists(self.address):
             raise PrerequisiteError(f"containerd is not listening on {self.address}", hint="set CONTAINERD_ADDRESS")
-        argv = [binary(), "--address", self.address, "--namespace", self.namespace, *args]
-        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return [binary(), "--address", self.address, "--namespace", self.namespace, *args]
+
+    def call(self, *args: str, error: type[CedanaError] = StateError) -> str:
+        """Run ``ctr ARGS``; its stdout, or ``error`` with ctr's own message."""
+        res = subprocess.run(self.argv(*args), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             raise error(f"ctr {' '.join(args[:2])} failed: {error_line(res.stderr or res.stdout)}")
         return res.stdout
@@ -77,8 +80,11 @@ class Ctr:
         return {ln.split()[0] for ln in self.call("snapshots", "ls").splitlines()[1:] if ln.strip()}
 
     def remove(self, cid: str) -> None:
-        """Delete the container's task, the container and its snapshot; missing ones are fine."""
-        if cid in self.tasks():
-            self.call("tasks", "rm", "--force", cid)
-        if cid in self.containers():
-            self.call("containers", "rm", cid)
+        """Delete the container's task, the container and its snapshot; missing ones are fine
+        (the ctr of a task's watcher deletes the task once it exits, maybe meanwhile)."""
+        for args in (("tasks", "rm", "--force", cid), ("containers", "rm", cid)):
+            try:
+                self.call(*args)
+            except StateError as exc:
+                if "not found" not in str(exc):
+                    raise

@@ -10,14 +10,17 @@ the CRIU configuration file named by the container's ``org.criu.config`` annotat
 set when we run the container: the network lock, ``leave-stopped`` (the container is
 stopped, not killed, until its checkpoint is stored) and the CRIU options of a dump.
 
-The task's output goes to the job log (``--log-uri``) while it runs; ``ctr c restore``
-cannot re-attach a log, so a restored container's stdout is discarded: workloads that
-need their output across restores write it inside the container.
+Every task we start or restore has a watcher (``watch.py``, launched like the runc
+shim): a ``ctr`` that waits on the task and exits with its status, which the watcher
+records for the reaper. A new task writes the job log itself (``--log-uri``); ``ctr c
+restore`` cannot give a restored task a log, so its watcher attaches to the task's IO
+(``ctr tasks attach``) and appends it to the same job log.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -26,6 +29,7 @@ from typing import Any
 
 import click
 import psutil
+from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
 
 from cedana_ray.config import paths
@@ -33,6 +37,7 @@ from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError,
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RunRequest
 
 from . import commands
@@ -40,6 +45,9 @@ from .client import Ctr
 
 NAME = "containerd"
 ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
+WATCH = Path(__file__).with_name("watch.py")
+REAP_GRACE_S = 2.0  # how long a watcher may take to record an exit
+KILLED_EXIT_S = 5.0  # how long a killed task may take to exit and be reaped
 
 
 class ContainerdRunRequest(RunRequest):
@@ -70,11 +78,18 @@ def config_lines(opts: CriuOptions, stopped: bool) -> list[str]:
     return lines + [f"external {e}" for e in opts.external]
 
 
-def _job(ctx: Context, ctr: Ctr, cid: str, image: str, **fields: Any) -> Job:
-    pid, _ = ctr.tasks()[cid]
-    details = {"target": cid, "address": ctr.address, "namespace": ctr.namespace, "image": image}
-    details["started"] = psutil.Process(pid).create_time()
+def _job(ctx: Context, ctr: Ctr, cid: str, image: str, pid: int, started: float, **fields: Any) -> Job:
+    details = {"target": cid, "address": ctr.address, "namespace": ctr.namespace, "image": image, "started": started}
     return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
+
+
+def _watched_job(ctx: Context, ctr: Ctr, cid: str, image: str, *ctr_args: str, **fields: Any) -> Job:
+    """Run ``ctr ARGS`` (which waits on task ``cid``) under a watcher; the job once the task runs."""
+    job_dir: Path = ctx.state["job_dir"]
+    log, exit_file = job_dir / "log", job_dir / "exit.json"
+    spec = {"address": ctr.address, "namespace": ctr.namespace, "container": cid, "argv": ctr.argv(*ctr_args)}
+    reply = launch({**spec, "log": str(log), "exit_file": str(exit_file)}, job_dir, WATCH)
+    return _job(ctx, ctr, cid, image, reply["pid"], started_at(reply), log=str(log), **fields)
 
 
 def _require_image(ctr: Ctr, image: str) -> None:
@@ -84,28 +99,36 @@ def _require_image(ctr: Ctr, image: str) -> None:
         )
 
 
-def _require_free(ctr: Ctr, cid: str) -> None:
-    """Refuse an id in use; a container of that id whose task is gone (a dumped job's) is removed."""
+def _require_free(ctr: Ctr, cid: str, dying: bool = False) -> None:
+    """Refuse an id in use; a container of that id whose task is gone (a dumped job's) is
+    removed. ``dying``: the task may be the restored job's own, killed after its dump and
+    not gone yet; wait for that first."""
     if cid not in ctr.containers():
         return
-    status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
+    pid, status = ctr.tasks().get(cid, (0, "STOPPED"))
+    if status != "STOPPED" and dying and wait_reaped(pid, KILLED_EXIT_S):
+        status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
     if status != "STOPPED":
         raise StateError(f"containerd container {cid} already exists ({status.lower()})", hint="choose another id")
     ctr.remove(cid)
 
 
 def run(ctx: Context) -> Job:
-    """``ctr run --detach`` with our CRIU config annotation and the job log as its output."""
+    """``ctr run`` (waiting, under a watcher) with our CRIU config annotation and the job log as its output."""
     req: ContainerdRunRequest = ctx.request
     ctr = _ctr()
     _require_image(ctr, req.image)
     _require_free(ctr, req.container)
     conf = write_criu_config(criu_config(req.container))
     log = ctx.state["job_dir"] / "log"
-    args = ["run", "--detach", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
+    args = ["run", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
     args += ["--snapshotter", req.snapshotter] if req.snapshotter else []
-    ctr.call(*args, req.image, req.container, error=UsageError)
-    return _job(ctx, ctr, req.container, req.image, state=JobState.running, command=req.cmd, log=str(log))
+    try:
+        return _watched_job(
+            ctx, ctr, req.container, req.image, *args, req.image, req.container, state=JobState.running, command=req.cmd
+        )
+    except LaunchError as exc:
+        raise UsageError(f"containerd could not start {req.container}: {exc}") from exc
 
 
 def manage(ctx: Context) -> Job:
@@ -114,11 +137,12 @@ def manage(ctx: Context) -> Job:
     image = ctr.containers().get(cid)
     if image is None:
         raise JobNotFound(f"no containerd container {cid!r} in namespace {ctr.namespace}")
-    status = ctr.tasks().get(cid, (0, "STOPPED"))[1]
+    pid, status = ctr.tasks().get(cid, (0, "STOPPED"))
     if status not in ("RUNNING", "PAUSED"):
         raise StateError(f"containerd container {cid} is {status.lower()}, not running")
     state = JobState.frozen if status == "PAUSED" else JobState.running
-    return _job(ctx, ctr, cid, image, state=state, command=["ctr", "run", image, cid], managed=True)
+    started = psutil.Process(pid).create_time()
+    return _job(ctx, ctr, cid, image, pid, started, state=state, command=["ctr", "run", image, cid], managed=True)
 
 
 def _container_info(ctr: Ctr, cid: str) -> dict[str, Any]:
@@ -172,23 +196,36 @@ def restore(ctx: Context) -> Job:
     details, ctr = manifest.details, _ctr()
     cid = details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
     _require_image(ctr, details["image"])
-    _require_free(ctr, cid)
+    _require_free(ctr, cid, dying=True)
     # the restored spec names the original container's CRIU config: CRIU reads it now
     write_criu_config(criu_config(details["container"]), *config_lines(manifest.criu, ctx.state.get("leave_stopped")))
     ref = details["checkpoint_ref"]
     try:
         ctr.call("images", "import", "--no-unpack", str(ctx.state["images"] / ARCHIVE), error=RestoreError)
-        ctr.call("containers", "restore", "--live", "--rw", cid, ref, error=RestoreError)
+        job = _restore_task(ctx, ctr, cid, ref, details["image"])
     except CedanaError as exc:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {cid} failed: {exc}") from exc
     finally:
         if ref in ctr.images():
             ctr.call("images", "rm", ref)
-    state = JobState.running
     if details.get("paused"):
         ctr.call("tasks", "pause", cid)
-        state = JobState.frozen
-    return _job(ctx, ctr, cid, details["image"], state=state, command=ctx.state.get("command", []))
+        return job.model_copy(update={"state": JobState.frozen})
+    return job
+
+
+def _restore_task(ctx: Context, ctr: Ctr, cid: str, ref: str, image: str) -> Job:
+    """``ctr c restore``, then a watcher attached to the task's IO; an unwatched task is removed."""
+    said = ctr.call("containers", "restore", "--live", "--rw", cid, ref, error=RestoreError)
+    # what the task wrote while `ctr c restore` still read its FIFOs, before the watcher attaches
+    with open(ctx.state["job_dir"] / "log", "a") as log:
+        log.write(said)
+    try:
+        command = ctx.state.get("command", [])
+        return _watched_job(ctx, ctr, cid, image, "tasks", "attach", cid, state=JobState.running, command=command)
+    except LaunchError:
+        ctr.remove(cid)
+        raise
 
 
 def freeze(ctx: Context) -> None:
@@ -277,6 +314,14 @@ def cedana_cleanup(job: Job) -> None:
     _ctr(job).remove(job.details["target"])
     if job.log:
         shutil.rmtree(Path(job.log).parent, ignore_errors=True)
+
+
+@hookimpl
+def cedana_reaper(job: Job) -> int | None:
+    """The exit status the task's watcher heard from containerd (128+N for signal N)."""
+    if not job.log:
+        return None  # adopted: no watcher of ours
+    return recorded_exit(os.path.join(os.path.dirname(job.log), "exit.json"), job.pid, REAP_GRACE_S)
 
 
 @hookimpl

@@ -28,6 +28,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
@@ -35,6 +37,7 @@ MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 CONTROL_POLL_S = 0.1
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 def _unshare_pid() -> None:
@@ -210,10 +213,21 @@ def start_control(control: dict) -> int:
     return pid
 
 
-def supervise(spec: dict, pid: int, out: int) -> None:
-    with open(spec["log"], "ab", buffering=0) as log:
+def copy_output(out: int, log_path: str) -> None:
+    """Append what ``out`` yields to the job log until every writer of it is gone."""
+    with open(log_path, "ab", buffering=0) as log:
         while chunk := os.read(out, 65536):
             log.write(chunk)
+
+
+def start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:  # a child of ours stays readable until reaped
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def supervise(spec: dict, pid: int, out: int) -> None:
+    copy_output(out, spec["log"])
     _, status = os.waitpid(pid, 0)
     record_exit(spec["exit_file"], pid, exit_code(status))
 
@@ -226,24 +240,35 @@ def record_exit(exit_file: str, pid: int, code: int | None) -> None:
     os.replace(tmp, exit_file)
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def serve(spec: dict, start: Callable[[dict], tuple[dict, T]]) -> T:
+    """The supervisor's side of the launcher's protocol: detach (the launcher returns once
+    we reply), run ``start``, reply the dict it returns and return the rest; on an error,
+    reply the error and exit."""
     status = os.fdopen(spec["status_fd"], "w")
     if os.fork():
         os._exit(0)  # the launcher returns; we live on, re-parented
     os.setsid()
-    if spec.get("control"):
-        start_control(spec["control"])
     try:
-        pid, out = start(spec)
+        reply, kept = start(spec)
     except BaseException as exc:
         status.write(json.dumps({"error": str(exc)}))
         status.close()
         os._exit(1)
-    with open(f"/proc/{pid}/stat") as f:  # still ours to reap, so readable even if it exited
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    status.write(json.dumps({"pid": pid, "ns_root": spec.get("ns_root"), "start_ticks": start_ticks}))
+    status.write(json.dumps(reply))
     status.close()
+    return kept
+
+
+def _start_workload(spec: dict) -> tuple[dict, tuple[int, int]]:
+    if spec.get("control"):
+        start_control(spec["control"])
+    pid, out = start(spec)
+    return {"pid": pid, "ns_root": spec.get("ns_root"), "start_ticks": start_ticks(pid)}, (pid, out)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    pid, out = serve(spec, _start_workload)
     supervise(spec, pid, out)
 
 

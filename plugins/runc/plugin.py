@@ -36,6 +36,7 @@ from cedana_ray.errors import CedanaError, DumpError, RestoreError, StateError, 
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RestoreRequest, RunRequest
 
 from . import commands, health
@@ -44,6 +45,7 @@ from .runtime import CRIU_CONFIG_ANNOTATION, Runc, default_root, derive_bundle, 
 NAME = "runc"
 SHIM = Path(__file__).with_name("shim.py")
 REAP_GRACE_S = 2.0  # how long a shim may take to record an exit
+KILLED_EXIT_S = 5.0  # how long a killed container may take to exit and be reaped
 
 
 class RuncRunRequest(RunRequest):
@@ -98,12 +100,17 @@ def _job(ctx: Context, reply: dict[str, Any], runc: Runc, cid: str, bundle: Path
     return Job(jid=ctx.state["jid"], type=NAME, pid=reply["pid"], log=log, details=details, **fields)
 
 
-def _require_free(runc: Runc, cid: str) -> None:
-    """Refuse an id in use; a stopped container of that id (a dumped job's) is removed."""
+def _require_free(runc: Runc, cid: str, dying: bool = False) -> None:
+    """Refuse an id in use; a stopped container of that id (a dumped job's) is removed.
+    ``dying``: the container may be the restored job's own, killed after its dump and
+    not gone yet; wait for that first."""
     try:
-        status = runc.state(cid)["status"]
+        state = runc.state(cid)
     except CedanaError:
         return
+    status = state["status"]
+    if status != "stopped" and dying and wait_reaped(state["pid"], KILLED_EXIT_S):
+        status = runc.state(cid)["status"]
     if status != "stopped":
         raise StateError(f"runc container {cid} already exists ({status})", hint="choose another id")
     runc.delete(cid)
@@ -199,7 +206,7 @@ def prepare_restore(ctx: Context, next_: Handler) -> Job:
     bundle = Path(override or manifest.details["bundle"]).resolve()
     load_bundle(bundle)
     cid = manifest.details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
-    _require_free(_runc(), cid)
+    _require_free(_runc(), cid, dying=True)
     ctx.state.update(bundle=bundle, container=cid)
     return next_(ctx)
 

@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from cedana_ray.plugins.process.supervisor import exit_code, record_exit
+from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, serve, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -43,11 +43,6 @@ def _runc_error(log: str, rc: int) -> str:
     return message
 
 
-def _start_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:  # ours to reap, so readable even if it exited
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
 def start(spec: dict) -> tuple[int, int]:
     """Run runc with the output pipe; (the container init's PID, the pipe's read end)."""
     r, w = os.pipe()
@@ -62,9 +57,7 @@ def start(spec: dict) -> tuple[int, int]:
 
 def supervise(spec: dict, pid: int, out: int) -> None:
     """Copy the output until every writer is gone, then reap the init and record its exit."""
-    with open(spec["log"], "ab", buffering=0) as log:
-        while chunk := os.read(out, 65536):
-            log.write(chunk)
+    copy_output(out, spec["log"])
     code = None
     while code is None:
         try:
@@ -76,23 +69,16 @@ def supervise(spec: dict, pid: int, out: int) -> None:
     record_exit(spec["exit_file"], pid, code)
 
 
+def _start_container(spec: dict) -> tuple[dict, tuple[int, int]]:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    pid, out = start(spec)
+    return {"pid": pid, "start_ticks": start_ticks(pid)}, (pid, out)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    status = os.fdopen(spec["status_fd"], "w")
-    if os.fork():
-        os._exit(0)  # the launcher returns; we live on, re-parented
-    os.setsid()
-    try:
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-        pid, out = start(spec)
-        reply = {"pid": pid, "start_ticks": _start_ticks(pid)}
-    except BaseException as exc:
-        status.write(json.dumps({"error": str(exc)}))
-        status.close()
-        os._exit(1)
-    status.write(json.dumps(reply))
-    status.close()
+    pid, out = serve(spec, _start_container)
     supervise(spec, pid, out)
 
 
