@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> di
     log = Path(job.log)
     wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
     users = [r["jobs"] for r in engine.query("gpu")] if tracing else []
+    env = {**os.environ, "CEDANA_RAY_HOME": str(engine.paths.home)}
+    ps = subprocess.run([sys.executable, "-m", "cedana_ray.cli", "ps", "--json"], capture_output=True, env=env)
+    ps_gpus = {r["jid"]: r.get("gpus") for r in json.loads(ps.stdout or "[]")}.get("gpu")
     dump = engine.dump("gpu", DumpRequest(compression=Compression(args.compression), streams=16))
     assert engine.job("gpu").state is JobState.checkpointed
     manifest = engine.inspect(dump.checkpoint)
@@ -90,6 +94,7 @@ def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> di
         "hot_dump": hot.model_dump(),
         "trace": _trace(engine, log) if tracing else None,
         "query_gpu_jobs": users,
+        "ps_gpus": ps_gpus,
     }
 
 
@@ -120,6 +125,8 @@ def verdict(ref: dict[str, Any], got: dict[str, Any], args: argparse.Namespace) 
             failures.append("the dump did not intercept any CUDA process")
         if not any("gpu" in jobs for jobs in got["query_gpu_jobs"]):
             failures.append(f"`query gpu` does not list the job on any GPU: {got['query_gpu_jobs']}")
+        if not got["ps_gpus"]:
+            failures.append(f"`ps --json` shows no GPU for the job: {got['ps_gpus']}")
         if got["trace"] and not got["trace"]["gaps"]:
             failures.append("the GPU trace has no restore gap")
     return failures

@@ -39,6 +39,21 @@ def test_gpu_commands_fail_in_one_line_without_driver(home: Path, args: list[str
     assert json.loads(ps.stdout) == []
 
 
+@no_gpu
+@pytest.mark.criu
+def test_ps_without_driver_lists_no_gpus(home: Path) -> None:
+    cli = [sys.executable, "-m", "cedana_ray.cli"]
+    run = subprocess.run([*cli, "run", "process", "--json", "--", "sleep", "30"], capture_output=True, text=True)
+    jid = json.loads(run.stdout)["jid"]
+    try:
+        ps = subprocess.run([*cli, "ps", "--json"], capture_output=True, text=True)
+        assert [(r["jid"], r["gpus"]) for r in json.loads(ps.stdout)] == [(jid, [])]
+        table = subprocess.run([*cli, "ps"], capture_output=True, text=True).stdout
+        assert jid in table and "gpus" not in table
+    finally:
+        subprocess.run([*cli, "job", "kill", jid], capture_output=True)
+
+
 def test_driver_structs_match_the_c_abi() -> None:
     assert ctypes.sizeof(cuda._LockArgs) == 64
     assert ctypes.sizeof(cuda._RestoreArgs) == 64

@@ -111,11 +111,28 @@ _job_state_command(unfreeze, "unfreeze")
 @cli.command()
 @common
 def ps(as_json: bool, local: bool) -> None:
-    """List jobs: id, type, state, PID, node, last checkpoint."""
-    jobs = engine().jobs()
+    """List jobs: id, type, state, PID, node, last checkpoint, GPUs in use."""
+    backend = engine()
+    jobs, gpus = backend.jobs(), _gpus_by_job(backend)
     rows = [[j.jid, j.type, j.state.value, j.pid, j.node[:12], j.last_checkpoint] for j in jobs]
-    cols = ("jid", "type", "state", "pid", "node", "last checkpoint")
-    show(as_json, [j.row() for j in jobs], lambda: table(cols, rows))
+    cols: tuple[str, ...] = ("jid", "type", "state", "pid", "node", "last checkpoint")
+    if gpus:
+        rows = [[*row, ",".join(map(str, gpus.get(j.jid, [])))] for row, j in zip(rows, jobs, strict=True)]
+        cols += ("gpus",)
+    show(as_json, [{**j.row(), "gpus": gpus.get(j.jid, [])} for j in jobs], lambda: table(cols, rows))
+
+
+def _gpus_by_job(backend: Engine | Cluster) -> dict[str, list[int]]:
+    """The GPUs (NVML indexes) each job's processes use; none where no node has a driver."""
+    try:
+        found = backend.query("gpu")
+    except CedanaError:  # no driver, or no gpu plugin: ps shows the rest
+        return {}
+    used: dict[str, list[int]] = {}
+    for gpu in found:
+        for jid in gpu["jobs"]:
+            used.setdefault(jid, []).append(gpu["index"])
+    return used
 
 
 @cli.group()
