@@ -120,7 +120,7 @@ class CheckpointStore:
         """While CRIU writes ``images``: hash the chunks of an in-place dump, or upload those
         of a dump to an object store (a no-op for a local compressed store)."""
         if self._in_place(images, ckpt):
-            return EarlyChunks(images, chunk_size=chunk_size)
+            return EarlyChunks(images, chunk_size=chunk_size, streams=streams)
         if not self.local:
             cipher = ChunkCipher(key, ckpt) if key else None
             return EarlyChunks(images, self._uploader(ckpt, compression, cipher), chunk_size, streams)
