@@ -163,6 +163,9 @@ def test_freeze_and_unfreeze(engine: Engine, ctr: Ctr) -> None:
     frozen_at = count(engine, "d1")
     time.sleep(0.3)
     assert count(engine, "d1") == frozen_at
+    with pytest.raises(StateError, match="while it is frozen"):  # containerd refuses; the task stays as it was
+        engine.dump("d1", DumpRequest(leave_running=True))
+    assert ctr.tasks()["d1"][1] == "PAUSED" and engine.checkpoints("d1") == []
     engine.unfreeze("d1")
     wait_for(lambda: count(engine, "d1") > frozen_at, what="counting after unfreeze")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 from cedana_ray.errors import CedanaError, PrerequisiteError, StateError
@@ -86,5 +87,16 @@ class Ctr:
             try:
                 self.call(*args)
             except StateError as exc:
-                if "not found" not in str(exc):
-                    raise
+                if "not found" in str(exc) or ("ttrpc: closed" in str(exc) and self._task_gone(cid)):
+                    continue
+                raise
+
+    def _task_gone(self, cid: str, wait_s: float = 3.0) -> bool:
+        """Whether the task goes within ``wait_s``: its shim closing the connection mid-call
+        ("ttrpc: closed") means it exits along with a task the watcher deleted meanwhile."""
+        deadline = time.monotonic() + wait_s
+        while cid in self.tasks():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True

@@ -180,6 +180,8 @@ def checkpoint(ctx: Context) -> None:
         raise UsageError(
             f"container {cid} was not started by cedana-ray: only --leave-running dumps without CRIU options"
         )
+    if ctx.state["details"]["paused"]:  # containerd pauses the task itself, and refuses a paused one
+        raise StateError(f"containerd cannot checkpoint container {cid} while it is frozen", hint="unfreeze it first")
     ref = f"cedana-ray.local/checkpoint/{cid}:{secrets.token_hex(4)}"
     try:
         ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
