@@ -45,11 +45,11 @@ def _why_not() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[SlurmCluster]:
+def serve(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """Start ``cluster`` and point every client at it, for a module fixture; stop it after."""
     if reason := _why_not():
         pytest.skip(reason)
-    cluster = SlurmCluster().start()
+    cluster.start()
     try:
         with pytest.MonkeyPatch.context() as mp:
             for var, value in {**cluster.env, "RAY_AUTH_MODE": "disabled"}.items():
@@ -58,6 +58,11 @@ def slurm() -> Iterator[SlurmCluster]:
             yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[SlurmCluster]:
+    yield from serve(SlurmCluster())
 
 
 def submit(slurm: SlurmCluster, where: Path, *render: str, sbatch: tuple[str, ...] = ()) -> tuple[str, Path]:
