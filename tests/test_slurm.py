@@ -144,7 +144,7 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     1. a preemption notice, sent as SLURM does it (USR1 to the batch step only);
     2. a time limit: the job's limit is cut to 1 min, so the 60 s warning is due at once
        (slurmctld looks at time limits every 30 s);
-    3. scancel: TERM, a last try to checkpoint, no requeue, nothing left running."""
+    3. scancel: TERM (to the workloads too), so no checkpoint and no requeue; nothing left running."""
     job_id, out = submit(slurm, tmp_path / "sub", "--warning", "60", "--checkpoint-every", "2s")
     wait_for(lambda: "count=3" in output(out), 90, f"the counter to run in job {job_id}")
     row = query(job_id)
@@ -170,7 +170,9 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
 
     slurm.run("scancel", job_id)
     wait_for(lambda: not slurm.run("squeue", "-h", "-j", job_id, check=False).stdout.strip(), 60, "the job to end")
-    assert "TERM: checkpointing" in output(out) and output(out).count("requeueing") == 2
+    ended = output(out).split("TERM: ")
+    assert len(ended) == 2 and "checkpoint" not in ended[1].replace("no checkpoint now", ""), ended[-1][-2000:]
+    assert output(out).count("requeueing") == 2
     wait_for(lambda: not leftover_workloads(tmp_path / "sub"), 10, "the workload to stop with the job")
 
 
@@ -226,7 +228,7 @@ def test_sbatch_renders_the_preemption_contract(home: Path, tmp_path: Path) -> N
                   "--checkpoint-every", "5m", "--", "python", "train.py", "--lr", "0.1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     script = out.read_text()
-    wanted = ("#SBATCH --nodes=3", "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "trap 'on_signal USR1' USR1")
+    wanted = ("#SBATCH --nodes=3", "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "trap on_warning USR1")
     for line in wanted:
         assert line in script, line
     assert "--storage s3://b/ck" in script and "--checkpoint-every 5m -- python train.py --lr 0.1" in script

@@ -9,8 +9,11 @@ is requeued, and the requeued run restores both with their state intact.
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +23,13 @@ from slurm_cluster import SlurmCluster
 from test_cli import cedana
 from test_process_criu import wait_for
 from test_slurm import (
+    COUNT,
     COUNTER,
     LOSS,
     RESTORED,
     assert_count_continues,
     assert_loss_continues,
+    expected_digest,
     leftover_workloads,
     output,
     query,
@@ -62,8 +67,29 @@ def side_log() -> str:
     return done.stdout
 
 
+def assert_side_continues(before: str, after: str) -> None:
+    """The counter on crs2 went on after the restore from where it stopped, with its state:
+    its log counts up without a restart and past the count it had reached."""
+    reached = max(int(n) for n, _ in COUNT.findall(before))
+    counts = [(int(n), digest) for n, digest in COUNT.findall(after)]
+    assert all(b[0] == a[0] + 1 for a, b in itertools.pairwise(counts)), "the count jumped or restarted"
+    later = [(n, digest) for n, digest in counts if n > reached]
+    assert later, after[-2000:]
+    assert all(digest == expected_digest(n) for n, digest in later[:5]), "the restored state is not the run's"
+
+
+@pytest.fixture
+def ray_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """TMPDIR for the jobs (sbatch passes it on; short: Ray's socket paths must stay under
+    108 chars): where every node starter keeps its Ray's temp dir."""
+    path = Path(tempfile.mkdtemp(prefix="crst-"))
+    monkeypatch.setenv("TMPDIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_two_nodes_checkpoint_requeue_and_restore(
-    slurm2: SlurmCluster, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slurm2: SlurmCluster, home: Path, tmp_path: Path, ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     where = tmp_path / "sub"
     job_id, out = submit(slurm2, where, "--nodes", "2", "--warning", "60")
@@ -79,6 +105,7 @@ def test_two_nodes_checkpoint_requeue_and_restore(
     assert side["node"] == ray_nodes()["crs2"], side  # type: ignore[index]
     wait_for(lambda: "count=3" in side_log(), 30, "the workload on crs2")
 
+    before = side_log()
     slurm2.run("scancel", "--batch", "--signal=USR1", job_id)
     wait_for(lambda: restored_counts(out, 1) >= 2, 120, "the workloads restored after the warning")
     text = output(out)
@@ -89,10 +116,11 @@ def test_two_nodes_checkpoint_requeue_and_restore(
     assert set(ray_nodes()) == hosts, "the requeued run has its two nodes again"
     states = {j["jid"]: j["state"] for j in cedana_json("ps")}  # type: ignore[union-attr]
     assert states == {f"slurm-{job_id}": "running", "side": "running"}, states
-    print(side_log())
+    assert_side_continues(before, side_log())
 
     slurm2.run("scancel", job_id)
     wait_for(lambda: not slurm2.run("squeue", "-h", "-j", job_id, check=False).stdout.strip(), 60, "the job to end")
     wait_for(lambda: not leftover_workloads(where), 10, "the workloads to stop with the job")
     left = [p.name() for p in slurm2.hosts["crs2"].processes()]
     assert left == ["slurmd"], f"left on crs2 after the job: {left}"
+    assert not list(ray_tmp.iterdir()), "a node starter left its Ray temp dir behind"

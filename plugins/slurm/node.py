@@ -3,8 +3,10 @@
 ``python -m cedana_ray.plugins.slurm.node head ADDRESS_FILE`` starts ``ray start --head
 --block`` in a private temp dir and writes the head's address to ADDRESS_FILE once it
 accepts connections; ``... worker ADDRESS`` joins it. Either stays in the foreground
-until Ray exits or it is sent SIGTERM/SIGINT (forwarded to Ray, which stops its
-processes), then removes its temp dir: nothing of Ray outlives the allocation.
+until Ray exits or it is sent SIGTERM, SIGINT or SIGUSR2 (forwarded to Ray as SIGTERM,
+which stops its processes), then removes its temp dir: nothing of Ray outlives the
+allocation. (USR2 is what the batch script sends the workers through srun, which passes
+it on as it is but turns TERM into a SIGKILL of the step.)
 
 Workloads detach from Ray (their supervisor double-forks) so that they outlive an agent
 restart; the starter is their child subreaper, so they stay in the job step's process
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
     # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started,
     # but it may first wait 30 s to drain through a GCS that got the same SIGTERM: cut it short
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, lambda *_: (ray.terminate(), signal.alarm(STOP_GRACE_S)))
     signal.signal(signal.SIGALRM, lambda *_: _kill_group(ray))
     signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans(ray))
