@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import shutil
 import socket
 import tempfile
@@ -61,12 +62,6 @@ def ray_nodes() -> dict[str, str]:
     return {n["hostname"]: n["node"] for n in cedana_json("nodes") if not n["error"]}  # type: ignore[union-attr]
 
 
-def side_log() -> str:
-    done = cedana("logs", "side")
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def assert_side_continues(before: str, after: str) -> None:
     """The counter on crs2 went on after the restore from where it stopped, with its state:
     its log counts up without a restart and past the count it had reached."""
@@ -98,14 +93,17 @@ def test_two_nodes_checkpoint_requeue_and_restore(
     assert row["state"] == "RUNNING" and row["nodes"] == "crs[1-2]", row
     monkeypatch.setenv("CEDANA_RAY_HOME", row["home"])  # from here on, the allocation's cedana-ray
     hosts = {socket.gethostname(), "crs2"}
-    assert set(ray_nodes()) == hosts, "the Ray worker on crs2 joined the head on crs1"
+    nodes = ray_nodes()
+    assert set(nodes) == hosts, "the Ray worker on crs2 joined the head on crs1"
 
-    side = cedana_json("run", "process", "--node", ray_nodes()["crs2"], "--jid", "side", "--cwd", str(where),
-                       "--", *COUNTER)  # fmt: skip
-    assert side["node"] == ray_nodes()["crs2"], side  # type: ignore[index]
-    wait_for(lambda: "count=3" in side_log(), 30, "the workload on crs2")
+    # the second workload writes its count to a file of its own: read without Ray, and kept across restore
+    side_out = where / "side.out"
+    side_cmd = f"exec {shlex.join(COUNTER)} >>{side_out}"
+    side = cedana_json("run", "process", "--node", nodes["crs2"], "--jid", "side", "--", "sh", "-c", side_cmd)
+    assert side["node"] == nodes["crs2"], side  # type: ignore[index]
+    wait_for(lambda: "count=3" in output(side_out), 30, "the workload on crs2")
 
-    before = side_log()
+    before = output(side_out)  # it stops counting with the checkpoint
     slurm2.run("scancel", "--batch", "--signal=USR1", job_id)
     wait_for(lambda: restored_counts(out, 1) >= 2, 120, "the workloads restored after the warning")
     text = output(out)
@@ -116,7 +114,8 @@ def test_two_nodes_checkpoint_requeue_and_restore(
     assert set(ray_nodes()) == hosts, "the requeued run has its two nodes again"
     states = {j["jid"]: j["state"] for j in cedana_json("ps")}  # type: ignore[union-attr]
     assert states == {f"slurm-{job_id}": "running", "side": "running"}, states
-    assert_side_continues(before, side_log())
+    wait_for(lambda: len(COUNT.findall(output(side_out))) > len(COUNT.findall(before)) + 2, 30, "the restored side")
+    assert_side_continues(before, output(side_out))
 
     slurm2.run("scancel", job_id)
     wait_for(lambda: not slurm2.run("squeue", "-h", "-j", job_id, check=False).stdout.strip(), 60, "the job to end")
