@@ -61,8 +61,8 @@ MpiDefault=none
 ReturnToService=2
 KillWait=30
 SchedulerType=sched/builtin
-# pending jobs (a requeued one once its BeginTime passed) are looked at every 2 s, not 60
-SchedulerParameters=sched_interval=2
+# pending jobs (a requeued one once its BeginTime passed) are looked at every second, not 60
+SchedulerParameters=sched_interval=1
 {node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """

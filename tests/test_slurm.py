@@ -156,10 +156,9 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     wait_for(lambda: restored_counts(out, 1) >= 2, 90, "the counter restored after the preemption notice")
     assert "checkpointed" in output(out) and f"requeueing SLURM job {job_id}" in output(out)
     assert_count_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
+    slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")  # the training is checked while that comes
     wait_for(lambda: LOSS.search(output(out).split(RESTORED)[1]), 30, "training after the restore")
     assert_loss_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
-
-    slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
     wait_for(lambda: output(out).count("requeueing") == 2, 60, "the time-limit warning")
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED")  # or it is warned at once again
     wait_for(lambda: restored_counts(out, 2) >= 2, 90, "the counter restored after the time-limit warning")
