@@ -84,6 +84,10 @@ class SlurmCluster:
     """munged + slurmctld + a slurmd per node (see the module's docstring for the nodes)."""
 
     def __init__(self, nodes: int = 1, cpus: int = 2, memory_mb: int = 16000) -> None:
+        if not 1 <= nodes <= 2:
+            # a third node's namespace could reach this machine but not the second's: that
+            # needs IP forwarding here, a setting of the whole machine, which we leave alone
+            raise ValueError(f"nodes={nodes}: this cluster has 1 or 2 nodes")
         # mkdtemp makes it 0700; munged (user munge) must reach its own dir inside
         self.root = Path(tempfile.mkdtemp(prefix="crslurm-"))
         self.root.chmod(0o755)

@@ -227,7 +227,13 @@ def test_sbatch_renders_the_preemption_contract(home: Path, tmp_path: Path) -> N
                   "--checkpoint-every", "5m", "--", "python", "train.py", "--lr", "0.1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     script = out.read_text()
-    wanted = ("#SBATCH --nodes=3", "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "trap on_warning USR1")
+    wanted = (
+        "#SBATCH --nodes=3",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --requeue",
+        "trap on_warning USR1",
+        "trap on_term TERM",
+    )
     for line in wanted:
         assert line in script, line
     assert "--storage s3://b/ck" in script and "--checkpoint-every 5m -- python train.py --lr 0.1" in script
