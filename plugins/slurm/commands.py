@@ -22,10 +22,10 @@ from . import allocation
 from .template import BatchSpec, render
 
 NAME = "slurm"
-job_id_argument = click.argument("job_id", metavar="JOBID")
-# no --local: these commands act on an allocation's cluster (or, query, on SLURM alone)
 # how long the batch script waits for the allocation's other nodes to join Ray
 NODES_TIMEOUT_S = 120.0
+job_id_argument = click.argument("job_id", metavar="JOBID")
+# no --local: these commands act on an allocation's cluster (or, query, on SLURM alone)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 
 
