@@ -2,9 +2,11 @@
 
 For each size, the counter of the tests holding that many MiB of random bytes
 (``tests/workloads/heavy_counter.py``) runs as the workload of a batch script rendered
-by ``cedana-ray slurm sbatch``, on a real single-node SLURM cluster (munged, slurmctld,
-slurmd; ``tests/slurm_cluster.py``). The bench then sends the preemption notice as
-SLURM does (``scancel --batch --signal=USR1``) and measures:
+by ``cedana-ray slurm sbatch``, on a real SLURM cluster (munged, slurmctld, a slurmd per
+node; ``tests/slurm_cluster.py``) of one node, or two with ``--nodes 2`` (the second in a
+network namespace of its own; the workload runs on one of them, Ray on both). The bench
+then sends the preemption notice as SLURM does (``scancel --batch --signal=USR1``) and
+measures:
 
 * ``warning→durable``: from the signal to the checkpoint's manifest in the store (the
   manifest is written last: before it, the checkpoint does not exist);
@@ -14,7 +16,7 @@ SLURM does (``scancel --batch --signal=USR1``) and measures:
 
 Run as root (``make setup`` installs SLURM)::
 
-    .venv/bin/python bench/slurm.py [--sizes 256,1024] [--json]
+    .venv/bin/python bench/slurm.py [--sizes 256,1024] [--nodes 1|2] [--json]
 
 Everything lives under one temporary directory, removed at the end; the SLURM daemons
 and jobs are stopped by PID (the cluster helper) even on Ctrl-C.
@@ -77,6 +79,7 @@ def manifests(state: Path) -> list[Path]:
 def submit(cluster: SlurmCluster, where: Path, size_mib: int) -> tuple[str, Path]:
     script, out = where / "job.sbatch", where / "slurm.out"
     render = [sys.executable, "-m", "cedana_ray.cli", "slurm", "sbatch", "--output", str(script)]
+    render += ["--nodes", str(len(cluster.nodes))]
     render += ["--state-dir", str(where / "state"), "--warning", "120", "--", *WORKLOAD, str(size_mib)]
     subprocess.run(render, check=True, capture_output=True)
     job = cluster.run("sbatch", "--parsable", "-D", str(where), "-o", str(out), str(script)).stdout.strip()
@@ -130,10 +133,11 @@ def show(results: list[Result]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="256,1024", help="workload sizes in MiB, comma-separated")
+    parser.add_argument("--nodes", type=int, choices=(1, 2), default=1, help="nodes of the cluster and the job")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-slurm-"))
-    cluster = SlurmCluster().start()
+    cluster = SlurmCluster(nodes=args.nodes).start()
     try:
         results = [measure(cluster, root / f"{size}M", int(size)) for size in args.sizes.split(",")]
     finally:

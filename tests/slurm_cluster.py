@@ -1,9 +1,15 @@
-"""A real single-node SLURM cluster for tests and benchmarks: munged, slurmctld, slurmd.
+"""A real SLURM cluster for tests and benchmarks: munged, slurmctld, one slurmd per node.
 
 Everything lives under one temp dir (config, state, spool, logs, the munge socket and
 key) with free ports of its own, so it neither needs nor touches a system SLURM.
 Clients find it through ``SLURM_CONF`` (see :attr:`SlurmCluster.env`). The daemons run
 in the foreground as our children and are stopped by PID, never by name.
+
+One node is this machine, named ``localhost``. With more, node ``crs1`` is this machine
+and every other node (``crs2``...) is a :class:`~netns.VirtualHost`: a slurmd in a
+network + UTS namespace of its own, with its own hostname and IP address, so that what
+crosses nodes (srun's I/O, Ray's head address) really goes over a network. slurmctld
+listens on this side's veth address, which every node reaches.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from netns import VirtualHost
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 READY_TIMEOUT_S = 30.0
 # A requeued job may start again only once its launch credential expired
@@ -27,7 +35,7 @@ CRED_EXPIRE_S = 5
 
 SLURM_CONF = """\
 ClusterName=cedanatest
-SlurmctldHost=localhost
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -35,11 +43,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire={cred_expire}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# %n: each node's slurmd has its own
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -52,10 +61,10 @@ MpiDefault=none
 ReturnToService=2
 KillWait=30
 SchedulerType=sched/builtin
-# pending jobs (a requeued one once its BeginTime passed) are looked at every 2 s, not 60
-SchedulerParameters=sched_interval=2
-NodeName=localhost CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+# pending jobs (a requeued one once its BeginTime passed) are looked at every second, not 60
+SchedulerParameters=sched_interval=1
+{node_lines}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -72,15 +81,21 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd on this machine as node ``localhost``."""
+    """munged + slurmctld + a slurmd per node (see the module's docstring for the nodes)."""
 
-    def __init__(self, cpus: int = 2, memory_mb: int = 16000) -> None:
+    def __init__(self, nodes: int = 1, cpus: int = 2, memory_mb: int = 16000) -> None:
+        if not 1 <= nodes <= 2:
+            # a third node's namespace could reach this machine but not the second's: that
+            # needs IP forwarding here, a setting of the whole machine, which we leave alone
+            raise ValueError(f"nodes={nodes}: this cluster has 1 or 2 nodes")
         # mkdtemp makes it 0700; munged (user munge) must reach its own dir inside
         self.root = Path(tempfile.mkdtemp(prefix="crslurm-"))
         self.root.chmod(0o755)
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
-        self.cpus, self.memory_mb = cpus, memory_mb
+        self.cpus, self.memory_mb = cpus, memory_mb  # per node
+        self.nodes = ["localhost"] if nodes == 1 else [f"crs{i}" for i in range(1, nodes + 1)]
+        self.hosts: dict[str, VirtualHost] = {}  # node -> its namespace (all but the first)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -90,10 +105,13 @@ class SlurmCluster:
 
     def start(self) -> SlurmCluster:
         try:
+            for node in self.nodes[1:]:
+                self.hosts[node] = VirtualHost(node).start()
             self._start_munged()
             self._write_conf()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-            self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+            for node in self.nodes:
+                self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)], self.hosts.get(node))
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -121,28 +139,49 @@ class SlurmCluster:
         self.conf.write_text(
             SLURM_CONF.format(
                 root=self.root,
+                ctld_host=self._ctld_host(),
+                node_lines="\n".join(self._node_line(n) for n in self.nodes),
                 ctld_port=_free_port(),
                 slurmd_port=_free_port(),
                 munge_socket=self.munge_socket,
                 cred_expire=CRED_EXPIRE_S,
-                cpus=self.cpus,
-                memory_mb=self.memory_mb,
             )
         )
 
-    def _spawn(self, name: str, args: list[str], **kwargs: object) -> None:
+    @property
+    def _gateway(self) -> str:
+        """This machine's address on the nodes' network (the first namespace's veth)."""
+        return next(iter(self.hosts.values())).gateway
+
+    def _ctld_host(self) -> str:
+        # slurmctld accepts the name localhost as its own; (ADDR) is where the nodes reach it
+        return f"localhost({self._gateway})" if self.hosts else "localhost"
+
+    def _node_line(self, node: str) -> str:
+        line = f"NodeName={node} CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
+        if self.hosts:
+            line += f" NodeAddr={self.hosts[node].address if node in self.hosts else self._gateway}"
+        return line
+
+    def _spawn(self, name: str, args: list[str], host: VirtualHost | None = None, **kwargs: object) -> None:
         log = (self.root / f"{name}.out").open("wb")
         env = {**os.environ, **self.env, "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin"}
         self.procs[name] = subprocess.Popen(  # type: ignore[call-overload]
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, **kwargs
+            host.enter(args) if host else args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **kwargs,
         )
 
     def _wait_ready(self) -> None:
         def idle() -> bool:
             done = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
-            return done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated")
+            states = done.stdout.split()
+            return done.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mixed"}
 
-        self._wait(idle, "slurmd to register as idle")
+        self._wait(idle, "every slurmd to register as idle")
 
     def _wait(self, ready: object, what: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -167,18 +206,19 @@ class SlurmCluster:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Cancel the jobs, stop the daemons by PID (slurmd first, munged last), remove the temp dir."""
-        if "slurmd" in self.procs:
+        """Cancel the jobs, stop the daemons by PID (slurmds first, munged last), remove the
+        namespaces and the temp dir."""
+        if any(name.startswith("slurmd") for name in self.procs):
             self.cancel_all()
-        for name in reversed(DAEMONS):
-            proc = self.procs.pop(name, None)
-            if proc is None:
-                continue
+        for name in reversed(list(self.procs)):  # started munged, slurmctld, slurmds
+            proc = self.procs.pop(name)
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for host in self.hosts.values():
+            host.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.root)

@@ -45,11 +45,11 @@ def _why_not() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[SlurmCluster]:
+def serve(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """Start ``cluster`` and point every client at it, for a module fixture; stop it after."""
     if reason := _why_not():
         pytest.skip(reason)
-    cluster = SlurmCluster().start()
+    cluster.start()
     try:
         with pytest.MonkeyPatch.context() as mp:
             for var, value in {**cluster.env, "RAY_AUTH_MODE": "disabled"}.items():
@@ -58,6 +58,11 @@ def slurm() -> Iterator[SlurmCluster]:
             yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[SlurmCluster]:
+    yield from serve(SlurmCluster())
 
 
 def submit(slurm: SlurmCluster, where: Path, *render: str, sbatch: tuple[str, ...] = ()) -> tuple[str, Path]:
@@ -139,7 +144,7 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     1. a preemption notice, sent as SLURM does it (USR1 to the batch step only);
     2. a time limit: the job's limit is cut to 1 min, so the 60 s warning is due at once
        (slurmctld looks at time limits every 30 s);
-    3. scancel: TERM, a last try to checkpoint, no requeue, nothing left running."""
+    3. scancel: TERM (to the workloads too), so no checkpoint and no requeue; nothing left running."""
     job_id, out = submit(slurm, tmp_path / "sub", "--warning", "60", "--checkpoint-every", "2s")
     wait_for(lambda: "count=3" in output(out), 90, f"the counter to run in job {job_id}")
     row = query(job_id)
@@ -151,10 +156,9 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     wait_for(lambda: restored_counts(out, 1) >= 2, 90, "the counter restored after the preemption notice")
     assert "checkpointed" in output(out) and f"requeueing SLURM job {job_id}" in output(out)
     assert_count_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
+    slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")  # the training is checked while that comes
     wait_for(lambda: LOSS.search(output(out).split(RESTORED)[1]), 30, "training after the restore")
     assert_loss_continues(output(out).split(RESTORED)[0], output(out).split(RESTORED)[1])
-
-    slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
     wait_for(lambda: output(out).count("requeueing") == 2, 60, "the time-limit warning")
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED")  # or it is warned at once again
     wait_for(lambda: restored_counts(out, 2) >= 2, 90, "the counter restored after the time-limit warning")
@@ -165,7 +169,9 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
 
     slurm.run("scancel", job_id)
     wait_for(lambda: not slurm.run("squeue", "-h", "-j", job_id, check=False).stdout.strip(), 60, "the job to end")
-    assert "TERM: checkpointing" in output(out) and output(out).count("requeueing") == 2
+    ended = output(out).split("TERM: ")
+    assert len(ended) == 2 and "checkpoint" not in ended[1].replace("no checkpoint now", ""), ended[-1][-2000:]
+    assert output(out).count("requeueing") == 2
     wait_for(lambda: not leftover_workloads(tmp_path / "sub"), 10, "the workload to stop with the job")
 
 
@@ -221,7 +227,13 @@ def test_sbatch_renders_the_preemption_contract(home: Path, tmp_path: Path) -> N
                   "--checkpoint-every", "5m", "--", "python", "train.py", "--lr", "0.1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     script = out.read_text()
-    wanted = ("#SBATCH --nodes=3", "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "trap 'on_signal USR1' USR1")
+    wanted = (
+        "#SBATCH --nodes=3",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --requeue",
+        "trap on_warning USR1",
+        "trap on_term TERM",
+    )
     for line in wanted:
         assert line in script, line
     assert "--storage s3://b/ck" in script and "--checkpoint-every 5m -- python train.py --lr 0.1" in script

@@ -9,12 +9,14 @@ login node. The workloads of an allocation are the jobs of its coordinator.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cedana_ray.cluster import Cluster, ClusterState
+from cedana_ray.cluster import connect as join_ray
 from cedana_ray.errors import NotFoundError, StateError, UsageError
 from cedana_ray.models import LIVE_STATES, CheckpointInfo, Job, JobState
 from cedana_ray.pipeline import Context
@@ -61,6 +63,18 @@ def connect(job_id: str) -> Cluster:
     if state is None:
         raise StateError(f"cedana-ray is not up in SLURM job {job_id} yet")
     return Cluster(state.address)
+
+
+def wait_for_nodes(address: str, wanted: int, timeout: float) -> int:
+    """Until ``wanted`` Ray nodes are alive at ``address`` (the workers of an allocation join
+    its head while it starts up), or ``timeout``: how many are."""
+    import ray
+
+    join_ray(address)
+    deadline = time.monotonic() + timeout
+    while (alive := sum(n["Alive"] for n in ray.nodes())) < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
 
 
 def each(jobs: list[Job], action: Callable[[Job], T]) -> list[T]:

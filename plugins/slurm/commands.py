@@ -10,7 +10,7 @@ import click
 import fsspec
 
 from cedana_ray.cli.options import dump_options
-from cedana_ray.cli.output import console, human_size, show, table
+from cedana_ray.cli.output import console, err_console, human_size, show, table
 from cedana_ray.errors import StateError, UsageError
 from cedana_ray.models import Compression, JobState
 from cedana_ray.pipeline import Context, Pipeline
@@ -22,6 +22,8 @@ from . import allocation
 from .template import BatchSpec, render
 
 NAME = "slurm"
+# how long the batch script waits for the allocation's other nodes to join Ray
+NODES_TIMEOUT_S = 120.0
 job_id_argument = click.argument("job_id", metavar="JOBID")
 # no --local: these commands act on an allocation's cluster (or, query, on SLURM alone)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -181,6 +183,24 @@ def destroy(directory: Path, as_json: bool) -> None:
 
     removed = uninstall(directory)
     show(as_json, {"removed": [str(p) for p in removed]}, lambda: console.print(f"removed {len(removed)} file(s)"))
+
+
+@slurm_group.command("up", hidden=True)
+@click.option("--address", required=True, metavar="ADDR", help="The allocation's Ray head.")
+@click.option("--nodes", type=click.IntRange(1), default=1, show_default=True, help="Nodes of the allocation.")
+@click.option("--storage", metavar="URL", help="Cluster checkpoint store.")
+@click.option("--timeout", type=click.FloatRange(0), default=NODES_TIMEOUT_S, show_default=True, metavar="SECONDS")
+def up(address: str, nodes: int, storage: str | None, timeout: float) -> None:
+    """`cedana-ray up` once every node of the allocation has joined Ray (for the batch script):
+    then the workloads are placed, or restored, over all of them."""
+    from cedana_ray.launcher import up as start
+
+    joined = allocation.wait_for_nodes(address, nodes, timeout)
+    if joined < nodes:  # go on: the workloads can still run, on fewer nodes
+        err_console.print(f"only {joined} of {nodes} nodes joined Ray within {timeout:.0f} s", highlight=False)
+    _, found = start(address, storage)
+    hosts = ", ".join(n.hostname for n in found)
+    console.print(f"cedana-ray is up on {len(found)} node(s): {hosts}", highlight=False)
 
 
 @slurm_group.command("follow", hidden=True)

@@ -3,8 +3,10 @@
 ``python -m cedana_ray.plugins.slurm.node head ADDRESS_FILE`` starts ``ray start --head
 --block`` in a private temp dir and writes the head's address to ADDRESS_FILE once it
 accepts connections; ``... worker ADDRESS`` joins it. Either stays in the foreground
-until Ray exits or it is sent SIGTERM/SIGINT (forwarded to Ray, which stops its
-processes), then removes its temp dir: nothing of Ray outlives the allocation.
+until Ray exits or it is sent SIGTERM, SIGINT or SIGUSR2 (forwarded to Ray as SIGTERM,
+which stops its processes), then removes its temp dir: nothing of Ray outlives the
+allocation. (USR2 is what the batch script sends the workers through srun, which passes
+it on as it is but turns TERM into a SIGKILL of the step.)
 
 Workloads detach from Ray (their supervisor double-forks) so that they outlive an agent
 restart; the starter is their child subreaper, so they stay in the job step's process
@@ -97,6 +99,24 @@ def _stop_ray(ray: subprocess.Popen[bytes]) -> None:
     ray.wait()
 
 
+def _ray_command(args: argparse.Namespace, temp: str) -> tuple[list[str], str]:
+    """``ray start`` for this node, and the address of the allocation's head."""
+    from ray.util import get_node_ip_address
+
+    # a worker takes the address of its interface on the route to the head, which need not be
+    # the default route's (compute nodes often have none); the head, the default route's
+    ip = get_node_ip_address(None if args.role == "head" else args.target)
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--node-ip-address={ip}"]
+    cmd += node_args(temp, args.object_store_mb)
+    if args.role == "worker":
+        return [*cmd, f"--address={args.target}"], args.target
+    port = free_port()
+    cmd += ["--head", f"--port={port}", "--include-dashboard=false"]
+    # the headless dashboard (job server) and the client server still run: no fixed ports
+    cmd += [f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    return cmd, f"{ip}:{port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cedana_ray.plugins.slurm.node")
     parser.add_argument("role", choices=["head", "worker"])
@@ -104,25 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-mb", type=int, default=256)
     args = parser.parse_args(argv)
 
-    from ray.util import get_node_ip_address
-
-    ip = get_node_ip_address()
     temp = tempfile.mkdtemp(prefix="crs-")  # short: Ray's socket paths must stay under 108 chars
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--node-ip-address={ip}"]
-    cmd += node_args(temp, args.object_store_mb)
-    if args.role == "head":
-        address = f"{ip}:{free_port()}"
-        cmd += ["--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false"]
-        # the headless dashboard (job server) and the client server still run: no fixed ports
-        cmd += [f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
-    else:
-        cmd += [f"--address={args.target}"]
+    cmd, address = _ray_command(args, temp)
     _become_subreaper()
+    # The allocation's Ray goes away as a whole: no node of it needs draining first (for
+    # Serve), which on SIGTERM Ray would otherwise wait for, up to 30 s, for every node
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     # its own process group, with every Ray process it starts: see _stop_ray
-    ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-    # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started,
-    # but it may first wait 30 s to drain through a GCS that got the same SIGTERM: cut it short
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    ray = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    # SLURM stops a job step with SIGTERM: Ray's --block then stops every process it started;
+    # should that hang (a raylet trying to reach a GCS that got the same SIGTERM), cut it short
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, lambda *_: (ray.terminate(), signal.alarm(STOP_GRACE_S)))
     signal.signal(signal.SIGALRM, lambda *_: _kill_group(ray))
     signal.signal(signal.SIGCHLD, lambda *_: _reap_orphans(ray))
