@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 from cedana_ray.plugins.crio.client import IMAGES, Cri, messages
+from servers import stop_process
 from test_process_criu import wait_for
 
 CONTAINERD2 = Path(os.environ.get("CEDANA_RAY_CONTAINERD2", "/opt/cedana-ray/containerd2")) / "bin"
@@ -86,15 +87,6 @@ def _spawn(argv: list[str], base: Path, name: str, ready: Path, env: dict[str, s
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _kill_shims(sock: Path) -> None:
     """The runc shims of this daemon outlive it: kill those still running, by PID."""
     for p in psutil.process_iter(["cmdline"]):
@@ -133,7 +125,7 @@ def cri_containerd(base: Path, binary: str, config: str, images: dict[str, Path]
         try:
             _remove_pods(cri)
         finally:
-            _stop(daemon)
+            stop_process(daemon)
             _kill_shims(sock)
 
 
@@ -150,7 +142,7 @@ def registry(base: Path) -> Iterator[str]:
         wait_for(lambda: _listening(port), what="the registry")
         yield f"localhost:{port}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _listening(port: int) -> bool:

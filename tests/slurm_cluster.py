@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from netns import VirtualHost
+from servers import stop_process
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 READY_TIMEOUT_S = 30.0
@@ -211,13 +212,7 @@ class SlurmCluster:
         if any(name.startswith("slurmd") for name in self.procs):
             self.cancel_all()
         for name in reversed(list(self.procs)):  # started munged, slurmctld, slurmds
-            proc = self.procs.pop(name)
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(self.procs.pop(name))
         for host in self.hosts.values():
             host.stop()
         with contextlib.suppress(OSError):

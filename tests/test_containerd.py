@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from containers import (
     python_image,
     start_containerd,
 )
+from servers import stop_process
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
@@ -56,11 +56,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
         ctr.call("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], str(archive))
         yield ctr
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        stop_process(daemon)
         with contextlib.suppress(OSError):  # empty once every container is removed
             os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
         shutil.rmtree(base / "tmp", ignore_errors=True)  # checkpoints containerd unpacked to restore
