@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import psutil
+
+from .retry import until
 
 
 def alive(pid: int | None, started: float | None = None) -> bool:
@@ -23,12 +24,7 @@ def alive(pid: int | None, started: float | None = None) -> bool:
 def wait_reaped(pid: int, timeout: float) -> bool:
     """Whether ``pid`` is gone (exited and reaped) within ``timeout`` seconds. A killed
     process with a large memory takes a moment to exit, and its parent to reap it."""
-    deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return until(lambda: not psutil.pid_exists(pid), timeout, 0.02)
 
 
 def members(pid: int) -> list[psutil.Process]:

@@ -94,3 +94,13 @@ def describe(exc: BaseException, bucket: str) -> str:
     if is_transient(exc):
         return f"storage server unreachable or failing after {ATTEMPTS} attempts: {first}"
     return first
+
+
+def until(check: Callable[[], object], timeout: float, interval: float) -> bool:
+    """Whether ``check()`` becomes true within ``timeout`` seconds, asked every ``interval``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

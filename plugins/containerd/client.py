@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 
 from cedana_ray.errors import CedanaError, PrerequisiteError, StateError
+from cedana_ray.retry import until
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "cedana-ray"
@@ -94,9 +94,4 @@ class Ctr:
     def _task_gone(self, cid: str, wait_s: float = 3.0) -> bool:
         """Whether the task goes within ``wait_s``: its shim closing the connection mid-call
         ("ttrpc: closed") means it exits along with a task the watcher deleted meanwhile."""
-        deadline = time.monotonic() + wait_s
-        while cid in self.tasks():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return until(lambda: cid not in self.tasks(), wait_s, 0.1)
