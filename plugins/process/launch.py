@@ -30,9 +30,11 @@ def launch(spec: dict[str, Any], job_dir: Path, script: Path = SUPERVISOR) -> di
     workload runs: ``{"pid": N, "start_ticks": T, ...}``."""
     r, w = os.pipe()
     errors = job_dir / "supervisor.err"
+    # the process supervisor is standard library only: skipping site saves about 20 ms of every run and restore
+    flags = ["-S"] if script == SUPERVISOR else []
     with open(errors, "ab") as err:
         starter = subprocess.Popen(
-            [sys.executable, str(script), json.dumps({**spec, "status_fd": w})],
+            [sys.executable, *flags, str(script), json.dumps({**spec, "status_fd": w})],
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

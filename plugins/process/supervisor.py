@@ -25,11 +25,10 @@ import ctypes
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
@@ -83,28 +82,38 @@ def _child_failed(errr: int, pid: int) -> str:
     return err
 
 
-def _exec_workload(spec: dict, w: int) -> int:
-    """Fork and exec the command in its own session; its PID once it has exec'd."""
+def _spawn(argv: list[str], out: int, keep: tuple[int, ...] = (), **kw: Any) -> int:
+    """Fork and exec ``argv`` (stdin ``/dev/null``, stdout and stderr ``out``, only the
+    ``keep`` fds besides); its PID once it has exec'd. ``kw``: ``session``, ``cwd``, ``env``."""
     errr, errw = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         try:
-            os.setsid()
+            if kw.get("session"):
+                os.setsid()
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
-            os.dup2(w, 1)
-            os.dup2(w, 2)
-            _close_fds_except(errw)
-            if spec.get("cwd"):
-                os.chdir(spec["cwd"])
-            os.execvpe(spec["cmd"][0], spec["cmd"], {**os.environ, **spec.get("env", {})})
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            _close_fds_except(errw, *keep)
+            if kw.get("cwd"):
+                os.chdir(kw["cwd"])
+            os.execvpe(argv[0], argv, kw.get("env") or os.environ)
         except BaseException as exc:
-            os.write(errw, f"cannot run {spec['cmd'][0]!r}: {getattr(exc, 'strerror', None) or exc}".encode())
+            os.write(errw, f"cannot run {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}".encode())
             os._exit(127)
     os.close(errw)
     if err := _child_failed(errr, pid):
         raise RuntimeError(err)
     return pid
+
+
+def _exec_workload(spec: dict, w: int) -> int:
+    """The command in its own session, its output into pipe ``w``; its PID."""
+    env = {**os.environ, **spec.get("env", {})}
+    return _spawn(spec["cmd"], w, session=True, cwd=spec.get("cwd"), env=env)
 
 
 def _high_pids() -> None:
@@ -125,9 +134,10 @@ def _criu_restore(spec: dict, w: int) -> int:
     for fd, key in zip(fds, spec["pipes"], strict=True):
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
     with open(os.path.join(spec["work"], "criu.out"), "wb") as out:
-        rc = subprocess.run(args, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+        criu = _spawn(args, out.fileno(), tuple(fds))
     for fd in fds:
         os.close(fd)
+    rc = exit_code(os.waitpid(criu, 0)[1])
     if rc != 0:
         raise RuntimeError(f"criu restore failed (exit {rc})")
     with open(pidfile) as f:
@@ -178,6 +188,8 @@ def start(spec: dict) -> tuple[int, int]:
 def serve_control(control: dict) -> None:
     """Run the job's own checkpoint requests (``NAME.request`` files, see cedana_ray.inside)
     from out here, where the dump cannot catch us, and write ``NAME.result`` back."""
+    import subprocess  # here, in the forked server: importing it costs every start and restore about 8 ms
+
     folder = control["dir"]
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, **control["env"]}
