@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -22,11 +24,17 @@ import pytest
 import ray
 from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
 from cedana_ray.actors.store_server import STORE
+from cedana_ray.plugins.containerd.client import Ctr
+from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
 from conftest import kill_jobs
-from containers import bundle, busybox_rootfs, missing
+from containers import bundle, busybox_rootfs, missing, oci_image, start_containerd
 from ray.cluster_utils import Cluster as RayCluster
+from servers import stop_process
+from test_containerd import IMAGE as COUNTER_IMAGE
+from test_containerd import NEEDS as CONTAINERD_NEEDS
+from test_containerd import SCRIPT as CONTAINERD_COUNTER
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 
 from cedana_ray import launcher
@@ -537,3 +545,62 @@ def test_a_runc_container_migrates_and_keeps_counting(client: Cluster, tmp_path:
     source_root = Path(job.details["root"])
     assert not Runc(source_root).containers(), "the source's container was deleted"
     client.kill("c-runc")
+
+
+@pytest.fixture
+def containerd_nodes(ray_cluster: RayCluster, client: Cluster, tmp_path: Path) -> Iterator[list[tuple[str, Ctr]]]:
+    """Two nodes, each with a containerd of its own as on two hosts, the counter image in both.
+    Each has its own containerd namespace too: containerd keeps runc's state in
+    /run/containerd/runc/NAMESPACE, which two daemons on one host would share."""
+    archive = oci_image(busybox_rootfs(tmp_path / "rootfs"), tmp_path / "image", CONTAINERD_COUNTER)
+    daemons, nodes, ctrs = [], [], []
+    try:
+        for i in range(2):
+            (base := tmp_path / f"containerd-{i}").mkdir()
+            daemons.append(start_containerd(base))
+            ctr = Ctr(str(base / "containerd.sock"), f"cedana-ray-mig-{secrets.token_hex(3)}")
+            ctr.call("images", "import", "--base-name", COUNTER_IMAGE.rsplit(":", 1)[0], str(archive))
+            ctrs.append(ctr)
+            env = {"CONTAINERD_ADDRESS": ctr.address, "CONTAINERD_NAMESPACE": ctr.namespace}
+            nodes.append(ray_cluster.add_node(**NODE_ARGS, env_vars=env))
+        ids = [n.node_id for n in nodes]
+        wait_for(lambda: containerd_on(client, ids), 60, "both nodes' agents with containerd")
+        yield list(zip(ids, ctrs, strict=True))
+    finally:
+        for ctr in ctrs:
+            with contextlib.suppress(CedanaError):
+                for cid in ctr.containers():
+                    ctr.remove(cid)
+        for node in nodes:
+            ray_cluster.remove_node(node)
+        for daemon in daemons:
+            stop_process(daemon)
+        for ctr in ctrs:
+            with contextlib.suppress(OSError):
+                os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
+
+
+def containerd_on(client: Cluster, nodes: list[str]) -> bool:
+    """Whether the agents of all ``nodes`` are up and can run containerd jobs."""
+    up = {n.node: n for n in client.nodes() if n.error is None}
+    return all(node in up and "containerd" in up[node].types for node in nodes)
+
+
+@pytest.mark.skipif(bool(missing(*CONTAINERD_NEEDS)), reason=str(missing(*CONTAINERD_NEEDS)))
+def test_a_containerd_container_migrates_and_keeps_counting(
+    client: Cluster, containerd_nodes: list[tuple[str, Ctr]]
+) -> None:
+    """The source is paused, resumed for containerd's checkpoint (which CRIU leaves stopped)
+    and paused again; the target restores it paused, in a cgroup of its own, and resumes it."""
+    (source, source_ctr), (target, target_ctr) = containerd_nodes
+    request = ContainerdRunRequest(cmd=["ctr"], image=COUNTER_IMAGE, container="c-ctrd", jid="c-ctrd", node=source)
+    client.run("containerd", request)
+    wait_for(lambda: last(client, "c-ctrd") >= 3, what="the container counting")
+    moved = client.migrate("c-ctrd", target)
+    assert moved.job.node == target and client.job("c-ctrd").state is JobState.running
+    assert_continuous(client, "c-ctrd", last(client, "c-ctrd"))
+    assert target_ctr.tasks()["c-ctrd"] == (moved.job.pid, "RUNNING")
+    assert "c-ctrd" not in source_ctr.containers(), "the source's container was deleted"
+    spec = json.loads(target_ctr.call("containers", "info", "c-ctrd"))["Spec"]
+    assert spec["linux"]["cgroupsPath"] == f"/{target_ctr.namespace}/c-ctrd", "a cgroup of its own"
+    client.kill("c-ctrd")

@@ -6,6 +6,7 @@ container holding 256 MiB; and the error paths."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -151,6 +152,19 @@ def test_restore_as_new_container_while_original_runs(engine: Engine, ctr: Ctr) 
     rows = {r["id"]: r for r in engine.query("containerd")}
     assert rows["d2"]["jid"] == "d2" and rows["d2"]["pid"] == clone.pid and rows["d2"]["image"] == IMAGE
 
+    # the clone has its own cgroup: pausing the original leaves it counting
+    assert cgroup_path(ctr, "d2") == f"/{ctr.namespace}/d2" != cgroup_path(ctr, "d1")
+    assert f":/{ctr.namespace}/d2" in Path(f"/proc/{clone.pid}/cgroup").read_text()
+    engine.freeze("d1")
+    at = count(engine, "d2")
+    wait_for(lambda: count(engine, "d2") > at + 3, what="the clone counting while the original is frozen")
+    assert ctr.tasks()["d1"][1] == "PAUSED" and ctr.tasks()["d2"][1] == "RUNNING"
+    assert not any("checkpoint" in i for i in ctr.images()), "the checkpoint images went after the restore"
+
+
+def cgroup_path(ctr: Ctr, cid: str) -> str:
+    return json.loads(ctr.call("containers", "info", cid))["Spec"]["linux"]["cgroupsPath"]
+
 
 def test_freeze_and_unfreeze(engine: Engine, ctr: Ctr) -> None:
     start(engine)
@@ -159,11 +173,28 @@ def test_freeze_and_unfreeze(engine: Engine, ctr: Ctr) -> None:
     frozen_at = count(engine, "d1")
     time.sleep(0.3)
     assert count(engine, "d1") == frozen_at
-    with pytest.raises(StateError, match="while it is frozen"):  # containerd refuses; the task stays as it was
-        engine.dump("d1", DumpRequest(leave_running=True))
-    assert ctr.tasks()["d1"][1] == "PAUSED" and engine.checkpoints("d1") == []
     engine.unfreeze("d1")
     wait_for(lambda: count(engine, "d1") > frozen_at, what="counting after unfreeze")
+
+
+def test_a_frozen_container_dumps_and_stays_frozen(engine: Engine, ctr: Ctr) -> None:
+    """How a migration dumps: frozen, leaving it running. containerd refuses to checkpoint a
+    paused task, so the task is resumed for it (CRIU leaves it stopped) and paused again."""
+    start(engine)
+    engine.freeze("d1")
+    result = engine.dump("d1", DumpRequest(leave_running=True))
+    assert ctr.tasks()["d1"][1] == "PAUSED" and engine.job("d1").state is JobState.frozen
+    frozen_at = count(engine, "d1")  # it may have counted once while resumed for the checkpoint
+    time.sleep(0.3)
+    assert count(engine, "d1") == frozen_at, "no progress after the checkpoint: stopped by CRIU, then paused"
+    assert engine.inspect(result.checkpoint).details["paused"]
+
+    clone = engine.restore(RestoreRequest(jid="d2"), jid="d1").job
+    assert clone.state is JobState.frozen and ctr.tasks()["d2"][1] == "PAUSED", "restored as it was: frozen"
+    assert count(engine, "d2") == frozen_at
+    for jid in ("d1", "d2"):
+        engine.unfreeze(jid)
+        wait_for(lambda jid=jid: count(engine, jid) > frozen_at + 3, what=f"{jid} counting after unfreeze")
 
 
 def test_cleanup_leaves_no_task_container_or_snapshot(engine: Engine, ctr: Ctr) -> None:

@@ -37,11 +37,12 @@ from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError,
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler, Middleware
-from cedana_ray.proctree import wait_reaped
+from cedana_ray.proctree import signal_tree, wait_reaped
 from cedana_ray.requests import RunRequest
 
 from . import commands
 from .client import Ctr
+from .respec import Spec, own_cgroup, respec
 
 NAME = "containerd"
 ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
@@ -170,48 +171,85 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
 
 
 def checkpoint(ctx: Context) -> None:
-    """Checkpoint task and rw layer as a containerd image, export it into the image dir."""
+    """Checkpoint task and rw layer as a containerd image, export it into the image dir.
+
+    containerd pauses the task for its checkpoint and refuses one that is paused already
+    (a frozen job, e.g. one being migrated): such a task is resumed for the checkpoint,
+    which CRIU leaves stopped, and paused again after it.
+    """
     req, job = ctx.request, ctx.job
     ctr, cid = _ctr(job), job.details["target"]
+    paused = ctx.state["details"]["paused"]
     conf = ctx.state.get("criu_config")
-    if conf:  # ours: CRIU leaves the task stopped for the core to kill once stored
-        write_criu_config(Path(conf), *config_lines(req.criu, stopped=not req.leave_running))
+    if conf:  # ours: CRIU leaves the task stopped for the core to kill once stored, or to pause again
+        write_criu_config(Path(conf), *config_lines(req.criu, stopped=paused or not req.leave_running))
+    elif paused:
+        raise StateError(f"containerd cannot checkpoint container {cid} while it is frozen", hint="unfreeze it first")
     elif req.criu != CriuOptions() or not req.leave_running:
         raise UsageError(
             f"container {cid} was not started by cedana-ray: only --leave-running dumps without CRIU options"
         )
-    if ctx.state["details"]["paused"]:  # containerd pauses the task itself, and refuses a paused one
-        raise StateError(f"containerd cannot checkpoint container {cid} while it is frozen", hint="unfreeze it first")
     ref = f"cedana-ray.local/checkpoint/{cid}:{secrets.token_hex(4)}"
+    if paused:
+        ctr.call("tasks", "resume", cid, error=DumpError)
     try:
         ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
         ctr.call("images", "export", "--skip-manifest-json", str(ctx.state["images"] / ARCHIVE), ref, error=DumpError)
+    except BaseException:
+        if paused:
+            _pause_again(ctr, cid, ctx.state["pid"])
+        raise
     finally:
         if ref in ctr.images():
             ctr.call("images", "rm", ref)
+    if paused and req.leave_running:
+        _pause_again(ctr, cid, ctx.state["pid"])
     ctx.state["details"]["checkpoint_ref"] = ref
 
 
+def _pause_again(ctr: Ctr, cid: str, pid: int) -> None:
+    """Pause a task that CRIU left stopped, then continue it (SIGCONT), so that it runs once
+    resumed. Stopped tasks must not be paused for a checkpoint: with the v1 freezer CRIU
+    then hangs."""
+    ctr.call("tasks", "pause", cid)
+    signal_tree(pid, signal.SIGCONT)
+
+
 def restore(ctx: Context) -> Job:
-    """Import the checkpoint image and create a new container and task from it."""
+    """Import the checkpoint image, give it the new container's own spec, and create a new
+    container and task from it."""
     manifest = ctx.state["manifest"]
     details, ctr = manifest.details, _ctr()
     cid = details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
     _require_image(ctr, details["image"])
     _require_free(ctr, cid, dying=True)
-    # the restored spec names the original container's CRIU config: CRIU reads it now
-    write_criu_config(criu_config(details["container"]), *config_lines(manifest.criu, ctx.state.get("leave_stopped")))
-    ref = details["checkpoint_ref"]
+    # a paused task is restored stopped, so that it never runs before it is paused again
+    stopped = ctx.state.get("leave_stopped") or details.get("paused", False)
+    conf = write_criu_config(criu_config(cid), *config_lines(manifest.criu, stopped))
+    ref, own = details["checkpoint_ref"], f"{details['checkpoint_ref']}-{cid}"
+    archive, respecced = ctx.state["images"] / ARCHIVE, ctx.state["work"] / "spec.tar"
+
+    def own_spec(spec: Spec) -> None:
+        linux = spec.setdefault("linux", {})
+        linux["cgroupsPath"] = own_cgroup(linux.get("cgroupsPath", ""), ctr.namespace, cid)
+        spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(conf)
+
     try:
-        ctr.call("images", "import", "--no-unpack", str(ctx.state["images"] / ARCHIVE), error=RestoreError)
-        job = _restore_task(ctx, ctr, cid, ref, details["image"])
-    except CedanaError as exc:
+        respec(archive, respecced, own, own_spec)
+        for tar in (archive, respecced):
+            ctr.call("images", "import", "--no-unpack", str(tar), error=RestoreError)
+        job = _restore_task(ctx, ctr, cid, own, details["image"])
+    except (CedanaError, OSError, KeyError, ValueError) as exc:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {cid} failed: {exc}") from exc
     finally:
-        if ref in ctr.images():
-            ctr.call("images", "rm", ref)
+        images = ctr.images()
+        for name in {ref, own} & images:
+            ctr.call("images", "rm", name)
     if details.get("paused"):
-        ctr.call("tasks", "pause", cid)
+        if ctx.state.get("leave_stopped"):  # the core continues it once its images are verified
+            ctr.call("tasks", "pause", cid)
+        else:
+            _pause_again(ctr, cid, job.pid)
         return job.model_copy(update={"state": JobState.frozen})
     return job
 
