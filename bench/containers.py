@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -166,7 +167,8 @@ def bench_ctr(base: Path, engine: Engine, repeat: int, python: bool) -> Rows:
     (base / "containerd").mkdir()
     daemon = start_containerd(base / "containerd")
     try:
-        ctr = Ctr(str(base / "containerd" / "containerd.sock"), f"bench-{base.name}")  # runc state is per namespace
+        # a fresh namespace: containerd keeps runc state per namespace, outside its root
+        ctr = Ctr(str(base / "containerd" / "containerd.sock"), f"bench-{secrets.token_hex(4)}")
         os.environ.update(CONTAINERD_ADDRESS=ctr.address, CONTAINERD_NAMESPACE=ctr.namespace)
         (base / "oci").mkdir()
         archive = oci_image(base / "rootfs", base / "oci" / "image", SCRIPT)

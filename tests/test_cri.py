@@ -24,7 +24,6 @@ from cedana_ray.errors import (
     CorruptCheckpoint,
     JobNotFound,
     PrerequisiteError,
-    RestoreError,
     StateError,
     UsageError,
 )
@@ -220,13 +219,34 @@ def test_cli_dump_and_restore(cri: Cri, image: str, monkeypatch: pytest.MonkeyPa
     assert row["state"] == "running" and row["name"] == "counter" and row["id"] != cid
 
 
-def test_restore_needs_the_pod(engine: Engine, cri: Cri, image: str) -> None:
+@pytest.mark.parametrize("gone", ["stopped", "removed"])
+def test_restore_into_a_new_pod_when_its_pod_is_gone(engine: Engine, cri: Cri, image: str, gone: str) -> None:
+    """As after a node restart or an eviction: the dump recorded the pod's config, and the
+    restore starts a pod like it (the next attempt of its name), which cleanup removes."""
     cid = run_counter(cri, image)
     job = engine.manage("crio", ManageRequest(target=cid, jid="c1"))
+    before = wait_for(lambda: (n := count(cri, cid)) >= 20 and n, what="the counter reaching 20")
     engine.dump("c1", DumpRequest())
-    cri.call("StopPodSandbox", messages().StopPodSandboxRequest(pod_sandbox_id=job.details["pod"]))
-    with pytest.raises(RestoreError, match=f"pod sandbox {job.details['pod']} is not ready"):
-        engine.restore(RestoreRequest(), jid="c1")
+    old = job.details["pod"]
+    meta = cri.pod(old)[0].metadata
+    cri.call("StopPodSandbox", messages().StopPodSandboxRequest(pod_sandbox_id=old))
+    if gone == "removed":
+        cri.call("RemovePodSandbox", messages().RemovePodSandboxRequest(pod_sandbox_id=old))
+
+    restored = engine.restore(RestoreRequest(), jid="c1").job
+    new_pod, new = restored.details["pod"], restored.details["target"]
+    assert new_pod != old and restored.details["own_pod"]
+    status = cri.pod(new_pod)[0]
+    assert status.state == 0 and (status.metadata.name, status.metadata.uid) == (meta.name, meta.uid)
+    # the next attempt of the name where the stopped pod still holds it, as the kubelet counts
+    assert status.metadata.attempt == meta.attempt + (gone == "stopped")
+    assert count(cri, new) >= before, "the counter came back from the checkpoint, not from 0"
+    at = count(cri, new)
+    wait_for(lambda: count(cri, new) > at + 3, what="counting in the new pod")
+
+    engine.kill("c1")
+    engine.delete("c1")
+    assert new_pod not in {p.id for p in cri.pods()}, "cleanup removed the pod the restore made"
 
 
 def test_cli_errors_are_one_line(cri: Cri, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,6 +147,21 @@ class Cri:
             json_format.ParseDict(found, config, ignore_unknown_fields=True)
         return res.status, config
 
+    def pods(self) -> list[pb.PodSandbox]:
+        return list(self.call("ListPodSandbox", messages().ListPodSandboxRequest()).items)
+
+    def run_pod(self, config: pb.PodSandboxConfig) -> str:
+        """A new pod sandbox from ``config``, as the kubelet starts one; its id."""
+        req = messages().RunPodSandboxRequest(config=config)
+        return self.call("RunPodSandbox", req, timeout=CHECKPOINT_TIMEOUT_S).pod_sandbox_id
+
+    def remove_pod(self, pod_id: str) -> None:
+        """Stop and remove the pod sandbox with its containers; a missing one is fine."""
+        pb = messages()
+        with contextlib.suppress(JobNotFound):
+            self.call("StopPodSandbox", pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            self.call("RemovePodSandbox", pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
     def checkpoint(self, cid: str, archive: str) -> None:
         """Checkpoint container ``cid`` to the tar ``archive`` (a path on the runtime's host);
         the container keeps running."""

@@ -10,13 +10,15 @@ layer's diff, the container's config) written into the store's image dir, where 
 compressed, chunked and hashed like any checkpoint. CRI checkpoints leave the container
 running; without ``--leave-running`` the core kills it once the checkpoint is stored.
 A restore is ``CreateContainer`` with the archive's path as the image, then
-``StartContainer``, into the pod the container came from (it must still be ready).
+``StartContainer``, into the pod the container came from while it is ready here, else
+into a new pod made from the config the dump recorded (which we remove on cleanup).
 The CRI has no pause and no CRIU options, so there is no freeze/unfreeze here and a
 dump with CRIU options is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import time
@@ -25,6 +27,7 @@ from typing import Any
 
 import click
 import psutil
+from google.protobuf import json_format
 
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
 from cedana_ray.hookspecs import hookimpl
@@ -37,6 +40,7 @@ from .client import Cri, messages
 NAME = "crio"
 ARCHIVE = "checkpoint.tar"  # the runtime's checkpoint archive, in the store's image dir
 RUNNING, EXITED = 1, 2  # runtime.v1.ContainerState
+SANDBOX_READY = 0  # runtime.v1.PodSandboxState
 REAP_WAIT_S = 2.0
 
 
@@ -93,6 +97,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         "container": status.id,
         "name": status.metadata.name,
         "pod": job.details["pod"],
+        "pod_config": json_format.MessageToDict(cri.pod(job.details["pod"])[1]),
         "image": status.image.image,
         "image_ref": status.image_ref,
         "log": Path(status.log_path).name,
@@ -119,37 +124,71 @@ def verify_first(ctx: Context, next_: Handler) -> Any:
     return next_(ctx)
 
 
-def _free_name(cri: Cri, pod: str, name: str) -> None:
-    """Remove the exited container of that name in the pod (the dumped one); refuse a live one."""
+def _free_name(cri: Cri, pod_config: Any, name: str) -> None:
+    """Remove the exited container of that name (the dumped one) from the pod, or from an
+    earlier pod of the same name, where it still holds the name; refuse a live one."""
+    pods = {p.id for p in cri.pods() if _same_pod(p.metadata, pod_config.metadata)}
     for c in cri.containers():
-        if c.pod_sandbox_id == pod and c.metadata.name == name:
+        if c.pod_sandbox_id in pods and c.metadata.name == name:
             if c.state == RUNNING and not _wait_exited(cri, c.id):  # the dump's kill may be in flight
-                raise StateError(f"CRI container {name} is running in pod {pod}", hint="restore a clone with --jid NEW")
+                raise StateError(
+                    f"CRI container {name} is running in pod {c.pod_sandbox_id}", hint="restore a clone with --jid NEW"
+                )
             cri.remove(c.id)
 
 
 def restore(ctx: Context) -> Job:
-    """CreateContainer from the checkpoint archive in its pod, then StartContainer."""
+    """CreateContainer from the checkpoint archive in its pod (or a new one), then StartContainer."""
     manifest = ctx.state["manifest"]
     details, cri = manifest.details, _cri()
     name = details["name"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
-    pod_status, pod_config = cri.pod(details["pod"])
-    if pod_status.state != 0:  # SANDBOX_READY
-        raise RestoreError(f"pod sandbox {details['pod']} is not ready: a CRI restore goes into the container's pod")
-    _free_name(cri, details["pod"], name)
+    pod, pod_config, new_pod = _pod_for(cri, details)
+    try:
+        _free_name(cri, pod_config, name)
+        job = _create(ctx, cri, pod, pod_config, name)
+    except BaseException:
+        if new_pod:
+            cri.remove_pod(pod)
+        raise
+    return job.model_copy(update={"details": {**job.details, "own_pod": new_pod}})
+
+
+def _create(ctx: Context, cri: Cri, pod: str, pod_config: Any, name: str) -> Job:
+    manifest = ctx.state["manifest"]
     pb = messages()
-    log = details["log"] if name == details["name"] else f"{name}.log"
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name),
         image=pb.ImageSpec(image=str(ctx.state["images"] / ARCHIVE)),
-        log_path=log,
+        log_path=manifest.details["log"] if name == manifest.details["name"] else f"{name}.log",
     )
     try:
-        cid = cri.create(details["pod"], config, pod_config)
+        cid = cri.create(pod, config, pod_config)
         cri.start(cid)
+        return _job(ctx, cri, cid, command=ctx.state.get("command", []))
     except (JobNotFound, StateError) as exc:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {name} failed: {exc}") from exc
-    return _job(ctx, cri, cid, command=ctx.state.get("command", []))
+
+
+def _pod_for(cri: Cri, details: dict[str, Any]) -> tuple[str, Any, bool]:
+    """The container's pod while it is ready here; else a new pod from the config the dump
+    recorded (the pod was removed, or this is another node), with the next attempt number
+    of its name here, as the kubelet counts. (pod id, its config, whether it is new)"""
+    with contextlib.suppress(JobNotFound):
+        status, config = cri.pod(details["pod"])
+        if status.state == SANDBOX_READY:
+            return details["pod"], config, False
+    if "pod_config" not in details:
+        raise RestoreError(f"pod sandbox {details['pod']} is not ready, and the checkpoint does not describe it")
+    config = json_format.ParseDict(details["pod_config"], messages().PodSandboxConfig())
+    meta = config.metadata
+    attempts = [p.metadata.attempt for p in cri.pods() if _same_pod(p.metadata, meta)]
+    if attempts:
+        meta.attempt = max(attempts) + 1
+    return cri.run_pod(config), config, True
+
+
+def _same_pod(a: Any, b: Any) -> bool:
+    return (a.name, a.namespace, a.uid) == (b.name, b.namespace, b.uid)
 
 
 def query(ctx: Context) -> list[dict[str, Any]]:
@@ -251,8 +290,11 @@ def cedana_reaper(job: Job) -> int | None:
 
 @hookimpl
 def cedana_cleanup(job: Job) -> None:
-    """Remove the container from the runtime, then the job dir."""
-    _cri(job).remove(job.details["target"])
+    """Remove the container from the runtime (and its pod, where a restore made it), then the job dir."""
+    cri = _cri(job)
+    cri.remove(job.details["target"])
+    if job.details.get("own_pod"):
+        cri.remove_pod(job.details["pod"])
     if job.log:
         shutil.rmtree(Path(job.log).parent, ignore_errors=True)
 
