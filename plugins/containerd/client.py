@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from cedana_ray.errors import CedanaError, PrerequisiteError, StateError
 from cedana_ray.retry import until
@@ -76,6 +77,22 @@ class Ctr:
 
     def images(self) -> set[str]:
         return set(self.call("images", "ls", "-q").split())
+
+    def image(self, ref: str) -> dict[str, str]:
+        """The media type and digest of image ``ref``'s target."""
+        for row in self.call("images", "ls").splitlines()[1:]:
+            fields = row.split()
+            if fields and fields[0] == ref:
+                return {"mediaType": fields[1], "digest": fields[2]}
+        raise StateError(f"no image {ref} in containerd namespace {self.namespace}")
+
+    def content_root(self) -> Path:
+        """The directory of the daemon's content store (the content plugin exports it)."""
+        for line in self.call("plugins", "ls", "--detailed", "id==content").splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0] == "root":
+                return Path(fields[1])
+        raise PrerequisiteError(f"containerd at {self.address} does not say where its content store is")
 
     def snapshots(self) -> set[str]:
         return {ln.split()[0] for ln in self.call("snapshots", "ls").splitlines()[1:] if ln.strip()}

@@ -1,11 +1,12 @@
 """Hook implementations of the ``containerd`` plugin: containers of one containerd namespace.
 
 A dump is containerd's own checkpoint of the task and its rw layer (``ctr c checkpoint
---task --rw``), exported as an OCI archive into the store's image dir, where it is
-compressed, chunked and hashed like any checkpoint, and then removed from containerd:
-the store holds it, so it can be restored by any containerd that has the base image.
-A restore imports it back and creates a new container and task from it (``ctr c
-restore --live --rw``), the rw layer put back. As for runc, CRIU options go through
+--task --rw``), written as an OCI archive into the store's image dir straight from
+containerd's content store (``archive.py``), where it is compressed, chunked and hashed
+like any checkpoint, and then removed from containerd: the store holds it, so it can be
+restored by any containerd that has the base image. A restore imports it back, with the
+new container's own spec, and creates a new container and task from it (``ctr c restore
+--live --rw``), the rw layer put back. As for runc, CRIU options go through
 the CRIU configuration file named by the container's ``org.criu.config`` annotation,
 set when we run the container: the network lock, ``leave-stopped`` (the container is
 stopped, not killed, until its checkpoint is stored) and the CRIU options of a dump.
@@ -41,8 +42,8 @@ from cedana_ray.proctree import signal_tree, wait_reaped
 from cedana_ray.requests import RunRequest
 
 from . import commands
+from .archive import Spec, export, own_cgroup, respec
 from .client import Ctr
-from .respec import Spec, own_cgroup, respec
 
 NAME = "containerd"
 ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
@@ -194,7 +195,7 @@ def checkpoint(ctx: Context) -> None:
         ctr.call("tasks", "resume", cid, error=DumpError)
     try:
         ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
-        ctr.call("images", "export", "--skip-manifest-json", str(ctx.state["images"] / ARCHIVE), ref, error=DumpError)
+        _export(ctr, ref, ctx.state["images"] / ARCHIVE)
     except BaseException:
         if paused:
             _pause_again(ctr, cid, ctx.state["pid"])
@@ -205,6 +206,13 @@ def checkpoint(ctx: Context) -> None:
     if paused and req.leave_running:
         _pause_again(ctr, cid, ctx.state["pid"])
     ctx.state["details"]["checkpoint_ref"] = ref
+
+
+def _export(ctr: Ctr, ref: str, dest: Path) -> None:
+    try:
+        export(ctr.content_root(), ref, ctr.image(ref), dest)
+    except OSError as exc:
+        raise DumpError(f"cannot copy checkpoint {ref} out of containerd's content store: {exc}") from exc
 
 
 def _pause_again(ctr: Ctr, cid: str, pid: int) -> None:
