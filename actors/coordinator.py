@@ -424,7 +424,8 @@ class Coordinator:
         """Move a live job to ``node``: freeze, dump, restore there, resume; the job keeps its id.
 
         The source stays frozen while the target restores, and resumes if anything fails,
-        so a failed migration leaves the job running where it was.
+        so a failed migration leaves the job running where it was. A job that cannot
+        freeze is dumped and stopped, and restored on its source again if the target fails.
         """
         record = self.registry.job(jid)
         target = self._place(record.type, node, gpu=_needs_gpu(record))  # bad input fails fast, even while busy
@@ -440,24 +441,12 @@ class Coordinator:
         return DumpRequest(compression=Compression.none if url.startswith("file://") else Compression.lz4)
 
     def _migrate(self, job: Job, target: str, request: DumpRequest) -> MigrateResult:
-        source = self._agent(job.node)
-        was_frozen = job.state is JobState.frozen
         start = time.perf_counter()
-        if not was_frozen:
-            call(source.freeze.remote(job.jid))
-        try:
-            dumped = self._dump(job, request.model_copy(update={"leave_running": True}))
-            dump_s = time.perf_counter() - start
-            manifest, path = self._checkpoint(None, RestoreRequest(path=dumped.path))
-            restored = self._restore_on(target, job, manifest, path, RestoreRequest(jid=job.jid))
-        except BaseException:
-            if not was_frozen:
-                call(source.unfreeze.remote(job.jid))
-            raise
-        if not was_frozen:
-            call(self._agent(target).unfreeze.remote(job.jid))
+        freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
+        move = self._move_frozen if freezes else self._move_stopped
+        dumped, restored, dump_s = move(job, target, request, start)
         moved = self.registry.job(job.jid).model_copy(
-            update={"node": target, "state": job.state, "pid": restored.job.pid, "log": restored.job.log}
+            update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}
         )
         self.registry.save_job(moved)
         total = time.perf_counter() - start
@@ -471,6 +460,41 @@ class Coordinator:
             duration_s=round(total, 6),
             job=moved,
         )
+
+    def _move_frozen(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
+        """Freeze, dump leaving it running, restore frozen on the target, resume there: the source
+        stays frozen meanwhile and resumes if anything fails."""
+        source = self._agent(job.node)
+        was_frozen = job.state is JobState.frozen
+        if not was_frozen:
+            call(source.freeze.remote(job.jid))
+        try:
+            dumped = self._dump(job, request.model_copy(update={"leave_running": True}))
+            dump_s = time.perf_counter() - start
+            restored = self._restore_dumped(target, job, dumped)
+        except BaseException:
+            if not was_frozen:
+                call(source.unfreeze.remote(job.jid))
+            raise
+        if not was_frozen:
+            call(self._agent(target).unfreeze.remote(job.jid))
+        return dumped, restored, dump_s
+
+    def _move_stopped(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
+        """For job types that cannot freeze (the CRI has no pause): dump and stop, restore on the
+        target, or on the source again if that fails. It runs until its checkpoint is stored,
+        and the restored job goes on from the checkpoint."""
+        dumped = self._dump(job, request.model_copy(update={"leave_running": False}))
+        dump_s = time.perf_counter() - start
+        try:
+            return dumped, self._restore_dumped(target, job, dumped), dump_s
+        except CedanaError:
+            self._restore_dumped(job.node, job, dumped)
+            raise
+
+    def _restore_dumped(self, node: str, job: Job, dumped: DumpResult) -> Job:
+        manifest, path = self._checkpoint(None, RestoreRequest(path=dumped.path))
+        return self._restore_on(node, job, manifest, path, RestoreRequest(jid=job.jid)).job
 
     def _recover_logged(self, jid: str) -> None:
         try:

@@ -14,6 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 from cedana_ray.plugins._gcsfs import gcsfs  # imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT off
+from cedana_ray.plugins.crio.client import Cri
+from containers import busybox_rootfs, oci_image
+from cri_daemons import CONTAINERD2, COUNTER, PATH_ENV, PAUSE, config_v3, cri_containerd, publish, registry
 from fsspec import AbstractFileSystem
 from s3fs import S3FileSystem
 from servers import ACCESS_KEY, SECRET_KEY, FakeGCS, SeaweedS3, Server
@@ -161,3 +164,31 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def cri_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The CRI tests' pause and counter images, as OCI archives."""
+    base = tmp_path_factory.mktemp("cri-images")
+    rootfs = busybox_rootfs(base / "rootfs")
+    for name in ("pause", "counter"):
+        (base / name).mkdir()
+    return {
+        # oci_image unpacks beside the layout: one dir per image
+        "localhost/pause:latest": oci_image(rootfs, base / "pause" / "image", PAUSE, env=PATH_ENV),
+        "localhost/counter:latest": oci_image(rootfs, base / "counter" / "image", COUNTER, env=PATH_ENV),
+    }
+
+
+@pytest.fixture(scope="session")
+def cri2(tmp_path_factory: pytest.TempPathFactory, cri_images: dict[str, Path]) -> Iterator[tuple[Cri, str]]:
+    """containerd 2.x's CRI and the counter image's name in the local registry."""
+    base = tmp_path_factory.mktemp("cri2")
+    pause = {"localhost/pause:latest": cri_images["localhost/pause:latest"]}
+    with (
+        registry(base / "registry") as address,
+        cri_containerd(
+            base / "containerd", str(CONTAINERD2 / "containerd"), config_v3(base / "containerd"), pause
+        ) as cri,
+    ):
+        yield cri, publish(cri, "localhost/counter:latest", cri_images["localhost/counter:latest"], address)

@@ -19,6 +19,8 @@ from servers import stop_process
 from test_process_criu import wait_for
 
 CONTAINERD2 = Path(os.environ.get("CEDANA_RAY_CONTAINERD2", "/opt/cedana-ray/containerd2")) / "bin"
+COUNTER = "i=0; while true; do echo $i > /count; echo count=$i; i=$((i+1)); sleep 0.05; done"
+PATH_ENV = ("PATH=/bin",)  # the CRI adds no PATH of its own
 PAUSE = "exec sleep 2147483647"  # the sandbox's process; ours run in their own PID namespace
 # Pods' cgroup parent (else the CRI's machine-wide /k8s.io), removed when the daemon stops
 CGROUP_PARENT = f"/cedana-ray-cri-{os.getpid()}"

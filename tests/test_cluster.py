@@ -22,10 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name
+from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name, call
 from cedana_ray.actors.store_server import STORE
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
+from cedana_ray.plugins.crio.client import Cri
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
 from conftest import kill_jobs
@@ -35,13 +36,16 @@ from servers import stop_process
 from test_containerd import IMAGE as COUNTER_IMAGE
 from test_containerd import NEEDS as CONTAINERD_NEEDS
 from test_containerd import SCRIPT as CONTAINERD_COUNTER
+from test_cri import WHY as NO_CRI
+from test_cri import count as cri_count
+from test_cri import run_counter as run_cri_counter
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 
 from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import JobState
-from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore, split_url
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(180)]
@@ -564,7 +568,7 @@ def containerd_nodes(ray_cluster: RayCluster, client: Cluster, tmp_path: Path) -
             env = {"CONTAINERD_ADDRESS": ctr.address, "CONTAINERD_NAMESPACE": ctr.namespace}
             nodes.append(ray_cluster.add_node(**NODE_ARGS, env_vars=env))
         ids = [n.node_id for n in nodes]
-        wait_for(lambda: containerd_on(client, ids), 60, "both nodes' agents with containerd")
+        wait_for(lambda: runs_type(client, ids, "containerd"), 60, "both nodes' agents with containerd")
         yield list(zip(ids, ctrs, strict=True))
     finally:
         for ctr in ctrs:
@@ -580,10 +584,10 @@ def containerd_nodes(ray_cluster: RayCluster, client: Cluster, tmp_path: Path) -
                 os.rmdir(f"/run/containerd/runc/{ctr.namespace}")
 
 
-def containerd_on(client: Cluster, nodes: list[str]) -> bool:
-    """Whether the agents of all ``nodes`` are up and can run containerd jobs."""
+def runs_type(client: Cluster, nodes: list[str], jtype: str) -> bool:
+    """Whether the agents of all ``nodes`` are up and can take ``jtype`` jobs."""
     up = {n.node: n for n in client.nodes() if n.error is None}
-    return all(node in up and "containerd" in up[node].types for node in nodes)
+    return all(node in up and jtype in up[node].types for node in nodes)
 
 
 @pytest.mark.skipif(bool(missing(*CONTAINERD_NEEDS)), reason=str(missing(*CONTAINERD_NEEDS)))
@@ -604,3 +608,42 @@ def test_a_containerd_container_migrates_and_keeps_counting(
     spec = json.loads(target_ctr.call("containers", "info", "c-ctrd"))["Spec"]
     assert spec["linux"]["cgroupsPath"] == f"/{target_ctr.namespace}/c-ctrd", "a cgroup of its own"
     client.kill("c-ctrd")
+
+
+@pytest.fixture
+def cri_nodes(ray_cluster: RayCluster, client: Cluster, cri2: tuple[Cri, str]) -> Iterator[list[str]]:
+    """Two nodes whose agents reach containerd 2.x's CRI (one runtime here, where each node
+    would have its own: the restore on the other node finds the pod ready and goes into it)."""
+    cri = cri2[0]
+    nodes = [ray_cluster.add_node(**NODE_ARGS, env_vars={"CONTAINER_RUNTIME_ENDPOINT": cri.endpoint}) for _ in range(2)]
+    try:
+        ids = [n.node_id for n in nodes]
+        wait_for(lambda: runs_type(client, ids, "crio"), 60, "both nodes' agents with the CRI")
+        yield ids
+    finally:
+        for c in cri.containers():
+            cri.remove(c.id)
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+
+@pytest.mark.skipif(bool(NO_CRI), reason=str(NO_CRI))
+def test_a_cri_container_migrates_without_a_freeze(
+    client: Cluster, cri2: tuple[Cri, str], cri_nodes: list[str]
+) -> None:
+    """The CRI has no pause: the job is dumped and stopped, then restored on the target; it
+    goes on from its checkpoint, and its copy on the source is gone."""
+    cri, image = cri2
+    source, target = cri_nodes
+    cid = run_cri_counter(cri, image)
+    job = call(client.coordinator.manage.remote("crio", ManageRequest(target=cid, jid="c-cri"), source))
+    assert job.node == source
+    before = wait_for(lambda: (n := cri_count(cri, cid)) >= 20 and n, what="the counter reaching 20")
+    moved = client.migrate("c-cri", target)
+    assert moved.job.node == target and client.job("c-cri").state is JobState.running
+    new = client.job("c-cri").details["target"]
+    assert new != cid and cid not in {c.id for c in cri.containers()}, "the source's container was removed"
+    assert cri_count(cri, new) >= before, "restored from the checkpoint, not started afresh"
+    at = cri_count(cri, new)
+    wait_for(lambda: cri_count(cri, new) > at + 3, what="counting on the target")
+    client.kill("c-cri")

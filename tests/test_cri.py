@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from cedana_ray.plugins.crio.client import Cri, messages
-from containers import busybox_rootfs, missing, oci_image
-from cri_daemons import CGROUP_PARENT, CONTAINERD2, PAUSE, config_v2, config_v3, cri_containerd, publish, registry
+from containers import missing
+from cri_daemons import CGROUP_PARENT, CONTAINERD2, config_v2, cri_containerd
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
@@ -36,35 +36,6 @@ WHY = missing(*NEEDS) or (
     None if (CONTAINERD2 / "containerd").exists() else f"containerd 2.x not in {CONTAINERD2} (run `make setup`)"
 )
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(WHY), reason=str(WHY))]
-COUNTER = "i=0; while true; do echo $i > /count; echo count=$i; i=$((i+1)); sleep 0.05; done"
-PATH_ENV = ("PATH=/bin",)  # the CRI adds no PATH of its own
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("cri-images")
-    rootfs = busybox_rootfs(base / "rootfs")
-    for name in ("pause", "counter"):
-        (base / name).mkdir()
-    return {
-        # oci_image unpacks beside the layout: one dir per image
-        "localhost/pause:latest": oci_image(rootfs, base / "pause" / "image", PAUSE, env=PATH_ENV),
-        "localhost/counter:latest": oci_image(rootfs, base / "counter" / "image", COUNTER, env=PATH_ENV),
-    }
-
-
-@pytest.fixture(scope="session")
-def cri2(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path]) -> Iterator[tuple[Cri, str]]:
-    """containerd 2.x's CRI and the counter image's name in the local registry."""
-    base = tmp_path_factory.mktemp("cri2")
-    pause = {"localhost/pause:latest": images["localhost/pause:latest"]}
-    with (
-        registry(base / "registry") as address,
-        cri_containerd(
-            base / "containerd", str(CONTAINERD2 / "containerd"), config_v3(base / "containerd"), pause
-        ) as cri,
-    ):
-        yield cri, publish(cri, "localhost/counter:latest", images["localhost/counter:latest"], address)
 
 
 @pytest.fixture
@@ -269,11 +240,11 @@ def test_features_show_crio(engine: Engine, cri: Cri) -> None:
 
 
 def test_containerd_1_6_cri_cannot_checkpoint(
-    tmp_path: Path, images: dict[str, Path], engine: Engine, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cri_images: dict[str, Path], engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Debian 12's containerd answers UNIMPLEMENTED: the health check, and so the feature
     matrix, say so, and a dump would fail with the same one line."""
-    pause = {"localhost/pause:latest": images["localhost/pause:latest"]}
+    pause = {"localhost/pause:latest": cri_images["localhost/pause:latest"]}
     with cri_containerd(tmp_path / "c16", "/usr/bin/containerd", config_v2(tmp_path / "c16"), pause) as cri:
         monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", cri.endpoint)
         assert cri.version().runtime_version.startswith("1.6")
