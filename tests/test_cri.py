@@ -198,6 +198,8 @@ def test_restore_into_a_new_pod_when_its_pod_is_gone(engine: Engine, cri: Cri, i
     job = engine.manage("crio", ManageRequest(target=cid, jid="c1"))
     before = wait_for(lambda: (n := count(cri, cid)) >= 20 and n, what="the counter reaching 20")
     engine.dump("c1", DumpRequest())
+    # stopping a pod while its container is still being killed fails in containerd ("ttrpc: closed")
+    wait_for(lambda: state(cri, cid) == "CONTAINER_EXITED", what="the dumped container stopping")
     old = job.details["pod"]
     meta = cri.pod(old)[0].metadata
     cri.call("StopPodSandbox", messages().StopPodSandboxRequest(pod_sandbox_id=old))
