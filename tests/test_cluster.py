@@ -647,3 +647,29 @@ def test_a_cri_container_migrates_without_a_freeze(
     at = cri_count(cri, new)
     wait_for(lambda: cri_count(cri, new) > at + 3, what="counting on the target")
     client.kill("c-cri")
+
+
+@pytest.mark.skipif(bool(NO_CRI), reason=str(NO_CRI))
+def test_a_cri_job_whose_target_cannot_restore_goes_on_where_it_was(
+    ray_cluster: RayCluster, client: Cluster, cri2: tuple[Cri, str], cri_nodes: list[str]
+) -> None:
+    """Stopped for its dump, the job is restored on its source again when the target fails
+    (here its staging dir cannot be made), and the migration's error is reported."""
+    cri, image = cri2
+    source = cri_nodes[0]
+    env = {"CONTAINER_RUNTIME_ENDPOINT": cri.endpoint, "CEDANA_RAY_STAGING": "/proc/cedana-ray-no-staging"}
+    broken = ray_cluster.add_node(**NODE_ARGS, env_vars=env)
+    try:
+        wait_for(lambda: runs_type(client, [broken.node_id], "crio"), 60, "the broken node's agent")
+        cid = run_cri_counter(cri, image)
+        call(client.coordinator.manage.remote("crio", ManageRequest(target=cid, jid="c-cri-back"), source))
+        before = wait_for(lambda: (n := cri_count(cri, cid)) >= 20 and n, what="the counter reaching 20")
+        with pytest.raises(CedanaError, match="cedana-ray-no-staging"):
+            client.migrate("c-cri-back", broken.node_id)
+        job = client.job("c-cri-back")
+        assert job.node == source and job.state is JobState.running
+        (row,) = [r for r in client.query("crio") if r["jid"] == "c-cri-back"]
+        assert row["id"] != cid and cri_count(cri, row["id"]) >= before, "restored from its checkpoint, on its node"
+        client.kill("c-cri-back")
+    finally:
+        ray_cluster.remove_node(broken)
