@@ -33,7 +33,7 @@ from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
-from cedana_ray.errors import JobNotFound, StateError, UsageError
+from cedana_ray.errors import DumpError, JobNotFound, StateError, UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
@@ -195,6 +195,29 @@ def test_a_frozen_container_dumps_and_stays_frozen(engine: Engine, ctr: Ctr) -> 
     for jid in ("d1", "d2"):
         engine.unfreeze(jid)
         wait_for(lambda jid=jid: count(engine, jid) > frozen_at + 3, what=f"{jid} counting after unfreeze")
+
+
+def test_manage_a_container_started_by_someone_else(engine: Engine, ctr: Ctr) -> None:
+    """Adopted: it has no CRIU config of ours, so only --leave-running dumps of a running
+    task; CRIU's defaults apply, and a failing CRIU is reported with its own first error."""
+    ctr.call("run", "-d", IMAGE, "theirs")
+    job = engine.manage("containerd", ManageRequest(target="theirs", jid="theirs"))
+    assert job.managed and job.state is JobState.running and job.pid == ctr.tasks()["theirs"][0]
+    assert {r["id"]: r["jid"] for r in engine.query("containerd")}["theirs"] == "theirs"
+    wait_for(lambda: count(engine, "theirs") >= 3, what="their container counting")
+    with pytest.raises(UsageError, match="not started by cedana-ray: only --leave-running dumps"):
+        engine.dump("theirs", DumpRequest())
+    if shutil.which("iptables-restore"):
+        engine.dump("theirs", DumpRequest(leave_running=True))
+    else:  # CRIU locks the network with iptables by default; our containers say nftables
+        with pytest.raises(DumpError, match=r"failed: CRIU Error \(.*iptables-restore.*\(log: /"):
+            engine.dump("theirs", DumpRequest(leave_running=True))
+    assert ctr.tasks()["theirs"][1] == "RUNNING" and engine.job("theirs").state is JobState.running
+
+    engine.freeze("theirs")
+    with pytest.raises(StateError, match="cannot checkpoint container theirs while it is frozen"):
+        engine.dump("theirs", DumpRequest(leave_running=True))
+    assert ctr.tasks()["theirs"][1] == "PAUSED", "a refused dump leaves it as it was"
 
 
 def test_cleanup_leaves_no_task_container_or_snapshot(engine: Engine, ctr: Ctr) -> None:

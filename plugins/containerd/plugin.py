@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -33,6 +34,7 @@ import psutil
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
 
+from cedana_ray import criu
 from cedana_ray.config import paths
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
 from cedana_ray.hookspecs import hookimpl
@@ -194,7 +196,7 @@ def checkpoint(ctx: Context) -> None:
     if paused:
         ctr.call("tasks", "resume", cid, error=DumpError)
     try:
-        ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
+        _checkpoint(ctr, cid, ref)
         _export(ctr, ref, ctx.state["images"] / ARCHIVE)
     except BaseException:
         if paused:
@@ -206,6 +208,20 @@ def checkpoint(ctx: Context) -> None:
     if paused and req.leave_running:
         _pause_again(ctr, cid, ctx.state["pid"])
     ctx.state["details"]["checkpoint_ref"] = ref
+
+
+def _checkpoint(ctr: Ctr, cid: str, ref: str) -> None:
+    """``ctr c checkpoint``; where CRIU failed, the first error of CRIU's log (runc names only the log)."""
+    try:
+        ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
+    except DumpError as exc:
+        log = re.search(r"path= ?(\S+\.log)", str(exc))
+        detail = log and criu.first_error(Path(log.group(1)))
+        if detail:
+            raise DumpError(
+                f"checkpoint of containerd container {cid} failed: CRIU {detail} (log: {log.group(1)})"
+            ) from exc
+        raise
 
 
 def _export(ctr: Ctr, ref: str, dest: Path) -> None:
