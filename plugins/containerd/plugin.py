@@ -215,12 +215,10 @@ def _checkpoint(ctr: Ctr, cid: str, ref: str) -> None:
     try:
         ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref, error=DumpError)
     except DumpError as exc:
-        log = re.search(r"path= ?(\S+\.log)", str(exc))
-        detail = log and criu.first_error(Path(log.group(1)))
-        if detail:
-            raise DumpError(
-                f"checkpoint of containerd container {cid} failed: CRIU {detail} (log: {log.group(1)})"
-            ) from exc
+        found = re.search(r"path= ?(\S+\.log)", str(exc))
+        log = Path(found.group(1)) if found else None
+        if detail := log and criu.first_error(log):
+            raise DumpError(f"checkpoint of containerd container {cid} failed: CRIU {detail} (log: {log})") from exc
         raise
 
 
