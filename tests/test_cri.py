@@ -217,6 +217,10 @@ def test_restore_into_a_new_pod_when_its_pod_is_gone(engine: Engine, cri: Cri, i
     at = count(cri, new)
     wait_for(lambda: count(cri, new) > at + 3, what="counting in the new pod")
 
+    # dumped and restored again, it goes back into that pod, which it still owns
+    engine.dump("c1", DumpRequest())
+    again = engine.restore(RestoreRequest(), jid="c1").job
+    assert again.details["pod"] == new_pod and again.details["own_pod"]
     engine.kill("c1")
     engine.delete("c1")
     assert new_pod not in {p.id for p in cri.pods()}, "cleanup removed the pod the restore made"

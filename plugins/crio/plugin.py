@@ -98,6 +98,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         "name": status.metadata.name,
         "pod": job.details["pod"],
         "pod_config": json_format.MessageToDict(cri.pod(job.details["pod"])[1]),
+        "own_pod": job.details.get("own_pod", False),  # a restore made it: whoever restores into it owns it
         "image": status.image.image,
         "image_ref": status.image_ref,
         "log": Path(status.log_path).name,
@@ -150,7 +151,8 @@ def restore(ctx: Context) -> Job:
         if new_pod:
             cri.remove_pod(pod)
         raise
-    return job.model_copy(update={"details": {**job.details, "own_pod": new_pod}})
+    own = new_pod or (pod == details["pod"] and details.get("own_pod", False))
+    return job.model_copy(update={"details": {**job.details, "own_pod": own}})
 
 
 def _create(ctx: Context, cri: Cri, pod: str, pod_config: Any, name: str) -> Job:
