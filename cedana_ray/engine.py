@@ -38,6 +38,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+def _beside_criu(streams: int) -> int:
+    """Hashing threads that leave CRIU a core while it restores (it is the slower of the two)."""
+    return max(1, min(streams, (os.cpu_count() or 1) - 1))
+
+
 class Engine:
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
@@ -327,7 +332,7 @@ class Engine:
                 return next_(ctx)
             ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
             with ThreadPoolExecutor(1) as verifier:
-                verified = verifier.submit(store.verify, manifest, ctx.request.streams)
+                verified = verifier.submit(store.verify, manifest, _beside_criu(ctx.request.streams))
                 job: Job = next_(ctx)
                 try:
                     verified.result()

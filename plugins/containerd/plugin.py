@@ -43,13 +43,12 @@ from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import signal_tree, wait_reaped
 from cedana_ray.requests import RunRequest
 
-from . import commands
+from . import commands, watch
 from .archive import Spec, export, own_cgroup, respec
 from .client import Ctr
 
 NAME = "containerd"
 ARCHIVE = "checkpoint.tar"  # the exported checkpoint image, in the store's image dir
-WATCH = Path(__file__).with_name("watch.py")
 REAP_GRACE_S = 2.0  # how long a watcher may take to record an exit
 KILLED_EXIT_S = 5.0  # how long a killed task may take to exit and be reaped
 
@@ -92,7 +91,7 @@ def _watched_job(ctx: Context, ctr: Ctr, cid: str, image: str, *ctr_args: str, *
     job_dir: Path = ctx.state["job_dir"]
     log, exit_file = job_dir / "log", job_dir / "exit.json"
     spec = {"address": ctr.address, "namespace": ctr.namespace, "container": cid, "argv": ctr.argv(*ctr_args)}
-    reply = launch({**spec, "log": str(log), "exit_file": str(exit_file)}, job_dir, WATCH)
+    reply = launch({**spec, "log": str(log), "exit_file": str(exit_file)}, job_dir, watch)
     return _job(ctx, ctr, cid, image, reply["pid"], started_at(reply), log=str(log), **fields)
 
 

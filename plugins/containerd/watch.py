@@ -1,7 +1,7 @@
 """The watcher of one containerd task: its output into the job log, its exit code.
 
-Started by the containerd plugin as ``python watch.py SPEC_JSON`` through the process
-plugin's launcher, and speaks its protocol (``supervisor.serve``). containerd's shim is
+Started by the containerd plugin through the process plugin's launcher (``launch.py``):
+:func:`begin` runs in the launcher's detached fork, :func:`main` in the script it execs. containerd's shim is
 the task's parent, so only containerd learns how the task ended; a ``ctr`` that waits on
 the task hears it and exits with the task's status (128+N for signal N):
 
@@ -26,7 +26,7 @@ import sys
 import time
 
 from cedana_ray.plugins.containerd.client import Ctr, error_line
-from cedana_ray.plugins.process.supervisor import copy_output, record_exit, serve, start_ticks
+from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, start_ticks
 
 START_TIMEOUT_S = 60.0  # a 256 MiB restore is well under this on a busy 2-core machine
 POLL_S = 0.05
@@ -46,21 +46,23 @@ def _wait_running(ctr: Ctr, cid: str, waiter: subprocess.Popen[bytes], out: int)
     raise RuntimeError(f"task {cid} did not start within {START_TIMEOUT_S:.0f} s")
 
 
-def _start(spec: dict) -> tuple[dict, tuple[subprocess.Popen[bytes], int, int]]:
+def begin(spec: dict) -> tuple[dict, dict]:
+    """The launcher's first half (in its fork): ``ctr`` waits on the running task; the reply,
+    and what :func:`main` keeps."""
     r, w = os.pipe()
     with open(os.devnull, "rb") as null:
         waiter = subprocess.Popen(spec["argv"], stdin=null, stdout=w, stderr=w)
     os.close(w)  # ctr is the only writer: EOF once it exits
     pid = _wait_running(Ctr(spec["address"], spec["namespace"]), spec["container"], waiter, r)
-    return {"pid": pid, "start_ticks": start_ticks(pid)}, (waiter, pid, r)
+    return {"pid": pid, "start_ticks": start_ticks(pid)}, {"waiter": waiter.pid, "pid": pid, "out": r, "fds": [r]}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    waiter, pid, out = serve(spec, _start)
-    copy_output(out, spec["log"])
-    rc = waiter.wait()
-    record_exit(spec["exit_file"], pid, rc if rc >= 0 else None)
+    kept = spec["kept"]
+    copy_output(kept["out"], spec["log"])
+    code = exit_code(os.waitpid(kept["waiter"], 0)[1])
+    record_exit(spec["exit_file"], kept["pid"], code if code >= 0 else None)
 
 
 if __name__ == "__main__":

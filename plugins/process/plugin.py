@@ -51,7 +51,6 @@ def run(ctx: Context) -> Job:
         "exit_file": str(job_dir / "exit.json"),
         "control": control,
     }
-    log.touch()  # the supervisor opens it only after launch returns: `logs` must work at once
     try:
         reply = launch(spec, job_dir)
     except LaunchError as exc:

@@ -1,9 +1,9 @@
 """The supervising parent of one ``process`` workload (standard library only).
 
-Started by the process plugin as ``python supervisor.py SPEC_JSON``. It detaches (the
-launcher returns at once; the workload outlives the CLI) and forks a small init: PID 1
-of new PID and mount namespaces, with its own ``/proc`` (CUDA and CRIU read ``/proc``
-by PID, so it must show this namespace). The init then either
+Started through the process plugin's launcher (``launch.py``): :func:`begin` runs in a
+detached fork of the launcher and forks a small init: PID 1 of new PID and mount
+namespaces, with its own ``/proc`` (CUDA and CRIU read ``/proc`` by PID, so it must show
+this namespace). The init then either
 
 * ``run``: forks the command in its own session, stdin ``/dev/null``, stdout and
   stderr into a pipe; or
@@ -11,12 +11,14 @@ by PID, so it must show this namespace). The init then either
   inherits; a fresh namespace means the original PIDs are free, so a restore works
   while the original (or its zombie) exists, and any number of times.
 
-The init reaps everything and exits as the workload did. The supervisor reports
-``{"pid": INIT, "ns_root": ROOT, "start_ticks": T}`` (ROOT: the workload's PID inside
-the namespace; T: the init's start time, as in /proc/PID/stat) or
-``{"error": "..."}`` on the status fd, copies the workload's output to the job log,
-and writes the exit code to the exit file. Dumps run CRIU inside the namespaces
-(``nsenter``) on ROOT, so the init is never part of a checkpoint.
+Once the workload runs, the init execs this script (``{"init_root": ROOT, "log": LOG}``) to reap
+everything and exit as the workload did. :func:`begin` reports ``{"pid": INIT,
+"ns_root": ROOT, "start_ticks": T}`` (ROOT: the workload's PID inside the namespace; T:
+the init's start time, as in /proc/PID/stat); then the fork execs this script as the
+supervisor (:func:`main`), which serves the job's own checkpoint requests, copies the
+workload's output to the job log and writes the exit code to the exit file. Dumps run
+CRIU inside the namespaces (``nsenter``) on ROOT, so the init is never part of a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
+HOST_PID_NS = "/proc/self/ns/pid"
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 CONTROL_POLL_S = 0.1
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
 
 
 def _unshare_pid() -> None:
@@ -55,7 +56,7 @@ def _private_proc() -> None:
             raise OSError(err, f"mount {args[1]!r}: {os.strerror(err)}")
 
 
-def _close_fds_except(*keep: int) -> None:
+def close_fds_except(*keep: int) -> None:
     last = 3
     for fd in sorted(k for k in keep if k >= 3):
         os.closerange(last, fd)
@@ -97,7 +98,7 @@ def _spawn(argv: list[str], out: int, keep: tuple[int, ...] = (), **kw: Any) -> 
             os.dup2(out, 2)
             for fd in keep:
                 os.set_inheritable(fd, True)
-            _close_fds_except(errw, *keep)
+            close_fds_except(errw, *keep)
             if kw.get("cwd"):
                 os.chdir(kw["cwd"])
             os.execvpe(argv[0], argv, kw.get("env") or os.environ)
@@ -160,10 +161,11 @@ def start(spec: dict) -> tuple[int, int]:
     """Start the namespace init and, in it, the workload; (init's PID, output pipe)."""
     r, w = os.pipe()
     errr, errw = os.pipe2(os.O_CLOEXEC)
+    host = os.open(HOST_PID_NS, os.O_RDONLY)
     _unshare_pid()
     init = os.fork()
     if init == 0:
-        _close_fds_except(w, errw)
+        close_fds_except(w, errw)
         os.setsid()
         try:
             _private_proc()
@@ -174,7 +176,9 @@ def start(spec: dict) -> tuple[int, int]:
         os.write(errw, json.dumps({"root": root}).encode())
         os.close(w)
         os.close(errw)
-        _init_loop(root)
+        _become_init(root, spec["log"])
+    _setns(host, CLONE_NEWPID)  # our later children (the control server) stay out of the job's namespace
+    os.close(host)
     os.close(w)
     os.close(errw)
     reply = json.loads(_read_all(errr) or '{"error": "the namespace init died"}')
@@ -183,6 +187,22 @@ def start(spec: dict) -> tuple[int, int]:
         raise RuntimeError(reply["error"])
     spec["ns_root"] = reply["root"]
     return init, r
+
+
+def _setns(fd: int, kind: int) -> None:
+    if _libc.setns(fd, kind) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _become_init(root: int, log: str) -> None:
+    """Exec this script as the namespace's init (a fresh interpreter, not a copy of the
+    launcher); in place if that fails. Its command line names the job's log, so that
+    `ps` tells whose init it is."""
+    try:
+        os.execv(sys.executable, [sys.executable, "-S", __file__, json.dumps({"init_root": root, "log": log})])
+    except OSError:
+        _init_loop(root)
 
 
 def serve_control(control: dict) -> None:
@@ -212,11 +232,11 @@ def serve_control(control: dict) -> None:
 
 
 def start_control(control: dict) -> int:
-    """Fork the control server while we are still in the host PID namespace: what it runs
-    must not land in the job's namespace. It dies with us."""
+    """Fork the control server, in the host PID namespace (:func:`start` made sure of it):
+    what it runs must not land in the job's namespace. It dies with us."""
     pid = os.fork()
     if pid == 0:
-        _close_fds_except()
+        close_fds_except()
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         try:
             serve_control(control)
@@ -252,36 +272,20 @@ def record_exit(exit_file: str, pid: int, code: int | None) -> None:
     os.replace(tmp, exit_file)
 
 
-def serve(spec: dict, start: Callable[[dict], tuple[dict, T]]) -> T:
-    """The supervisor's side of the launcher's protocol: detach (the launcher returns once
-    we reply), run ``start``, reply the dict it returns and return the rest; on an error,
-    reply the error and exit."""
-    status = os.fdopen(spec["status_fd"], "w")
-    if os.fork():
-        os._exit(0)  # the launcher returns; we live on, re-parented
-    os.setsid()
-    try:
-        reply, kept = start(spec)
-    except BaseException as exc:
-        status.write(json.dumps({"error": str(exc)}))
-        status.close()
-        os._exit(1)
-    status.write(json.dumps(reply))
-    status.close()
-    return kept
-
-
-def _start_workload(spec: dict) -> tuple[dict, tuple[int, int]]:
-    if spec.get("control"):
-        start_control(spec["control"])
-    pid, out = start(spec)
-    return {"pid": pid, "ns_root": spec.get("ns_root"), "start_ticks": start_ticks(pid)}, (pid, out)
+def begin(spec: dict) -> tuple[dict, dict]:
+    """The launcher's first half (in its fork): the workload runs; the reply, and what :func:`main` keeps."""
+    init, out = start(spec)
+    reply = {"pid": init, "ns_root": spec["ns_root"], "start_ticks": start_ticks(init)}
+    return reply, {"init": init, "out": out, "fds": [out]}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    pid, out = serve(spec, _start_workload)
-    supervise(spec, pid, out)
+    if "init_root" in spec:
+        _init_loop(spec["init_root"])
+    if spec.get("control"):
+        start_control(spec["control"])
+    supervise(spec, spec["kept"]["init"], spec["kept"]["out"])
 
 
 if __name__ == "__main__":

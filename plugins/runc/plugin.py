@@ -39,11 +39,10 @@ from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RestoreRequest, RunRequest
 
-from . import commands, health
+from . import commands, health, shim
 from .runtime import CRIU_CONFIG_ANNOTATION, Runc, default_root, derive_bundle, load_bundle, write_criu_config
 
 NAME = "runc"
-SHIM = Path(__file__).with_name("shim.py")
 REAP_GRACE_S = 2.0  # how long a shim may take to record an exit
 KILLED_EXIT_S = 5.0  # how long a killed container may take to exit and be reaped
 
@@ -91,7 +90,7 @@ def _start(ctx: Context, cid: str, bundle: Path, runc_args: list[str]) -> tuple[
         "log": str(job_dir / "log"),
         "exit_file": str(job_dir / "exit.json"),
     }
-    return launch(spec, job_dir, SHIM), runc
+    return launch(spec, job_dir, shim), runc
 
 
 def _job(ctx: Context, reply: dict[str, Any], runc: Runc, cid: str, bundle: Path, **fields: Any) -> Job:

@@ -1,13 +1,13 @@
 """The shim of one ``runc`` container (standard library only): its reaper and its output.
 
-Started by the runc plugin as ``python shim.py SPEC_JSON`` through the process
-plugin's launcher. It detaches, makes itself a child subreaper and runs the given
-``runc run --detach`` or ``runc restore --detach`` with the container's stdout and
-stderr on a pipe it owns: runc hands the pipe to the container (and, on restore,
+Started by the runc plugin through the process plugin's launcher (``launch.py``):
+:func:`begin`, in the launcher's detached fork, makes itself a child subreaper and runs
+the given ``runc run --detach`` or ``runc restore --detach`` with the container's stdout
+and stderr on a pipe it owns: runc hands the pipe to the container (and, on restore,
 CRIU re-attaches the restored container to the new shim's pipe), and the container's
-init is re-parented to the shim once runc exits. The shim then replies
-``{"pid": INIT, "start_ticks": T}`` (or ``{"error": "..."}``) on the status fd,
-copies the output to the job log, reaps the init and writes its exit code.
+init is re-parented to the shim once runc exits. It replies ``{"pid": INIT,
+"start_ticks": T}``; then the fork execs this script (:func:`main`), which copies the
+output to the job log, reaps the init and writes its exit code.
 
 A pipe, not a file: CRIU cannot dump a container whose stdout is a host file
 outside the container's mounts.
@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, serve, start_ticks
+from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -69,17 +69,22 @@ def supervise(spec: dict, pid: int, out: int) -> None:
     record_exit(spec["exit_file"], pid, code)
 
 
-def _start_container(spec: dict) -> tuple[dict, tuple[int, int]]:
+def _subreaper() -> None:
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def begin(spec: dict) -> tuple[dict, dict]:
+    """The launcher's first half (in its fork): the container runs; the reply, and what :func:`main` keeps."""
+    _subreaper()
     pid, out = start(spec)
-    return {"pid": pid, "start_ticks": start_ticks(pid)}, (pid, out)
+    return {"pid": pid, "start_ticks": start_ticks(pid)}, {"pid": pid, "out": out, "fds": [out]}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    pid, out = serve(spec, _start_container)
-    supervise(spec, pid, out)
+    _subreaper()  # the container's orphans land here too
+    supervise(spec, spec["kept"]["pid"], spec["kept"]["out"])
 
 
 if __name__ == "__main__":
