@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -32,14 +31,14 @@ START_TIMEOUT_S = 60.0  # a 256 MiB restore is well under this on a busy 2-core 
 POLL_S = 0.05
 
 
-def _wait_running(ctr: Ctr, cid: str, waiter: subprocess.Popen[bytes], out: int) -> int:
+def _wait_running(ctr: Ctr, cid: str, waiter: int, out: int) -> int:
     """The task's PID once it runs or is paused; ctr's own error if it exits first."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         pid, status = ctr.tasks().get(cid, (0, ""))
         if status in ("RUNNING", "PAUSED"):
             return pid
-        if waiter.poll() is not None:
+        if os.waitpid(waiter, os.WNOHANG)[0]:
             said = os.read(out, 65536).decode(errors="replace")
             raise RuntimeError(error_line(said))
         time.sleep(POLL_S)
@@ -50,11 +49,14 @@ def begin(spec: dict) -> tuple[dict, dict]:
     """The launcher's first half (in its fork): ``ctr`` waits on the running task; the reply,
     and what :func:`main` keeps."""
     r, w = os.pipe()
-    with open(os.devnull, "rb") as null:
-        waiter = subprocess.Popen(spec["argv"], stdin=null, stdout=w, stderr=w)
+    null = os.open(os.devnull, os.O_RDONLY)
+    # posix_spawn, not subprocess: a dropped Popen reaps its child if it can, and main() must
+    dups = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, w, 2)]
+    waiter = os.posix_spawn(spec["argv"][0], spec["argv"], os.environ, file_actions=dups)
+    os.close(null)
     os.close(w)  # ctr is the only writer: EOF once it exits
     pid = _wait_running(Ctr(spec["address"], spec["namespace"]), spec["container"], waiter, r)
-    return {"pid": pid, "start_ticks": start_ticks(pid)}, {"waiter": waiter.pid, "pid": pid, "out": r, "fds": [r]}
+    return {"pid": pid, "start_ticks": start_ticks(pid)}, {"waiter": waiter, "pid": pid, "out": r, "fds": [r]}
 
 
 def main() -> None:

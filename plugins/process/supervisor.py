@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -76,43 +77,27 @@ def _read_all(fd: int) -> str:
     return data.decode(errors="replace")
 
 
-def _child_failed(errr: int, pid: int) -> str:
-    """The error the child wrote to its close-on-exec pipe, or '' once it exec'd."""
-    if err := _read_all(errr):
-        os.waitpid(pid, 0)
-    return err
+def _spawn(argv: list[str], out: int, keep: tuple[int, ...] = (), **kw: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv``: stdin ``/dev/null``, stdout and stderr ``out``, only the ``keep`` fds
+    besides. ``kw``: ``session``, ``cwd``, ``env``. Through subprocess, which vforks: we run in
+    a copy of the launcher, whose address space is too big to fork cheaply."""
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            pass_fds=keep,
+            start_new_session=kw.get("session", False),
+            cwd=kw.get("cwd"),
+            env=kw.get("env"),
+        )
+    except OSError as exc:
+        raise RuntimeError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
 
 
-def _spawn(argv: list[str], out: int, keep: tuple[int, ...] = (), **kw: Any) -> int:
-    """Fork and exec ``argv`` (stdin ``/dev/null``, stdout and stderr ``out``, only the
-    ``keep`` fds besides); its PID once it has exec'd. ``kw``: ``session``, ``cwd``, ``env``."""
-    errr, errw = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if kw.get("session"):
-                os.setsid()
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            for fd in keep:
-                os.set_inheritable(fd, True)
-            close_fds_except(errw, *keep)
-            if kw.get("cwd"):
-                os.chdir(kw["cwd"])
-            os.execvpe(argv[0], argv, kw.get("env") or os.environ)
-        except BaseException as exc:
-            os.write(errw, f"cannot run {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}".encode())
-            os._exit(127)
-    os.close(errw)
-    if err := _child_failed(errr, pid):
-        raise RuntimeError(err)
-    return pid
-
-
-def _exec_workload(spec: dict, w: int) -> int:
-    """The command in its own session, its output into pipe ``w``; its PID."""
+def _exec_workload(spec: dict, w: int) -> subprocess.Popen[bytes]:
+    """The command in its own session, its output into pipe ``w``."""
     env = {**os.environ, **spec.get("env", {})}
     return _spawn(spec["cmd"], w, session=True, cwd=spec.get("cwd"), env=env)
 
@@ -138,7 +123,7 @@ def _criu_restore(spec: dict, w: int) -> int:
         criu = _spawn(args, out.fileno(), tuple(fds))
     for fd in fds:
         os.close(fd)
-    rc = exit_code(os.waitpid(criu, 0)[1])
+    rc = criu.wait()
     if rc != 0:
         raise RuntimeError(f"criu restore failed (exit {rc})")
     with open(pidfile) as f:
@@ -169,7 +154,12 @@ def start(spec: dict) -> tuple[int, int]:
         os.setsid()
         try:
             _private_proc()
-            root = (_exec_workload if spec["mode"] == "run" else _criu_restore)(spec, w)
+            if spec["mode"] == "run":
+                # kept until the exec: a Popen that is dropped reaps its child if it already exited
+                workload = _exec_workload(spec, w)
+                root = workload.pid
+            else:
+                root = _criu_restore(spec, w)
         except BaseException as exc:
             os.write(errw, json.dumps({"error": str(exc)}).encode())
             os._exit(1)
@@ -208,8 +198,6 @@ def _become_init(root: int, log: str) -> None:
 def serve_control(control: dict) -> None:
     """Run the job's own checkpoint requests (``NAME.request`` files, see cedana_ray.inside)
     from out here, where the dump cannot catch us, and write ``NAME.result`` back."""
-    import subprocess  # here, in the forked server: importing it costs every start and restore about 8 ms
-
     folder = control["dir"]
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, **control["env"]}
