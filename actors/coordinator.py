@@ -425,7 +425,8 @@ class Coordinator:
 
         The source stays frozen while the target restores, and resumes if anything fails,
         so a failed migration leaves the job running where it was. A job that cannot
-        freeze is dumped and stopped, and restored on its source again if the target fails.
+        freeze, or a GPU job (the CUDA driver checkpoints a process only while it runs), is
+        dumped and stopped, and restored on its source again if the target fails.
         """
         record = self.registry.job(jid)
         target = self._place(record.type, node, gpu=_needs_gpu(record))  # bad input fails fast, even while busy
@@ -443,7 +444,7 @@ class Coordinator:
     def _migrate(self, job: Job, target: str, request: DumpRequest) -> MigrateResult:
         start = time.perf_counter()
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
-        move = self._move_frozen if freezes else self._move_stopped
+        move = self._move_frozen if freezes and not _needs_gpu(job) else self._move_stopped
         dumped, restored, dump_s = move(job, target, request, start)
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}

@@ -52,6 +52,17 @@ while True:
     i += 1
     time.sleep(0.05)
 """
+# Counts to stdout and /dev/shm/count, and nothing else: for containers whose settings are what a test is about.
+COUNT = """
+import time
+i = 0
+while True:
+    print(f"count={i}", flush=True)
+    with open("/dev/shm/count", "w") as f:
+        f.write(str(i))
+    i += 1
+    time.sleep(0.05)
+"""
 
 
 def missing(*binaries: str) -> str | None:

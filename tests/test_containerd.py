@@ -19,6 +19,7 @@ import pytest
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
 from containers import (
+    COUNT,
     assert_checksum_kept,
     busybox_rootfs,
     counts,
@@ -26,10 +27,12 @@ from containers import (
     missing,
     oci_image,
     python_image,
+    python_rootfs,
     start_containerd,
 )
 from servers import stop_process
 from test_cli import assert_one_error, cedana
+from test_gpu import assert_cuda_dump_refused, cuda_lookalike
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
@@ -85,10 +88,10 @@ def log(engine: Engine, jid: str) -> Path:
     return engine.paths.job_dir(jid) / "log"
 
 
-def count(engine: Engine, jid: str) -> int:
+def count(engine: Engine, jid: str, path: str = "/count") -> int:
     """The counter inside the container, through its task's root."""
     try:
-        return int((Path(f"/proc/{engine.job(jid).pid}/root/count")).read_text())
+        return int((Path(f"/proc/{engine.job(jid).pid}/root{path}")).read_text())
     except (OSError, ValueError):
         return -1
 
@@ -218,6 +221,22 @@ def test_manage_a_container_started_by_someone_else(engine: Engine, ctr: Ctr) ->
     with pytest.raises(StateError, match="cannot checkpoint container theirs while it is frozen"):
         engine.dump("theirs", DumpRequest(leave_running=True))
     assert ctr.tasks()["theirs"][1] == "PAUSED", "a refused dump leaves it as it was"
+
+
+@pytest.mark.slow
+def test_a_cuda_container_is_not_dumped_without_the_driver(
+    engine: Engine, ctr: Ctr, python_image_ref: str, tmp_path: Path
+) -> None:
+    """The GPU interception is wired into containerd dumps: it finds the container's CUDA process."""
+    lib = cuda_lookalike(python_rootfs(), tmp_path)
+    mount = f"type=bind,src={lib},dst=/opt/libcuda.so.1,options=rbind:ro"
+    env = "LD_PRELOAD=/opt/libcuda.so.1"
+    ctr.call("run", "-d", "--mount", mount, "--env", env, python_image_ref, "g", "python3", "-c", COUNT)
+    engine.manage("containerd", ManageRequest(target="g", jid="g"))
+    counting = lambda: count(engine, "g", "/dev/shm/count")  # noqa: E731
+    wait_for(lambda: counting() >= 3, what="the container counting")
+    assert_cuda_dump_refused(engine, "g", counting)
+    assert ctr.tasks()["g"][1] == "RUNNING"
 
 
 def test_cleanup_leaves_no_task_container_or_snapshot(engine: Engine, ctr: Ctr) -> None:

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from cedana_ray.plugins.gpu import cuda, intercept, nvml, tracing
 from cedana_ray.plugins.gpu.cuda import GpuError, ProcessState
+from test_process_criu import COUNTER, last_count, start, wait_for
 
+from cedana_ray.engine import Engine
+from cedana_ray.errors import PrerequisiteError, StateError
 from cedana_ray.models import Job, JobState, Manifest
 from cedana_ray.pipeline import Context
+from cedana_ray.requests import DumpRequest
 
 no_gpu = pytest.mark.skipif(nvml.unavailable() is None, reason="an NVIDIA driver is present")
 
@@ -197,3 +203,43 @@ def test_cuda_pids_finds_no_cuda_in_a_plain_process() -> None:
         assert intercept.cuda_pids(sleeper.pid) == []
     finally:
         sleeper.kill()
+
+
+# -- the interception wired into real dumps. A process that preloads a library named
+# libcuda.so.1 (glibc's small libanl, renamed) is a CUDA process to it; this machine has no driver.
+def cuda_lookalike(root: Path, dest: Path) -> Path:
+    """``root``'s libanl.so.1 copied to ``dest/libcuda.so.1``, for a workload to preload."""
+    lib = dest / "libcuda.so.1"
+    shutil.copy2(next(root.glob("usr/lib/*/libanl.so.1")), lib)
+    return lib
+
+
+def assert_cuda_dump_refused(engine: Engine, jid: str, counting: Callable[[], int]) -> None:
+    """A dump of job ``jid``, which looks like a CUDA job, fails before CRIU runs: the job
+    keeps running (``counting`` goes on) and no checkpoint is left."""
+    expected = (PrerequisiteError, "no CUDA driver") if nvml.unavailable() else (GpuError, "")
+    with pytest.raises(expected[0], match=expected[1]):
+        engine.dump(jid, DumpRequest())
+    assert engine.job(jid).state is JobState.running and engine.checkpoints(jid) == []
+    at = counting()
+    wait_for(lambda: counting() > at + 3, what=f"{jid} counting after the refused dump")
+
+
+def start_cuda_lookalike(engine: Engine, tmp_path: Path) -> None:
+    start(engine, ["env", f"LD_PRELOAD={cuda_lookalike(Path('/'), tmp_path)}", *COUNTER], ready="count=3")
+    assert len(intercept.cuda_pids(engine.job("j1").pid)) == 1, "the workload, not its namespace init"
+
+
+def test_a_cuda_process_is_not_dumped_without_the_driver(engine: Engine, tmp_path: Path) -> None:
+    start_cuda_lookalike(engine, tmp_path)
+    assert_cuda_dump_refused(engine, "j1", lambda: last_count(engine, "j1"))
+
+
+def test_a_frozen_cuda_process_is_refused_at_once(engine: Engine, tmp_path: Path) -> None:
+    """The driver checkpoints through a thread of the process: a frozen one is refused in a
+    line, not after the lock's 30 s timeout, and stays frozen."""
+    start_cuda_lookalike(engine, tmp_path)
+    engine.freeze("j1")
+    with pytest.raises(StateError, match="frozen job's CUDA state cannot be checkpointed"):
+        engine.dump("j1", DumpRequest(leave_running=True))
+    assert engine.job("j1").state is JobState.frozen and engine.checkpoints("j1") == []

@@ -3,6 +3,7 @@ killed, restored, cloned, frozen, queried, cleaned up; and its error paths."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -13,6 +14,7 @@ import pytest
 from cedana_ray.plugins.runc.plugin import RuncRestoreRequest, RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
 from containers import (
+    COUNT,
     assert_checksum_kept,
     bundle,
     busybox_rootfs,
@@ -23,6 +25,7 @@ from containers import (
     python_rootfs,
 )
 from test_cli import assert_one_error, cedana
+from test_gpu import assert_cuda_dump_refused, cuda_lookalike
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
@@ -100,6 +103,22 @@ def test_counter_continues_after_dump_kill_restore(
 def test_python_container_keeps_its_256_mib_across_restore(engine: Engine, python_bundle: Path) -> None:
     engine.run("runc", RuncRunRequest(cmd=["runc"], bundle=str(python_bundle), container="py", jid="py"))
     assert_checksum_kept(engine, "py", DumpRequest(compression=Compression.none))
+
+
+@pytest.mark.skipif(bool(missing("debootstrap")), reason=str(missing("debootstrap")))
+def test_a_cuda_container_is_not_dumped_without_the_driver(engine: Engine, rootfs: Path, tmp_path: Path) -> None:
+    """The GPU interception is wired into runc dumps: it finds the container's CUDA process."""
+    lib = cuda_lookalike(python_rootfs(), tmp_path)
+    cuda_bundle = bundle(tmp_path / "bundle", python_rootfs(), cmd=["python3", "-u", "-c", COUNT])
+    config = cuda_bundle / "config.json"
+    spec = json.loads(config.read_text())
+    spec["mounts"].append({"destination": "/opt/libcuda.so.1", "type": "bind", "source": str(lib), "options": ["bind"]})
+    spec["process"]["env"].append("LD_PRELOAD=/opt/libcuda.so.1")
+    config.write_text(json.dumps(spec))
+    engine.run("runc", RuncRunRequest(cmd=["runc"], bundle=str(cuda_bundle), container="g", jid="g"))
+    wait_for(lambda: last_count(log(engine, "g")) >= 3, what="the container counting")
+    assert_cuda_dump_refused(engine, "g", lambda: last_count(log(engine, "g")))
+    assert {c["id"]: c["status"] for c in runc(engine).containers()} == {"g": "running"}
 
 
 def test_restore_as_new_container_while_original_runs(engine: Engine, counter_bundle: Path, tmp_path: Path) -> None:

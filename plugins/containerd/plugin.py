@@ -31,6 +31,7 @@ from typing import Any
 
 import click
 import psutil
+from cedana_ray.plugins import gpu
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
 
@@ -161,7 +162,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         raise StateError(f"containerd container {cid} is {status.lower()}, not running")
     info = _container_info(ctr, cid)
     annotations = (info.get("Spec") or {}).get("annotations") or {}
-    ctx.state.update(pid=pid, criu_config=annotations.get(CRIU_CONFIG_ANNOTATION))
+    ctx.state.update(pid=pid, tree_root=pid, criu_config=annotations.get(CRIU_CONFIG_ANNOTATION))
     ctx.state["details"] = {
         "container": cid,
         "image": info["Image"],
@@ -342,6 +343,16 @@ def cedana_dump_middleware() -> list[Middleware]:
 @hookimpl
 def cedana_dump_handler() -> Handler:
     return checkpoint
+
+
+@hookimpl
+def cedana_gpu_interception() -> list[Middleware]:
+    return [gpu.dump_interception]
+
+
+@hookimpl
+def cedana_gpu_interception_restore() -> list[Middleware]:
+    return [gpu.restore_interception]
 
 
 @hookimpl

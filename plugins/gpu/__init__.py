@@ -5,3 +5,24 @@
 - :mod:`.intercept`: dump/restore middleware that makes CUDA jobs checkpointable;
 - :mod:`.tracing`: a per-job GPU activity trace (Chrome/Perfetto JSON).
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from cedana_ray.pipeline import Context, Handler
+
+
+def dump_interception(ctx: Context, next_: Handler) -> Any:
+    """The dump middleware that checkpoints a job's CUDA state around CRIU; job types
+    whose dump middleware sets ``ctx.state["tree_root"]`` (the tree's host PID) use it."""
+    from .intercept import Interceptor
+
+    return Interceptor().gpu_interception(ctx, next_)
+
+
+def restore_interception(ctx: Context, next_: Handler) -> Any:
+    """The restore middleware that gives a restored CUDA job its GPU state back."""
+    from .intercept import Interceptor
+
+    return Interceptor().gpu_interception_restore(ctx, next_)

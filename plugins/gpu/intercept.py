@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cedana_ray.errors import StateError
 from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import members, signal_tree
 
@@ -118,10 +119,15 @@ class Interceptor:
         pids = self.find(ctx.state["tree_root"])
         if not pids:
             return next_(ctx)
+        details = ctx.state.setdefault("details", {})
+        if details.get("frozen") or details.get("paused"):
+            # The driver checkpoints through a thread of the process itself: a stopped
+            # process would hold the lock until it times out.
+            raise StateError("a frozen job's CUDA state cannot be checkpointed", hint="unfreeze it first")
         api = self.load()
         usage = _usage(pids)
         self._suspend(api, pids, ctx)
-        ctx.state.setdefault("details", {})["gpu"] = {"processes": len(pids), **usage}
+        details["gpu"] = {"processes": len(pids), **usage}
         try:
             result = next_(ctx)
         except BaseException:

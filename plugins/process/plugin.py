@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cedana_ray.plugins import gpu
 
 from cedana_ray import criu, inside
 from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
@@ -238,20 +239,14 @@ def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
 
 
-def _interceptor() -> Any:
-    from cedana_ray.plugins.gpu.intercept import Interceptor
-
-    return Interceptor()
-
-
 @hookimpl
 def cedana_gpu_interception() -> list[Middleware]:
-    return [_interceptor().gpu_interception]
+    return [gpu.dump_interception]
 
 
 @hookimpl
 def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [_interceptor().gpu_interception_restore]
+    return [gpu.restore_interception]
 
 
 @hookimpl

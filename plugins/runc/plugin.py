@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 import psutil
+from cedana_ray.plugins import gpu
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 
 from cedana_ray import criu
@@ -155,7 +156,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     state = runc.live_state(_container(job))
     spec = load_bundle(Path(state["bundle"]))
     linux = spec.get("linux", {})
-    ctx.state["pid"] = state["pid"]
+    ctx.state["pid"] = ctx.state["tree_root"] = state["pid"]
     ctx.state["runc_config"] = spec.get("annotations", {}).get(CRIU_CONFIG_ANNOTATION)
     ctx.state["details"] = {
         "container": _container(job),
@@ -288,6 +289,16 @@ def cedana_dump_middleware() -> list[Middleware]:
 @hookimpl
 def cedana_dump_handler() -> Handler:
     return checkpoint
+
+
+@hookimpl
+def cedana_gpu_interception() -> list[Middleware]:
+    return [gpu.dump_interception]
+
+
+@hookimpl
+def cedana_gpu_interception_restore() -> list[Middleware]:
+    return [gpu.restore_interception]
 
 
 @hookimpl
