@@ -6,7 +6,12 @@ cost of rebuilding its state from scratch); run it again under cedana-ray in loc
 mode with GPU tracing, dump it mid-training (the job stops), restore it, take a
 second leave-running checkpoint later, and let it finish. Passes when every step's
 loss and the tensors' checksum match the reference exactly. Prints a report and
-writes it as JSON to OUT/gpu-check.json.
+writes it as JSON to OUT/gpu-check-RUNTIME.json.
+
+``--runtime runc`` runs the job as a runc container instead of a process: its root is
+this machine's own files (each top-level directory bound read-only), with the NVIDIA
+device nodes bound in, so it needs no image. Its GPU use is not traced (tracing is a
+``process`` feature).
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cedana_ray.plugins.runc.plugin import RuncRunRequest
+
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Not bound into the runc job's root: the kernel's and runtimes' trees, and where other
+# containers' and removable filesystems are mounted.
+SKIPPED = {"proc", "sys", "dev", "run", "var", "mnt", "media"}
 STEP = re.compile(r"step (\d+) loss (\S+) state (-?\d+)")
 
 
@@ -70,12 +80,49 @@ def reference(cmd: list[str]) -> dict[str, Any]:
     return {**parse(out), "wall_s": time.perf_counter() - start}
 
 
+def runc_bundle(dest: Path, cmd: list[str]) -> Path:
+    """An OCI bundle running ``cmd`` on this machine's files, with its environment and GPUs."""
+    dest.mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(dest)], check=True)
+    spec = json.loads((dest / "config.json").read_text())
+    (dest / "rootfs").mkdir()
+    mounts = spec["mounts"]
+    for top in sorted(Path("/").iterdir()):
+        if top.name in SKIPPED or not top.is_dir():
+            continue
+        if top.is_symlink():  # /bin -> usr/bin: the same link in the new root
+            (dest / "rootfs" / top.name).symlink_to(os.readlink(top))
+            continue
+        # /tmp without what is mounted under it (other containers' overlays, which CRIU
+        # would have to restore too), and writable
+        options = ["bind", "rw"] if top.name == "tmp" else ["rbind", "ro"]
+        mounts.append({"destination": str(top), "type": "bind", "source": str(top), "options": options})
+    for node in sorted(Path("/dev").glob("nvidia*")):
+        if node.is_char_device():
+            mounts.append({"destination": str(node), "type": "bind", "source": str(node), "options": ["bind"]})
+    spec["root"] = {"path": "rootfs", "readonly": False}
+    spec["process"].update(terminal=False, args=cmd, cwd="/", env=[f"{k}={v}" for k, v in os.environ.items()])
+    spec["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+    (dest / "config.json").write_text(json.dumps(spec, indent=1))
+    return dest
+
+
+def start(engine: Engine, cmd: list[str], args: argparse.Namespace) -> Path:
+    """The job under cedana-ray in ``args.runtime``; its log."""
+    if args.runtime == "runc":
+        bundle = runc_bundle(engine.paths.home / "bundle", cmd)
+        job = engine.run("runc", RuncRunRequest(cmd=cmd, jid="gpu", bundle=str(bundle), container="gpu"))
+    else:
+        tracing = args.device == "cuda"
+        job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu=tracing, gpu_tracing=tracing))
+    return Path(job.log)
+
+
 def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    tracing = args.device == "cuda"
-    job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu=tracing, gpu_tracing=tracing))
-    log = Path(job.log)
+    tracing = args.device == "cuda" and args.runtime == "process"
+    log = start(engine, cmd, args)
     wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
-    users = [r["jobs"] for r in engine.query("gpu")] if tracing else []
+    users = [r["jobs"] for r in engine.query("gpu")] if args.device == "cuda" else []
     env = {**os.environ, "CEDANA_RAY_HOME": str(engine.paths.home)}
     ps = subprocess.run([sys.executable, "-m", "cedana_ray.cli", "ps", "--json"], capture_output=True, env=env)
     ps_gpus = {r["jid"]: r.get("gpus") for r in json.loads(ps.stdout or "[]")}.get("gpu")
@@ -168,6 +215,7 @@ def main() -> None:
     parser.add_argument("--dump-at", type=int, default=30)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--runtime", choices=("process", "runc"), default="process")
     parser.add_argument("--home", type=Path, default=Path("/dev/shm/cedana-ray-gpu-check"))
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -181,15 +229,15 @@ def main() -> None:
         "--device",
         args.device,
     ]
-    engine = Engine(Paths(args.home))
+    engine = Engine(Paths(args.home / args.runtime))
     ref = reference(cmd)
     print(f"reference: {len(ref['steps'])} steps, state rebuilt in {ref['ready_s']:.2f} s", flush=True)
     got = under_cedana(engine, cmd, args)
     doc = report(ref, got, verdict(ref, got, args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-check.json").write_text(json.dumps(doc, indent=2, default=str))
+    (args.out / f"gpu-check-{args.runtime}.json").write_text(json.dumps(doc, indent=2, default=str))
     print(json.dumps(doc, indent=2, default=str))
-    print("gpu-check:", "PASS" if doc["ok"] else "FAIL " + "; ".join(doc["failures"]))
+    print(f"gpu-check ({args.runtime}):", "PASS" if doc["ok"] else "FAIL " + "; ".join(doc["failures"]))
     sys.exit(0 if doc["ok"] else 1)
 
 

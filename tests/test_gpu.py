@@ -243,3 +243,22 @@ def test_a_frozen_cuda_process_is_refused_at_once(engine: Engine, tmp_path: Path
     with pytest.raises(StateError, match="frozen job's CUDA state cannot be checkpointed"):
         engine.dump("j1", DumpRequest(leave_running=True))
     assert engine.job("j1").state is JobState.frozen and engine.checkpoints("j1") == []
+
+
+@pytest.mark.slow
+@pytest.mark.criu
+@pytest.mark.parametrize("runtime", ["process", "runc"])
+def test_the_gpu_check_passes_on_the_cpu(runtime: str, tmp_path: Path) -> None:
+    """scripts/gpu_check.py, the GPU check's flow, rehearsed with PyTorch on the CPU and a
+    small state: it keeps working between GPU sessions."""
+    pytest.importorskip("torch", reason="PyTorch (CPU) could not be installed here")
+    if runtime == "runc" and not shutil.which("runc"):
+        pytest.skip("runc not installed (run `make setup`)")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    args = ["--device", "cpu", "--runtime", runtime, "--gib", "0", "--steps", "30", "--dump-at", "8"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), *args, "--home", str(tmp_path / "home"), "--out", str(out)]
+    res = subprocess.run(cmd, cwd="/", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / f"gpu-check-{runtime}.json").read_text())
+    assert doc["ok"] and doc["steps_compared"] == 30 and doc["dump_total_s"] > 0
