@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import psutil
 
@@ -27,10 +28,35 @@ def wait_reaped(pid: int, timeout: float) -> bool:
     return until(lambda: not psutil.pid_exists(pid), timeout, 0.02)
 
 
+def _children(pid: int) -> list[int]:
+    """The children of ``pid``, as its threads' ``children`` files list them."""
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += map(int, f.read().split())
+    return kids
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first. From the kernel's lists of each
+    process's children: psutil would read every process of the machine to find them."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # gone, or a kernel without them
+        p = psutil.Process(pid)
+        return [pid, *(c.pid for c in p.children(recursive=True))]
+    found = [pid]
+    for parent in found:  # grows while it is walked
+        with contextlib.suppress(OSError):  # exited meanwhile
+            found += _children(parent)
+    return found
+
+
 def members(pid: int) -> list[psutil.Process]:
     """The process ``pid`` and all its descendants."""
-    p = psutil.Process(pid)
-    return [p, *p.children(recursive=True)]
+    procs = [psutil.Process(pid)]
+    for child in tree_pids(pid)[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(child))
+    return procs
 
 
 def tree_rss(pid: int | None) -> int:
@@ -44,9 +70,9 @@ def tree_rss(pid: int | None) -> int:
 def signal_tree(pid: int, sig: int) -> None:
     """Send ``sig`` to every process of the tree rooted at ``pid``."""
     try:
-        procs = members(pid)
+        pids = tree_pids(pid)
     except psutil.NoSuchProcess:
         return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(sig)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import subprocess
@@ -291,3 +292,23 @@ def test_query_lists_jobs_with_what_their_trees_use(engine: Engine) -> None:
     assert row["jid"] == "j1" and row["state"] == "running"
     assert row["processes"] == 2, "the namespace init and the workload"
     assert row["rss_bytes"] > 1 << 20
+
+
+def test_the_supervisor_is_our_child_unless_a_ray_worker_would_kill_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our child, reaped once it exits; a second fork away from a Ray worker, which kills its
+    children when it exits (our agents tell Ray not to)."""
+
+    def supervisor(jid: str) -> psutil.Process:
+        start(engine, COUNTER, jid)
+        return psutil.Process(engine.job(jid).pid).parent()  # the namespace init's parent
+
+    ours = supervisor("a")
+    assert ours.ppid() == os.getpid()
+    monkeypatch.setenv("RAY_RAYLET_PID", "1")
+    assert supervisor("b").ppid() != os.getpid()
+    monkeypatch.setenv("RAY_kill_child_processes_on_worker_exit", "0")
+    assert supervisor("c").ppid() == os.getpid()
+    engine.kill("a")
+    wait_for(lambda: not psutil.pid_exists(ours.pid), what="the supervisor reaped, not a zombie")

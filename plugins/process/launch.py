@@ -5,22 +5,29 @@ Shared by the runtime plugins whose workloads are watched by a detached supervis
 script with two halves:
 
 * ``begin(spec) -> (reply, kept)`` starts the workload (or CRIU or runc restoring it).
-  It runs in a fork of the launcher, detached, so no Python interpreter has to start
-  before the workload runs (that start was a fifth of a 256 MiB restore);
+  It runs in a fork of the launcher, in a session of its own, so no Python interpreter
+  has to start before the workload runs (that start was a fifth of a 256 MiB restore);
 * its ``main()`` supervises what ``begin`` started (``spec["kept"]``; the file
   descriptors it needs are listed in ``kept["fds"]``). The fork execs the script once
   ``begin`` replied, so the long-lived supervisor is a fresh interpreter that keeps no
   copy of the launcher's memory.
 
 The reply is ``{"pid": N, "start_ticks": T, ...}``, or ``{"error": "..."}``.
+
+The supervisor stays the launcher's child, reaped by a thread, or by init once the
+launcher (a CLI) exits. Only under a Ray worker that kills its children when it exits
+does it escape with a second fork, a few milliseconds of every start and restore; our
+agents turn that killing off (``actors/remote.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +39,7 @@ from cedana_ray.errors import CedanaError
 
 from . import supervisor
 
+RAY_KILLS_CHILDREN = "RAY_kill_child_processes_on_worker_exit"
 RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -52,7 +60,10 @@ def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor)
     os.close(w)
     with os.fdopen(r, "rb") as status:
         raw = status.read()
-    os.waitpid(child, 0)
+    if _escapes():
+        os.waitpid(child, 0)
+    else:
+        threading.Thread(target=_reap, args=(child,), name=f"reap-{child}", daemon=True).start()
     try:
         reply = json.loads(raw)
     except ValueError:
@@ -63,8 +74,20 @@ def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor)
     return reply
 
 
+def _escapes() -> bool:
+    """Whether the supervisor must not stay our child: Ray workers kill theirs on exit."""
+    return "RAY_RAYLET_PID" in os.environ and os.environ.get(RAY_KILLS_CHILDREN) != "0"
+
+
+def _reap(pid: int) -> None:
+    """Wait for a supervisor that is our child, so that it leaves no zombie behind. A
+    launcher that exits first (the CLI) hands it to init, which reaps it then."""
+    with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: reaped already
+        os.waitpid(pid, 0)
+
+
 def _begin_detached(script: ModuleType, spec: dict[str, Any], status: int, errors: Path) -> NoReturn:
-    """In the fork: detach, ``begin``, reply on ``status``, exec ``script`` to supervise.
+    """In the fork: a new session, ``begin``, reply on ``status``, exec ``script`` to supervise.
 
     Only this thread exists here, copied from a launcher that may run others: nothing here
     touches what they might have held (stdout, logging, Ray), and all else is replaced by
@@ -76,7 +99,7 @@ def _begin_detached(script: ModuleType, spec: dict[str, Any], status: int, error
         err = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         for fd, target in ((null, 0), (null, 1), (err, 2)):
             os.dup2(fd, target)
-        if os.fork():
+        if _escapes() and os.fork():
             os._exit(0)  # the launcher reaps us; the supervisor lives on, re-parented
         os.setsid()
         supervisor.close_fds_except(status)

@@ -142,8 +142,8 @@ def _init_loop(root: int) -> None:
             os._exit(128 - code if code < 0 else code)
 
 
-def start(spec: dict) -> tuple[int, int]:
-    """Start the namespace init and, in it, the workload; (init's PID, output pipe)."""
+def start(spec: dict) -> tuple[int, int, int]:
+    """Start the namespace init and, in it, the workload; (init's PID, its start ticks, output pipe)."""
     r, w = os.pipe()
     errr, errw = os.pipe2(os.O_CLOEXEC)
     host = os.open(HOST_PID_NS, os.O_RDONLY)
@@ -167,6 +167,7 @@ def start(spec: dict) -> tuple[int, int]:
         os.close(w)
         os.close(errw)
         _become_init(root, spec["log"])
+    ticks = start_ticks(init)  # now: reading its stat while it execs itself waits for the exec
     _setns(host, CLONE_NEWPID)  # our later children (the control server) stay out of the job's namespace
     os.close(host)
     os.close(w)
@@ -176,7 +177,7 @@ def start(spec: dict) -> tuple[int, int]:
         os.waitpid(init, 0)
         raise RuntimeError(reply["error"])
     spec["ns_root"] = reply["root"]
-    return init, r
+    return init, ticks, r
 
 
 def _setns(fd: int, kind: int) -> None:
@@ -262,8 +263,8 @@ def record_exit(exit_file: str, pid: int, code: int | None) -> None:
 
 def begin(spec: dict) -> tuple[dict, dict]:
     """The launcher's first half (in its fork): the workload runs; the reply, and what :func:`main` keeps."""
-    init, out = start(spec)
-    reply = {"pid": init, "ns_root": spec["ns_root"], "start_ticks": start_ticks(init)}
+    init, ticks, out = start(spec)
+    reply = {"pid": init, "ns_root": spec["ns_root"], "start_ticks": ticks}
     return reply, {"init": init, "out": out, "fds": [out]}
 
 
