@@ -1,7 +1,7 @@
 """The watcher of one containerd task: its output into the job log, its exit code.
 
 Started by the containerd plugin through the process plugin's launcher (``launch.py``):
-:func:`begin` runs in the launcher's detached fork, :func:`main` in the script it execs. containerd's shim is
+:func:`begin` runs in the launcher's fork, :func:`main` in the script it execs. containerd's shim is
 the task's parent, so only containerd learns how the task ended; a ``ctr`` that waits on
 the task hears it and exits with the task's status (128+N for signal N):
 

@@ -48,7 +48,7 @@ class LaunchError(CedanaError):
 
 
 def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor) -> dict[str, Any]:
-    """Start the workload with ``script``'s ``begin`` in a detached fork, which then becomes
+    """Start the workload with ``script``'s ``begin`` in a fork, which then becomes
     ``script``'s supervisor; the reply once the workload runs."""
     errors = job_dir / "supervisor.err"
     Path(spec["log"]).touch()  # the supervisor opens it only once it started: `logs` must work at once

@@ -1,7 +1,7 @@
 """The supervising parent of one ``process`` workload (standard library only).
 
 Started through the process plugin's launcher (``launch.py``): :func:`begin` runs in a
-detached fork of the launcher and forks a small init: PID 1 of new PID and mount
+fork of the launcher and forks a small init: PID 1 of new PID and mount
 namespaces, with its own ``/proc`` (CUDA and CRIU read ``/proc`` by PID, so it must show
 this namespace). The init then either
 

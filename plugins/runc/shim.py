@@ -1,7 +1,7 @@
 """The shim of one ``runc`` container (standard library only): its reaper and its output.
 
 Started by the runc plugin through the process plugin's launcher (``launch.py``):
-:func:`begin`, in the launcher's detached fork, makes itself a child subreaper and runs
+:func:`begin`, in the launcher's fork, makes itself a child subreaper and runs
 the given ``runc run --detach`` or ``runc restore --detach`` with the container's stdout
 and stderr on a pipe it owns: runc hands the pipe to the container (and, on restore,
 CRIU re-attaches the restored container to the new shim's pipe), and the container's
