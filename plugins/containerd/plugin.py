@@ -31,7 +31,7 @@ from typing import Any
 
 import click
 import psutil
-from cedana_ray.plugins import gpu
+from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
 
@@ -343,16 +343,6 @@ def cedana_dump_middleware() -> list[Middleware]:
 @hookimpl
 def cedana_dump_handler() -> Handler:
     return checkpoint
-
-
-@hookimpl
-def cedana_gpu_interception() -> list[Middleware]:
-    return [gpu.dump_interception]
-
-
-@hookimpl
-def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [gpu.restore_interception]
 
 
 @hookimpl

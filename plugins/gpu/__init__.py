@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from cedana_ray.pipeline import Context, Handler
+from cedana_ray.hookspecs import hookimpl
+from cedana_ray.pipeline import Context, Handler, Middleware
 
 
 def dump_interception(ctx: Context, next_: Handler) -> Any:
-    """The dump middleware that checkpoints a job's CUDA state around CRIU; job types
-    whose dump middleware sets ``ctx.state["tree_root"]`` (the tree's host PID) use it."""
+    """The dump middleware that checkpoints a job's CUDA state around CRIU."""
     from .intercept import Interceptor
 
     return Interceptor().gpu_interception(ctx, next_)
@@ -26,3 +26,15 @@ def restore_interception(ctx: Context, next_: Handler) -> Any:
     from .intercept import Interceptor
 
     return Interceptor().gpu_interception_restore(ctx, next_)
+
+
+# The hooks of a job type whose dump middleware sets ``ctx.state["tree_root"]`` (its tree's
+# host PID): its plugin module imports them, and pluggy collects them from there.
+@hookimpl
+def cedana_gpu_interception() -> list[Middleware]:
+    return [dump_interception]
+
+
+@hookimpl
+def cedana_gpu_interception_restore() -> list[Middleware]:
+    return [restore_interception]

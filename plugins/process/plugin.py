@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cedana_ray.plugins import gpu
+from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
 
 from cedana_ray import criu, inside
 from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
@@ -237,16 +237,6 @@ def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     if not nvml.unavailable():
         tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
     return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
-
-
-@hookimpl
-def cedana_gpu_interception() -> list[Middleware]:
-    return [gpu.dump_interception]
-
-
-@hookimpl
-def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [gpu.restore_interception]
 
 
 @hookimpl

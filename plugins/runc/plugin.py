@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 import psutil
-from cedana_ray.plugins import gpu
+from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 
 from cedana_ray import criu
@@ -289,16 +289,6 @@ def cedana_dump_middleware() -> list[Middleware]:
 @hookimpl
 def cedana_dump_handler() -> Handler:
     return checkpoint
-
-
-@hookimpl
-def cedana_gpu_interception() -> list[Middleware]:
-    return [gpu.dump_interception]
-
-
-@hookimpl
-def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [gpu.restore_interception]
 
 
 @hookimpl
