@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .errors import UsageError
+from .errors import CedanaError, UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -277,3 +278,11 @@ class HealthCheck(BaseModel):
     # A failed fatal check fails `cedana-ray check`; any failed check makes the plugin's
     # features incompatible. Optional hardware (a GPU) is checked with fatal=False.
     fatal: bool = True
+
+    @classmethod
+    def probe(cls, name: str, detail: Callable[[], str], fatal: bool = True) -> HealthCheck:
+        """Passed with ``detail()``, or failed with the error it raised."""
+        try:
+            return cls(name=name, ok=True, detail=detail(), fatal=fatal)
+        except CedanaError as exc:
+            return cls(name=name, ok=False, detail=str(exc), fatal=fatal)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import click
 
-from cedana_ray.errors import CedanaError
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
 from cedana_ray.pipeline import Handler
 
 from . import allocation, client, commands
+
+PROBES = (("version", client.version), ("munge", client.munge), ("slurmctld", client.ping))
 
 
 @hookimpl
@@ -53,18 +54,7 @@ def cedana_query_handler() -> Handler:
     return allocation.query
 
 
-def _check(name: str, probe: object) -> HealthCheck:
-    # SLURM is optional here: failures make the column incompatible, not `check` fail
-    try:
-        return HealthCheck(name=name, ok=True, detail=probe(), fatal=False)  # type: ignore[operator]
-    except CedanaError as exc:
-        return HealthCheck(name=name, ok=False, detail=str(exc), fatal=False)
-
-
 @hookimpl
 def cedana_health_checks() -> list[HealthCheck]:
-    return [
-        _check("version", client.version),
-        _check("munge", client.munge),
-        _check("slurmctld", client.ping),
-    ]
+    # SLURM is optional here: failures make the column incompatible, not `check` fail
+    return [HealthCheck.probe(name, probe, fatal=False) for name, probe in PROBES]
