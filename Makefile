@@ -4,18 +4,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NSINIT := plugins/process/nsinit
 
-.PHONY: setup criu containers cri slurm demo test lint bench clean
+.PHONY: setup cc criu containers cri slurm demo test lint bench clean
 
-setup: $(STAMP) criu containers cri slurm
+setup: $(STAMP) $(NSINIT) criu containers cri slurm
 
-$(STAMP): pyproject.toml
+# the package builds a small C program, the process plugin's namespace init (setup.py)
+cc:
+	@command -v cc >/dev/null && test -e /usr/include/stdio.h || { apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }
+
+$(STAMP): pyproject.toml setup.py | cc
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	@# PyTorch (CPU) for jobs/train.py's torch backend; where no wheel can be had, its test skips and says so
 	$(BIN)/pip install -q 'torch==2.13.0+cpu' || echo "PyTorch not installed: the torch training test will skip"
 	touch $(STAMP)
+
+$(NSINIT): $(NSINIT).c setup.py | $(STAMP)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 
 criu:
 	@bash scripts/install-criu.sh
@@ -44,4 +53,4 @@ bench: setup
 	$(BIN)/python bench/dump_restore.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info $(NSINIT)

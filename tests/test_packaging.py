@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,11 +35,14 @@ def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
         capture_output=True,
     )
     wheel = next(tmp_path.glob("cedana_ray-*.whl"))
+    assert wheel.name.endswith(f"-py3-none-linux_{platform.machine()}.whl"), "nsinit: any Python, this platform"
     names = zipfile.ZipFile(wheel).namelist()
     packages = {n.split("/")[0] for n in names if not n.startswith("cedana_ray-")}
     assert packages == {"cedana_ray"}
     for module in ("plugins/process/supervisor.py", "actors/__init__.py", "jobs/counter.py", "py.typed"):
         assert f"cedana_ray/{module}" in names
+    nsinit = zipfile.ZipFile(wheel).getinfo("cedana_ray/plugins/process/nsinit")
+    assert nsinit.external_attr >> 16 & 0o111, "the namespace init is executable"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "process = cedana_ray.plugins.process.plugin" in text

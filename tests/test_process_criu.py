@@ -18,7 +18,7 @@ import pytest
 
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError, StorageError
+from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError, StorageError, UsageError
 from cedana_ray.models import Compression, CriuOptions, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
@@ -292,6 +292,39 @@ def test_query_lists_jobs_with_what_their_trees_use(engine: Engine) -> None:
     assert row["jid"] == "j1" and row["state"] == "running"
     assert row["processes"] == 2, "the namespace init and the workload"
     assert row["rss_bytes"] > 1 << 20
+
+
+def test_a_job_runs_where_and_with_what_it_was_given(engine: Engine, tmp_path: Path) -> None:
+    """Its directory and environment reach the workload, under our small native init."""
+    show = "import os, time; print('at', os.getcwd(), os.environ['GREETING'], flush=True); time.sleep(60)"
+    request = RunRequest(cmd=[sys.executable, "-c", show], jid="j1", cwd=str(tmp_path), env={"GREETING": "a b"})
+    engine.run("process", request)
+    wait_for(lambda: log_lines(engine, "j1"), what="the workload's line")
+    assert log_lines(engine, "j1") == [f"at {tmp_path} a b"]
+    init = psutil.Process(engine.job("j1").pid)
+    assert Path(init.exe()).name == "nsinit" and init.memory_info().rss < 4 << 20, "no interpreter as PID 1"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "cwd", "message"),
+    [
+        (["/nonexistent/binary"], None, "cannot run '/nonexistent/binary': No such file or directory"),
+        (COUNTER, "/nonexistent/dir", "cannot enter '/nonexistent/dir': No such file or directory"),
+    ],
+)
+def test_a_workload_that_cannot_start_says_why_and_leaves_nothing(
+    engine: Engine, cmd: list[str], cwd: str | None, message: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        engine.run("process", RunRequest(cmd=cmd, jid="j1", cwd=cwd))
+    assert engine.jobs() == []
+    job_dir = str(engine.paths.job_dir("j1"))
+
+    def left() -> list[psutil.Process]:
+        procs = psutil.process_iter(["cmdline", "status"])
+        return [p for p in procs if job_dir in " ".join(p.info["cmdline"] or []) and p.info["status"] != "zombie"]
+
+    wait_for(lambda: not left(), what="no process of the job left")
 
 
 def test_the_supervisor_is_our_child_unless_a_ray_worker_would_kill_it(

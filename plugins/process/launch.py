@@ -1,23 +1,23 @@
 """Starting a workload under its detached supervisor and waiting for its first word; reading its last.
 
-Shared by the runtime plugins whose workloads are watched by a detached supervisor
-(``process``'s namespace init, ``runc``'s shim, ``containerd``'s watcher). Each is a
-script with two halves:
+Two ways, one reply: ``{"pid": N, "start_ticks": T, ...}``, or ``{"error": "..."}``.
 
-* ``begin(spec) -> (reply, kept)`` starts the workload (or CRIU or runc restoring it).
-  It runs in a fork of the launcher, in a session of its own, so no Python interpreter
-  has to start before the workload runs (that start was a fifth of a 256 MiB restore);
-* its ``main()`` supervises what ``begin`` started (``spec["kept"]``; the file
-  descriptors it needs are listed in ``kept["fds"]``). The fork execs the script once
-  ``begin`` replied, so the long-lived supervisor is a fresh interpreter that keeps no
-  copy of the launcher's memory.
-
-The reply is ``{"pid": N, "start_ticks": T, ...}``, or ``{"error": "..."}``.
+* :func:`launch_in_namespaces`, for ``process`` jobs: the native ``nsinit``
+  (``nsinit.c``), spawned without forking the launcher, puts the workload, or CRIU
+  restoring it, under an init of its own in new PID and mount namespaces, replies,
+  and execs :mod:`.supervisor`. No copy of the launcher and no Python interpreter
+  runs before CRIU does.
+* :func:`launch`, for the ``runc`` shim and ``containerd`` watcher, scripts with two
+  halves: ``begin(spec) -> (reply, kept)`` starts the workload in a fork of the
+  launcher, in a session of its own; the fork then execs the script, whose ``main()``
+  supervises what ``begin`` started (``spec["kept"]``; the file descriptors it needs
+  are listed in ``kept["fds"]``), a fresh interpreter that keeps no copy of the
+  launcher's memory.
 
 The supervisor stays the launcher's child, reaped by a thread, or by init once the
 launcher (a CLI) exits. Only under a Ray worker that kills its children when it exits
-does it escape with a second fork, a few milliseconds of every start and restore; our
-agents turn that killing off (``actors/remote.py``).
+does it escape, through a fork that exits at once; our agents turn that killing off
+(``actors/remote.py``).
 """
 
 from __future__ import annotations
@@ -26,28 +26,95 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
 import psutil
 
-from cedana_ray.errors import CedanaError
+from cedana_ray.errors import CedanaError, PrerequisiteError
 
 from . import supervisor
 
 RAY_KILLS_CHILDREN = "RAY_kill_child_processes_on_worker_exit"
 RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+NSINIT = Path(__file__).with_name("nsinit")
 
 
 class LaunchError(CedanaError):
     """The supervisor could not start the workload."""
 
 
-def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor) -> dict[str, Any]:
+def nsinit() -> Path:
+    """The native namespace init, built with the package (setup.py)."""
+    if not os.access(NSINIT, os.X_OK):
+        raise PrerequisiteError(f"{NSINIT} is not built", hint="reinstall cedana-ray (`make setup`): it needs cc")
+    return NSINIT
+
+
+def launch_in_namespaces(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
+    """Start a ``process`` job (``spec["mode"]``: ``run`` or ``restore``) under ``nsinit``,
+    which then becomes its :mod:`.supervisor`; the reply once the workload runs."""
+    binary = nsinit()
+    Path(spec["log"]).touch()  # the supervisor opens it only once it started: `logs` must work at once
+    status_r, status_w = os.pipe()
+    out_r, out_w = os.pipe()
+    fds: list[int] = []
+    errors = job_dir / "supervisor.err"
+    try:
+        child, fds = _run_child(spec, out_w) if spec["mode"] == "run" else _restore_child(spec, out_w)
+        words = [sys.executable, "-I", "-S", supervisor.__file__, json.dumps({**spec, "out": out_r})]
+        args = [str(binary), "-s", str(status_w), *(["-d"] if _escapes() else []), *_each("-c", words), *child]
+        with open(errors, "ab") as err:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                pass_fds=(status_w, out_r, *fds),
+                start_new_session=True,
+            )
+    except BaseException:
+        os.close(status_r)
+        raise
+    finally:
+        for fd in {status_w, out_r, out_w, *fds}:
+            os.close(fd)
+    with os.fdopen(status_r, "rb") as status:
+        raw = status.read()
+    _release(proc.wait, proc.pid)
+    return _reply(raw, errors)
+
+
+def _each(option: str, values: list[str]) -> list[str]:
+    return [word for value in values for word in (option, value)]
+
+
+def _run_child(spec: dict[str, Any], out: int) -> tuple[list[str], list[int]]:
+    """``nsinit`` options for the workload: its output into ``out``; the descriptors they name."""
+    env = [f"{key}={value}" for key, value in spec.get("env", {}).items()]
+    return ["-o", str(out), "-C", spec["cwd"], *_each("-E", env), "--", *spec["cmd"]], [out]
+
+
+def _restore_child(spec: dict[str, Any], out: int) -> tuple[list[str], list[int]]:
+    """``nsinit`` options for CRIU, its output in ``criu.out``; the restored tree's pipes
+    (``spec["pipes"]``) become ``out``. The descriptors they name."""
+    work = Path(spec["work"])
+    log = os.open(work / "criu.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    pipes = [os.dup(out) for _ in spec["pipes"]]
+    pidfile = str(work / "restore.pid")
+    criu = [*spec["criu"], "--pidfile", pidfile]
+    criu += _each("--inherit-fd", [f"fd[{fd}]:{key}" for fd, key in zip(pipes, spec["pipes"], strict=True)])
+    options = ["-o", str(log), "-p", pidfile, *_each("-i", [str(fd) for fd in pipes])]
+    return [*options, "--", *criu], [log, *pipes]
+
+
+def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType) -> dict[str, Any]:
     """Start the workload with ``script``'s ``begin`` in a fork, which then becomes
     ``script``'s supervisor; the reply once the workload runs."""
     errors = job_dir / "supervisor.err"
@@ -60,10 +127,11 @@ def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor)
     os.close(w)
     with os.fdopen(r, "rb") as status:
         raw = status.read()
-    if _escapes():
-        os.waitpid(child, 0)
-    else:
-        threading.Thread(target=_reap, args=(child,), name=f"reap-{child}", daemon=True).start()
+    _release(lambda: _reap(child), child)
+    return _reply(raw, errors)
+
+
+def _reply(raw: bytes, errors: Path) -> dict[str, Any]:
     try:
         reply = json.loads(raw)
     except ValueError:
@@ -74,14 +142,22 @@ def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType = supervisor)
     return reply
 
 
+def _release(wait: Callable[[], object], pid: int) -> None:
+    """Wait for our child now if it escapes (it exits at once), else in a thread: it is
+    the supervisor, which leaves no zombie behind."""
+    if _escapes():
+        wait()
+    else:
+        threading.Thread(target=wait, name=f"reap-{pid}", daemon=True).start()
+
+
 def _escapes() -> bool:
     """Whether the supervisor must not stay our child: Ray workers kill theirs on exit."""
     return "RAY_RAYLET_PID" in os.environ and os.environ.get(RAY_KILLS_CHILDREN) != "0"
 
 
 def _reap(pid: int) -> None:
-    """Wait for a supervisor that is our child, so that it leaves no zombie behind. A
-    launcher that exits first (the CLI) hands it to init, which reaps it then."""
+    """Wait for a child; a launcher that exits first (the CLI) hands it to init, which reaps it then."""
     with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: reaped already
         os.waitpid(pid, 0)
 

@@ -19,7 +19,7 @@ from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import alive, members, signal_tree
 
 from . import commands, tree
-from .launch import LaunchError, launch, recorded_exit, started_at
+from .launch import LaunchError, launch_in_namespaces, nsinit, recorded_exit, started_at
 
 NAME = "process"
 TRACE_INTERVAL = 0.1  # seconds between GPU samples
@@ -53,7 +53,7 @@ def run(ctx: Context) -> Job:
         "control": control,
     }
     try:
-        reply = launch(spec, job_dir)
+        reply = launch_in_namespaces(spec, job_dir)
     except LaunchError as exc:
         raise UsageError(str(exc)) from exc
     return _supervised_job(ctx, reply, state=JobState.running, command=req.cmd, log=str(log))
@@ -110,7 +110,7 @@ def restore(ctx: Context) -> Job:
         "control": ctx.state["control"],
     }
     try:
-        reply = launch(spec, job_dir)
+        reply = launch_in_namespaces(spec, job_dir)
     except LaunchError as exc:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
@@ -275,12 +275,12 @@ def cedana_reaper(job: Job) -> int | None:
 
 @hookimpl
 def cedana_health_checks() -> list[HealthCheck]:
-    try:
-        checks = [HealthCheck(name="criu", ok=True, detail=f"criu {criu.version()} at {criu.binary()}")]
-    except PrerequisiteError as exc:
-        checks = [HealthCheck(name="criu", ok=False, detail=str(exc))]
     root = os.geteuid() == 0
-    return [*checks, HealthCheck(name="privileges", ok=root, detail="root" if root else "CRIU needs root")]
+    return [
+        HealthCheck.probe("criu", lambda: f"criu {criu.version()} at {criu.binary()}"),
+        HealthCheck.probe("nsinit", lambda: str(nsinit())),
+        HealthCheck(name="privileges", ok=root, detail="root" if root else "CRIU needs root"),
+    ]
 
 
 @hookimpl
