@@ -8,16 +8,19 @@ from typing import Any
 
 import click
 import pytest
+from cedana_ray.plugins.process import launch
 from click.testing import CliRunner
 
 from cedana_ray import features
 from cedana_ray.cli.main import cli
-from cedana_ray.errors import PluginNotFound, UsageError
+from cedana_ray.engine import Engine
+from cedana_ray.errors import PluginNotFound, PrerequisiteError, UsageError
 from cedana_ray.features import KNOWN_PLUGINS, ROWS, Status
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
 from cedana_ray.pipeline import Context
 from cedana_ray.plugins_manager import PluginManager, get_plugin_manager
+from cedana_ray.requests import RunRequest
 
 LABELS = [row[0] for row in ROWS if row]
 HOOK_OF = {row[0]: row[1] for row in ROWS if row}
@@ -258,3 +261,14 @@ def test_features_process_column(home: Path) -> None:
     for label in ("Dump command", "Restore handler", "Run handler (serverless)"):
         assert doc["features"][label]["process"] == "implemented", label
     assert doc["features"]["Checkpoint storage"]["storage/local"] == "implemented"
+
+
+@pytest.mark.criu
+def test_process_without_its_native_init_says_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install whose nsinit was not built: the column is incompatible, a run says why."""
+    monkeypatch.setattr(launch, "NSINIT", home / "missing" / "nsinit")
+    doc = features_json("--errors")
+    assert doc["features"]["Run handler (serverless)"]["process"] == "incompatible"
+    assert any("nsinit" in line and "is not built" in line for line in doc["errors"]["process"])
+    with pytest.raises(PrerequisiteError, match="nsinit is not built"):
+        Engine().run("process", RunRequest(cmd=["true"]))
