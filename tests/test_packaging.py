@@ -43,6 +43,10 @@ def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
         assert f"cedana_ray/{module}" in names
     nsinit = zipfile.ZipFile(wheel).getinfo("cedana_ray/plugins/process/nsinit")
     assert nsinit.external_attr >> 16 & 0o111, "the namespace init is executable"
+    binary = Path(zipfile.ZipFile(wheel).extract(nsinit, tmp_path / "unpacked"))
+    binary.chmod(0o755)
+    usage = subprocess.run([binary], capture_output=True, text=True)
+    assert usage.returncode == 1 and usage.stderr.startswith("nsinit: usage"), usage.stderr
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "process = cedana_ray.plugins.process.plugin" in text
