@@ -93,6 +93,21 @@ class Row:
 
 
 @dataclass
+class Summary:
+    """Medians over the runs of one size and mode; ``x_raw``: the median of each run's
+    own ratio to raw CRIU in the same iteration (the VM's noise cancels more than in a
+    ratio of medians)."""
+
+    size: int
+    mode: str
+    runs: int
+    dump_s: float
+    restore_s: float
+    dump_x_raw: float | None
+    restore_x_raw: float | None
+
+
+@dataclass
 class Skip:
     size: int
     reason: str
@@ -315,6 +330,31 @@ def ratio(row: Row, rows: list[Row], attr: str) -> str:
     return f"{getattr(row, attr) / statistics.median(raws):.2f}"
 
 
+def summarize(rows: list[Row]) -> list[Summary]:
+    raw = {(r.size, r.run): r for r in rows if r.mode == "raw"}
+    out = []
+    for size, mode in dict.fromkeys((r.size, r.mode) for r in rows):
+        runs = [r for r in rows if (r.size, r.mode) == (size, mode)]
+
+        def paired(attr: str, runs: list[Row] = runs, size: int = size) -> float | None:
+            ratios = [getattr(r, attr) / getattr(raw[size, r.run], attr) for r in runs if (size, r.run) in raw]
+            return round(statistics.median(ratios), 3) if ratios else None
+
+        dump_s, restore_s = (round(statistics.median(getattr(r, a) for r in runs), 3) for a in ("dump_s", "restore_s"))
+        out.append(Summary(size, mode, len(runs), dump_s, restore_s, paired("dump_s"), paired("restore_s")))
+    return out
+
+
+def summary_table(summaries: list[Summary]) -> Table:
+    t = Table(title="medians; x raw: the median of each run's ratio to raw CRIU in the same iteration")
+    for col in ("size", "mode", "runs", "dump s", "restore s", "dump x raw", "restore x raw"):
+        t.add_column(col, justify="left" if col in ("size", "mode") else "right")
+    for m in summaries:
+        ratios = [f"{x:.2f}" if x is not None else "-" for x in (m.dump_x_raw, m.restore_x_raw)]
+        t.add_row(human(m.size), m.mode, str(m.runs), f"{m.dump_s:.3f}", f"{m.restore_s:.3f}", *ratios)
+    return t
+
+
 def table(rows: list[Row], skips: list[Skip], repeat: int) -> Table:
     t = Table(title=f"dump / restore, criu {criu.version()} ({criu.binary()})")
     cols = ["size", "mode", *(["run"] if repeat > 1 else []), "image", "stored", "dump s", "restore s"]
@@ -401,11 +441,14 @@ def main() -> int:
         procs.kill_all()
         shutil.rmtree(base, ignore_errors=True)
 
+    summaries = summarize(rows)
     if args.json:
-        print(json.dumps({"rows": [asdict(r) for r in rows], "skipped": [asdict(s) for s in skips]}, indent=1))
+        doc = {"rows": rows, "summary": summaries, "skipped": skips}
+        print(json.dumps({key: [asdict(x) for x in items] for key, items in doc.items()}, indent=1))
         return 0
     out = Console(width=None if sys.stdout.isatty() else 160)
     out.print(table(rows, skips, args.repeat))
+    out.print(summary_table(summaries))
     out.print("[bold]stages (s, largest first)[/]")
     for r in rows:
         if r.mode != "raw":
