@@ -32,11 +32,11 @@ from containers import (
 )
 from servers import stop_process
 from test_cli import assert_one_error, cedana
-from test_gpu import assert_cuda_dump_refused, cuda_lookalike
+from test_gpu import assert_cuda_dump_refused, cuda_lookalike, no_gpu
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
-from cedana_ray.errors import DumpError, JobNotFound, StateError, UsageError
+from cedana_ray.errors import DumpError, JobNotFound, PrerequisiteError, StateError, UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
@@ -128,6 +128,49 @@ def test_counter_continues_after_dump_kill_restore(engine: Engine, ctr: Ctr) -> 
     os.kill(job.pid, signal.SIGKILL)
     wait_for(lambda: engine.job("d1").state is JobState.exited, what="the restored task's exit to be recorded")
     assert engine.job("d1").exit_code == 128 + signal.SIGKILL
+
+
+# What a container given a command, an env var, a working dir, a read-only bind mount and a
+# device says about them, then a counter in its rw layer.
+SETTINGS = (
+    'echo "env=$GREETING cwd=$(pwd) note=$(cat note)"; (echo x > /srv/w) 2>/dev/null || echo read-only; '
+    "ls -l /dev/fuse; i=0; while true; do echo $i > /count; i=$((i+1)); sleep 0.05; done"
+)
+
+
+def test_a_container_keeps_its_command_env_cwd_mounts_and_devices_across_restore(
+    engine: Engine, ctr: Ctr, tmp_path: Path
+) -> None:
+    (tmp_path / "note").write_text("hello")
+    args = ["--env", "GREETING=hi", "--cwd", "/srv", "--mount", f"{tmp_path}:/srv:ro", "--device", "/dev/fuse"]
+    ran = cedana("run", "containerd", "--image", IMAGE, "--id", "opts", *args, "--local", "--", "sh", "-c", SETTINGS)
+    assert ran.returncode == 0, ran.stderr
+    wait_for(lambda: count(engine, "opts") >= 3, what="the container counting")
+    said = log(engine, "opts").read_text()
+    assert "env=hi cwd=/srv note=hello\nread-only\n" in said and "crw" in said, said
+    engine.dump("opts", DumpRequest())
+    job = engine.restore(RestoreRequest(), jid="opts").job
+    restored_at = count(engine, "opts")
+    wait_for(lambda: count(engine, "opts") > restored_at + 3, what="counting after restore")
+    root = Path(f"/proc/{job.pid}/root")
+    assert (root / "srv/note").read_text() == "hello", "the bind mount is back"
+    assert (root / "dev/fuse").stat().st_rdev == Path("/dev/fuse").stat().st_rdev, "so is the device"
+    assert log(engine, "opts").read_text().count("env=hi") == 1, "restored, not started again"
+
+
+def test_run_options_are_checked(ctr: Ctr, tmp_path: Path) -> None:
+    run = ("run", "containerd", "--image", IMAGE, "--id", "x", "--local")
+    for bad in (f"{tmp_path}", f"{tmp_path}:rel", f"{tmp_path}:/x:rx", f"{tmp_path}/nope:/x"):
+        assert cedana(*run, "--mount", bad).returncode == 2, bad
+    assert cedana(*run, "--env", "NOVALUE").returncode == 2
+    assert "x" not in ctr.containers()
+
+
+@no_gpu
+def test_a_gpu_container_is_refused_without_the_driver(ctr: Ctr) -> None:
+    ran = cedana("run", "containerd", "--image", IMAGE, "--id", "x", "--gpu", "--local")
+    assert "--gpu: no NVIDIA driver" in assert_one_error(ran, PrerequisiteError)
+    assert "x" not in ctr.containers()
 
 
 def test_exit_code_of_a_run_task(engine: Engine, ctr: Ctr) -> None:

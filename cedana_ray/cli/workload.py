@@ -23,6 +23,14 @@ def container_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return check_name(value, "container id")
 
 
+def env_vars(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    """A click callback: repeated ``K=V`` options as a dict."""
+    bad = [e for e in value if "=" not in e]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not K=V")
+    return dict(e.split("=", 1) for e in value)
+
+
 def policy_options(fn: F) -> F:
     """``--storage``, ``--checkpoint-every`` and ``--keep``, passed on as ``storage``, ``every`` (seconds), ``keep``."""
 

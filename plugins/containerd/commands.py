@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import click
 
 from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     container_id,
     dump_command,
+    env_vars,
     manage_command,
     policy_options,
     query_command,
@@ -20,32 +24,74 @@ from cedana_ray.requests import RestoreRequest
 NAME = "containerd"
 
 
-@click.command(NAME)
+def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A click callback: ``SRC:DST[:ro]`` options as bind mounts of existing host paths."""
+    mounts = []
+    for text in value:
+        src, _, rest = text.partition(":")
+        dst, _, mode = rest.partition(":")
+        if not src or not dst.startswith("/") or mode not in ("", "ro", "rw"):
+            raise click.BadParameter(f"{text!r} is not SRC:DST[:ro] with an absolute DST")
+        if not os.path.exists(src):
+            raise click.BadParameter(f"{src} does not exist")
+        mounts.append({"source": os.path.abspath(src), "destination": dst, "readonly": mode == "ro"})
+    return mounts
+
+
+@click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--image", required=True, metavar="REF", help="An image already in the namespace (`ctr images import`).")
 @click.option("--id", "container", required=True, callback=container_id, help="Container id.")
 @click.option("--snapshotter", help="containerd snapshotter (default: containerd's).")
 @click.option("--jid", metavar="ID", help="Job id (default: the container id).")
+@click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.option("--cwd", metavar="DIR", help="Working directory in the container (default: the image's).")
+@click.option(
+    "--mount", "mounts", multiple=True, callback=bind_mounts, metavar="SRC:DST[:ro]", help="Bind mount (repeatable)."
+)
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    type=click.Path(exists=True),
+    metavar="PATH",
+    help="Host device, or a directory of them, to give the container (repeatable).",
+)
+@click.option("--gpu", is_flag=True, help="Give the container this machine's NVIDIA GPUs (refused without any).")
 @policy_options
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @common
 def run(
     image: str,
     container: str,
     snapshotter: str | None,
     jid: str | None,
+    env: dict[str, str],
+    cwd: str | None,
+    mounts: list[dict[str, Any]],
+    devices: tuple[str, ...],
+    gpu: bool,
     storage: str | None,
     every: float | None,
     keep: int | None,
+    args: tuple[str, ...],
     as_json: bool,
     local: bool,
 ) -> None:
-    """Run IMAGE as container ID in containerd (CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE)."""
+    """Run IMAGE as container ID in containerd (CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE),
+    with ARGS as its command if given (after `--`), else the image's."""
     from .plugin import ContainerdRunRequest
 
     request = ContainerdRunRequest(
-        cmd=["ctr", "run", image, container],
+        cmd=["ctr", "run", image, container, *args],
         image=image,
         container=container,
         snapshotter=snapshotter,
+        args=list(args),
+        env=env,
+        cwd=cwd,
+        mounts=mounts,
+        devices=[os.path.abspath(d) for d in devices],
+        gpu=gpu,
         jid=jid or container,
         checkpoint_every=every,
         keep=keep,

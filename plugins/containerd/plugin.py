@@ -31,9 +31,14 @@ from typing import Any
 
 import click
 import psutil
-from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
+from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
+    cedana_gpu_interception,
+    cedana_gpu_interception_restore,
+    require_gpu,
+)
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, write_criu_config
+from pydantic import BaseModel, Field
 
 from cedana_ray import criu
 from cedana_ray.config import paths
@@ -54,12 +59,39 @@ REAP_GRACE_S = 2.0  # how long a watcher may take to record an exit
 KILLED_EXIT_S = 5.0  # how long a killed task may take to exit and be reaped
 
 
+class BindMount(BaseModel):
+    source: str  # a host path
+    destination: str  # where it appears in the container
+    readonly: bool = False
+
+    def ctr_option(self) -> str:
+        mode = "ro" if self.readonly else "rw"
+        return f"type=bind,src={self.source},dst={self.destination},options=rbind:{mode}"
+
+
 class ContainerdRunRequest(RunRequest):
-    """``run containerd``: the image and the container id (``cmd`` only describes it)."""
+    """``run containerd``: the image and the container id, and what the container gets
+    besides the image's own settings (``cmd`` only describes it; ``env`` and ``cwd`` are
+    the container's)."""
 
     image: str
     container: str
     snapshotter: str | None = None
+    args: list[str] = Field(default_factory=list)  # the command; default the image's
+    mounts: list[BindMount] = Field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)  # host device nodes, or directories of them
+
+    def ctr_options(self) -> list[str]:
+        """The ``ctr run`` options that give the container those; ``gpu``: the NVIDIA device nodes."""
+        from cedana_ray.plugins.gpu import nvml
+
+        devices = [*self.devices, *(nvml.device_nodes() if self.gpu else [])]
+        options = [("--env", f"{k}={v}") for k, v in self.env.items()]
+        options += [("--cwd", self.cwd)] if self.cwd else []
+        options += [("--mount", m.ctr_option()) for m in self.mounts]
+        options += [("--device", d) for d in devices]
+        options += [("--snapshotter", self.snapshotter)] if self.snapshotter else []
+        return [arg for option in options for arg in option]
 
 
 def _ctr(job: Job | None = None) -> Ctr:
@@ -126,11 +158,9 @@ def run(ctx: Context) -> Job:
     conf = write_criu_config(criu_config(req.container))
     log = ctx.state["job_dir"] / "log"
     args = ["run", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
-    args += ["--snapshotter", req.snapshotter] if req.snapshotter else []
+    args += [*req.ctr_options(), req.image, req.container, *req.args]
     try:
-        return _watched_job(
-            ctx, ctr, req.container, req.image, *args, req.image, req.container, state=JobState.running, command=req.cmd
-        )
+        return _watched_job(ctx, ctr, req.container, req.image, *args, state=JobState.running, command=req.cmd)
     except LaunchError as exc:
         raise UsageError(f"containerd could not start {req.container}: {exc}") from exc
 
@@ -328,6 +358,11 @@ def cedana_run_handler() -> Handler:
 @hookimpl
 def cedana_run_handler_serverless() -> Handler:
     return run  # the daemon runs the container: no Ray cluster is needed
+
+
+@hookimpl
+def cedana_run_middleware() -> list[Middleware]:
+    return [require_gpu]
 
 
 @hookimpl

@@ -10,8 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from cedana_ray.errors import PrerequisiteError
 from cedana_ray.hookspecs import hookimpl
+from cedana_ray.models import Job
 from cedana_ray.pipeline import Context, Handler, Middleware
+
+
+def require_gpu(ctx: Context, next_: Handler) -> Job:
+    """`run --gpu`: refused where the driver sees no GPU; the job is marked as needing one
+    (a cluster then places, migrates and restores it only where there is a GPU)."""
+    if not ctx.request.gpu:
+        return next_(ctx)
+    from . import nvml
+
+    nvml.required("--gpu")
+    if not nvml.gpus():
+        raise PrerequisiteError("--gpu: the NVIDIA driver sees no GPU on this node")
+    job = next_(ctx)
+    return job.model_copy(update={"details": {**job.details, "needs_gpu": True}})
 
 
 def dump_interception(ctx: Context, next_: Handler) -> Any:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import BaseModel
+
+from cedana_ray.errors import PrerequisiteError
 
 try:
     import pynvml
@@ -41,6 +44,19 @@ def unavailable() -> str | None:
     except pynvml.NVMLError as exc:
         return f"no NVIDIA driver: {exc}"
     return None
+
+
+def required(option: str) -> None:
+    """Refuse ``option`` (a run option that cannot work without NVML) in one line."""
+    if reason := unavailable():
+        raise PrerequisiteError(f"{option}: {reason}")
+
+
+def device_nodes() -> list[str]:
+    """The NVIDIA device nodes a container needs to use this machine's GPUs (``/dev/nvidia*``
+    and the MIG capabilities under ``/dev/nvidia-caps``), as NVIDIA's container runtime adds them."""
+    found = [*Path("/dev").glob("nvidia*"), *Path("/dev/nvidia-caps").glob("*")]
+    return sorted(str(p) for p in found if p.is_char_device())
 
 
 def driver() -> dict[str, str]:

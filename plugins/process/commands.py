@@ -7,6 +7,7 @@ import click
 from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     dump_command,
+    env_vars,
     manage_command,
     policy_options,
     query_command,
@@ -22,7 +23,7 @@ NAME = "process"
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--jid", metavar="ID", help="Job id (default: generated).")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment variable (repeatable).")
+@click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
 @policy_options
 @click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")
 @click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
@@ -35,7 +36,7 @@ NAME = "process"
 def run(
     jid: str | None,
     cwd: str | None,
-    env: tuple[str, ...],
+    env: dict[str, str],
     storage: str | None,
     every: float | None,
     keep: int | None,
@@ -48,15 +49,11 @@ def run(
     local: bool,
 ) -> None:
     """Run CMD as a checkpointable process job (in its own PID namespace)."""
-    bad = [e for e in env if "=" not in e]
-    if bad:
-        raise click.BadParameter(f"{bad[0]!r} is not K=V", param_hint="--env")
-    env_vars = dict(e.split("=", 1) for e in env)
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
         cwd=cwd,
-        env=env_vars,
+        env=env,
         gpu=gpu,
         gpu_tracing=gpu_tracing,
         checkpoint_every=every,

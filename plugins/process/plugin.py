@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
+from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
+    cedana_gpu_interception,
+    cedana_gpu_interception_restore,
+    require_gpu,
+)
 
 from cedana_ray import criu, inside
-from cedana_ray.errors import PrerequisiteError, RestoreError, UsageError
+from cedana_ray.errors import RestoreError, UsageError
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler, Middleware
@@ -196,32 +200,13 @@ def cedana_query_handler() -> Handler:
     return query
 
 
-def _nvml(option: str) -> Any:
-    """NVML, for a run ``option`` that cannot work without it."""
-    from cedana_ray.plugins.gpu import nvml
-
-    if reason := nvml.unavailable():
-        raise PrerequisiteError(f"{option}: {reason}")
-    return nvml
-
-
-def require_gpu(ctx: Context, next_: Handler) -> Job:
-    """`run --gpu`: refused where the driver sees no GPU; the job is marked as needing one."""
-    if not ctx.request.gpu:
-        return next_(ctx)
-    if not _nvml("--gpu").gpus():
-        raise PrerequisiteError("--gpu: the NVIDIA driver sees no GPU on this node")
-    job = next_(ctx)
-    return job.model_copy(update={"details": {**job.details, "needs_gpu": True}})
-
-
 def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     """`run --gpu-tracing`: a tracer samples the job's GPU use until it exits."""
     if not ctx.request.gpu_tracing:
         return next_(ctx)
-    from cedana_ray.plugins.gpu import tracing
+    from cedana_ray.plugins.gpu import nvml, tracing
 
-    _nvml("--gpu-tracing")
+    nvml.required("--gpu-tracing")
     job = next_(ctx)
     tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
     return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
