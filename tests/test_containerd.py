@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from cedana_ray.plugins.containerd.client import Ctr
-from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
+from cedana_ray.plugins.containerd.plugin import BindMount, ContainerdRunRequest
+from containerd_daemon import start_containerd
 from containers import (
     COUNT,
     assert_checksum_kept,
@@ -28,7 +29,6 @@ from containers import (
     oci_image,
     python_image,
     python_rootfs,
-    start_containerd,
 )
 from servers import stop_process
 from test_cli import assert_one_error, cedana
@@ -36,7 +36,7 @@ from test_gpu import assert_cuda_dump_refused, cuda_lookalike, no_gpu
 from test_process_criu import wait_for
 
 from cedana_ray.engine import Engine
-from cedana_ray.errors import DumpError, JobNotFound, PrerequisiteError, StateError, UsageError
+from cedana_ray.errors import DumpError, JobNotFound, PrerequisiteError, RestoreError, StateError, UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest
@@ -142,7 +142,7 @@ def test_a_container_keeps_its_command_env_cwd_mounts_and_devices_across_restore
     engine: Engine, ctr: Ctr, tmp_path: Path
 ) -> None:
     (tmp_path / "note").write_text("hello")
-    args = ["--env", "GREETING=hi", "--cwd", "/srv", "--mount", f"{tmp_path}:/srv:ro", "--device", "/dev/fuse"]
+    args = ["--env", "GREETING=hi", "--cwd", "/srv", "--mount", f"{tmp_path}:/srv:ro,bind", "--device", "/dev/fuse"]
     ran = cedana("run", "containerd", "--image", IMAGE, "--id", "opts", *args, "--local", "--", "sh", "-c", SETTINGS)
     assert ran.returncode == 0, ran.stderr
     wait_for(lambda: count(engine, "opts") >= 3, what="the container counting")
@@ -158,10 +158,30 @@ def test_a_container_keeps_its_command_env_cwd_mounts_and_devices_across_restore
     assert log(engine, "opts").read_text().count("env=hi") == 1, "restored, not started again"
 
 
+def test_a_failed_restore_loses_nothing(engine: Engine, ctr: Ctr, tmp_path: Path) -> None:
+    """CRIU fails to restore a container whose bind mount's source is gone: the job stays
+    restorable, and restores once the source is back."""
+    src = tmp_path / "src"
+    src.mkdir()
+    mount = BindMount(source=str(src), destination="/srv")
+    engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="m", jid="m", mounts=[mount]))
+    wait_for(lambda: count(engine, "m") >= 3, what="the container counting")
+    engine.dump("m", DumpRequest())
+    src.rename(tmp_path / "away")
+    with pytest.raises(RestoreError, match=r"restore of checkpoint .* as m failed"):
+        engine.restore(RestoreRequest(), jid="m")
+    assert engine.job("m").state is JobState.checkpointed
+    (tmp_path / "away").rename(src)
+    job = engine.restore(RestoreRequest(), jid="m").job
+    at = count(engine, "m")
+    wait_for(lambda: count(engine, "m") > at + 3, what="counting after the second restore")
+    assert ctr.tasks()["m"] == (job.pid, "RUNNING")
+
+
 def test_run_options_are_checked(ctr: Ctr, tmp_path: Path) -> None:
     run = ("run", "containerd", "--image", IMAGE, "--id", "x", "--local")
-    for bad in (f"{tmp_path}", f"{tmp_path}:rel", f"{tmp_path}:/x:rx", f"{tmp_path}/nope:/x"):
-        assert cedana(*run, "--mount", bad).returncode == 2, bad
+    for bad in ("", ":rel", ":/x:rx", ":/x:ro,rw,bind", "/nope:/x"):
+        assert cedana(*run, "--mount", f"{tmp_path}{bad}").returncode == 2, bad
     assert cedana(*run, "--env", "NOVALUE").returncode == 2
     assert "x" not in ctr.containers()
 

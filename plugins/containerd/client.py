@@ -99,8 +99,11 @@ class Ctr:
 
     def remove(self, cid: str) -> None:
         """Delete the container's task, the container and its snapshot; missing ones are fine
-        (the ctr of a task's watcher deletes the task once it exits, maybe meanwhile)."""
-        for args in (("tasks", "rm", "--force", cid), ("containers", "rm", cid)):
+        (the ctr of a task's watcher deletes the task once it exits, maybe meanwhile). A task
+        that never ran (CREATED, as a failed restore leaves it) is deleted without --force:
+        that would wait forever for it to exit."""
+        started = self.tasks().get(cid, (0, "STOPPED"))[1] not in ("CREATED", "STOPPED")
+        for args in (("tasks", "rm", *(["--force"] if started else []), cid), ("containers", "rm", cid)):
             try:
                 self.call(*args)
             except StateError as exc:

@@ -22,19 +22,23 @@ from cedana_ray.cli.workload import (
 from cedana_ray.requests import RestoreRequest
 
 NAME = "containerd"
+MOUNT_OPTIONS = {"ro", "rw", "bind", "rbind"}
 
 
 def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[dict[str, Any]]:
-    """A click callback: ``SRC:DST[:ro]`` options as bind mounts of existing host paths."""
+    """A click callback: ``SRC:DST[:OPTIONS]`` options (OPTIONS: ``ro``, ``rw``, ``rbind`` or
+    ``bind``, comma-separated, as podman's ``-v``) as bind mounts of existing host paths."""
     mounts = []
     for text in value:
         src, _, rest = text.partition(":")
-        dst, _, mode = rest.partition(":")
-        if not src or not dst.startswith("/") or mode not in ("", "ro", "rw"):
-            raise click.BadParameter(f"{text!r} is not SRC:DST[:ro] with an absolute DST")
+        dst, _, opts = rest.partition(":")
+        options = set(opts.split(",")) - {""}
+        if not src or not dst.startswith("/") or not options <= MOUNT_OPTIONS or len(options) > 2:
+            raise click.BadParameter(f"{text!r} is not SRC:DST[:ro|rw][,bind|rbind] with an absolute DST")
         if not os.path.exists(src):
             raise click.BadParameter(f"{src} does not exist")
-        mounts.append({"source": os.path.abspath(src), "destination": dst, "readonly": mode == "ro"})
+        bind = {"source": os.path.abspath(src), "destination": dst}
+        mounts.append({**bind, "readonly": "ro" in options, "recursive": "bind" not in options})
     return mounts
 
 
@@ -46,7 +50,12 @@ def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
 @click.option("--cwd", metavar="DIR", help="Working directory in the container (default: the image's).")
 @click.option(
-    "--mount", "mounts", multiple=True, callback=bind_mounts, metavar="SRC:DST[:ro]", help="Bind mount (repeatable)."
+    "--mount",
+    "mounts",
+    multiple=True,
+    callback=bind_mounts,
+    metavar="SRC:DST[:OPTS]",
+    help="Bind mount (repeatable); OPTS: ro, bind (without the mounts under SRC).",
 )
 @click.option(
     "--device",

@@ -63,10 +63,11 @@ class BindMount(BaseModel):
     source: str  # a host path
     destination: str  # where it appears in the container
     readonly: bool = False
+    recursive: bool = True  # with the mounts under ``source``
 
     def ctr_option(self) -> str:
-        mode = "ro" if self.readonly else "rw"
-        return f"type=bind,src={self.source},dst={self.destination},options=rbind:{mode}"
+        kind, mode = "rbind" if self.recursive else "bind", "ro" if self.readonly else "rw"
+        return f"type=bind,src={self.source},dst={self.destination},options={kind}:{mode}"
 
 
 class ContainerdRunRequest(RunRequest):
@@ -292,6 +293,8 @@ def restore(ctx: Context) -> Job:
             ctr.call("images", "import", "--no-unpack", str(tar), error=RestoreError)
         job = _restore_task(ctx, ctr, cid, own, details["image"])
     except (CedanaError, OSError, KeyError, ValueError) as exc:
+        if cid in ctr.containers():  # half restored (a task that never ran), or unwatched
+            ctr.remove(cid)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {cid} failed: {exc}") from exc
     finally:
         images = ctr.images()
@@ -307,17 +310,13 @@ def restore(ctx: Context) -> Job:
 
 
 def _restore_task(ctx: Context, ctr: Ctr, cid: str, ref: str, image: str) -> Job:
-    """``ctr c restore``, then a watcher attached to the task's IO; an unwatched task is removed."""
+    """``ctr c restore``, then a watcher attached to the task's IO."""
     said = ctr.call("containers", "restore", "--live", "--rw", cid, ref, error=RestoreError)
     # what the task wrote while `ctr c restore` still read its FIFOs, before the watcher attaches
     with open(ctx.state["job_dir"] / "log", "a") as log:
         log.write(said)
-    try:
-        command = ctx.state.get("command", [])
-        return _watched_job(ctx, ctr, cid, image, "tasks", "attach", cid, state=JobState.running, command=command)
-    except LaunchError:
-        ctr.remove(cid)
-        raise
+    command = ctx.state.get("command", [])
+    return _watched_job(ctx, ctr, cid, image, "tasks", "attach", cid, state=JobState.running, command=command)
 
 
 def freeze(ctx: Context) -> None:
