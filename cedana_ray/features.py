@@ -104,7 +104,7 @@ def plugin_errors(pm: PluginManager, name: str) -> tuple[Status | None, list[str
         return kind, [reason]
     if pm.get_plugin(name) is None:
         return Status.not_installed, ["not installed: no plugin of this name is registered"]
-    checks = pm.call_for(name, "cedana_health_checks") or []
+    checks = pm.health_checks(name)
     failed = [f"health check {c.name}: {c.detail}" for c in checks if not c.ok]
     return (Status.incompatible if failed else None), failed
 

@@ -69,6 +69,6 @@ def run_checks(engine: Engine, full: bool = False) -> dict[str, Any]:
         ("store", _store_checks(engine)),
     ]
     for name in engine.pm.plugin_names():
-        groups.append((f"plugin {name}", engine.pm.call_for(name, "cedana_health_checks") or []))
+        groups.append((f"plugin {name}", engine.pm.health_checks(name)))
     checks = [{"component": comp, **c.model_dump()} for comp, found in groups for c in found]
     return {"ok": all(c["ok"] or not c["fatal"] for c in checks), "checks": checks}

@@ -16,6 +16,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginNotFound, UsageError
+from .models import HealthCheck
 
 GROUP = "cedana_ray.plugins"
 
@@ -68,6 +69,14 @@ class PluginManager(pluggy.PluginManager):
             if impl.plugin_name == name:
                 return impl.function(**kwargs)
         return None
+
+    def health_checks(self, name: str) -> list[HealthCheck]:
+        """Plugin ``name``'s health checks; one failed check if they raise (e.g. a dependency
+        of the plugin that is not installed), so that `check` and `features` still answer."""
+        try:
+            return self.call_for(name, "cedana_health_checks") or []
+        except Exception as exc:  # a plugin's error must not break the CLI
+            return [HealthCheck(name=name, ok=False, fatal=False, detail=f"health checks failed: {exc!r}")]
 
     def require(self, name: str, hook: str, what: str, **kwargs: Any) -> Any:
         result = self.call_for(name, hook, **kwargs)

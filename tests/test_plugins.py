@@ -78,6 +78,21 @@ class FakeUnhealthy:
         ]
 
 
+class FakeMissingDependency:
+    """A plugin whose health checks import a library that is not installed (as storage/s3's
+    imports botocore where the package was installed without its dependencies)."""
+
+    @hookimpl
+    def cedana_dump_command(self) -> click.Command:
+        return fake_command
+
+    @hookimpl
+    def cedana_health_checks(self) -> list[HealthCheck]:
+        import cedana_ray_test_absent_library  # noqa: F401
+
+        return []
+
+
 class FakeRunner:
     @hookimpl
     def cedana_run_handler(self) -> Any:
@@ -188,6 +203,14 @@ def test_failing_warning_health_check(pm: PluginManager) -> None:
     matrix = features.compute(pm)
     assert matrix.features["Dump command"]["fake-unhealthy"] is Status.incompatible
     assert matrix.errors["fake-unhealthy"] == ["health check fake-binary: fakectl not found"]
+
+
+def test_a_health_check_that_raises_is_a_failed_check(pm: PluginManager) -> None:
+    pm.register_checked(FakeMissingDependency(), "fake-missing")
+    matrix = features.compute(pm)
+    assert matrix.features["Dump command"]["fake-missing"] is Status.incompatible
+    [reason] = matrix.errors["fake-missing"]
+    assert reason.startswith("health check fake-missing: health checks failed: ModuleNotFoundError"), reason
 
 
 def test_known_but_absent_plugins(pm: PluginManager) -> None:
