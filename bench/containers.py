@@ -46,6 +46,7 @@ from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, Runc, derive_bundle, write_criu_config
+from containerd_daemon import start_containerd
 from containers import (
     bundle,
     busybox_rootfs,
@@ -53,7 +54,6 @@ from containers import (
     oci_image,
     python_image,
     python_rootfs,
-    start_containerd,
 )
 
 from cedana_ray.config import Paths

@@ -8,24 +8,37 @@ second leave-running checkpoint later, and let it finish. Passes when every step
 loss and the tensors' checksum match the reference exactly. Prints a report and
 writes it as JSON to OUT/gpu-check-RUNTIME.json.
 
-``--runtime runc`` runs the job as a runc container instead of a process: its root is
-this machine's own files (each top-level directory bound read-only), with the NVIDIA
-device nodes bound in, so it needs no image. Its GPU use is not traced (tracing is a
-``process`` feature).
+``--runtime runc containerd`` runs the job as a runc container, then as a containerd
+one, instead of (or after) a process, against the same reference run. A container's root
+is this machine's own files (each top-level directory bound read-only) with the NVIDIA
+device nodes, so it needs no image from a registry: containerd (a private daemon started
+here) gets an image of one empty layer, built here. A container's GPU use is not traced
+(tracing is a ``process`` feature).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cedana_ray.plugins.containerd import archive
+from cedana_ray.plugins.containerd.client import Ctr
+from cedana_ray.plugins.containerd.plugin import BindMount, ContainerdRunRequest
+from cedana_ray.plugins.gpu import nvml
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 
 from cedana_ray.config import Paths
@@ -34,6 +47,11 @@ from cedana_ray.models import Compression, JobState
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from containerd_daemon import start_containerd  # noqa: E402 (a module of the tests that needs only cedana-ray)
+
+IMAGE = "cedana-ray.local/gpu-check/host:1"
+RUNTIMES = ("process", "runc", "containerd")
 # Not bound into the runc job's root: the kernel's and runtimes' trees, and where other
 # containers' and removable filesystems are mounted.
 SKIPPED = {"proc", "sys", "dev", "run", "var", "mnt", "media"}
@@ -80,26 +98,32 @@ def reference(cmd: list[str]) -> dict[str, Any]:
     return {**parse(out), "wall_s": time.perf_counter() - start}
 
 
+def host_tops() -> tuple[list[BindMount], dict[str, str]]:
+    """This machine's top-level directories, as a container's root: the real ones as bind
+    mounts, read-only with what is mounted under them, but /tmp writable and without (other
+    containers' overlays, which CRIU would have to restore too); and the symbolic links
+    (``bin -> usr/bin``), which the root must hold itself (CRIU cannot restore a bind mount
+    whose source is a link)."""
+    tops = [top for top in sorted(Path("/").iterdir()) if top.name not in SKIPPED and top.is_dir()]
+    links = {top.name: os.readlink(top) for top in tops if top.is_symlink()}
+    dirs = {str(top): top.name == "tmp" for top in tops if top.name not in links}
+    return [BindMount(source=d, destination=d, readonly=not tmp, recursive=not tmp) for d, tmp in dirs.items()], links
+
+
 def runc_bundle(dest: Path, cmd: list[str]) -> Path:
     """An OCI bundle running ``cmd`` on this machine's files, with its environment and GPUs."""
     dest.mkdir(parents=True)
     subprocess.run(["runc", "spec", "--bundle", str(dest)], check=True)
     spec = json.loads((dest / "config.json").read_text())
     (dest / "rootfs").mkdir()
-    mounts = spec["mounts"]
-    for top in sorted(Path("/").iterdir()):
-        if top.name in SKIPPED or not top.is_dir():
-            continue
-        if top.is_symlink():  # /bin -> usr/bin: the same link in the new root
-            (dest / "rootfs" / top.name).symlink_to(os.readlink(top))
-            continue
-        # /tmp without what is mounted under it (other containers' overlays, which CRIU
-        # would have to restore too), and writable
-        options = ["bind", "rw"] if top.name == "tmp" else ["rbind", "ro"]
-        mounts.append({"destination": str(top), "type": "bind", "source": str(top), "options": options})
-    for node in sorted(Path("/dev").glob("nvidia*")):
-        if node.is_char_device():
-            mounts.append({"destination": str(node), "type": "bind", "source": str(node), "options": ["bind"]})
+    mounts, links = host_tops()
+    for name, target in links.items():
+        (dest / "rootfs" / name).symlink_to(target)
+    for m in mounts:
+        options = ["rbind" if m.recursive else "bind", "ro" if m.readonly else "rw"]
+        spec["mounts"].append({"destination": m.destination, "type": "bind", "source": m.source, "options": options})
+    for node in nvml.device_nodes():
+        spec["mounts"].append({"destination": node, "type": "bind", "source": node, "options": ["bind"]})
     spec["root"] = {"path": "rootfs", "readonly": False}
     spec["process"].update(terminal=False, args=cmd, cwd="/", env=[f"{k}={v}" for k, v in os.environ.items()])
     spec["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
@@ -107,20 +131,71 @@ def runc_bundle(dest: Path, cmd: list[str]) -> Path:
     return dest
 
 
-def start(engine: Engine, cmd: list[str], args: argparse.Namespace) -> Path:
-    """The job under cedana-ray in ``args.runtime``; its log."""
-    if args.runtime == "runc":
+def host_image(dest: Path) -> Path:
+    """The OCI archive of IMAGE: one layer of the links of :func:`host_tops`, for a root
+    made of its mounts."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for name, target in host_tops()[1].items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    blobs: dict[str, bytes] = {}
+    diff = archive.add_blob(blobs, layer.getvalue())
+    rootfs = {"type": "layers", "diff_ids": [diff["digest"]]}
+    config = archive.add_blob(blobs, json.dumps({"architecture": "amd64", "os": "linux", "rootfs": rootfs}).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **diff}],
+    }
+    top = {"mediaType": manifest["mediaType"], **archive.add_blob(blobs, json.dumps(manifest).encode())}
+    archive.write_archive(dest, {"schemaVersion": 2, "manifests": [archive.named(top, IMAGE)]}, data=blobs)
+    return dest
+
+
+@contextmanager
+def containerd() -> Iterator[None]:
+    """A private containerd with IMAGE, as the containerd plugin's (CONTAINERD_ADDRESS).
+    Its directory is a short path (a socket's has at most 104 bytes), in memory where it
+    can be: containerd's content store holds each checkpoint on its way to our store."""
+    base = Path(tempfile.mkdtemp(prefix="cedana-ray-ctrd-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    daemon = start_containerd(base)
+    ctr = Ctr(str(base / "containerd.sock"), "gpu-check")
+    os.environ.update(CONTAINERD_ADDRESS=ctr.address, CONTAINERD_NAMESPACE=ctr.namespace)
+    try:
+        ctr.call("images", "import", str(host_image(base / "image.tar")))
+        yield
+    finally:
+        for cid in ctr.containers():
+            ctr.remove(cid)
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start(engine: Engine, cmd: list[str], runtime: str, device: str) -> Path:
+    """The job under cedana-ray in ``runtime``; its log."""
+    if runtime == "runc":
         bundle = runc_bundle(engine.paths.home / "bundle", cmd)
         job = engine.run("runc", RuncRunRequest(cmd=cmd, jid="gpu", bundle=str(bundle), container="gpu"))
+    elif runtime == "containerd":
+        snapshotter = "overlayfs" if "overlay" in Path("/proc/filesystems").read_text() else "native"
+        request = ContainerdRunRequest(
+            cmd=cmd, jid="gpu", image=IMAGE, container="gpu", args=cmd, env=dict(os.environ), cwd="/",
+            mounts=host_tops()[0], gpu=device == "cuda", snapshotter=snapshotter,
+        )  # fmt: skip
+        job = engine.run("containerd", request)
     else:
-        tracing = args.device == "cuda"
+        tracing = device == "cuda"
         job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu=tracing, gpu_tracing=tracing))
     return Path(job.log)
 
 
-def under_cedana(engine: Engine, cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    tracing = args.device == "cuda" and args.runtime == "process"
-    log = start(engine, cmd, args)
+def under_cedana(engine: Engine, cmd: list[str], runtime: str, args: argparse.Namespace) -> dict[str, Any]:
+    tracing = args.device == "cuda" and runtime == "process"
+    log = start(engine, cmd, runtime, args.device)
     wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
     users = [r["jobs"] for r in engine.query("gpu")] if args.device == "cuda" else []
     env = {**os.environ, "CEDANA_RAY_HOME": str(engine.paths.home)}
@@ -215,7 +290,7 @@ def main() -> None:
     parser.add_argument("--dump-at", type=int, default=30)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compression", default="none")
-    parser.add_argument("--runtime", choices=("process", "runc"), default="process")
+    parser.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=["process"], help="one or more")
     parser.add_argument("--home", type=Path, default=Path("/dev/shm/cedana-ray-gpu-check"))
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -229,16 +304,30 @@ def main() -> None:
         "--device",
         args.device,
     ]
-    engine = Engine(Paths(args.home / args.runtime))
     ref = reference(cmd)
     print(f"reference: {len(ref['steps'])} steps, state rebuilt in {ref['ready_s']:.2f} s", flush=True)
-    got = under_cedana(engine, cmd, args)
+    passed = [check(runtime, ref, cmd, args) for runtime in args.runtime]
+    sys.exit(0 if all(passed) else 1)
+
+
+def check(runtime: str, ref: dict[str, Any], cmd: list[str], args: argparse.Namespace) -> bool:
+    """The check in ``runtime``; whether it passed. A failure (even a crash) leaves no job
+    holding GPU memory for the next runtime's check."""
+    engine = Engine(Paths(args.home / runtime))
+    try:
+        with containerd() if runtime == "containerd" else contextlib.nullcontext():
+            got = under_cedana(engine, cmd, runtime, args)
+    except (Exception, SystemExit) as exc:
+        print(f"gpu-check ({runtime}): FAIL {exc}", flush=True)
+        with contextlib.suppress(Exception):
+            engine.kill("gpu")
+        return False
     doc = report(ref, got, verdict(ref, got, args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu-check-{args.runtime}.json").write_text(json.dumps(doc, indent=2, default=str))
+    (args.out / f"gpu-check-{runtime}.json").write_text(json.dumps(doc, indent=2, default=str))
     print(json.dumps(doc, indent=2, default=str))
-    print(f"gpu-check ({args.runtime}):", "PASS" if doc["ok"] else "FAIL " + "; ".join(doc["failures"]))
-    sys.exit(0 if doc["ok"] else 1)
+    print(f"gpu-check ({runtime}):", "PASS" if doc["ok"] else "FAIL " + "; ".join(doc["failures"]), flush=True)
+    return doc["ok"]
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from cedana_ray.plugins.crio.client import Cri
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 from cedana_ray.plugins.runc.runtime import Runc
 from conftest import kill_jobs
-from containers import bundle, busybox_rootfs, missing, oci_image, start_containerd
+from containerd_daemon import start_containerd
+from containers import bundle, busybox_rootfs, missing, oci_image
 from ray.cluster_utils import Cluster as RayCluster
 from servers import stop_process
 from test_containerd import IMAGE as COUNTER_IMAGE

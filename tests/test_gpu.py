@@ -247,13 +247,14 @@ def test_a_frozen_cuda_process_is_refused_at_once(engine: Engine, tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.criu
-@pytest.mark.parametrize("runtime", ["process", "runc"])
+@pytest.mark.parametrize("runtime", ["process", "runc", "containerd"])
 def test_the_gpu_check_passes_on_the_cpu(runtime: str, tmp_path: Path) -> None:
     """scripts/gpu_check.py, the GPU check's flow, rehearsed with PyTorch on the CPU and a
     small state: it keeps working between GPU sessions."""
     pytest.importorskip("torch", reason="PyTorch (CPU) could not be installed here")
-    if runtime == "runc" and not shutil.which("runc"):
-        pytest.skip("runc not installed (run `make setup`)")
+    needs = {"runc": ["runc"], "containerd": ["runc", "containerd", "ctr"]}.get(runtime, [])
+    if absent := [b for b in needs if not shutil.which(b)]:
+        pytest.skip(f"{', '.join(absent)} not installed (run `make setup`)")
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     args = ["--device", "cpu", "--runtime", runtime, "--gib", "0", "--steps", "30", "--dump-at", "8"]
     out = tmp_path / "out"

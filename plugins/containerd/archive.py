@@ -47,14 +47,14 @@ def _read(tar: tarfile.TarFile, name: str) -> bytes:
     return member.read()
 
 
-def _add(blobs: dict[str, bytes], data: bytes) -> dict[str, Any]:
+def add_blob(blobs: dict[str, bytes], data: bytes) -> dict[str, Any]:
     """Add ``data`` as a blob; the digest and size of its descriptor."""
     descriptor = {"digest": f"sha256:{hashlib.sha256(data).hexdigest()}", "size": len(data)}
     blobs[_blob_name(descriptor)] = data
     return descriptor
 
 
-def _annotated(descriptor: Descriptor, name: str) -> Descriptor:
+def named(descriptor: Descriptor, name: str) -> Descriptor:
     """The image's descriptor in ``index.json``, named as ``ctr images import`` reads it."""
     names = {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]}
     return {**descriptor, "annotations": {**descriptor.get("annotations", {}), **names}}
@@ -73,12 +73,12 @@ def export(content: Path, name: str, target: Descriptor, dest: Path) -> None:
     """Write image ``name``, whose target is ``target`` (media type and digest), to the OCI
     archive ``dest``, its blobs read from the content store directory ``content``."""
     target = {**target, "size": (content / _blob_name(target)).stat().st_size}
-    index = {"schemaVersion": 2, "manifests": [_annotated(target, name)]}
+    index = {"schemaVersion": 2, "manifests": [named(target, name)]}
     blobs = {_blob_name(d) for d in (target, *_children(content, target))}
-    _write(dest, index, files={blob: content / blob for blob in blobs})
+    write_archive(dest, index, files={blob: content / blob for blob in blobs})
 
 
-def _write(
+def write_archive(
     dest: Path, index: dict[str, Any], data: dict[str, bytes] | None = None, files: dict[str, Path] | None = None
 ) -> None:
     """An OCI archive: the layout marker, the blobs (``data`` in memory, ``files`` on disk), ``index.json``."""
@@ -104,10 +104,10 @@ def respec(archive: Path, dest: Path, name: str, edit: Callable[[Spec], None]) -
     edit(spec)
     spec_any.value = json.dumps(spec).encode()
     blobs: dict[str, bytes] = {}
-    config.update(_add(blobs, spec_any.SerializeToString()))
-    top.update(_add(blobs, json.dumps(checkpoint).encode()))
-    index["manifests"][0] = _annotated(top, name)
-    _write(dest, index, data=blobs)
+    config.update(add_blob(blobs, spec_any.SerializeToString()))
+    top.update(add_blob(blobs, json.dumps(checkpoint).encode()))
+    index["manifests"][0] = named(top, name)
+    write_archive(dest, index, data=blobs)
 
 
 def own_cgroup(path: str, namespace: str, cid: str) -> str:
