@@ -12,8 +12,8 @@ writes it as JSON to OUT/gpu-check-RUNTIME.json.
 one, instead of (or after) a process, against the same reference run. A container's root
 is this machine's own files (each top-level directory bound read-only) with the NVIDIA
 device nodes, so it needs no image from a registry: containerd (a private daemon started
-here) gets an image of one empty layer, built here. A container's GPU use is not traced
-(tracing is a ``process`` feature).
+here) gets an image of one layer (the machine's top-level links), built here. On a GPU
+each run traces the job's GPU use and checks the restore gap in the trace.
 """
 
 from __future__ import annotations
@@ -176,25 +176,23 @@ def containerd() -> Iterator[None]:
 
 
 def start(engine: Engine, cmd: list[str], runtime: str, device: str) -> Path:
-    """The job under cedana-ray in ``runtime``; its log."""
+    """The job under cedana-ray in ``runtime``, its GPU use traced on a GPU; its log."""
+    gpu = device == "cuda"
     if runtime == "runc":
         bundle = runc_bundle(engine.paths.home / "bundle", cmd)
-        job = engine.run("runc", RuncRunRequest(cmd=cmd, jid="gpu", bundle=str(bundle), container="gpu"))
+        request: RunRequest = RuncRunRequest(cmd=cmd, jid="gpu", bundle=str(bundle), container="gpu", gpu_tracing=gpu)
     elif runtime == "containerd":
         snapshotter = "overlayfs" if "overlay" in Path("/proc/filesystems").read_text() else "native"
         request = ContainerdRunRequest(
             cmd=cmd, jid="gpu", image=IMAGE, container="gpu", args=cmd, env=dict(os.environ), cwd="/",
-            mounts=host_tops()[0], gpu=device == "cuda", snapshotter=snapshotter,
+            mounts=host_tops()[0], gpu=gpu, gpu_tracing=gpu, snapshotter=snapshotter,
         )  # fmt: skip
-        job = engine.run("containerd", request)
     else:
-        tracing = device == "cuda"
-        job = engine.run("process", RunRequest(cmd=cmd, jid="gpu", gpu=tracing, gpu_tracing=tracing))
-    return Path(job.log)
+        request = RunRequest(cmd=cmd, jid="gpu", gpu=gpu, gpu_tracing=gpu)
+    return Path(engine.run(runtime, request).log)
 
 
 def under_cedana(engine: Engine, cmd: list[str], runtime: str, args: argparse.Namespace) -> dict[str, Any]:
-    tracing = args.device == "cuda" and runtime == "process"
     log = start(engine, cmd, runtime, args.device)
     wait_for(lambda: f"step {args.dump_at} " in log.read_text(), 90, f"step {args.dump_at}", engine)
     users = [r["jobs"] for r in engine.query("gpu")] if args.device == "cuda" else []
@@ -214,7 +212,7 @@ def under_cedana(engine: Engine, cmd: list[str], runtime: str, args: argparse.Na
         "gpu": manifest.details.get("gpu", {}),
         "restore": restored.model_dump(),
         "hot_dump": hot.model_dump(),
-        "trace": _trace(engine, log) if tracing else None,
+        "trace": _trace(engine, log) if args.device == "cuda" else None,
         "query_gpu_jobs": users,
         "ps_gpus": ps_gpus,
     }
@@ -249,8 +247,8 @@ def verdict(ref: dict[str, Any], got: dict[str, Any], args: argparse.Namespace) 
             failures.append(f"`query gpu` does not list the job on any GPU: {got['query_gpu_jobs']}")
         if not got["ps_gpus"]:
             failures.append(f"`ps --json` shows no GPU for the job: {got['ps_gpus']}")
-        if got["trace"] and not got["trace"]["gaps"]:
-            failures.append("the GPU trace has no restore gap")
+        if not (got["trace"] or {}).get("gaps"):
+            failures.append(f"the GPU trace has no restore gap: {got['trace']}")
     return failures
 
 
@@ -311,17 +309,20 @@ def main() -> None:
 
 
 def check(runtime: str, ref: dict[str, Any], cmd: list[str], args: argparse.Namespace) -> bool:
-    """The check in ``runtime``; whether it passed. A failure (even a crash) leaves no job
-    holding GPU memory for the next runtime's check."""
+    """The check in ``runtime``; whether it passed. It leaves neither a job holding GPU
+    memory, even after a crash, nor its checkpoints (two of the job's size each, in memory
+    under the default home) for the next runtime's check."""
     engine = Engine(Paths(args.home / runtime))
     try:
         with containerd() if runtime == "containerd" else contextlib.nullcontext():
             got = under_cedana(engine, cmd, runtime, args)
     except (Exception, SystemExit) as exc:
         print(f"gpu-check ({runtime}): FAIL {exc}", flush=True)
+        return False
+    finally:
         with contextlib.suppress(Exception):
             engine.kill("gpu")
-        return False
+        shutil.rmtree(engine.paths.home, ignore_errors=True)
     doc = report(ref, got, verdict(ref, got, args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu-check-{runtime}.json").write_text(json.dumps(doc, indent=2, default=str))

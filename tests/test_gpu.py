@@ -22,7 +22,7 @@ from cedana_ray.engine import Engine
 from cedana_ray.errors import PrerequisiteError, StateError
 from cedana_ray.models import Job, JobState, Manifest
 from cedana_ray.pipeline import Context
-from cedana_ray.requests import DumpRequest
+from cedana_ray.requests import DumpRequest, RestoreRequest
 
 no_gpu = pytest.mark.skipif(nvml.unavailable() is None, reason="an NVIDIA driver is present")
 
@@ -35,7 +35,13 @@ def test_missing_driver_is_one_clear_reason() -> None:
 @no_gpu
 @pytest.mark.parametrize(
     "args",
-    [["query", "gpu"], ["run", "process", "--gpu-tracing", "--", "true"], ["run", "process", "--gpu", "--", "true"]],
+    [
+        ["query", "gpu"],
+        ["run", "process", "--gpu-tracing", "--", "true"],
+        ["run", "process", "--gpu", "--", "true"],
+        ["run", "containerd", "--image", "i", "--id", "c", "--gpu-tracing"],
+        ["run", "runc", "--bundle", "/", "--id", "c", "--gpu-tracing"],
+    ],
 )
 def test_gpu_commands_fail_in_one_line_without_driver(home: Path, args: list[str]) -> None:
     res = subprocess.run([sys.executable, "-m", "cedana_ray.cli", *args], capture_output=True, text=True)
@@ -223,6 +229,20 @@ def assert_cuda_dump_refused(engine: Engine, jid: str, counting: Callable[[], in
     assert engine.job(jid).state is JobState.running and engine.checkpoints(jid) == []
     at = counting()
     wait_for(lambda: counting() > at + 3, what=f"{jid} counting after the refused dump")
+
+
+@pytest.mark.criu
+def test_a_traced_job_goes_on_being_traced_after_restore(engine: Engine) -> None:
+    """Whether a job's GPU use is traced travels in its checkpoint (the gpu plugin's dump
+    middleware records it, for every job type), so its restore goes on tracing. Without a
+    driver here no tracer runs, and `run --gpu-tracing` is refused: the job is marked as
+    that run marks it."""
+    start(engine, COUNTER, ready="count=3")
+    job = engine.job("j1")
+    engine.registry.save_job(job.model_copy(update={"details": {**job.details, "gpu_tracing": True}}))
+    dumped = engine.dump("j1", DumpRequest())
+    assert engine.inspect(dumped.checkpoint).details["gpu_tracing"] is True
+    assert engine.restore(RestoreRequest(), jid="j1").job.details["gpu_tracing"] is True
 
 
 def start_cuda_lookalike(engine: Engine, tmp_path: Path) -> None:

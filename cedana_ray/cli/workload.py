@@ -23,6 +23,11 @@ def container_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return check_name(value, "container id")
 
 
+gpu_tracing_option = click.option(
+    "--gpu-tracing", is_flag=True, help="Trace the job's GPU use into gpu-trace.json (Chrome/Perfetto JSON)."
+)
+
+
 def env_vars(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
     """A click callback: repeated ``K=V`` options as a dict."""
     bad = [e for e in value if "=" not in e]

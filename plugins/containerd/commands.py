@@ -12,6 +12,7 @@ from cedana_ray.cli.workload import (
     container_id,
     dump_command,
     env_vars,
+    gpu_tracing_option,
     manage_command,
     policy_options,
     query_command,
@@ -66,6 +67,7 @@ def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     help="Host device, or a directory of them, to give the container (repeatable).",
 )
 @click.option("--gpu", is_flag=True, help="Give the container this machine's NVIDIA GPUs (refused without any).")
+@gpu_tracing_option
 @policy_options
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @common
@@ -79,6 +81,7 @@ def run(
     mounts: list[dict[str, Any]],
     devices: tuple[str, ...],
     gpu: bool,
+    gpu_tracing: bool,
     storage: str | None,
     every: float | None,
     keep: int | None,
@@ -101,6 +104,7 @@ def run(
         mounts=mounts,
         devices=[os.path.abspath(d) for d in devices],
         gpu=gpu,
+        gpu_tracing=gpu_tracing,
         jid=jid or container,
         checkpoint_every=every,
         keep=keep,

@@ -34,6 +34,8 @@ import psutil
 from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
     cedana_gpu_interception,
     cedana_gpu_interception_restore,
+    cedana_gpu_tracing,
+    cedana_gpu_tracing_restore,
     require_gpu,
 )
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at

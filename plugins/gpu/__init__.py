@@ -15,6 +15,8 @@ from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import Job
 from cedana_ray.pipeline import Context, Handler, Middleware
 
+TRACE_INTERVAL = 0.1  # seconds between GPU samples
+
 
 def require_gpu(ctx: Context, next_: Handler) -> Job:
     """`run --gpu`: refused where the driver sees no GPU; the job is marked as needing one
@@ -30,10 +32,37 @@ def require_gpu(ctx: Context, next_: Handler) -> Job:
     return job.model_copy(update={"details": {**job.details, "needs_gpu": True}})
 
 
+def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
+    """`run --gpu-tracing`: a tracer samples the GPU use of the job's tree until it exits."""
+    if not ctx.request.gpu_tracing:
+        return next_(ctx)
+    from . import nvml, tracing
+
+    nvml.required("--gpu-tracing")
+    job = next_(ctx)
+    tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
+    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
+
+
+def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
+    """A restored job traced before goes on in the same trace, the gap marked."""
+    job = next_(ctx)
+    if not ctx.state["manifest"].details.get("gpu_tracing"):
+        return job
+    from . import nvml, tracing
+
+    if not nvml.unavailable():
+        tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
+    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
+
+
 def dump_interception(ctx: Context, next_: Handler) -> Any:
-    """The dump middleware that checkpoints a job's CUDA state around CRIU."""
+    """The dump middleware that checkpoints a job's CUDA state around CRIU (and records in
+    the checkpoint whether the job's GPU use is traced, for the restore to go on tracing)."""
     from .intercept import Interceptor
 
+    if ctx.job.details.get("gpu_tracing"):
+        ctx.state.setdefault("details", {})["gpu_tracing"] = True
     return Interceptor().gpu_interception(ctx, next_)
 
 
@@ -45,7 +74,8 @@ def restore_interception(ctx: Context, next_: Handler) -> Any:
 
 
 # The hooks of a job type whose dump middleware sets ``ctx.state["tree_root"]`` (its tree's
-# host PID): its plugin module imports them, and pluggy collects them from there.
+# host PID) and whose job's ``pid`` is its tree's root: its plugin module imports them, and
+# pluggy collects them from there.
 @hookimpl
 def cedana_gpu_interception() -> list[Middleware]:
     return [dump_interception]
@@ -54,3 +84,13 @@ def cedana_gpu_interception() -> list[Middleware]:
 @hookimpl
 def cedana_gpu_interception_restore() -> list[Middleware]:
     return [restore_interception]
+
+
+@hookimpl
+def cedana_gpu_tracing() -> list[Middleware]:
+    return [start_gpu_tracing]
+
+
+@hookimpl
+def cedana_gpu_tracing_restore() -> list[Middleware]:
+    return [continue_gpu_tracing]

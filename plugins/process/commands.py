@@ -8,6 +8,7 @@ from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     dump_command,
     env_vars,
+    gpu_tracing_option,
     manage_command,
     policy_options,
     query_command,
@@ -26,7 +27,7 @@ NAME = "process"
 @click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
 @policy_options
 @click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")
-@click.option("--gpu-tracing", is_flag=True, help="Trace the job's GPU use (Chrome/Perfetto JSON).")
+@gpu_tracing_option
 @click.option("--node", metavar="NODE", help="With a cluster: the node to run on (default: the least loaded).")
 @click.option(
     "--restore-on-loss", is_flag=True, help="With a cluster: restore from the last checkpoint if the node dies."

@@ -12,6 +12,8 @@ import click
 from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
     cedana_gpu_interception,
     cedana_gpu_interception_restore,
+    cedana_gpu_tracing,
+    cedana_gpu_tracing_restore,
     require_gpu,
 )
 
@@ -26,7 +28,6 @@ from . import commands, tree
 from .launch import LaunchError, launch_in_namespaces, nsinit, recorded_exit, started_at
 
 NAME = "process"
-TRACE_INTERVAL = 0.1  # seconds between GPU samples
 REAP_GRACE_S = 2.0  # how long a supervisor may take to record an exit
 
 
@@ -93,7 +94,6 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     ctx.state["details"] = {
         "pipes": tree.stdio_pipes(root),
         "frozen": tree.is_stopped(root),
-        "gpu_tracing": job.details.get("gpu_tracing", False),
     }
     return next_(ctx)
 
@@ -200,43 +200,9 @@ def cedana_query_handler() -> Handler:
     return query
 
 
-def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
-    """`run --gpu-tracing`: a tracer samples the job's GPU use until it exits."""
-    if not ctx.request.gpu_tracing:
-        return next_(ctx)
-    from cedana_ray.plugins.gpu import nvml, tracing
-
-    nvml.required("--gpu-tracing")
-    job = next_(ctx)
-    tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
-    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
-
-
-def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
-    """A restored job traced before goes on in the same trace, the gap marked."""
-    job = next_(ctx)
-    if not ctx.state["manifest"].details.get("gpu_tracing"):
-        return job
-    from cedana_ray.plugins.gpu import nvml, tracing
-
-    if not nvml.unavailable():
-        tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
-    return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
-
-
 @hookimpl
 def cedana_run_middleware() -> list[Middleware]:
     return [require_gpu]
-
-
-@hookimpl
-def cedana_gpu_tracing() -> list[Middleware]:
-    return [start_gpu_tracing]
-
-
-@hookimpl
-def cedana_gpu_tracing_restore() -> list[Middleware]:
-    return [continue_gpu_tracing]
 
 
 @hookimpl

@@ -10,6 +10,7 @@ from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     container_id,
     dump_command,
+    gpu_tracing_option,
     manage_command,
     policy_options,
     query_command,
@@ -27,12 +28,14 @@ BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--bundle", required=True, type=BUNDLE, help="OCI bundle: config.json and its rootfs.")
 @click.option("--id", "container", required=True, callback=container_id, help="Container id.")
 @click.option("--jid", metavar="ID", help="Job id (default: the container id).")
+@gpu_tracing_option
 @policy_options
 @common
 def run(
     bundle: Path,
     container: str,
     jid: str | None,
+    gpu_tracing: bool,
     storage: str | None,
     every: float | None,
     keep: int | None,
@@ -47,6 +50,7 @@ def run(
         bundle=str(bundle.resolve()),
         container=container,
         jid=jid or container,
+        gpu_tracing=gpu_tracing,
         checkpoint_every=every,
         keep=keep,
     )

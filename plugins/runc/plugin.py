@@ -29,7 +29,12 @@ from typing import Any
 
 import click
 import psutil
-from cedana_ray.plugins.gpu import cedana_gpu_interception, cedana_gpu_interception_restore  # noqa: F401 (hooks)
+from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
+    cedana_gpu_interception,
+    cedana_gpu_interception_restore,
+    cedana_gpu_tracing,
+    cedana_gpu_tracing_restore,
+)
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 
 from cedana_ray import criu
