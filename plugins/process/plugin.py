@@ -125,7 +125,7 @@ def restore(ctx: Context) -> Job:
 
 
 def freeze(ctx: Context) -> None:
-    signal_tree(ctx.job.pid, signal.SIGSTOP)
+    tree.stop(ctx.job.pid)
 
 
 def unfreeze(ctx: Context) -> None:

@@ -8,7 +8,10 @@ import signal
 import psutil
 
 from cedana_ray.errors import JobNotFound, PermissionDenied, StateError
-from cedana_ray.proctree import tree_pids
+from cedana_ray.proctree import signal_tree, tree_pids
+from cedana_ray.retry import until
+
+STOP_TIMEOUT_S = 5.0
 
 
 def proc(pid: int) -> psutil.Process:
@@ -78,6 +81,22 @@ def host_pid(init: int, ns_pid: int) -> int:
 
 def is_stopped(pid: int) -> bool:
     return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP the tree rooted at ``pid`` and wait until all of it is stopped: a signal
+    takes effect asynchronously, and a dump right after a freeze must see a frozen job."""
+    signal_tree(pid, signal.SIGSTOP)
+    if not until(lambda: _all_stopped(pid), STOP_TIMEOUT_S, 0.002):
+        raise StateError(f"the process tree of PID {pid} did not stop within {STOP_TIMEOUT_S:g} s")
+
+
+def _all_stopped(root: int) -> bool:
+    """Whether every process of the tree is stopped (or gone)."""
+    try:
+        return all(psutil.Process(p).status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE) for p in tree_pids(root))
+    except psutil.NoSuchProcess:
+        return not psutil.pid_exists(root)  # a member exited meanwhile: ask again
 
 
 KILL_SIGNAL = signal.SIGKILL  # PID 1 of a namespace ignores signals it has no handler for
