@@ -104,9 +104,11 @@ def restore(
     path: str | None = None,
     new_jid: str | None = None,
     node: str | None = None,
+    gpu_map: dict[str, str] | None = None,
 ) -> Job:
-    """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on ``node`` if given."""
-    request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid)
+    """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on
+    ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``."""
+    request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {})
     backend = _engine()
     if isinstance(backend, Cluster):
         return backend.restore(request, jid=jid, node=node).job

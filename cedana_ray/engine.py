@@ -364,6 +364,8 @@ class Engine:
         criu.version()
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
+        if request.gpu_map and not manifest.details.get("gpu"):
+            raise UsageError(f"--gpu-map: checkpoint {ckpt} holds no GPU state")
         target = request.jid or jid or manifest.jid
         existing = self._existing(target)
         if existing and existing.state in LIVE_STATES:

@@ -65,6 +65,7 @@ class RestoreRequest(BaseModel):
     jid: Name | None = None  # restore as a new job (a clone) under this id
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     key: Key | None = None  # of an encrypted checkpoint
+    gpu_map: dict[str, str] = Field(default_factory=dict)  # checkpointed GPU -> GPU here (UUIDs or indexes)
 
     def decryption_key(self) -> bytes | None:
         return self.key.get_secret_value() if self.key else None

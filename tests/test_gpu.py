@@ -19,7 +19,7 @@ from cedana_ray.plugins.gpu.cuda import GpuError, ProcessState
 from test_process_criu import COUNTER, last_count, start, wait_for
 
 from cedana_ray.engine import Engine
-from cedana_ray.errors import PrerequisiteError, StateError
+from cedana_ray.errors import PrerequisiteError, StateError, UsageError
 from cedana_ray.models import Job, JobState, Manifest
 from cedana_ray.pipeline import Context
 from cedana_ray.requests import DumpRequest, RestoreRequest
@@ -177,7 +177,7 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     fake.states = dict.fromkeys(fake.states, ProcessState.checkpointed)
     manifest = SimpleNamespace(details={"gpu": {"gpus": [], "processes": 2}})
     job = Job(jid="g", type="process", state=JobState.running, pid=None)
-    ctx = Context(None, state={"manifest": manifest})
+    ctx = Context(RestoreRequest(), state={"manifest": manifest})
     assert interceptor(fake).gpu_interception_restore(ctx, lambda c: job) is job
     assert fake.calls == [("restore", 10), ("restore", 11), ("unlock", 10), ("unlock", 11)]
 
@@ -186,8 +186,63 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     failing.states[sleeper.pid] = ProcessState.checkpointed
     job = job.model_copy(update={"pid": sleeper.pid})
     with pytest.raises(GpuError):
-        interceptor(failing).gpu_interception_restore(Context(None, state={"manifest": manifest}), lambda c: job)
+        interceptor(failing).gpu_interception_restore(
+            Context(RestoreRequest(), state={"manifest": manifest}), lambda c: job
+        )
     assert sleeper.wait(timeout=5) == -9, "a job that lost its GPU state is not left running"
+
+
+H200 = [nvml.GpuInfo(index=i, uuid=f"GPU-{i}", name="NVIDIA H200", memory_total=1, memory_used=0) for i in range(3)]
+A100 = nvml.GpuInfo(index=3, uuid="GPU-3", name="NVIDIA A100", memory_total=1, memory_used=0)
+
+
+def used(*indexes: int) -> list[dict[str, object]]:
+    """The GPUs a dump recorded: as NVML named them on the machine of the dump."""
+    return [{"uuid": f"GPU-{i}", "name": "NVIDIA H200", "index": i} for i in indexes]
+
+
+def test_remap_plan_keeps_what_is_here_and_names_every_gpu_once_anything_moves() -> None:
+    assert intercept.remap_plan(used(0), H200, {}) == {}, "restored where it was: no pairs"
+    assert intercept.remap_plan(used(0), H200[1:], {}) == {"GPU-0": "GPU-1"}, "absent: a free one of its kind"
+    # the driver wants every checkpointed GPU once any is remapped; the one here stays
+    assert intercept.remap_plan(used(0, 1), [H200[1], H200[2]], {}) == {"GPU-0": "GPU-2", "GPU-1": "GPU-1"}
+    assert intercept.remap_plan(used(0), H200, {"0": "2"}) == {"GPU-0": "GPU-2"}, "asked, by index"
+    # asked onto a GPU the job also used: that one moves to a free one
+    assert intercept.remap_plan(used(0, 1), H200, {"GPU-0": "GPU-1"}) == {"GPU-0": "GPU-1", "GPU-1": "GPU-2"}
+    with pytest.raises(GpuError, match="no free NVIDIA H200 here"):
+        intercept.remap_plan(used(0), [A100], {})
+
+
+@pytest.mark.parametrize(
+    ("asked", "error"),
+    [
+        ({"5": "1"}, "no GPU 5 in the checkpoint"),
+        ({"0": "GPU-9"}, "no GPU GPU-9 on this node"),
+        ({"0": "3"}, "GPU-3 is a NVIDIA A100, not a NVIDIA H200 like GPU-0"),
+        ({"0": "2", "1": "2"}, "two checkpointed GPUs onto one GPU"),
+    ],
+)
+def test_a_gpu_map_that_cannot_be_followed_is_refused(asked: dict[str, str], error: str) -> None:
+    with pytest.raises(UsageError, match=f"^--gpu-map: {error}"):
+        intercept.remap_plan(used(0, 1), [*H200, A100], asked)
+
+
+@pytest.mark.criu
+def test_gpu_map_of_a_checkpoint_without_gpu_state_is_one_line(engine: Engine) -> None:
+    start(engine, COUNTER, ready="count=3")
+    engine.dump("j1", DumpRequest())
+    res = subprocess.run(
+        [sys.executable, "-m", "cedana_ray.cli", "restore", "job", "j1", "--gpu-map", "0=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == UsageError.exit_code and res.stderr.count("\n") == 1, res.stderr
+    assert "--gpu-map: checkpoint j1-" in res.stderr and "holds no GPU state" in res.stderr
+    assert engine.job("j1").state is JobState.checkpointed
+    bad = subprocess.run(
+        [sys.executable, "-m", "cedana_ray.cli", "restore", "job", "j1", "--gpu-map", "0"], capture_output=True
+    )
+    assert bad.returncode == 2
 
 
 def test_jobs_without_gpu_state_pass_through() -> None:

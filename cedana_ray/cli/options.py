@@ -105,8 +105,16 @@ def _dump_key(encrypt: bool, key_file: str | None) -> bytes | None:
     return load_key(key_file) if encrypt else None
 
 
+def _gpu_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    pairs = [text.split("=", 1) for text in value]
+    if bad := next((t for t, p in zip(value, pairs, strict=True) if len(p) != 2 or not all(p)), None):
+        raise click.BadParameter(f"{bad!r} is not FROM=TO")
+    return dict(pairs)
+
+
 def restore_options(fn: F) -> F:
-    """``--jid`` (restore as a new job) and ``--streams``, as ``request: RestoreRequest``."""
+    """``--jid`` (restore as a new job), ``--streams``, ``--key-file`` and ``--gpu-map``, as
+    ``request: RestoreRequest``."""
 
     @functools.wraps(fn)
     def wrapper(**kw: Any) -> Any:
@@ -116,10 +124,18 @@ def restore_options(fn: F) -> F:
             checkpoint=kw.pop("checkpoint", None),
             path=kw.pop("path", None),
             key=load_key(kw.pop("key_file")),
+            gpu_map=kw.pop("gpu_map"),
         )
         return fn(**kw)
 
     wrapper = key_file_option(wrapper)
+    wrapper = click.option(
+        "--gpu-map",
+        multiple=True,
+        callback=_gpu_pairs,
+        metavar="FROM=TO",
+        help="Restore the GPU state of checkpointed GPU FROM onto GPU TO here (UUIDs or indexes; repeatable).",
+    )(wrapper)
     wrapper = click.option(
         "--streams",
         type=click.IntRange(1, 64),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cedana_ray.errors import StateError
+from cedana_ray.errors import StateError, UsageError
 from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import members, signal_tree
 
@@ -38,23 +38,40 @@ def cuda_pids(root: int) -> list[int]:
     return found
 
 
-def remap_for(used: list[dict[str, str]]) -> dict[str, str]:
-    """For each GPU the job used that is absent here, a free present GPU of the same name."""
-    if nvml.unavailable():
-        return {}
-    present = nvml.gpus()
-    here = {g.uuid for g in present}
-    taken = {u["uuid"] for u in used if u["uuid"] in here}
-    remap = {}
-    for gpu in used:
-        if gpu["uuid"] in here:
-            continue
-        spare = next((g for g in present if g.name == gpu["name"] and g.uuid not in taken), None)
+def remap_plan(used: list[dict[str, Any]], present: list[nvml.GpuInfo], asked: dict[str, str]) -> dict[str, str]:
+    """Where to restore the GPU state of each GPU the job used (checkpointed UUID -> UUID
+    here), or {} to restore it where it was. ``asked`` (``restore --gpu-map``) maps a
+    checkpointed GPU (UUID, or its index at the dump) to a GPU here (UUID or index); every
+    other GPU stays if it is here, else goes to a free GPU of the same kind. With any change
+    the plan names every checkpointed GPU, as the driver requires."""
+
+    def pick(ref: str, gpus: list[dict[str, Any]], where: str) -> dict[str, Any]:
+        found = [g for g in gpus if ref in (g["uuid"], str(g.get("index")))]
+        if not found:
+            raise UsageError(f"--gpu-map: no GPU {ref} {where}")
+        return found[0]
+
+    here = [g.model_dump() for g in present]
+    plan: dict[str, str] = {}
+    for old, new in asked.items():
+        src, dst = pick(old, used, "in the checkpoint"), pick(new, here, "on this node")
+        if src["name"] != dst["name"]:
+            raise UsageError(f"--gpu-map: {dst['uuid']} is a {dst['name']}, not a {src['name']} like {src['uuid']}")
+        plan[src["uuid"]] = dst["uuid"]
+    if len(set(plan.values())) < len(plan):
+        raise UsageError("--gpu-map: two checkpointed GPUs onto one GPU")
+    uuids_here = {g["uuid"] for g in here}
+    for gpu in used:  # those here stay, unless asked for another
+        if gpu["uuid"] in uuids_here and gpu["uuid"] not in {*plan, *plan.values()}:
+            plan[gpu["uuid"]] = gpu["uuid"]
+    # a spare: a GPU the job did not use before one it left (which may be busy: why it moved)
+    spares = sorted(here, key=lambda g: any(g["uuid"] == u["uuid"] for u in used))
+    for gpu in (g for g in used if g["uuid"] not in plan):
+        spare = next((g for g in spares if g["name"] == gpu["name"] and g["uuid"] not in plan.values()), None)
         if spare is None:
             raise GpuError(f"no free {gpu['name']} here to restore GPU state of {gpu['uuid']} onto")
-        remap[gpu["uuid"]] = spare.uuid
-        taken.add(spare.uuid)
-    return remap
+        plan[gpu["uuid"]] = spare["uuid"]
+    return {} if all(old == new for old, new in plan.items()) else plan
 
 
 def _usage(pids: list[int]) -> dict[str, Any]:
@@ -63,12 +80,12 @@ def _usage(pids: list[int]) -> dict[str, Any]:
         return {"gpus": [], "memory_bytes": 0}
     try:
         procs = nvml.processes(pids)
-        names = {g.uuid: g.name for g in nvml.gpus()}
+        gpus = {g.uuid: g for g in nvml.gpus()}
     except nvml.NVMLError:
         return {"gpus": [], "memory_bytes": 0}
     uuids = sorted({p.uuid for p in procs})
     return {
-        "gpus": [{"uuid": u, "name": names.get(u, "")} for u in uuids],
+        "gpus": [{"uuid": u, "name": gpus[u].name, "index": gpus[u].index} for u in uuids],
         "memory_bytes": sum(p.memory_used for p in procs),
     }
 
@@ -140,13 +157,15 @@ class Interceptor:
         return result
 
     def gpu_interception_restore(self, ctx: Context, next_: Handler) -> Any:
-        job = next_(ctx)
         gpu = ctx.state["manifest"].details.get("gpu")
         if not gpu:
-            return job
+            return next_(ctx)
+        # planned (and a bad --gpu-map refused) before CRIU restores anything
+        present = [] if nvml.unavailable() else nvml.gpus()
+        remap = remap_plan(gpu["gpus"], present, ctx.request.gpu_map)
+        job = next_(ctx)
         try:
             api = self.load()
-            remap = remap_for(gpu["gpus"])
             pids = [p for p in self.find(job.pid) if api.state(p) is ProcessState.checkpointed]
             start = time.perf_counter()
             for pid in pids:
