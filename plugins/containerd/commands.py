@@ -34,7 +34,8 @@ def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
         src, _, rest = text.partition(":")
         dst, _, opts = rest.partition(":")
         options = set(opts.split(",")) - {""}
-        if not src or not dst.startswith("/") or not options <= MOUNT_OPTIONS or len(options) > 2:
+        clash = options >= {"ro", "rw"} or options >= {"bind", "rbind"}
+        if not src or not dst.startswith("/") or not options <= MOUNT_OPTIONS or clash:
             raise click.BadParameter(f"{text!r} is not SRC:DST[:ro|rw][,bind|rbind] with an absolute DST")
         if not os.path.exists(src):
             raise click.BadParameter(f"{src} does not exist")
