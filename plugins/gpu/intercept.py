@@ -80,12 +80,12 @@ def _usage(pids: list[int]) -> dict[str, Any]:
         return {"gpus": [], "memory_bytes": 0}
     try:
         procs = nvml.processes(pids)
-        gpus = {g.uuid: g for g in nvml.gpus()}
+        known = {g.uuid: {"name": g.name, "index": g.index} for g in nvml.gpus()}
     except nvml.NVMLError:
         return {"gpus": [], "memory_bytes": 0}
     uuids = sorted({p.uuid for p in procs})
     return {
-        "gpus": [{"uuid": u, "name": gpus[u].name, "index": gpus[u].index} for u in uuids],
+        "gpus": [{"uuid": u, **known.get(u, {"name": ""})} for u in uuids],
         "memory_bytes": sum(p.memory_used for p in procs),
     }
 
@@ -160,9 +160,11 @@ class Interceptor:
         gpu = ctx.state["manifest"].details.get("gpu")
         if not gpu:
             return next_(ctx)
-        # planned (and a bad --gpu-map refused) before CRIU restores anything
-        present = [] if nvml.unavailable() else nvml.gpus()
-        remap = remap_plan(gpu["gpus"], present, ctx.request.gpu_map)
+        # planned (and a bad --gpu-map refused) before CRIU restores anything; without NVML
+        # the GPUs cannot be told apart, and the driver restores each where it was
+        if ctx.request.gpu_map:
+            nvml.required("--gpu-map")
+        remap = {} if nvml.unavailable() else remap_plan(gpu["gpus"], nvml.gpus(), ctx.request.gpu_map)
         job = next_(ctx)
         try:
             api = self.load()
