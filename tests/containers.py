@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,20 @@ while True:
     i += 1
     time.sleep(0.05)
 """
+
+
+def read_count(path: Path | str) -> int:
+    """The number a counter keeps in PATH, or -1 where there is none. `echo $i > FILE`
+    truncates before it writes, so an empty read is the counter mid-write: read again."""
+    for _ in range(100):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return -1
+        if text.strip():
+            return int(text)
+        time.sleep(0.005)
+    return -1
 
 
 def missing(*binaries: str) -> str | None:

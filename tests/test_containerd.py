@@ -29,6 +29,7 @@ from containers import (
     oci_image,
     python_image,
     python_rootfs,
+    read_count,
 )
 from servers import stop_process
 from test_cli import assert_one_error, cedana
@@ -90,10 +91,7 @@ def log(engine: Engine, jid: str) -> Path:
 
 def count(engine: Engine, jid: str, path: str = "/count") -> int:
     """The counter inside the container, through its task's root."""
-    try:
-        return int((Path(f"/proc/{engine.job(jid).pid}/root{path}")).read_text())
-    except (OSError, ValueError):
-        return -1
+    return read_count(f"/proc/{engine.job(jid).pid}/root{path}")
 
 
 def start(engine: Engine, cid: str = "d1") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cedana_ray.plugins.crio.client import Cri, messages
-from containers import missing
+from containers import missing, read_count
 from cri_daemons import CGROUP_PARENT, CONTAINERD2, config_v2, cri_containerd
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
@@ -80,11 +80,8 @@ def run_counter(cri: Cri, image: str, name: str = "counter") -> str:
 
 def count(cri: Cri, cid: str) -> int:
     """The counter inside the container, through its init's root."""
-    try:
-        _, info = cri.status(cid)
-        return int(Path(f"/proc/{info['pid']}/root/count").read_text())
-    except (OSError, ValueError, KeyError):
-        return -1
+    _, info = cri.status(cid)
+    return read_count(f"/proc/{info['pid']}/root/count") if "pid" in info else -1
 
 
 def state(cri: Cri, cid: str) -> str:
