@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cedana_ray.cli.main import cli
+from cedana_ray.cli.options import pairs
 from cedana_ray.errors import (
     CedanaError,
     CheckpointNotFound,
@@ -153,6 +154,20 @@ def test_click_usage_error(home: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "bogus" in result.stderr
     assert result.stdout == ""
+
+
+def test_repeated_pairs_become_a_dict() -> None:
+    @click.command()
+    @click.option("--env", multiple=True, callback=pairs("K=V", empty_value=True))
+    @click.option("--map", multiple=True, callback=pairs("FROM=TO"))
+    def show(env: dict[str, str], map: dict[str, str]) -> None:
+        click.echo(json.dumps([env, map]))
+
+    ok = CliRunner().invoke(show, ["--env", "A=1=2", "--env", "B=", "--map", "0=1"])
+    assert json.loads(ok.output) == [{"A": "1=2", "B": ""}, {"0": "1"}]
+    for args in (["--env", "=1"], ["--env", "A"], ["--map", "0="], ["--map", "=1"]):
+        bad = CliRunner().invoke(show, args)
+        assert bad.exit_code == 2 and "is not" in bad.output, args
 
 
 def test_unknown_command(home: Path) -> None:

@@ -180,7 +180,8 @@ def test_run_options_are_checked(ctr: Ctr, tmp_path: Path) -> None:
     run = ("run", "containerd", "--image", IMAGE, "--id", "x", "--local")
     for bad in ("", ":rel", ":/x:rx", ":/x:ro,rw", ":/x:bind,rbind", "/nope:/x"):
         assert cedana(*run, "--mount", f"{tmp_path}{bad}").returncode == 2, bad
-    assert cedana(*run, "--env", "NOVALUE").returncode == 2
+    for env in ("NOVALUE", "=value"):
+        assert cedana(*run, "--env", env).returncode == 2, env
     assert "x" not in ctr.containers()
 
 

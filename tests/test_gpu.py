@@ -239,10 +239,11 @@ def test_gpu_map_of_a_checkpoint_without_gpu_state_is_one_line(engine: Engine) -
     assert res.returncode == UsageError.exit_code and res.stderr.count("\n") == 1, res.stderr
     assert "--gpu-map: checkpoint j1-" in res.stderr and "holds no GPU state" in res.stderr
     assert engine.job("j1").state is JobState.checkpointed
-    bad = subprocess.run(
-        [sys.executable, "-m", "cedana_ray.cli", "restore", "job", "j1", "--gpu-map", "0"], capture_output=True
-    )
-    assert bad.returncode == 2
+    for pair in ("0", "=1", "0="):
+        bad = subprocess.run(
+            [sys.executable, "-m", "cedana_ray.cli", "restore", "job", "j1", "--gpu-map", pair], capture_output=True
+        )
+        assert bad.returncode == 2 and b"is not FROM=TO" in bad.stderr, pair
 
 
 def test_jobs_without_gpu_state_pass_through() -> None:

@@ -105,11 +105,18 @@ def _dump_key(encrypt: bool, key_file: str | None) -> bytes | None:
     return load_key(key_file) if encrypt else None
 
 
-def _gpu_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    pairs = [text.split("=", 1) for text in value]
-    if bad := next((t for t, p in zip(value, pairs, strict=True) if len(p) != 2 or not all(p)), None):
-        raise click.BadParameter(f"{bad!r} is not FROM=TO")
-    return dict(pairs)
+def pairs(form: str, empty_value: bool = False) -> Callable[..., dict[str, str]]:
+    """A click callback: repeated ``form`` (``K=V``) options as a dict; a value may be empty
+    only if ``empty_value``."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+        split = [text.split("=", 1) for text in value]
+        for text, kv in zip(value, split, strict=True):
+            if len(kv) != 2 or not kv[0] or not (kv[1] or empty_value):
+                raise click.BadParameter(f"{text!r} is not {form}")
+        return dict(split)
+
+    return callback
 
 
 def restore_options(fn: F) -> F:
@@ -132,7 +139,7 @@ def restore_options(fn: F) -> F:
     wrapper = click.option(
         "--gpu-map",
         multiple=True,
-        callback=_gpu_pairs,
+        callback=pairs("FROM=TO"),
         metavar="FROM=TO",
         help="Restore the GPU state of checkpointed GPU FROM onto GPU TO here (UUIDs or indexes; repeatable).",
     )(wrapper)

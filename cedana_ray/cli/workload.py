@@ -12,7 +12,7 @@ import click
 from ..models import check_name
 from ..policy import parse_duration
 from ..requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from .options import common, dump_options, engine, restore_options
+from .options import common, dump_options, engine, pairs, restore_options
 from .output import progress, show, show_dump, show_job, show_restore, table
 
 F = Callable[..., Any]
@@ -28,12 +28,13 @@ gpu_tracing_option = click.option(
 )
 
 
-def env_vars(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    """A click callback: repeated ``K=V`` options as a dict."""
-    bad = [e for e in value if "=" not in e]
-    if bad:
-        raise click.BadParameter(f"{bad[0]!r} is not K=V")
-    return dict(e.split("=", 1) for e in value)
+env_option = click.option(
+    "--env",
+    multiple=True,
+    callback=pairs("K=V", empty_value=True),
+    metavar="K=V",
+    help="Extra environment variable (repeatable).",
+)
 
 
 def policy_options(fn: F) -> F:

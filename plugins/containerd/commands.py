@@ -11,7 +11,7 @@ from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     container_id,
     dump_command,
-    env_vars,
+    env_option,
     gpu_tracing_option,
     manage_command,
     policy_options,
@@ -49,7 +49,7 @@ def bind_mounts(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option("--id", "container", required=True, callback=container_id, help="Container id.")
 @click.option("--snapshotter", help="containerd snapshotter (default: containerd's).")
 @click.option("--jid", metavar="ID", help="Job id (default: the container id).")
-@click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
+@env_option
 @click.option("--cwd", metavar="DIR", help="Working directory in the container (default: the image's).")
 @click.option(
     "--mount",

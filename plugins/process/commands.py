@@ -7,7 +7,7 @@ import click
 from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import (
     dump_command,
-    env_vars,
+    env_option,
     gpu_tracing_option,
     manage_command,
     policy_options,
@@ -24,7 +24,7 @@ NAME = "process"
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--jid", metavar="ID", help="Job id (default: generated).")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
-@click.option("--env", multiple=True, callback=env_vars, metavar="K=V", help="Extra environment variable (repeatable).")
+@env_option
 @policy_options
 @click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")
 @gpu_tracing_option
