@@ -26,6 +26,7 @@ from cedana_ray.errors import CedanaError, JobNotFound
 from cedana_ray.models import LIVE_STATES, DumpResult, Job, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from cedana_ray.signing import Signer
 
 from .remote import COORDINATOR, NAMESPACE, call
 
@@ -39,7 +40,7 @@ def node_home(base: str | Path, node_id: str) -> Path:
 
 
 class NodeAgent:
-    def __init__(self, node_id: str, base: str) -> None:
+    def __init__(self, node_id: str, base: str, signer: Signer) -> None:
         home = node_home(base, node_id)
         os.environ["CEDANA_RAY_HOME"] = str(home)  # plugins that read the state dir see the node's
         self.node_id = node_id
@@ -48,7 +49,8 @@ class NodeAgent:
         address = ray.get_runtime_context().gcs_address
         self._known_types: list[str] = []
         self._types_at = -TYPES_TTL_S
-        self.engine = Engine(Paths(home, Path(base) / "control"), node=node_id, cluster_address=address)
+        control = Path(base) / "control"
+        self.engine = Engine(Paths(home, control), node=node_id, cluster_address=address, signer=signer)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 

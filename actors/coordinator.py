@@ -43,6 +43,7 @@ from cedana_ray.models import (
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from cedana_ray.signing import KEY_FILE, Signer
 from cedana_ray.store import CheckpointStore, split_url
 
 from .agent import NodeAgent
@@ -60,8 +61,9 @@ class Coordinator:
     def __init__(self, base: str, storage: str) -> None:
         self.base = Path(base)
         self.started = time.time()
-        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.storage = storage
+        self.signer = Signer.load(self.base / KEY_FILE)  # the cluster's: its agents get it too
         get_plugin_manager()  # the storage plugins' schemes, for the catalog's stores
         self.registry = Registry(self.base / "coordinator.db")
         self.agents: dict[str, Any] = {}
@@ -89,7 +91,7 @@ class Coordinator:
                 log.error("monitor tick failed:\n%s", traceback.format_exc())
 
     def _recover_catalog(self) -> None:
-        if recovered := catalog.recover(self.registry, self.storage):
+        if recovered := catalog.recover(self.registry, self.storage, self.signer):
             log.warning("catalogued %d checkpoint(s) committed while the coordinator was away", len(recovered))
 
     def _tick(self) -> None:
@@ -106,7 +108,7 @@ class Coordinator:
         self._run_policies()
 
     def _spawn_agent(self, node: str) -> Any:
-        return detached(NodeAgent, agent_name(node), node, node, str(self.base), concurrency=32)
+        return detached(NodeAgent, agent_name(node), node, node, str(self.base), self.signer, concurrency=32)
 
     def _spawn_store(self) -> Any:
         """The cedana:// store, beside the coordinator on the head node."""
@@ -335,9 +337,14 @@ class Coordinator:
         self.registry.save_job(self.registry.job(job.jid).model_copy(update=update))
         return result
 
-    def restore(self, request: RestoreRequest, jid: str | None = None, node: str | None = None) -> RestoreResult:
-        """Restore job ``jid`` (its last or a given checkpoint) or ``request.path`` on a node."""
+    def restore(
+        self, request: RestoreRequest, jid: str | None = None, node: str | None = None, jtype: str | None = None
+    ) -> RestoreResult:
+        """Restore job ``jid`` (its last or a given checkpoint) or ``request.path`` on a node;
+        with ``jtype``, only a checkpoint of that job type."""
         manifest, path = self._checkpoint(jid, request)
+        if jtype and manifest.type != jtype:
+            raise UsageError(f"checkpoint {manifest.checkpoint} is of a {manifest.type} job, not {jtype}")
         target_jid = request.jid or jid or manifest.jid
         with self._claim(target_jid):
             existing = self._existing(target_jid)
@@ -399,7 +406,7 @@ class Coordinator:
         else:
             raise UsageError("name a job, a checkpoint or a checkpoint path")
         root, name = split_url(path)
-        return CheckpointStore(root).manifest(name), path
+        return CheckpointStore(root, self.signer).manifest(name), path
 
     def _existing(self, jid: str) -> Job | None:
         try:
@@ -413,11 +420,14 @@ class Coordinator:
         return self.registry.checkpoints(jid)
 
     def inspect(self, ckpt: str) -> Manifest:
-        return catalog.inspect(self.registry, ckpt)
+        return catalog.inspect(self.registry, ckpt, self.signer)
+
+    def import_checkpoint(self, url: str) -> CheckpointInfo:
+        return catalog.adopt(self.registry, url, self.signer)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
         with self._claim(self.registry.checkpoint(ckpt).jid):
-            return catalog.delete(self.registry, ckpt)
+            return catalog.delete(self.registry, ckpt, self.signer)
 
     # -- migration, loss and drain
     def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:

@@ -25,6 +25,7 @@ _API = (
     "jobs",
     "logs",
     "checkpoints",
+    "import_checkpoint",
     "nodes",
 )
 _INSIDE = ("checkpoint", "on_restore")  # for code running inside a job

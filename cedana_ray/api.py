@@ -158,5 +158,11 @@ def checkpoints(jid: str | None = None) -> list[CheckpointInfo]:
     return _engine().checkpoints(jid)
 
 
+def import_checkpoint(url: str) -> CheckpointInfo:
+    """Trust and catalog the checkpoint at ``url``, made by another cluster or state dir
+    (``cedana-ray checkpoint import``)."""
+    return _engine().import_checkpoint(url)
+
+
 def nodes() -> list[NodeStatus]:
     return _cluster("listing nodes").nodes()

@@ -11,20 +11,21 @@ from contextlib import suppress
 from .errors import CheckpointNotFound, JobNotFound
 from .models import CheckpointInfo, Manifest
 from .registry import Registry
+from .signing import Signer
 from .store import CheckpointStore, split_url
 
 
-def inspect(registry: Registry, ckpt: str) -> Manifest:
+def inspect(registry: Registry, ckpt: str, signer: Signer) -> Manifest:
     root, name = split_url(registry.checkpoint(ckpt).path)
-    return CheckpointStore(root).manifest(name)
+    return CheckpointStore(root, signer).manifest(name)
 
 
-def delete(registry: Registry, ckpt: str) -> CheckpointInfo:
+def delete(registry: Registry, ckpt: str, signer: Signer) -> CheckpointInfo:
     """Remove checkpoint ``ckpt`` from its store and the catalog; its job falls back to the one before."""
     info = registry.checkpoint(ckpt)
     root, name = split_url(info.path)
     with suppress(CheckpointNotFound):  # gone from the store: drop it from the catalog too
-        CheckpointStore(root).delete(name)
+        CheckpointStore(root, signer).delete(name)
     registry.delete_checkpoint(ckpt)
     try:
         job = registry.job(info.jid)
@@ -36,12 +37,30 @@ def delete(registry: Registry, ckpt: str) -> CheckpointInfo:
     return info
 
 
-def recover(registry: Registry, url: str) -> list[CheckpointInfo]:
+def adopt(registry: Registry, url: str, signer: Signer) -> CheckpointInfo:
+    """Import the checkpoint at ``url``, made by another cluster or state dir: once every chunk
+    matches its manifest, sign the manifest with ``signer``'s key too and catalog it.
+
+    Whoever imports vouches for the checkpoint's origin: the chunks' digests only prove that
+    the images are the ones its manifest describes.
+    """
+    root, name = split_url(url)
+    store = CheckpointStore(root, signer)
+    manifest = store.manifest(name, verify=False)
+    store.verify(manifest)
+    store.endorse(manifest)
+    info = CheckpointInfo.of(manifest, store.url_of(name))
+    registry.add_checkpoint(info)
+    return info
+
+
+def recover(registry: Registry, url: str, signer: Signer) -> list[CheckpointInfo]:
     """Catalog the checkpoints of known jobs found in the store at ``url`` but not in the catalog.
 
     A dump that finished while its catalog was away (a restarted coordinator) is not lost.
+    Only checkpoints signed with ``signer``'s key count: one planted in the store is ignored.
     """
-    store = CheckpointStore(url)
+    store = CheckpointStore(url, signer)
     known = {c.checkpoint for c in registry.checkpoints()}
     jobs = {j.jid for j in registry.jobs()}
     found = []

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .config import paths
-from .errors import PrerequisiteError, UsageError
+from .errors import PrerequisiteError
 from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
 from .plugins_manager import get_plugin_manager
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
@@ -159,13 +159,7 @@ class Cluster:
         progress: Any = None,
         node: str | None = None,
     ) -> RestoreResult:
-        if jtype and request.path:
-            from .store import CheckpointStore, split_url
-
-            root, name = split_url(request.path)
-            if (found := CheckpointStore(root).manifest(name).type) != jtype:
-                raise UsageError(f"checkpoint {name} is of a {found} job, not {jtype}")
-        return self._call("restore", request, jid, node)
+        return self._call("restore", request, jid, node, jtype)
 
     def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
         return self._call("migrate", jid, node, request)
@@ -184,6 +178,9 @@ class Cluster:
 
     def inspect(self, ckpt: str) -> Manifest:
         return self._call("inspect", ckpt)
+
+    def import_checkpoint(self, url: str) -> CheckpointInfo:
+        return self._call("import_checkpoint", url)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
         return self._call("delete_checkpoint", ckpt)

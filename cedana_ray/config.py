@@ -33,6 +33,11 @@ class Paths:
         return self.home / "locks"
 
     @property
+    def signing_key(self) -> Path:
+        """The key that signs this state dir's checkpoints (cedana_ray.signing)."""
+        return self.home / "signing.key"
+
+    @property
     def checkpoints(self) -> Path:
         return self.home / "checkpoints"
 
@@ -48,8 +53,12 @@ class Paths:
         return (self.control_root or self.home / "control") / jid
 
     def ensure(self) -> Paths:
+        """Create the state dirs, private (0700): they hold process memory and keys."""
         for d in (self.home, self.jobs, self.staging, self.locks, self.checkpoints):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = d.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                d.chmod(0o700)  # made by an earlier version, or under a looser umask
         return self
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import CorruptCheckpoint, StorageError, UsageError
+from .errors import CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
 from .models import Manifest
 
 ALGORITHM = "aes-256-gcm"
@@ -89,9 +89,18 @@ class ChunkCipher:
 
 
 def cipher_for(manifest: Manifest, key: bytes | None) -> ChunkCipher | None:
-    """The cipher of an encrypted checkpoint, once ``key`` is known to be its key."""
+    """The cipher of an encrypted checkpoint, once ``key`` is known to be its key.
+
+    With a key, a checkpoint in the clear is refused: where encryption is configured, an
+    unencrypted image is not what we wrote.
+    """
     ckpt = manifest.checkpoint
     if not manifest.encryption:
+        if key is not None:
+            raise UntrustedCheckpoint(
+                f"checkpoint {ckpt} is not encrypted, but a key is configured: refusing it",
+                hint="unset CEDANA_RAY_KEY (or drop --key-file) to restore a checkpoint made in the clear",
+            )
         return None
     if manifest.encryption != ALGORITHM:
         raise StorageError(f"checkpoint {ckpt} is encrypted with {manifest.encryption}, which is not supported")

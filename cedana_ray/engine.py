@@ -22,6 +22,7 @@ from typing import Any
 
 from . import catalog, criu
 from .config import Paths, paths
+from .crypto import cipher_for
 from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
@@ -29,6 +30,7 @@ from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .signing import Signer
 from .store import CheckpointStore, remove_tree, split_url, staging_area
 
 Progress = Callable[[str, int, int], None]
@@ -52,12 +54,19 @@ class Engine:
         pm: PluginManager | None = None,
         node: str = "local",
         cluster_address: str | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.paths = (home or paths()).ensure()
         self.node = node  # the Ray node id when a NodeAgent runs this engine
         self.cluster_address = cluster_address  # where a job's own checkpoint requests go
+        # the cluster's key on a node of a cluster, else this state dir's own
+        self.signer = signer or Signer.load(self.paths.signing_key)
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
+
+    def store(self, url: str) -> CheckpointStore:
+        """The checkpoint store at ``url``, trusting only checkpoints signed with our key."""
+        return CheckpointStore(url, self.signer)
 
     # -- jobs
     def job(self, jid: str) -> Job:
@@ -109,13 +118,16 @@ class Engine:
         return job
 
     def _control(self, jid: str) -> dict[str, Any]:
-        """How a job's supervisor serves the job's own checkpoint requests (cedana_ray.inside)."""
+        """How a job's supervisor serves the job's own checkpoint requests (cedana_ray.inside):
+        as we would, with our environment (a store's credentials, Ray's token). The supervisor
+        gets it privately, never in its own environment or on a command line, and the job never."""
         argv = [sys.executable, "-m", "cedana_ray.cli", "dump", "job", jid, "--leave-running", "--json"]
+        env = dict(os.environ)
         if self.cluster_address:
-            env = {"CEDANA_RAY_ADDRESS": self.cluster_address}
+            env["CEDANA_RAY_ADDRESS"] = self.cluster_address
         else:
             argv.append("--local")
-            env = {"CEDANA_RAY_HOME": str(self.paths.home)}
+            env["CEDANA_RAY_HOME"] = str(self.paths.home)
         return {"dir": str(self.paths.control(jid)), "argv": argv, "env": env}
 
     def run(self, jtype: str, request: RunRequest) -> Job:
@@ -243,7 +255,7 @@ class Engine:
         """Dump into a fresh image dir, then store it and write the manifest."""
         req: DumpRequest = ctx.request
         job: Job = ctx.job
-        store = CheckpointStore(req.storage or job.details.get("storage") or self.paths.storage)
+        store = self.store(req.storage or job.details.get("storage") or self.paths.storage)
         ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         work = staging_area(self.paths.staging, tree_rss(job.pid))
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
@@ -359,8 +371,9 @@ class Engine:
         """
         url = request.path or self._checkpoint_of(jid, request.checkpoint).path
         root, ckpt = split_url(url)
-        store = CheckpointStore(root)
+        store = self.store(root)
         manifest = store.manifest(ckpt)
+        cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
         criu.version()
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
@@ -432,11 +445,15 @@ class Engine:
         return self.registry.checkpoints(jid)
 
     def inspect(self, ckpt: str) -> Manifest:
-        return catalog.inspect(self.registry, ckpt)
+        return catalog.inspect(self.registry, ckpt, self.signer)
+
+    def import_checkpoint(self, url: str) -> CheckpointInfo:
+        """Trust and catalog the checkpoint at ``url``, made elsewhere (see :func:`catalog.adopt`)."""
+        return catalog.adopt(self.registry, url, self.signer)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
         with self._lock(self.registry.checkpoint(ckpt).jid):
-            return catalog.delete(self.registry, ckpt)
+            return catalog.delete(self.registry, ckpt, self.signer)
 
     def log_path(self, jid: str) -> str:
         job = self.job(jid)

@@ -11,13 +11,14 @@ fsspec and SQLite are translated at the boundary (``raise ... from exc``)::
      |    +-- CheckpointNotFound        unknown id, or no manifest
      |    +-- PluginNotFound
      +-- StateError (4)                 job not running, frozen, dump in progress
- |    +-- Unreachable               a cluster actor (agent, coordinator) is gone or silent
+     |    +-- Unreachable               a cluster actor (agent, coordinator) is gone or silent
      +-- PermissionDenied (5)           a PID you may not touch
      +-- PrerequisiteError (6)          missing or too old CRIU, missing binary
      +-- CheckpointError (7)
      |    +-- DumpError                 CRIU dump failed (CRIU's own first error line)
      |    +-- RestoreError              CRIU restore failed
      |    +-- CorruptCheckpoint         checksum mismatch, truncated or missing chunk
+     |    +-- UntrustedCheckpoint       unsigned or altered manifest, a field that could escape
      +-- StorageError (8)               unknown scheme, missing backend, full disk
 """
 
@@ -92,6 +93,10 @@ class RestoreError(CheckpointError):
 
 class CorruptCheckpoint(CheckpointError):
     pass
+
+
+class UntrustedCheckpoint(CheckpointError):
+    """A checkpoint that is not ours to restore: unsigned, altered, or crafted to escape."""
 
 
 class StorageError(CedanaError):

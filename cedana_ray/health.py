@@ -11,7 +11,6 @@ from . import criu
 from .engine import Engine
 from .errors import CedanaError
 from .models import HealthCheck
-from .store import CheckpointStore
 
 # CRIU features worth knowing about; cedana-ray never runs what the kernel lacks.
 CRIU_FEATURES = ("mem_dirty_track", "pidfd_store", "uffd-noncoop", "network_lock_nftables", "timens")
@@ -53,7 +52,7 @@ def _state_checks(engine: Engine) -> list[HealthCheck]:
 def _store_checks(engine: Engine) -> list[HealthCheck]:
     url = engine.paths.storage
     try:
-        store = CheckpointStore(url)
+        store = engine.store(url)
         if store.local:  # on an object store makedirs would create a missing bucket
             store.fs.makedirs(store.root, exist_ok=True)
         count = len(store.list())

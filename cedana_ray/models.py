@@ -6,11 +6,11 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import CedanaError, UsageError
+from .errors import CedanaError, UntrustedCheckpoint, UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -26,6 +26,36 @@ def check_name(value: str, what: str = "name") -> str:
 
 
 Name = Annotated[str, AfterValidator(check_name)]
+MAX_CHUNK = 1 << 30  # the largest chunk a manifest may declare (the default is 8 MiB)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _one_line(value: str) -> str:
+    """Refuse values that would break a line-based file (a CRIU config) or a C string."""
+    if any(c in value for c in "\n\r\0"):
+        raise ValueError(f"{value!r} holds a line break or NUL")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
+
+
+AbsolutePath = Annotated[OneLine, AfterValidator(_absolute)]
+Facts = TypeVar("Facts", bound=BaseModel)
+
+
+def untrusted(what: str, exc: ValidationError | UsageError) -> UntrustedCheckpoint:
+    """One line on why ``what`` (from a checkpoint) is refused."""
+    if isinstance(exc, UsageError):  # a name that could escape a directory
+        return UntrustedCheckpoint(f"{what}: {exc.message}")
+    first = exc.errors()[0]
+    return UntrustedCheckpoint(f"{what}: {'.'.join(map(str, first['loc']))}: {first['msg']}")
 
 
 def utcnow() -> datetime:
@@ -144,25 +174,38 @@ class CriuOptions(BaseModel):
     tcp_established: bool = False
     file_locks: bool = False
     shell_job: bool = False
-    external: tuple[str, ...] = ()
+    external: tuple[OneLine, ...] = ()
 
 
 class Chunk(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    offset: int  # in the original file
-    size: int  # original bytes
-    stored_offset: int  # in the stored object
-    stored_size: int
-    sha256: str  # of the stored bytes
+    offset: int = Field(ge=0)  # in the original file
+    size: int = Field(ge=0, le=MAX_CHUNK)  # original bytes
+    stored_offset: int = Field(ge=0)  # in the stored object
+    stored_size: int = Field(ge=0, le=2 * MAX_CHUNK)
+    sha256: str = Field(pattern=_SHA256.pattern)  # of the stored bytes
 
 
 class ImageFile(BaseModel):
+    """One image file: its chunks cover it exactly, in order."""
+
     model_config = ConfigDict(frozen=True)
 
-    name: str
-    size: int
-    chunks: tuple[Chunk, ...]
+    name: Name  # a plain file name: nothing absolute, no '/' or '..'
+    size: int = Field(ge=0)
+    chunks: tuple[Chunk, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _chunks_cover_the_file(self) -> ImageFile:
+        offset = 0
+        for chunk in self.chunks:
+            if chunk.offset != offset:
+                raise ValueError(f"image {self.name}: chunk at offset {chunk.offset}, expected {offset}")
+            offset += chunk.size
+        if offset != self.size:
+            raise ValueError(f"image {self.name}: chunks hold {offset} bytes, the file {self.size}")
+        return self
 
 
 class Manifest(BaseModel):
@@ -173,19 +216,44 @@ class Manifest(BaseModel):
     format: int = 1
     checkpoint: Name
     jid: Name
-    type: str
-    node: str
+    type: Name
+    node: Name
     created: datetime
     compression: Compression
-    chunk_size: int
-    criu_version: str
+    chunk_size: int = Field(ge=1, le=MAX_CHUNK)
+    criu_version: OneLine
     criu: CriuOptions
     files: tuple[ImageFile, ...]
-    parent: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)  # plugin facts for restore
+    parent: Name | None = None
+    details: dict[str, Any] = Field(default_factory=dict)  # plugin facts for restore; each plugin checks its own
     layout: Layout = Layout.file
     encryption: str | None = None  # "aes-256-gcm" when the chunks are encrypted
     key_fingerprint: str | None = None  # of the key they were encrypted with; never the key
+    signatures: dict[str, str] = Field(default_factory=dict)  # signing key id -> MAC (cedana_ray.signing)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError("an image file is listed twice")
+        stored_at_offsets = self.layout is Layout.file
+        for image in self.files:
+            stored = 0
+            for chunk in image.chunks:
+                if chunk.size > self.chunk_size:
+                    raise ValueError(f"image {image.name}: a chunk is larger than chunk_size")
+                if chunk.stored_offset != (stored if stored_at_offsets else 0):
+                    raise ValueError(f"image {image.name}: a chunk is stored at the wrong offset")
+                stored += chunk.stored_size
+        return self
+
+    def facts(self, model: type[Facts]) -> Facts:
+        """The plugin facts in ``details`` that ``model`` describes, checked: a plugin reads
+        its details through this, never raw, since a checkpoint is untrusted input."""
+        try:
+            return model.model_validate(self.details)
+        except (ValidationError, UsageError) as exc:
+            raise untrusted(f"checkpoint {self.checkpoint}: invalid details", exc) from exc
 
     @property
     def size_bytes(self) -> int:

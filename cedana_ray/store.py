@@ -9,7 +9,12 @@ On object stores (``s3://``, ``gs://``) each chunk is its own object,
 ``URL/ID/data/<image file><ext>/<index>``, so chunks are uploaded and fetched in
 parallel and a failed request is retried alone (see :mod:`cedana_ray.retry`).
 Chunks may be encrypted (:mod:`cedana_ray.crypto`); sha256 is of the stored bytes,
-so integrity is checked without the key.
+so integrity is checked without the key. The manifest is signed (:mod:`cedana_ray.signing`)
+and every field of it is checked before use: a store is untrusted, and what a manifest
+names is only ever created inside the directory it is restored into.
+
+On a local store every file and directory of a checkpoint is fsynced before its
+manifest is written, and the manifest before the dump reports success.
 
 With ``--compression none`` on a local store CRIU dumps straight into
 ``URL/ID/data`` and the chunks are only hashed in place, so a local uncompressed
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,15 +36,27 @@ from typing import Any
 import fsspec
 import psutil
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
 
 from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, sha256
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, cipher_for, fingerprint
-from .errors import CedanaError, CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
-from .models import Chunk, Compression, ImageFile, Layout, Manifest, check_name
+from .errors import (
+    CedanaError,
+    CheckpointError,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    PermissionDenied,
+    StorageError,
+    UntrustedCheckpoint,
+    UsageError,
+)
+from .models import Chunk, Compression, ImageFile, Layout, Manifest, check_name, untrusted
 from .retry import ATTEMPTS, describe, is_storage_error, retrying
+from .signing import Signer
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST = 64 << 20  # bytes; a larger one is refused before it is parsed
 DEFAULT_STREAMS = max(2, min(8, os.cpu_count() or 2))
 Progress = Callable[[str, int, int], None]
 Encoder = Callable[[int, tuple[int, int]], bytes]  # (chunk index, (offset, size)) -> stored bytes
@@ -75,10 +93,15 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 class CheckpointStore:
-    """The checkpoints under one store URL (``file://``, ``s3://``, ...)."""
+    """The checkpoints under one store URL (``file://``, ``s3://``, ...).
 
-    def __init__(self, url: str) -> None:
+    ``signer`` signs the manifests this store writes and verifies those it reads;
+    without one the store holds no checkpoint for us: it can only be removed from.
+    """
+
+    def __init__(self, url: str, signer: Signer | None = None) -> None:
         self.url = url.rstrip("/")
+        self.signer = signer
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ValueError, ImportError) as exc:
@@ -134,7 +157,8 @@ class CheckpointStore:
         """Where CRIU should write the images of ``ckpt``: in place, or in ``staging``."""
         in_place = self.local and compression is Compression.none and not encrypted
         target = Path(self.path(ckpt)) / "data" if in_place else staging / ckpt
-        target.mkdir(parents=True, exist_ok=False)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.mkdir(mode=0o700)
         return target
 
     # -- write
@@ -158,6 +182,7 @@ class CheckpointStore:
         lists as a checkpoint is left.
         """
         ckpt = manifest["checkpoint"]
+        signer = self._signer()
         storage = {
             "layout": Layout.file if self.local else Layout.chunks,
             "encryption": ALGORITHM if key else None,
@@ -169,7 +194,8 @@ class CheckpointStore:
         try:
             with self._errors(f"storing checkpoint {ckpt} in"):
                 files = self._store_files(images, ckpt, compression, chunk_size, streams, progress, prehashed, cipher)
-                final = Manifest(**manifest, **storage, files=tuple(files))
+                final = signer.sign(Manifest(**manifest, **storage, files=tuple(files)))
+                self._sync(ckpt)
                 self._write_manifest(ckpt, final)
             return final
         except BaseException:
@@ -221,6 +247,7 @@ class CheckpointStore:
         try:
             hashed = bounded_map(pool, lambda span: chunk_in_place(fd, *span), rest, streams * 2)
             chunks = (*known, *hashed)
+            os.fsync(fd)  # what CRIU wrote is the checkpoint itself
         finally:
             os.close(fd)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=chunks)
@@ -287,40 +314,63 @@ class CheckpointStore:
 
         chunks = []
         stored = 0
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(target, "wb") as out:
+        Path(target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
             for (off, size), data in bounded_map(pool, one, enumerate(spans), streams * 2):
                 out.write(data)
                 digest = sha256(data)
                 chunks.append(Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest))
                 stored += len(data)
+            out.flush()
+            os.fsync(out.fileno())
         return chunks
+
+    def _signer(self) -> Signer:
+        if self.signer is None:
+            raise UntrustedCheckpoint(f"no signing key for the checkpoints of {self.url}")
+        return self.signer
+
+    def _sync(self, ckpt: str) -> None:
+        """Make the directories of a local checkpoint's data durable (object stores are)."""
+        if self.local:
+            for folder in (f"{self.path(ckpt)}/data", self.path(ckpt)):
+                fsync_dir(folder)
 
     def _write_manifest(self, ckpt: str, manifest: Manifest) -> None:
         data = manifest.model_dump_json(indent=1).encode()
         final = f"{self.path(ckpt)}/{MANIFEST}"
-        if self.local:  # atomic: a reader sees the whole manifest or none
+        if self.local:  # atomic and durable: a reader, even after a crash, sees all of it or none
             tmp = f"{final}.tmp"
-            with open(tmp, "wb") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            fsync_dir(self.path(ckpt))
         else:  # an object store's PUT is atomic already
             retrying(lambda: self.fs.pipe_file(final, data))
 
     # -- read
-    def manifest(self, ckpt: str) -> Manifest:
+    def manifest(self, ckpt: str, *, verify: bool = True) -> Manifest:
+        """The manifest of ``ckpt``, every field checked and (unless ``verify`` is False,
+        for an import) its signature verified."""
         with self._errors(f"reading checkpoint {ckpt} from"):
             try:
-                raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}"))
+                raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}", 0, MAX_MANIFEST + 1))
             except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
                 self._require_bucket(exc)
                 raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
-        try:
-            return Manifest.model_validate_json(raw)
-        except ValueError as exc:
-            raise CorruptCheckpoint(f"checkpoint {ckpt}: unreadable manifest: {exc}") from exc
+        if len(raw) > MAX_MANIFEST:
+            raise UntrustedCheckpoint(f"checkpoint {ckpt}: its manifest is larger than {MAX_MANIFEST >> 20} MiB")
+        manifest = parse_manifest(raw, ckpt)
+        return self._signer().verify(manifest) if verify else manifest
+
+    def endorse(self, manifest: Manifest) -> Manifest:
+        """Add our signature to ``manifest`` (checked by the caller) and store it."""
+        signed = self._signer().sign(manifest)
+        with self._errors(f"signing checkpoint {manifest.checkpoint} in"):
+            self._write_manifest(manifest.checkpoint, signed)
+        return signed
 
     def _require_bucket(self, exc: BaseException) -> None:
         """Raise a clear :class:`StorageError` when ``exc`` came from a missing bucket."""
@@ -332,6 +382,8 @@ class CheckpointStore:
             raise StorageError(f"opening {self.url} failed: bucket {self.bucket!r} does not exist") from exc
 
     def list(self) -> list[Manifest]:
+        """The checkpoints here that verify, oldest first; anything else in the store is ignored."""
+        self._signer()
         with self._errors("listing"):
             try:
                 entries = retrying(lambda: self.fs.ls(self.root, detail=False, refresh=True))
@@ -342,8 +394,8 @@ class CheckpointStore:
         for entry in entries:
             try:
                 found.append(self.manifest(entry.rstrip("/").rsplit("/", 1)[-1]))
-            except (CheckpointNotFound, CorruptCheckpoint, UsageError, ValueError):
-                continue  # no manifest: not a checkpoint (or a stray file, or a name no id can have)
+            except (CheckpointNotFound, CheckpointError, UsageError):
+                continue  # not a checkpoint of ours: no manifest, a stray file, an untrusted manifest
         return sorted(found, key=lambda m: m.created)
 
     def readable_in_place(self, manifest: Manifest) -> bool:
@@ -352,9 +404,11 @@ class CheckpointStore:
 
     def link(self, manifest: Manifest, dest: Path) -> Path:
         """Links in ``dest`` to the images of an in-place checkpoint, unverified."""
-        dest.mkdir(parents=True, exist_ok=True)
-        for image in manifest.files:
-            os.symlink(f"{self.path(manifest.checkpoint)}/data/{image.name}", dest / image.name)
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = f"{self.path(manifest.checkpoint)}/data"
+        with _dir_fd(dest) as dfd:
+            for image in manifest.files:
+                os.symlink(f"{data}/{image.name}", image.name, dir_fd=dfd)
         return dest
 
     def fetch(
@@ -378,7 +432,7 @@ class CheckpointStore:
             self.verify(manifest, streams, progress)
             return manifest, self.link(manifest, dest)
         cipher = cipher_for(manifest, key)
-        dest.mkdir(parents=True, exist_ok=True)
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._each_file(manifest, dest, streams, progress, cipher)
         return manifest, dest
 
@@ -436,7 +490,8 @@ class CheckpointStore:
             for _ in results:
                 pass
             return
-        fd = os.open(dest / image.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with _dir_fd(dest) as dfd:
+            fd = os.open(image.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
             for chunk, data in results:
                 if len(data) != chunk.size:
@@ -450,8 +505,10 @@ class CheckpointStore:
 
     # -- delete
     def delete(self, ckpt: str) -> None:
-        self.manifest(ckpt)  # raises when there is no such checkpoint
+        """Remove ``ckpt``, trusted or not (a tampered checkpoint of ours goes too)."""
         with self._errors(f"deleting checkpoint {ckpt} from"):
+            if not retrying(lambda: self.fs.exists(f"{self.path(ckpt)}/{MANIFEST}")):
+                raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}")
             self._remove(ckpt)
 
     def discard(self, ckpt: str) -> bool:
@@ -476,6 +533,36 @@ class CheckpointStore:
                 retrying(lambda target=target: self.fs.rm(target, recursive=target == path), attempts)
 
 
+def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
+    """A manifest from untrusted bytes: every field checked, or :class:`UntrustedCheckpoint`."""
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except (ValidationError, UsageError) as exc:
+        raise untrusted(f"checkpoint {ckpt}: invalid manifest", exc) from exc
+    if manifest.checkpoint != ckpt:
+        raise UntrustedCheckpoint(f"checkpoint {ckpt}: its manifest names another checkpoint, {manifest.checkpoint}")
+    return manifest
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory ``path`` (files created, renamed) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    """A descriptor of directory ``path`` (not a symlink to one), to create entries relative to."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def _encoder(compression: Compression, cipher: ChunkCipher | None) -> Callable[[str, int, bytes], bytes]:
     """Chunk ``index`` of image ``name``, compressed and (with a cipher) encrypted."""
     compress, _ = codec(compression)
@@ -494,20 +581,35 @@ def _fits_in_memory(nbytes: int) -> bool:
     return SHM.is_dir() and shutil.disk_usage(SHM).free > 2 * nbytes and psutil.virtual_memory().available > 3 * nbytes
 
 
+def private_dir(path: Path) -> Path:
+    """``path``, created 0700 if missing, once it is known to be a directory of ours that
+    nobody else can enter: a shared parent (``/dev/shm``) must not let another user plant
+    or read what we stage there."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionDenied(
+            f"refusing to stage images in {path}: it must be a directory owned by uid {os.geteuid()} with mode 0700",
+            hint="remove it, or name another one with CEDANA_RAY_STAGING",
+        )
+    return path
+
+
 def staging_area(base: Path, nbytes: int = 0) -> Path:
     """A fresh private directory for ``nbytes`` of images.
 
-    In memory (``/dev/shm``) when they fit there with room to spare, since images
-    staged on disk are written once and read back at once: page-cache pressure on a
-    slow disk made that the largest cost of compressed dumps and restores. Else under
-    ``base``. ``CEDANA_RAY_STAGING`` names the directory to use instead, always.
+    In memory (``/dev/shm/cedana-ray-UID``) when they fit there with room to spare, since
+    images staged on disk are written once and read back at once: page-cache pressure
+    on a slow disk made that the largest cost of compressed dumps and restores. Else
+    under ``base``. ``CEDANA_RAY_STAGING`` names the directory to stage in instead, always
+    (in a private ``cedana-ray-UID`` of its own there).
     """
     if pinned := os.environ.get("CEDANA_RAY_STAGING"):
-        base = Path(pinned)
+        base = Path(pinned) / f"cedana-ray-{os.geteuid()}"
     elif nbytes and _fits_in_memory(nbytes):
-        base = SHM / "cedana-ray"
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base))
+        base = SHM / f"cedana-ray-{os.geteuid()}"
+    return Path(tempfile.mkdtemp(dir=private_dir(base)))
 
 
 def remove_tree(path: Path) -> None:

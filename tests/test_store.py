@@ -18,11 +18,13 @@ from test_process_criu import wait_for
 
 from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, hash_in_place, sha256
 from cedana_ray.codec import EXTENSIONS
-from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UsageError
+from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
+from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore, bounded_map
 
 CHUNK = 4096
+SIGNER = Signer(bytes(range(32)))  # the key of the state dir these stores belong to
 # name -> size: empty, exactly one chunk, several chunks with a partial last one, one byte past a chunk
 SIZES = {"empty.img": 0, "one-chunk.img": CHUNK, "pages-1.img": 3 * CHUNK + 123, "core-1.img": CHUNK + 1}
 
@@ -51,7 +53,7 @@ def manifest_fields(ckpt: str) -> dict[str, Any]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> CheckpointStore:
-    return CheckpointStore(f"file://{tmp_path / 'store'}")
+    return CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
 
 
 @pytest.fixture
@@ -246,10 +248,10 @@ def test_missing_data_file_is_corrupt(
         store.fetch("ckpt-1", tmp_path / "out")
 
 
-def test_unreadable_manifest_is_corrupt(store: CheckpointStore, staging: Path) -> None:
+def test_unreadable_manifest_is_refused(store: CheckpointStore, staging: Path) -> None:
     commit(store, staging, "ckpt-1", Compression.lz4)
     (Path(store.path("ckpt-1")) / MANIFEST).write_text("{not json")
-    with pytest.raises(CorruptCheckpoint, match="ckpt-1"):
+    with pytest.raises(UntrustedCheckpoint, match="ckpt-1: invalid manifest"):
         store.manifest("ckpt-1")
     assert store.list() == []
 
@@ -272,7 +274,7 @@ def test_list_is_sorted_by_creation(store: CheckpointStore, staging: Path) -> No
 
 
 def test_list_of_a_missing_store_is_empty(tmp_path: Path) -> None:
-    assert CheckpointStore(f"file://{tmp_path / 'nowhere'}").list() == []
+    assert CheckpointStore(f"file://{tmp_path / 'nowhere'}", SIGNER).list() == []
 
 
 @pytest.mark.parametrize("stray", [".hidden", "notes.txt"])
@@ -439,7 +441,7 @@ def test_chunks_are_handled_while_a_file_grows(tmp_path: Path, remote: bool) -> 
     file are those of the final file; commit() only handles the rest."""
     url = f"memory://early-{tmp_path.name}" if remote else f"file://{tmp_path / 'store'}"
     compression = Compression.zstd if remote else Compression.none
-    store = CheckpointStore(url)
+    store = CheckpointStore(url, SIGNER)
     images = store.dump_dir("ckpt-p", compression, tmp_path / "staging")
     data = os.urandom(10 * 4096 + 123)
     with (
@@ -485,7 +487,7 @@ def test_stopping_early_chunks_keeps_the_chunks_in_flight(tmp_path: Path) -> Non
 
 
 def test_early_chunks_only_for_in_place_and_object_store_dumps(tmp_path: Path) -> None:
-    store = CheckpointStore(f"file://{tmp_path / 'store'}")
+    store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
     in_place = store.dump_dir("a", Compression.none, tmp_path / "staging")
     staged = store.dump_dir("b", Compression.zstd, tmp_path / "staging")
     with store.early_chunks(in_place, "a") as p, store.early_chunks(staged, "b", Compression.zstd) as q:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -217,6 +218,21 @@ def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
     show(as_json, m, human)
 
 
+@checkpoint.command("import")
+@click.argument("url")
+@common
+def checkpoint_import(url: str, as_json: bool, local: bool) -> None:
+    """Trust the checkpoint at URL, made by another cluster or state dir.
+
+    Every chunk is checked against its manifest, then the manifest is signed with this
+    cluster's key (its other signatures stay) and the checkpoint is catalogued. Import
+    only checkpoints whose origin you trust: restoring one runs its memory as root.
+    """
+    info = engine().import_checkpoint(url)
+    said = f"imported checkpoint {info.checkpoint} of job {info.jid}"
+    show(as_json, info, lambda: console.print(said, highlight=False))
+
+
 @checkpoint.command("delete")
 @click.argument("ckpt")
 @common
@@ -302,6 +318,7 @@ def check(full: bool, as_json: bool) -> None:
 
 
 def main() -> None:
+    os.umask(0o077)  # what we write (images, manifests, logs, the registry) holds process memory: ours alone
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as exc:

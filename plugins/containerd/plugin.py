@@ -46,7 +46,7 @@ from cedana_ray import criu
 from cedana_ray.config import paths
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
 from cedana_ray.hookspecs import hookimpl
-from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
+from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState, Name, OneLine
 from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import signal_tree, wait_reaped
 from cedana_ray.requests import RunRequest
@@ -270,18 +270,27 @@ def _pause_again(ctr: Ctr, cid: str, pid: int) -> None:
     signal_tree(pid, signal.SIGCONT)
 
 
+class RestoreFacts(BaseModel):
+    """What a containerd checkpoint's details must hold to be restored."""
+
+    container: Name
+    image: OneLine
+    checkpoint_ref: OneLine
+    paused: bool = False
+
+
 def restore(ctx: Context) -> Job:
     """Import the checkpoint image, give it the new container's own spec, and create a new
     container and task from it."""
     manifest = ctx.state["manifest"]
-    details, ctr = manifest.details, _ctr()
-    cid = details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
-    _require_image(ctr, details["image"])
+    details, ctr = manifest.facts(RestoreFacts), _ctr()
+    cid = details.container if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    _require_image(ctr, details.image)
     _require_free(ctr, cid, dying=True)
     # a paused task is restored stopped, so that it never runs before it is paused again
-    stopped = ctx.state.get("leave_stopped") or details.get("paused", False)
+    stopped = ctx.state.get("leave_stopped") or details.paused
     conf = write_criu_config(criu_config(cid), *config_lines(manifest.criu, stopped))
-    ref, own = details["checkpoint_ref"], f"{details['checkpoint_ref']}-{cid}"
+    ref, own = details.checkpoint_ref, f"{details.checkpoint_ref}-{cid}"
     archive, respecced = ctx.state["images"] / ARCHIVE, ctx.state["work"] / "spec.tar"
 
     def own_spec(spec: Spec) -> None:
@@ -293,7 +302,7 @@ def restore(ctx: Context) -> Job:
         respec(archive, respecced, own, own_spec)
         for tar in (archive, respecced):
             ctr.call("images", "import", "--no-unpack", str(tar), error=RestoreError)
-        job = _restore_task(ctx, ctr, cid, own, details["image"])
+        job = _restore_task(ctx, ctr, cid, own, details.image)
     except (CedanaError, OSError, KeyError, ValueError) as exc:
         if cid in ctr.containers():  # half restored (a task that never ran), or unwatched
             ctr.remove(cid)
@@ -302,7 +311,7 @@ def restore(ctx: Context) -> Job:
         images = ctr.images()
         for name in {ref, own} & images:
             ctr.call("images", "rm", name)
-    if details.get("paused"):
+    if details.paused:
         if ctx.state.get("leave_stopped"):  # the core continues it once its images are verified
             ctr.call("tasks", "pause", cid)
         else:

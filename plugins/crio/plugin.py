@@ -28,10 +28,11 @@ from typing import Any
 import click
 import psutil
 from google.protobuf import json_format
+from pydantic import BaseModel
 
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
 from cedana_ray.hookspecs import hookimpl
-from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
+from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState, Name, OneLine
 from cedana_ray.pipeline import Context, Handler, Middleware
 
 from . import commands
@@ -138,11 +139,21 @@ def _free_name(cri: Cri, pod_config: Any, name: str) -> None:
             cri.remove(c.id)
 
 
+class RestoreFacts(BaseModel):
+    """What a CRI checkpoint's details must hold to be restored."""
+
+    name: Name
+    pod: OneLine
+    log: Name  # relative to the pod's log directory
+    pod_config: dict[str, Any] | None = None
+    own_pod: bool = False
+
+
 def restore(ctx: Context) -> Job:
     """CreateContainer from the checkpoint archive in its pod (or a new one), then StartContainer."""
     manifest = ctx.state["manifest"]
     details, cri = manifest.details, _cri()
-    name = details["name"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    name = manifest.facts(RestoreFacts).name if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
     pod, pod_config, new_pod = _pod_for(cri, details)
     try:
         _free_name(cri, pod_config, name)

@@ -6,7 +6,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import click
 from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
@@ -16,6 +16,7 @@ from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
     cedana_gpu_tracing_restore,
     require_gpu,
 )
+from pydantic import BaseModel, Field
 
 from cedana_ray import criu, inside
 from cedana_ray.errors import RestoreError, UsageError
@@ -98,16 +99,23 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     return next_(ctx)
 
 
+class RestoreFacts(BaseModel):
+    """What a process checkpoint's details must hold to be restored."""
+
+    pipes: list[Annotated[str, Field(pattern=r"^pipe:\[[0-9]+\]$")]] = []  # CRIU --inherit-fd names
+    frozen: bool = False
+
+
 def restore(ctx: Context) -> Job:
     """Restore the images under a new supervisor; the restored job."""
     manifest, job_dir, work = ctx.state["manifest"], ctx.state["job_dir"], ctx.state["work"]
-    details = manifest.details
+    details = manifest.facts(RestoreFacts)
     spec = {
         "mode": "restore",
         "criu": criu.restore_args(
             ctx.state["images"], work, manifest.criu, leave_stopped=ctx.state.get("leave_stopped", False)
         ),
-        "pipes": details.get("pipes", []),
+        "pipes": details.pipes,
         "work": str(work),
         "log": str(job_dir / "log"),
         "exit_file": str(job_dir / "exit.json"),
@@ -119,7 +127,7 @@ def restore(ctx: Context) -> Job:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
     inside.record_restore(Path(spec["control"]["dir"]), manifest.checkpoint)
-    state = JobState.frozen if details.get("frozen") else JobState.running
+    state = JobState.frozen if details.frozen else JobState.running
     command = ctx.state.get("command", [])
     return _supervised_job(ctx, reply, state=state, command=command, log=spec["log"])
 

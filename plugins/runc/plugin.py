@@ -36,11 +36,12 @@ from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
     cedana_gpu_tracing_restore,
 )
 from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
+from pydantic import BaseModel
 
 from cedana_ray import criu
 from cedana_ray.errors import CedanaError, DumpError, RestoreError, StateError, UsageError
 from cedana_ray.hookspecs import hookimpl
-from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState
+from cedana_ray.models import AbsolutePath, CriuOptions, HealthCheck, Job, JobState, Name
 from cedana_ray.pipeline import Context, Handler, Middleware
 from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RestoreRequest, RunRequest
@@ -200,6 +201,13 @@ def checkpoint(ctx: Context) -> None:
         raise DumpError(f"runc checkpoint of {_container(job)} failed: {detail or exc}") from exc
 
 
+class RestoreFacts(BaseModel):
+    """What a runc checkpoint's details must hold to be restored."""
+
+    container: Name
+    bundle: AbsolutePath
+
+
 def prepare_restore(ctx: Context, next_: Handler) -> Job:
     """Choose the bundle and the container id, and check both before CRIU runs.
 
@@ -207,10 +215,11 @@ def prepare_restore(ctx: Context, next_: Handler) -> Job:
     (``--jid NEW``) becomes container NEW.
     """
     manifest = ctx.state["manifest"]
+    facts = manifest.facts(RestoreFacts)
     override = getattr(ctx.request, "bundle", None)
-    bundle = Path(override or manifest.details["bundle"]).resolve()
+    bundle = Path(override or facts.bundle).resolve()
     load_bundle(bundle)
-    cid = manifest.details["container"] if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    cid = facts.container if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
     _require_free(_runc(), cid, dying=True)
     ctx.state.update(bundle=bundle, container=cid)
     return next_(ctx)
