@@ -41,6 +41,7 @@ def node_home(base: str | Path, node_id: str) -> Path:
 
 class NodeAgent:
     def __init__(self, node_id: str, base: str, signer: Signer) -> None:
+        os.umask(0o077)  # the node's jobs, logs and images hold process memory: ours alone
         home = node_home(base, node_id)
         os.environ["CEDANA_RAY_HOME"] = str(home)  # plugins that read the state dir see the node's
         self.node_id = node_id

@@ -13,6 +13,7 @@ checkpoint policies.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -59,6 +60,7 @@ log = logging.getLogger("cedana_ray.coordinator")
 
 class Coordinator:
     def __init__(self, base: str, storage: str) -> None:
+        os.umask(0o077)  # the registry and the cluster's signing key are ours alone
         self.base = Path(base)
         self.started = time.time()
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -12,13 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
+from cedana_ray.store import fsync_dir
+
 STORE = "cedana-ray-store"
 
 
 class StoreServer:
     def __init__(self, base: str) -> None:
+        os.umask(0o077)  # checkpoints hold process memory: the store's files are its own
         self.root = (Path(base) / "store").resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, path: str) -> Path:
         found = (self.root / path.strip("/")).resolve()
@@ -32,12 +35,17 @@ class StoreServer:
             return f.read() if end is None else f.read(end - (start or 0))
 
     def pipe_file(self, path: str, data: bytes) -> None:
-        """Write a whole file atomically: readers see all of it or none."""
+        """Write a whole file atomically and durably: readers, even after a crash of the
+        head, see all of it or none."""
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
 
     def ls(self, path: str) -> list[dict[str, object]]:
         folder = self._path(path)
