@@ -55,6 +55,7 @@ def run(
     jid: str | None = None,
     cwd: str | None = None,
     env: dict[str, str] | None = None,
+    inherit_env: bool = False,
     type: str = "process",
     node: str | None = None,
     checkpoint_every: float | None = None,
@@ -62,12 +63,19 @@ def run(
     restore_on_loss: bool = False,
     storage: str | None = None,
 ) -> Job:
-    """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job."""
+    """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
+
+    The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
+    (:data:`cedana_ray.environment.DEFAULTS`) of whoever starts it (this process, or a
+    cluster's node agent); with ``inherit_env`` all of that one's environment except its
+    keys and credentials (:func:`cedana_ray.environment.secret`), which only ``env`` can pass.
+    """
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
         cwd=cwd,
         env=env or {},
+        inherit_env=inherit_env,
         node=node,
         checkpoint_every=checkpoint_every,
         keep=keep,

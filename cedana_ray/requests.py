@@ -26,6 +26,8 @@ class RunRequest(BaseModel):
     jid: Name | None = None
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    # the launcher's whole environment, less its secrets, instead of only PATH, HOME... (cedana_ray.environment)
+    inherit_env: bool = False
     gpu_tracing: bool = False
     gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
     checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps

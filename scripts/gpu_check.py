@@ -188,7 +188,8 @@ def start(engine: Engine, cmd: list[str], runtime: str, device: str) -> Path:
             mounts=host_tops()[0], gpu=gpu, gpu_tracing=gpu, snapshotter=snapshotter,
         )  # fmt: skip
     else:
-        request = RunRequest(cmd=cmd, jid="gpu", gpu=gpu, gpu_tracing=gpu)
+        # this script's environment, as the uninterrupted run has it (CUDA's and PyTorch's settings)
+        request = RunRequest(cmd=cmd, jid="gpu", gpu=gpu, gpu_tracing=gpu, inherit_env=True)
     return Path(engine.run(runtime, request).log)
 
 

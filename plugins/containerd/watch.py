@@ -19,13 +19,12 @@ killed by a signal leaves the code unknown.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from cedana_ray.plugins.containerd.client import Ctr, error_line
-from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, start_ticks
+from cedana_ray.plugins.process.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
 
 START_TIMEOUT_S = 60.0  # a 256 MiB restore is well under this on a busy 2-core machine
 POLL_S = 0.05
@@ -52,7 +51,7 @@ def begin(spec: dict) -> tuple[dict, dict]:
     null = os.open(os.devnull, os.O_RDONLY)
     # posix_spawn, not subprocess: a dropped Popen reaps its child if it can, and main() must
     dups = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, w, 2)]
-    waiter = os.posix_spawn(spec["argv"][0], spec["argv"], os.environ, file_actions=dups)
+    waiter = os.posix_spawn(spec["argv"][0], spec["argv"], spec["env"], file_actions=dups)
     os.close(null)
     os.close(w)  # ctr is the only writer: EOF once it exits
     pid = _wait_running(Ctr(spec["address"], spec["namespace"]), spec["container"], waiter, r)
@@ -60,7 +59,7 @@ def begin(spec: dict) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = read_spec(sys.argv[2])
     kept = spec["kept"]
     copy_output(kept["out"], spec["log"])
     code = exit_code(os.waitpid(kept["waiter"], 0)[1])

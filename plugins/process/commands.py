@@ -25,6 +25,12 @@ NAME = "process"
 @click.option("--jid", metavar="ID", help="Job id (default: generated).")
 @click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
 @env_option
+@click.option(
+    "--inherit-env",
+    is_flag=True,
+    help="Give the job this environment (the node agent's on a cluster) but its keys and credentials, "
+    "not only PATH, HOME, the locale...",
+)
 @policy_options
 @click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")
 @gpu_tracing_option
@@ -38,6 +44,7 @@ def run(
     jid: str | None,
     cwd: str | None,
     env: dict[str, str],
+    inherit_env: bool,
     storage: str | None,
     every: float | None,
     keep: int | None,
@@ -55,6 +62,7 @@ def run(
         jid=jid,
         cwd=cwd,
         env=env,
+        inherit_env=inherit_env,
         gpu=gpu,
         gpu_tracing=gpu_tracing,
         checkpoint_every=every,

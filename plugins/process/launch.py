@@ -14,6 +14,12 @@ Two ways, one reply: ``{"pid": N, "start_ticks": T, ...}``, or ``{"error": "..."
   are listed in ``kept["fds"]``), a fresh interpreter that keeps no copy of the
   launcher's memory.
 
+Neither gets the launcher's environment (its keys and credentials) or its spec on a
+command line (``ps`` shows those to everyone): a supervisor runs with the
+:func:`~cedana_ray.environment.defaults` only and reads its spec, as ``SCRIPT JOB_DIR
+FD``, from a memory file :func:`private` hands it; the workload's environment
+reaches ``nsinit`` the same way.
+
 The supervisor stays the launcher's child, reaped by a thread, or by init once the
 launcher (a CLI) exits. Only under a Ray worker that kills its children when it exits
 does it escape, through a fork that exits at once; our agents turn that killing off
@@ -37,6 +43,7 @@ from typing import Any, NoReturn
 
 import psutil
 
+from cedana_ray.environment import defaults
 from cedana_ray.errors import CedanaError, PrerequisiteError
 
 from . import supervisor
@@ -59,7 +66,8 @@ def nsinit() -> Path:
 
 def launch_in_namespaces(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
     """Start a ``process`` job (``spec["mode"]``: ``run`` or ``restore``) under ``nsinit``,
-    which then becomes its :mod:`.supervisor`; the reply once the workload runs."""
+    which then becomes its :mod:`.supervisor`; the reply once the workload runs. A run's
+    ``spec["env"]`` is the workload's whole environment."""
     binary = nsinit()
     Path(spec["log"]).touch()  # the supervisor opens it only once it started: `logs` must work at once
     status_r, status_w = os.pipe()
@@ -68,7 +76,8 @@ def launch_in_namespaces(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
     errors = job_dir / "supervisor.err"
     try:
         child, fds = _run_child(spec, out_w) if spec["mode"] == "run" else _restore_child(spec, out_w)
-        words = [sys.executable, "-I", "-S", supervisor.__file__, json.dumps({**spec, "out": out_r})]
+        fds.append(private(json.dumps(_supervisor_spec(spec, out_r)).encode()))
+        words = [sys.executable, "-I", "-S", supervisor.__file__, str(job_dir), str(fds[-1])]
         args = [str(binary), "-s", str(status_w), *(["-d"] if _escapes() else []), *_each("-c", words), *child]
         with open(errors, "ab") as err:
             proc = subprocess.Popen(
@@ -78,6 +87,7 @@ def launch_in_namespaces(spec: dict[str, Any], job_dir: Path) -> dict[str, Any]:
                 stderr=err,
                 pass_fds=(status_w, out_r, *fds),
                 start_new_session=True,
+                env=defaults(os.environ),
             )
     except BaseException:
         os.close(status_r)
@@ -95,10 +105,31 @@ def _each(option: str, values: list[str]) -> list[str]:
     return [word for value in values for word in (option, value)]
 
 
+def _supervisor_spec(spec: dict[str, Any], out: int) -> dict[str, Any]:
+    """What the supervisor reads: ``spec`` without the workload's environment, and with
+    ours for the job's own dumps (``spec["control"]``), which need what we have (a store's
+    credentials, Ray's token) and which the supervisor's own environment no longer holds."""
+    own = {k: v for k, v in spec.items() if k != "env"}
+    if control := spec.get("control"):
+        own["control"] = {**control, "env": {**os.environ, **control["env"]}}
+    return {**own, "out": out}
+
+
+def private(data: bytes) -> int:
+    """A memory file holding ``data``, read from its start by the process it is passed to:
+    unlike a command line, only its owner (and root) can read it, and it leaves no file behind."""
+    fd = os.memfd_create("cedana-ray", os.MFD_CLOEXEC)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _run_child(spec: dict[str, Any], out: int) -> tuple[list[str], list[int]]:
-    """``nsinit`` options for the workload: its output into ``out``; the descriptors they name."""
-    env = [f"{key}={value}" for key, value in spec.get("env", {}).items()]
-    return ["-o", str(out), "-C", spec["cwd"], *_each("-E", env), "--", *spec["cmd"]], [out]
+    """``nsinit`` options for the workload: its output into ``out``, its environment
+    privately; the descriptors they name."""
+    env = private(b"".join(f"{key}={value}\0".encode() for key, value in spec["env"].items()))
+    return ["-o", str(out), "-C", spec["cwd"], "-e", str(env), "--", *spec["cmd"]], [out, env]
 
 
 def _restore_child(spec: dict[str, Any], out: int) -> tuple[list[str], list[int]]:
@@ -116,9 +147,11 @@ def _restore_child(spec: dict[str, Any], out: int) -> tuple[list[str], list[int]
 
 def launch(spec: dict[str, Any], job_dir: Path, script: ModuleType) -> dict[str, Any]:
     """Start the workload with ``script``'s ``begin`` in a fork, which then becomes
-    ``script``'s supervisor; the reply once the workload runs."""
+    ``script``'s supervisor; the reply once the workload runs. ``begin`` starts what it
+    starts with ``spec["env"]``, the environment the script runs with too."""
     errors = job_dir / "supervisor.err"
     Path(spec["log"]).touch()  # the supervisor opens it only once it started: `logs` must work at once
+    spec = {**spec, "env": defaults(os.environ)}  # for what `begin` starts, and the script
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
@@ -182,9 +215,10 @@ def _begin_detached(script: ModuleType, spec: dict[str, Any], status: int, error
         reply, kept = script.begin(spec)
         os.write(status, json.dumps(reply).encode())
         os.close(status)
-        for fd in kept.get("fds", []):
+        held = private(json.dumps({**spec, "kept": kept}).encode())
+        for fd in [*kept.get("fds", []), held]:
             os.set_inheritable(fd, True)
-        os.execv(sys.executable, [sys.executable, script.__file__, json.dumps({**spec, "kept": kept})])
+        os.execve(sys.executable, [sys.executable, script.__file__, str(errors.parent), str(held)], spec["env"])
     except BaseException as exc:
         try:
             os.write(status, json.dumps({"error": str(exc)}).encode())

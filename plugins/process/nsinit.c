@@ -6,7 +6,7 @@
  * spawns this small program (vfork + exec) instead of forking its own large Python
  * process twice, and the namespace's init is this program, not an interpreter.
  *
- *   nsinit -s FD [-d] [-c WORD]... -o FD [-i FD]... [-p PIDFILE] [-C DIR] [-E K=V]... -- ARGV...
+ *   nsinit -s FD [-d] [-c WORD]... -o FD [-i FD]... [-p PIDFILE] [-C DIR] [-e FD] -- ARGV...
  *
  *   -s FD    where the reply goes: {"pid": INIT, "ns_root": ROOT, "start_ticks": T}
  *            (INIT: the init's host PID; ROOT: the workload's PID in the namespace;
@@ -19,7 +19,9 @@
  *   -p FILE  the child is CRIU restoring the workload; ROOT is the PID it writes to FILE.
  *            Without -p the child is the workload, in a session of its own.
  *   -C DIR   the child's working directory
- *   -E K=V   set in the child's environment
+ *   -e FD    the child's whole environment: K=V entries, each ended by a NUL, read from FD
+ *            (a memory file) by the child itself, so that neither our command line (ps) nor
+ *            our memory holds it. Without -e the child keeps our environment.
  *
  * The init reaps every process of the namespace and exits as ROOT did (128 + N for
  * signal N). Standard C and Linux only; built with the package (setup.py).
@@ -34,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -44,15 +47,15 @@ struct opts {
 	int inherit[MAX_ITEMS], n_inherit;
 	char *supervisor[MAX_ITEMS + 2];
 	int n_supervisor;
-	char *env[MAX_ITEMS];
-	int n_env;
+	int env;
 	const char *pidfile, *cwd;
 	char **argv;
 };
 
 /* Where a failed start of the child stopped, sent to the init through a close-on-exec pipe. */
+enum step { STEP_EXEC, STEP_CHDIR, STEP_ENV };
 struct child_error {
-	int in_chdir, err;
+	int step, err;
 };
 
 static int status_fd = -1;
@@ -105,10 +108,9 @@ static void parse(int argc, char **argv, struct opts *o)
 {
 	int c;
 	memset(o, 0, sizeof(*o));
-	o->status = o->out = -1;
-	while ((c = getopt(argc, argv, "+s:dc:o:i:p:C:E:")) != -1) {
-		if ((c == 'i' && o->n_inherit == MAX_ITEMS) || (c == 'c' && o->n_supervisor == MAX_ITEMS) ||
-		    (c == 'E' && o->n_env == MAX_ITEMS))
+	o->status = o->out = o->env = -1;
+	while ((c = getopt(argc, argv, "+s:dc:o:i:p:C:e:")) != -1) {
+		if ((c == 'i' && o->n_inherit == MAX_ITEMS) || (c == 'c' && o->n_supervisor == MAX_ITEMS))
 			fail("more than %d -%c options", MAX_ITEMS, c);
 		switch (c) {
 		case 's': o->status = status_fd = fd_arg(optarg); break;
@@ -118,8 +120,8 @@ static void parse(int argc, char **argv, struct opts *o)
 		case 'i': o->inherit[o->n_inherit++] = fd_arg(optarg); break;
 		case 'p': o->pidfile = optarg; break;
 		case 'C': o->cwd = optarg; break;
-		case 'E': o->env[o->n_env++] = optarg; break;
-		default: fail("usage: nsinit -s FD [-d] [-c WORD]... -o FD [-i FD]... [-p PIDFILE] [-C DIR] [-E K=V]... -- ARGV...");
+		case 'e': o->env = fd_arg(optarg); break;
+		default: fail("usage: nsinit -s FD [-d] [-c WORD]... -o FD [-i FD]... [-p PIDFILE] [-C DIR] [-e FD] -- ARGV...");
 		}
 	}
 	if (o->status < 0 || o->out < 0 || o->n_supervisor == 0 || optind >= argc)
@@ -158,29 +160,68 @@ static void close_except(const int *keep, int n)
 static void close_child_fds(const struct opts *o)
 {
 	close(o->out);
+	if (o->env >= 0)
+		close(o->env);
 	for (int i = 0; i < o->n_inherit; i++)
 		close(o->inherit[i]);
 }
 
-/* In the forked child: stdio, descriptors, session, directory, environment, then exec. */
+/* The environment in `fd`: K=V entries, each ended by a NUL; NULL (errno set) if unreadable. */
+static char **read_env(int fd)
+{
+	struct stat st;
+	size_t n = 0, count = 0;
+	if (fstat(fd, &st) != 0)
+		return NULL;
+	char *buf = malloc((size_t)st.st_size + 1);
+	if (!buf)
+		return NULL;
+	while (n < (size_t)st.st_size) {
+		ssize_t got = pread(fd, buf + n, (size_t)st.st_size - n, (off_t)n);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0) {
+			errno = got == 0 ? EIO : errno;
+			return NULL;
+		}
+		n += (size_t)got;
+	}
+	buf[n] = '\0';
+	for (size_t i = 0; i < n; i++)
+		count += buf[i] == '\0';
+	char **env = calloc(count + 1, sizeof(char *));
+	if (!env)
+		return NULL;
+	for (size_t i = 0, k = 0; k < count; k++, i += strlen(buf + i) + 1)
+		env[k] = buf + i;
+	return env;
+}
+
+/* In the forked child: stdio, environment, descriptors, session, directory, then exec. */
 static void __attribute__((noreturn)) exec_child(const struct opts *o, int error_pipe)
 {
-	struct child_error e = {0, 0};
+	struct child_error e = {STEP_EXEC, 0};
 	int keep[MAX_ITEMS + 1];
 	int null = open("/dev/null", O_RDONLY);
 	if (null < 0 || dup2(null, 0) < 0 || dup2(o->out, 1) < 0 || dup2(o->out, 2) < 0)
 		goto failed;
+	if (o->env >= 0) { /* before the descriptors close; execvp then searches its PATH */
+		char **env = read_env(o->env);
+		if (!env) {
+			e.step = STEP_ENV;
+			goto failed;
+		}
+		environ = env;
+	}
 	memcpy(keep, o->inherit, sizeof(int) * o->n_inherit);
 	keep[o->n_inherit] = error_pipe; /* close-on-exec: open until the exec succeeds */
 	close_except(keep, o->n_inherit + 1);
 	if (!o->pidfile)
 		setsid(); /* the workload leads a session of its own; CRIU stays in the init's */
 	if (o->cwd && chdir(o->cwd) != 0) {
-		e.in_chdir = 1;
+		e.step = STEP_CHDIR;
 		goto failed;
 	}
-	for (int i = 0; i < o->n_env; i++)
-		putenv(o->env[i]);
 	execvp(o->argv[0], o->argv);
 failed:
 	e.err = errno;
@@ -211,8 +252,10 @@ static pid_t start_child(const struct opts *o)
 	if (n != sizeof(e))
 		return pid; /* the pipe closed on exec */
 	waitpid(pid, NULL, 0);
-	if (e.in_chdir)
+	if (e.step == STEP_CHDIR)
 		fail("cannot enter '%s': %s", o->cwd, strerror(e.err));
+	if (e.step == STEP_ENV)
+		fail("cannot read the environment: %s", strerror(e.err));
 	fail("cannot run '%s': %s", o->argv[0], strerror(e.err));
 }
 
@@ -370,11 +413,12 @@ int main(int argc, char **argv)
 	if (init_pid < 0)
 		fail("fork: %s", strerror(errno));
 	if (init_pid == 0) {
-		int keep[MAX_ITEMS + 2];
+		int keep[MAX_ITEMS + 3];
 		memcpy(keep, o.inherit, sizeof(int) * o.n_inherit);
 		keep[o.n_inherit] = o.out;
 		keep[o.n_inherit + 1] = report[1];
-		close_except(keep, o.n_inherit + 2);
+		keep[o.n_inherit + 2] = o.env; /* -1 (none) keeps nothing */
+		close_except(keep, o.n_inherit + 3);
 		init(&o, report[1]);
 	}
 	unsigned long long ticks = start_ticks(init_pid);

@@ -19,6 +19,7 @@ from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
 from pydantic import BaseModel, Field
 
 from cedana_ray import criu, inside
+from cedana_ray.environment import workload_env
 from cedana_ray.errors import RestoreError, UsageError
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck, Job, JobState
@@ -45,15 +46,17 @@ def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
 
 
 def run(ctx: Context) -> Job:
-    """Start the command under a supervisor, in new PID and mount namespaces."""
+    """Start the command under a supervisor, in new PID and mount namespaces, with the
+    environment the request gives it (cedana_ray.environment), not ours."""
     req, job_dir = ctx.request, ctx.state["job_dir"]
     log = job_dir / "log"
     control = ctx.state["control"]
+    ours = {"CEDANA_RAY_JID": ctx.state["jid"], "CEDANA_RAY_CONTROL": control["dir"]}
     spec = {
         "mode": "run",
         "cmd": req.cmd,
         "cwd": req.cwd or os.getcwd(),
-        "env": {**req.env, "CEDANA_RAY_JID": ctx.state["jid"], "CEDANA_RAY_CONTROL": control["dir"]},
+        "env": {**workload_env(req.env, req.inherit_env), **ours},
         "log": str(log),
         "exit_file": str(job_dir / "exit.json"),
         "control": control,

@@ -6,7 +6,9 @@ with its own ``/proc`` (CUDA and CRIU read ``/proc`` by PID, so it must show thi
 namespace). A fresh namespace means the original PIDs are free, so a restore works
 while the original (or its zombie) exists, and any number of times. Once the workload
 runs, ``nsinit`` replies to the launcher and execs this script as the init's parent,
-``python supervisor.py SPEC INIT``: it serves the job's own checkpoint requests, copies
+``python supervisor.py JOB_DIR SPEC_FD INIT`` (the job dir names the job in ``ps``; the
+spec, which may hold the environment the job's own dumps need, comes through the
+descriptor, see :func:`read_spec`): it serves the job's own checkpoint requests, copies
 the workload's output (``SPEC["out"]``) to the job log and writes the exit code to the
 exit file. Dumps run CRIU inside the namespaces (``nsenter``) on the workload's root,
 so the init is never part of a checkpoint.
@@ -27,6 +29,13 @@ import time
 CONTROL_POLL_S = 0.1
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def read_spec(fd: str) -> dict:
+    """The spec the launcher handed over in a memory file (never on the command line,
+    where ``ps`` shows it to everyone); the descriptor is closed."""
+    with open(int(fd), "rb") as f:
+        return json.load(f)
 
 
 def close_fds_except(*keep: int) -> None:
@@ -107,7 +116,7 @@ def record_exit(exit_file: str, pid: int, code: int | None) -> None:
 
 
 def main() -> None:
-    spec, init = json.loads(sys.argv[1]), int(sys.argv[2])
+    spec, init = read_spec(sys.argv[2]), int(sys.argv[3])
     if spec.get("control"):
         start_control(spec["control"])
     supervise(spec, init, spec["out"])

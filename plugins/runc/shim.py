@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from cedana_ray.plugins.process.supervisor import copy_output, exit_code, record_exit, start_ticks
+from cedana_ray.plugins.process.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -47,7 +47,7 @@ def start(spec: dict) -> tuple[int, int]:
     """Run runc with the output pipe; (the container init's PID, the pipe's read end)."""
     r, w = os.pipe()
     with open(os.devnull, "rb") as null:
-        rc = subprocess.run(spec["argv"], stdin=null, stdout=w, stderr=w).returncode
+        rc = subprocess.run(spec["argv"], stdin=null, stdout=w, stderr=w, env=spec["env"]).returncode
     os.close(w)
     if rc != 0:
         raise RuntimeError(_runc_error(spec["runc_log"], rc))
@@ -82,7 +82,7 @@ def begin(spec: dict) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = read_spec(sys.argv[2])
     _subreaper()  # the container's orphans land here too
     supervise(spec, spec["kept"]["pid"], spec["kept"]["out"])
 
