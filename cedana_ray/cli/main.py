@@ -12,6 +12,7 @@ import click
 from .. import __version__
 from ..cluster import Cluster
 from ..engine import Engine
+from ..environment import redact
 from ..errors import CedanaError, UsageError
 from ..features import ROWS, SYMBOLS, FeatureMatrix, compute, plugin_errors
 from ..models import LIVE_STATES
@@ -317,6 +318,17 @@ def check(full: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _safe(text: str) -> str:
+    """``text`` without secrets (the values of ``--env``, keys, credentials; see
+    cedana_ray.environment.redact): errors and tracebacks end up in logs and bug reports."""
+    return redact(text, sys.argv[1:])
+
+
+def _traceback() -> None:
+    if _debug:
+        sys.stderr.write(_safe(traceback.format_exc()))
+
+
 def main() -> None:
     os.umask(0o077)  # what we write (images, manifests, logs, the registry) holds process memory: ours alone
     try:
@@ -327,19 +339,18 @@ def main() -> None:
         error("aborted")
         sys.exit(130)
     except click.ClickException as exc:
+        exc.message = _safe(exc.message)
         exc.show()
         sys.exit(exc.exit_code)
     except CedanaError as exc:
-        if _debug:
-            traceback.print_exc()
-        error(str(exc))
+        _traceback()
+        error(_safe(str(exc)))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the last resort: one line, traceback on --debug
-        if _debug:
-            traceback.print_exc()
-        error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)")
+        _traceback()
+        error(_safe(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)"))
         sys.exit(1)
 
 

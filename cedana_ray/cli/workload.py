@@ -33,7 +33,7 @@ env_option = click.option(
     multiple=True,
     callback=pairs("K=V", empty_value=True),
     metavar="K=V",
-    help="Extra environment variable (repeatable).",
+    help="An environment variable of the workload (repeatable); the only way to give it a secret.",
 )
 
 
