@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import BindMount, ContainerdRunRequest
@@ -33,6 +34,7 @@ from containers import (
 )
 from servers import stop_process
 from test_cli import assert_one_error, cedana
+from test_environment import proc_text
 from test_gpu import assert_cuda_dump_refused, cuda_lookalike, no_gpu
 from test_process_criu import wait_for
 
@@ -174,6 +176,28 @@ def test_a_failed_restore_loses_nothing(engine: Engine, ctr: Ctr, tmp_path: Path
     at = count(engine, "m")
     wait_for(lambda: count(engine, "m") > at + 3, what="counting after the second restore")
     assert ctr.tasks()["m"] == (job.pid, "RUNNING")
+
+
+def test_env_goes_through_the_containers_spec_not_ctrs_argv(
+    engine: Engine, ctr: Ctr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ours := secrets.token_hex(12))  # in the CLI's environment
+    given = secrets.token_hex(12)
+    run = ("run", "containerd", "--image", IMAGE, "--id", "env", "--env", f"SOME_SECRET={given}", "--local")
+    ran = cedana(*run, "--", "sh", "-c", 'echo "$SOME_SECRET"; sleep 600')
+    assert ran.returncode == 0, ran.stderr
+    wait_for(lambda: given in log(engine, "env").read_text(), what="the container's environment")
+    assert not (engine.paths.job_dir("env") / "env").exists(), "the env file is gone once ctr read it"
+
+    task = psutil.Process(engine.job("env").pid)
+    workload = [task, *task.children(recursive=True)]
+    job_dir = str(engine.paths.job_dir("env"))
+    watcher = [p for p in psutil.process_iter(["cmdline"]) if job_dir in (p.info["cmdline"] or [])]
+    assert len(watcher) == 1 and watcher[0].children(), "the watcher and its ctr"
+    for p in [*watcher, *watcher[0].children(), *workload]:
+        cmdline, environ = proc_text(p.pid, "cmdline"), proc_text(p.pid, "environ")
+        assert given not in cmdline and (given in environ) == (p in workload), p.cmdline()
+        assert ours not in cmdline + environ, p.cmdline()
 
 
 def test_run_options_are_checked(ctr: Ctr, tmp_path: Path) -> None:

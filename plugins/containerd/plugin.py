@@ -85,12 +85,12 @@ class ContainerdRunRequest(RunRequest):
     devices: list[str] = Field(default_factory=list)  # host device nodes, or directories of them
 
     def ctr_options(self) -> list[str]:
-        """The ``ctr run`` options that give the container those; ``gpu``: the NVIDIA device nodes."""
+        """The ``ctr run`` options that give the container those but ``env`` (see
+        :func:`env_file`); ``gpu``: the NVIDIA device nodes."""
         from cedana_ray.plugins.gpu import nvml
 
         devices = [*self.devices, *(nvml.device_nodes() if self.gpu else [])]
-        options = [("--env", f"{k}={v}") for k, v in self.env.items()]
-        options += [("--cwd", self.cwd)] if self.cwd else []
+        options = [("--cwd", self.cwd)] if self.cwd else []
         options += [("--mount", m.ctr_option()) for m in self.mounts]
         options += [("--device", d) for d in devices]
         options += [("--snapshotter", self.snapshotter)] if self.snapshotter else []
@@ -152,6 +152,18 @@ def _require_free(ctr: Ctr, cid: str, dying: bool = False) -> None:
     ctr.remove(cid)
 
 
+def env_file(job_dir: Path, env: dict[str, str]) -> Path:
+    """The container's ``env`` as a 0600 file for ``ctr run --env-file``, which puts it in
+    the container's spec: on ctr's command line, ``ps`` would show it to everyone while the
+    task runs. One ``K=V`` a line, so a value cannot hold a newline."""
+    if bad := [k for k, v in env.items() if "\n" in k + v]:
+        raise UsageError(f"--env {bad[0]}: containerd takes no newline in an environment variable")
+    path = job_dir / "env"
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in env.items()))
+    return path
+
+
 def run(ctx: Context) -> Job:
     """``ctr run`` (waiting, under a watcher) with our CRIU config annotation and the job log as its output."""
     req: ContainerdRunRequest = ctx.request
@@ -160,12 +172,15 @@ def run(ctx: Context) -> Job:
     _require_free(ctr, req.container)
     conf = write_criu_config(criu_config(req.container))
     log = ctx.state["job_dir"] / "log"
+    env = env_file(ctx.state["job_dir"], req.env)
     args = ["run", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
-    args += [*req.ctr_options(), req.image, req.container, *req.args]
+    args += ["--env-file", str(env), *req.ctr_options(), req.image, req.container, *req.args]
     try:
         return _watched_job(ctx, ctr, req.container, req.image, *args, state=JobState.running, command=req.cmd)
     except LaunchError as exc:
         raise UsageError(f"containerd could not start {req.container}: {exc}") from exc
+    finally:
+        env.unlink()  # ctr read it into the container's spec before the task started
 
 
 def manage(ctx: Context) -> Job:
