@@ -336,7 +336,7 @@ class Coordinator:
         update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
         if not request.leave_running:
             update["state"] = JobState.checkpointed
-        self.registry.save_job(self.registry.job(job.jid).model_copy(update=update))
+        self.registry.update_job(job.jid, **update)
         return result
 
     def restore(

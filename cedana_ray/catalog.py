@@ -33,7 +33,7 @@ def delete(registry: Registry, ckpt: str, signer: Signer) -> CheckpointInfo:
         return info
     if job.last_checkpoint == info.checkpoint:
         rest = registry.checkpoints(info.jid)
-        registry.save_job(job.model_copy(update={"last_checkpoint": rest[-1].checkpoint if rest else None}))
+        registry.update_job(job.jid, last_checkpoint=rest[-1].checkpoint if rest else None)
     return info
 
 
@@ -70,7 +70,6 @@ def recover(registry: Registry, url: str, signer: Signer) -> list[CheckpointInfo
         info = CheckpointInfo.of(m, store.url_of(m.checkpoint))
         registry.add_checkpoint(info)
         found.append(info)
-        job = registry.job(m.jid)
         if registry.checkpoints(m.jid)[-1].checkpoint == m.checkpoint:  # the newest: restores start there
-            registry.save_job(job.model_copy(update={"last_checkpoint": m.checkpoint}))
+            registry.update_job(m.jid, last_checkpoint=m.checkpoint)
     return found

@@ -3,7 +3,7 @@
 The core chains wrap each type's plugin middleware and handler:
 
 * dump:    locked > require_live > finish_dump > commit > <plugin> > <gpu> > criu_dump
-* restore: locked > fetch > <plugin> > <gpu> > <plugin late> > <plugin handler>
+* restore: locked > replace_dead > fetch > <plugin> > <gpu> > <plugin late> > <plugin handler>
 * run:     <plugin> > <plugin late> > <plugin handler>
 """
 
@@ -81,9 +81,11 @@ class Engine:
             return job
         code = self.pm.call_for(job.type, "cedana_reaper", job=job)
         state = JobState.lost if code is None else JobState.exited
-        job = job.model_copy(update={"state": state, "exit_code": code})
-        self.registry.save_job(job)
-        return job
+        # unless the job moved on meanwhile (restored, by another process): that is its state
+        same = job.model_dump(include={"state", "pid"})
+        return self.registry.update_job(
+            job.jid, when=lambda now: now.model_dump(include={"state", "pid"}) == same, state=state, exit_code=code
+        )
 
     def _live(self, jid: str, *states: JobState) -> Job:
         job = self.job(jid)
@@ -103,18 +105,19 @@ class Engine:
         self, jtype: str, jid: str | None, hook: str, what: str, request: Any, middleware: list[Middleware]
     ) -> Job:
         jid = jid or new_id("job")
-        if jid in {j.jid for j in self.registry.jobs()}:
-            raise StateError(f"a job named {jid!r} already exists")
         handler = self._handler(jtype, hook, what)
-        job_dir = self.paths.job_dir(jid)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(request, state={"jid": jid, "job_dir": job_dir, "control": self._control(jid)})
-        try:
-            job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
-        except BaseException:
-            remove_tree(job_dir)
-            raise
-        self.registry.add_job(job)
+        with self._lock(jid):  # of two starts of one id, exactly one runs a workload
+            if self._existing(jid):
+                raise StateError(f"a job named {jid!r} already exists")
+            job_dir = self.paths.job_dir(jid)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            ctx = Context(request, state={"jid": jid, "job_dir": job_dir, "control": self._control(jid)})
+            try:
+                job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
+            except BaseException:
+                remove_tree(job_dir)
+                raise
+            self.registry.add_job(job)
         return job
 
     def _control(self, jid: str) -> dict[str, Any]:
@@ -141,9 +144,8 @@ class Engine:
             from . import policy
 
             pid = policy.start(self.paths.home, job.jid, request.checkpoint_every, request.keep)
-            details = {**job.details, "policy": {"every_s": request.checkpoint_every, "keep": request.keep, "pid": pid}}
-            job = job.model_copy(update={"details": details})
-            self.registry.save_job(job)
+            details = {"policy": {"every_s": request.checkpoint_every, "keep": request.keep, "pid": pid}}
+            job = self.registry.update_job(job.jid, details=details)
         return job
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
@@ -165,15 +167,10 @@ class Engine:
     def set_storage(self, jid: str, url: str) -> Job:
         """Make ``url`` the default checkpoint store of job ``jid``."""
         CheckpointStore(url)  # refuses an unknown scheme now, not at the first dump
-        job = self.job(jid)
-        job = job.model_copy(update={"details": {**job.details, "storage": url}})
-        self.registry.save_job(job)
-        return job
+        return self.registry.update_job(jid, details={"storage": url})
 
     def kill(self, jid: str) -> Job:
-        job = self._live(jid)
-        job = job.model_copy(update={"state": JobState.killed})
-        self.registry.save_job(job)
+        job = self.registry.update_job(self._live(jid).jid, state=JobState.killed)
         self._stop(job)
         return job
 
@@ -200,9 +197,7 @@ class Engine:
         handler = self._handler(job.type, hook, hook.split("_")[1])
         with self._lock(job.jid):
             Pipeline(handler)(Context(None, job=job))
-            job = job.model_copy(update={"state": state})
-            self.registry.save_job(job)
-        return job
+            return self.registry.update_job(job.jid, state=state)
 
     def query(self, jtype: str) -> list[dict[str, Any]]:
         handler = self._handler(jtype, "cedana_query_handler", "query")
@@ -212,12 +207,12 @@ class Engine:
     # -- dump
     @contextmanager
     def _lock(self, jid: str) -> Iterator[None]:
-        """Serialize dump/restore/freeze of one job across processes; refuse, never wait."""
+        """Serialize run/dump/restore/freeze of one job across processes; refuse, never wait."""
         with open(self.paths.locks / f"{jid}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StateError(f"another dump or restore of job {jid} is in progress") from None
+                raise StateError(f"job {jid} is busy: another run, dump or restore of it is in progress") from None
             yield
 
     def locked(self, ctx: Context, next_: Handler) -> Any:
@@ -245,8 +240,7 @@ class Engine:
         update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
         if not ctx.request.leave_running:
             update["state"] = JobState.checkpointed
-        current = self.registry.job(job.jid)  # re-read: `job kill` does not wait for a dump
-        self.registry.save_job(current.model_copy(update=update))
+        self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
         if not ctx.request.leave_running:
             self._stop(job)
         return result
@@ -380,14 +374,9 @@ class Engine:
         if request.gpu_map and not manifest.details.get("gpu"):
             raise UsageError(f"--gpu-map: checkpoint {ckpt} holds no GPU state")
         target = request.jid or jid or manifest.jid
-        existing = self._existing(target)
-        if existing and existing.state in LIVE_STATES:
-            raise StateError(
-                f"job {target} is {existing.state.value}", hint="restore a clone with --jid NEW, or kill the job first"
-            )
         job_dir = self.paths.job_dir(target)
         job_dir.mkdir(parents=True, exist_ok=True)
-        chain = [self.locked, self.fetch]
+        chain = [self.locked, self.replace_dead, self.fetch]
         chain += self._middleware(
             manifest.type,
             "cedana_restore_middleware",
@@ -407,8 +396,7 @@ class Engine:
         }
         ctx = Context(request, progress=progress, state=state)
         start = time.perf_counter()
-        restored: Job = Pipeline(handler).with_(*chain)(ctx)
-        job = self._record_restore(existing, restored, manifest)
+        job: Job = Pipeline(handler).with_(*chain)(ctx)
         duration = round(time.perf_counter() - start, 6)
         return RestoreResult(job=job, checkpoint=ckpt, duration_s=duration, timings=ctx.timings)
 
@@ -427,6 +415,17 @@ class Engine:
             return self.job(jid)
         except JobNotFound:
             return None
+
+    def replace_dead(self, ctx: Context, next_: Handler) -> Job:
+        """Restore over a job only if it is not live, and record the restored job, both under
+        the job's lock: of two restores of one job, exactly one runs it."""
+        target = ctx.state["jid"]
+        existing = self._existing(target)
+        if existing and existing.state in LIVE_STATES:
+            raise StateError(
+                f"job {target} is {existing.state.value}", hint="restore a clone with --jid NEW, or kill the job first"
+            )
+        return self._record_restore(existing, next_(ctx), ctx.state["manifest"])
 
     def _record_restore(self, existing: Job | None, restored: Job, manifest: Manifest) -> Job:
         update = {"last_checkpoint": manifest.checkpoint, "node": self.node}

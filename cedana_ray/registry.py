@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointNotFound, JobNotFound, StateError, StorageError
 from .models import CheckpointInfo, Job
@@ -62,13 +63,37 @@ class Registry:
             except sqlite3.IntegrityError as exc:
                 raise StateError(f"a job named {job.jid!r} already exists") from exc
 
+    def update_job(self, jid: str, *, when: Callable[[Job], bool] | None = None, **changes: Any) -> Job:
+        """Set ``changes`` on job ``jid`` in one transaction, unless ``when`` (given the job as
+        it is now) says no; ``details`` are merged into the job's. What other processes changed
+        meanwhile is kept, where writing back a whole job read earlier would undo it.
+        Returns the job as it now is."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")  # the read and the write, with no writer between them
+            try:
+                job = self._job(conn, jid)
+                if when is None or when(job):
+                    if "details" in changes:
+                        changes["details"] = {**job.details, **changes["details"]}
+                    job = job.model_copy(update=changes)
+                    conn.execute("UPDATE jobs SET data = ? WHERE jid = ?", (job.model_dump_json(), jid))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return job
+
     def save_job(self, job: Job) -> None:
         with self._conn() as conn:
             conn.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.jid, job.model_dump_json()))
 
     def job(self, jid: str) -> Job:
         with self._conn() as conn:
-            row = conn.execute("SELECT data FROM jobs WHERE jid = ?", (jid,)).fetchone()
+            return self._job(conn, jid)
+
+    @staticmethod
+    def _job(conn: sqlite3.Connection, jid: str) -> Job:
+        row = conn.execute("SELECT data FROM jobs WHERE jid = ?", (jid,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job {jid!r}", hint="`cedana-ray ps` lists the jobs")
         return Job.model_validate_json(row[0])
