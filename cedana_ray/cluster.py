@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from . import auth
 from .config import paths
 from .errors import PrerequisiteError
 from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
@@ -31,6 +32,7 @@ class ClusterState(BaseModel):
     base: str
     head_temp_dir: str | None = None  # set when `up` started the Ray head itself
     dashboard: str | None = None
+    auth_token_file: str | None = None  # the Ray auth token's file; None: Ray runs without auth
 
 
 def state_file() -> Path:
@@ -61,13 +63,33 @@ def address() -> str | None:
     return state.address if state else None
 
 
-def connect(addr: str) -> None:
+def use_auth_of(addr: str, state: ClusterState | None) -> None:
+    """Connect to ``addr`` as ``up`` set it up (see cedana_ray.auth), unless the environment
+    already says how (a Ray job's, a node's, or the user's own RAY_AUTH_MODE)."""
+    if auth.MODE in os.environ or state is None or state.address != addr:
+        return
+    auth.use(Path(state.auth_token_file) if state.auth_token_file else None)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a failed ``ray.init`` was refused for its token: Ray's GCS client gives up with
+    a RuntimeError that holds the AuthenticationError only as text."""
+    cause: BaseException | None = exc
+    while cause is not None and "InvalidAuthToken" not in str(cause):
+        cause = cause.__cause__
+    return cause is not None
+
+
+def connect(addr: str, state: ClusterState | None = None) -> None:
+    """Connect this process to the Ray cluster at ``addr``, with the auth token of ``state``
+    (default: what ``up`` recorded here)."""
     import ray
 
     from .actors.remote import NAMESPACE
 
     if ray.is_initialized():
         return
+    use_auth_of(addr, state or load_state())
     try:
         ray.init(
             address=addr,
@@ -77,6 +99,11 @@ def connect(addr: str) -> None:
             configure_logging=False,
         )
     except ConnectionError as exc:
+        if _refused(exc):
+            raise PrerequisiteError(
+                f"the Ray cluster at {addr} refused our auth token",
+                hint=f"use the head's token: {auth.TOKEN_PATH}=FILE (see docs/cluster.md)",
+            ) from None
         raise PrerequisiteError(
             f"cannot reach the Ray cluster at {addr}: {exc}", hint="`cedana-ray up`, or --local"
         ) from None
@@ -85,12 +112,12 @@ def connect(addr: str) -> None:
 class Cluster:
     """cedana-ray on a Ray cluster: every call goes to the coordinator."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, state: ClusterState | None = None) -> None:
         import ray
 
         from .actors.remote import COORDINATOR, NAMESPACE
 
-        connect(addr)
+        connect(addr, state)
         get_plugin_manager()  # storage schemes, for checkpoint URLs read here
         self.address = addr
         try:

@@ -5,6 +5,10 @@ head with a private temp dir when there is none, then starts the coordinator
 (detached, named, on the head node) and waits until every alive node has its agent.
 ``down`` stops the actors ``up`` started, and the head only if ``up`` started it,
 found by its private temp dir: never another Ray on the machine.
+
+Ray runs with its token authentication on (see cedana_ray.auth): ``up`` finds the token,
+or creates one for a head it starts, and starts and joins Ray with it; the dashboard
+(Ray's job submission API) listens on loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from typing import Any
 
 import psutil
 
+from . import auth
 from .cluster import ClusterState, connect, load_state, save_state, state_file
 from .config import paths
-from .errors import PrerequisiteError, StateError
+from .errors import PrerequisiteError, StateError, UsageError
 from .models import LIVE_STATES, NodeStatus
 
 AGENTS_TIMEOUT_S = 60.0
+LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -51,8 +57,9 @@ def node_args(temp: str, object_store_mb: int) -> list[str]:
     ]
 
 
-def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
-    """Start a local Ray head in a private temp dir: (address, temp dir, dashboard address)."""
+def start_head(dashboard_host: str = LOOPBACK, object_store_mb: int = 256) -> tuple[str, str, str]:
+    """Start a local Ray head in a private temp dir: (address, temp dir, dashboard address).
+    Ray's auth settings come from this process's environment (cedana_ray.auth.use)."""
     temp = tempfile.mkdtemp(prefix="cr-ray-")  # short: Ray's socket paths must stay under 108 chars
     port, dashboard = free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
@@ -62,7 +69,7 @@ def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
         "--head",
         f"--port={port}",
         "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
+        f"--dashboard-host={dashboard_host}",
         f"--dashboard-port={dashboard}",
         *node_args(temp, object_store_mb),
     ]
@@ -73,7 +80,8 @@ def start_head(object_store_mb: int = 256) -> tuple[str, str, str]:
         shutil.rmtree(temp, ignore_errors=True)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise PrerequisiteError(f"`ray start --head` failed: {last}")
-    return f"127.0.0.1:{port}", temp, f"http://127.0.0.1:{dashboard}"
+    reach = LOOPBACK if dashboard_host in ("0.0.0.0", "::") else dashboard_host
+    return f"127.0.0.1:{port}", temp, f"http://{reach}:{dashboard}"
 
 
 def stop_head(temp_dir: str, timeout: float = 15.0) -> int:
@@ -141,22 +149,59 @@ def wait_for_job_server(timeout: float = AGENTS_TIMEOUT_S) -> None:
         time.sleep(0.5)
 
 
-def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterState, list[NodeStatus]]:
-    """Join (or start) Ray and start the control plane; idempotent."""
+def _auth_token(started: bool, previous: ClusterState | None, no_auth: bool) -> Path | None:
+    """The Ray auth token's file for this cluster (None: without auth), and this process set to use it."""
+    # the auth of a cluster an earlier `up` joined or started does not change while it runs
+    off = no_auth or auth.opted_out() or (previous is not None and previous.auth_token_file is None)
+    token = None if off else auth.token_file(create=started, known=previous.auth_token_file if previous else None)
+    auth.use(token)
+    return token
+
+
+def up(
+    address: str | None = None,
+    storage: str | None = None,
+    dashboard_host: str | None = None,
+    no_auth: bool = False,
+) -> tuple[ClusterState, list[NodeStatus]]:
+    """Join (or start) Ray and start the control plane; idempotent.
+
+    Args:
+        address: the Ray cluster to join (default: ``RAY_ADDRESS``, an earlier ``up``'s,
+            else start a local head).
+        storage: the cluster's checkpoint store URL.
+        dashboard_host: where the head's dashboard listens (default: loopback); only for a
+            head ``up`` starts.
+        no_auth: run Ray without token authentication (single-user machines).
+
+    Raises:
+        UsageError: ``dashboard_host`` with a cluster ``up`` does not start.
+        PrerequisiteError: Ray did not start, or there is no token to join with.
+    """
     from .actors.remote import call
 
     previous = load_state()
     address = address or os.environ.get("RAY_ADDRESS") or (previous.address if previous else None)
+    if address and dashboard_host:
+        raise UsageError("--dashboard-host is for a head that `up` starts, not one it joins")
     head_temp = dashboard = None
     if previous and previous.address == address:
         head_temp, dashboard = previous.head_temp_dir, previous.dashboard
+    else:
+        previous = None  # another cluster's: nothing of it applies
     base = str(paths().home / "cluster")
     storage = storage or os.environ.get("CEDANA_RAY_STORAGE") or f"file://{base}/checkpoints"
     started = not address
+    token = _auth_token(started, previous, no_auth)
+    token_file = str(token) if token else None
     if started:
-        address, head_temp, dashboard = start_head()
+        address, head_temp, dashboard = start_head(dashboard_host or LOOPBACK)
         # recorded at once, so that `down` finds this head even if `up` is interrupted
-        save_state(ClusterState(address=address, storage=storage, base=base, head_temp_dir=head_temp))
+        save_state(
+            ClusterState(
+                address=address, storage=storage, base=base, head_temp_dir=head_temp, auth_token_file=token_file
+            )
+        )
     try:
         connect(address)
         coordinator = start_coordinator(base, storage)
@@ -170,7 +215,12 @@ def up(address: str | None = None, storage: str | None = None) -> tuple[ClusterS
             state_file().unlink(missing_ok=True)
         raise
     state = ClusterState(
-        address=address, storage=info["storage"], base=info["base"], head_temp_dir=head_temp, dashboard=dashboard
+        address=address,
+        storage=info["storage"],
+        base=info["base"],
+        head_temp_dir=head_temp,
+        dashboard=dashboard,
+        auth_token_file=token_file,
     )
     save_state(state)
     return state, nodes

@@ -1,11 +1,15 @@
 """`cedana-ray up` / `down`, the CLI against a cluster, and `ray job submit` as an entrypoint.
 
-`up` starts its own Ray head here (no address given); `down` must stop exactly that.
+`up` starts its own Ray head here (no address given), with Ray's token authentication on,
+as it is by default: cedana-ray's own clients (the CLI, the agents, a job's supervisor
+serving the job's own checkpoint) use the token; a Ray client without it is refused.
+The module shares one cluster; the last test takes it `down`, which must stop exactly it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,13 +18,17 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import kill_jobs
 from test_cli import assert_one_error, cedana
-from test_process_criu import COUNTER, wait_for
+from test_process_criu import COUNTER, WORKLOADS, wait_for
 
-from cedana_ray.errors import StateError, UsageError
+from cedana_ray import auth
+from cedana_ray.errors import PrerequisiteError, StateError, UsageError
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(240)]
 RAY = str(Path(sys.executable).with_name("ray"))
+# a client without the token gives up after about this many seconds, not Ray's default 20
+QUICK_GIVE_UP = {"RAY_gcs_server_port_wait_time_s": "1"}
 
 
 def cli_json(*args: str) -> object:
@@ -33,10 +41,26 @@ def head_processes(temp_dir: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
 
 
-@pytest.fixture
-def up(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def ray_env(home: Path, **auth_env: str) -> dict[str, str]:
+    """The environment of a Ray client with no token but ``auth_env`` (and none in ~/.ray)."""
+    env = {k: v for k, v in os.environ.items() if k not in (auth.MODE, auth.TOKEN, auth.TOKEN_PATH)}
+    return {**env, "HOME": str(home), **auth_env}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The module's CEDANA_RAY_HOME; every job started in it is killed afterwards."""
+    home = tmp_path_factory.mktemp("cli-cluster") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CEDANA_RAY_HOME", str(home))
+        for var in ("CEDANA_RAY_STORAGE", "RAY_ADDRESS", auth.MODE, auth.TOKEN, auth.TOKEN_PATH, auth.OPT_OUT):
+            mp.delenv(var, raising=False)  # `up`'s default: a token of its own
+        yield home
+    kill_jobs(home)
+
+
+@pytest.fixture(scope="module")
+def up(home: Path) -> Iterator[dict]:
     try:
         state = cli_json("up")
     except BaseException:
@@ -48,6 +72,70 @@ def up(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
         cedana("down", "--kill-jobs", timeout=180)
 
 
+def test_up_creates_a_private_token_that_never_reaches_argv(up: dict, home: Path) -> None:
+    token_file = Path(up["auth_token_file"])
+    assert token_file == home / auth.TOKEN_FILE
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text()
+    assert len(token) == 64
+    for p in head_processes(up["head_temp_dir"]):
+        assert token not in " ".join(p.cmdline())
+        assert p.environ().get(auth.MODE) == "token", p.cmdline()
+    assert cli_json("up")["auth_token_file"] == str(token_file), "up is idempotent, with the same token"
+
+
+def test_dashboard_listens_on_loopback_only(up: dict) -> None:
+    port = int(up["dashboard"].rsplit(":", 1)[1])
+    [listening] = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening.laddr.ip == "127.0.0.1"
+
+
+def test_job_submit_without_the_token_is_refused(up: dict, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    for env in (ray_env(tmp_path), ray_env(tmp_path, **auth.env(wrong))):
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", up["dashboard"], "--", "touch", str(tmp_path / "ran")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert submit.returncode != 0
+        assert "Authentication" in submit.stdout + submit.stderr, submit.stdout + submit.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_ray_init_without_the_token_is_refused(up: dict, tmp_path: Path) -> None:
+    code = f"import ray; ray.init(address={up['address']!r}); print('connected')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ray_env(tmp_path, **QUICK_GIVE_UP)
+    )
+    assert done.returncode != 0 and "connected" not in done.stdout
+    assert "InvalidAuthToken" in done.stderr, done.stderr[-2000:]
+
+
+def test_cli_with_a_wrong_token_says_so(up: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    for var, value in {**auth.env(wrong), **QUICK_GIVE_UP, "CEDANA_RAY_ADDRESS": up["address"]}.items():
+        monkeypatch.setenv(var, value)
+    done = cedana("ps")
+    # not assert_one_error: Ray's C++ client logs each refused attempt on stderr itself, before our line
+    assert done.returncode == PrerequisiteError.exit_code and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: the Ray cluster at"), done.stderr
+    assert "refused our auth" in done.stderr  # "token" itself: the CLI redacts RAY_AUTH_MODE's value
+
+
+def test_a_job_checkpoints_itself_through_its_supervisor(up: dict) -> None:
+    """The job's own checkpoint request goes from its supervisor to the cluster, with the token."""
+    started = cedana("run", "process", "--jid", "inside", "--", sys.executable, str(WORKLOADS / "self_checkpoint.py"))
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: "checkpoint=" in cedana("logs", "inside").stdout, 60, "the job's own checkpoint")
+    cli_json("job", "kill", "inside")
+
+
 def test_up_job_submit_ps_dump_and_down(up: dict, home: Path) -> None:
     assert len(up["nodes"]) == 1 and up["head_temp_dir"] and up["storage"].startswith("file://")
     assert cli_json("up")["address"] == up["address"], "up is idempotent"
@@ -57,10 +145,11 @@ def test_up_job_submit_ps_dump_and_down(up: dict, home: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **auth.env(Path(up["auth_token_file"]))},
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
-    [job] = cli_json("ps")  # type: ignore[misc]
-    assert job["jid"] == "sub" and job["state"] == "running" and job["node"] == up["nodes"][0]["node"]
+    [job] = [j for j in cli_json("ps") if j["jid"] == "sub"]  # type: ignore[attr-defined]
+    assert job["state"] == "running" and job["node"] == up["nodes"][0]["node"]
     wait_for(lambda: len(cli_json("checkpoint", "list", "sub")) >= 1, 30, "a policy checkpoint")  # type: ignore[arg-type]
     dumped = cli_json("dump", "job", "sub", "--leave-running")
     assert dumped["checkpoint"].startswith("sub-")  # type: ignore[index]

@@ -23,15 +23,31 @@ def cluster() -> Cluster:
 @click.command()
 @click.option("--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local head).")
 @click.option("--storage", metavar="URL", help="Cluster checkpoint store (default: file://STATE/cluster/checkpoints).")
+@click.option(
+    "--dashboard-host",
+    metavar="HOST",
+    help="Where the dashboard (Ray's job API) of a head `up` starts listens (default: 127.0.0.1).",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Run Ray without token authentication, for single-user machines: whoever reaches Ray is root"
+    " on every node (also: CEDANA_RAY_AUTH=disabled).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def up(address: str | None, storage: str | None, as_json: bool) -> None:
-    """Join (or start) a Ray cluster and start the coordinator and one agent per node."""
+def up(address: str | None, storage: str | None, dashboard_host: str | None, no_auth: bool, as_json: bool) -> None:
+    """Join (or start) a Ray cluster and start the coordinator and one agent per node.
+
+    Ray runs with token authentication: the token is RAY_AUTH_TOKEN, the file
+    RAY_AUTH_TOKEN_PATH names, or STATE/ray-auth-token (created for a new head)."""
     from ..launcher import up as start
 
-    state, nodes = start(address, storage)
+    state, nodes = start(address, storage, dashboard_host, no_auth)
 
     def human() -> None:
         console.print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
+        auth = f"on (token in {state.auth_token_file})" if state.auth_token_file else "OFF"
+        console.print(f"Ray token authentication: {auth}", highlight=False)
         _nodes_table(nodes)
 
     show(as_json, {**state.model_dump(), "nodes": nodes}, human)
