@@ -72,3 +72,9 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config() -> None:
     validate_config(config)  # Ray's own schema check, as `ray up` runs it
     commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"])
     assert "install-criu.sh" in commands and "cedana-ray up --address" in commands
+    # Ray's token authentication on every node: the token travels as a file, never in argv
+    assert "~/.local/state/cedana-ray/ray-auth-token" in config["file_mounts"]
+    assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in commands
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "ray stop" in command or command.startswith("source ~/cedana-ray-auth.sh && "), command
+    assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands and "disabled" not in commands
