@@ -52,9 +52,11 @@ def serve(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     cluster.start()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for var, value in {**cluster.env, "RAY_AUTH_MODE": "disabled"}.items():
+            for var, value in cluster.env.items():
                 mp.setenv(var, value)
-            mp.delenv("RAY_ADDRESS", raising=False)
+            # every allocation's Ray with the token auth of the batch template's own
+            for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "CEDANA_RAY_AUTH"):
+                mp.delenv(var, raising=False)
             yield cluster
     finally:
         cluster.stop()
@@ -151,6 +153,8 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     assert row["state"] == "RUNNING" and row["nodes"] == "localhost" and row["ray_address"], row
     assert row["workloads"] == [{"jid": f"slurm-{job_id}", "state": "running"}], row
     wait_for(lambda: query(job_id)["last_checkpoint"], 30, "a periodic checkpoint")
+    token = Path(row["home"]) / "ray-auth-token"  # every node of the allocation reads it
+    assert token.stat().st_mode & 0o777 == 0o600 and Path(row["home"]).stat().st_mode & 0o777 == 0o700
 
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     wait_for(lambda: restored_counts(out, 1) >= 2, 90, "the counter restored after the preemption notice")
@@ -233,6 +237,7 @@ def test_sbatch_renders_the_preemption_contract(home: Path, tmp_path: Path) -> N
         "#SBATCH --requeue",
         "trap on_warning USR1",
         "trap on_term TERM",
+        '"$PYTHON" -m cedana_ray.auth',  # Ray's token authentication, from the job's state dir
     )
     for line in wanted:
         assert line in script, line

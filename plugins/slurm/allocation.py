@@ -62,7 +62,7 @@ def connect(job_id: str) -> Cluster:
     state = cluster_state(home)
     if state is None:
         raise StateError(f"cedana-ray is not up in SLURM job {job_id} yet")
-    return Cluster(state.address)
+    return Cluster(state.address, state)  # with the allocation's Ray auth token
 
 
 def wait_for_nodes(address: str, wanted: int, timeout: float) -> int:
