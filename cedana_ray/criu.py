@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from . import failpoint
 from .errors import DumpError, PrerequisiteError
 from .models import CriuOptions
 
@@ -91,20 +92,25 @@ def dump(
     *,
     leave_running: bool,
     enter: int | None = None,
+    hold: int | None = None,
 ) -> None:
     """Dump the tree rooted at ``pid`` into ``images``.
 
     Without ``leave_running`` the tree is left stopped, not killed, so that the
     caller can resume it if storing the checkpoint fails. With ``enter``, CRIU runs
     in the PID and mount namespaces of that process, where ``pid`` is the tree's PID.
+    CRIU inherits the descriptor ``hold`` (the job's lock), so that it holds it even if we die.
     """
     prefix = ["nsenter", "-t", str(enter), "-p", "-m", "--"] if enter else []
     args = [*prefix, binary(), "dump", "-t", str(pid), "-D", str(images), "-W", str(work)]
     args += ["-o", "dump.log", "--leave-running" if leave_running else "--leave-stopped"]
     args += option_args(opts)
-    res = subprocess.run(args, capture_output=True, text=True)
-    if res.returncode != 0:
-        detail = first_error(work / "dump.log") or res.stderr.strip() or f"exit {res.returncode}"
+    keep = () if hold is None else (hold,)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=keep)
+    failpoint.reached("dump:criu")
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        detail = first_error(work / "dump.log") or stderr.strip() or f"exit {proc.returncode}"
         raise DumpError(f"criu dump of PID {pid} failed: {detail}")
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from . import catalog, criu
+from . import catalog, criu, failpoint, recovery
 from .config import Paths, paths
 from .crypto import cipher_for
 from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
@@ -31,7 +31,8 @@ from .proctree import alive, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from .signing import Signer
-from .store import CheckpointStore, remove_tree, split_url, staging_area
+from .staging import remove_tree, staging_area
+from .store import CheckpointStore, split_url
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,6 +64,7 @@ class Engine:
         self.signer = signer or Signer.load(self.paths.signing_key)
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
+        recovery.repair(self)
 
     def store(self, url: str) -> CheckpointStore:
         """The checkpoint store at ``url``, trusting only checkpoints signed with our key."""
@@ -106,7 +108,7 @@ class Engine:
     ) -> Job:
         jid = jid or new_id("job")
         handler = self._handler(jtype, hook, what)
-        with self._lock(jid):  # of two starts of one id, exactly one runs a workload
+        with self.lock(jid):  # of two starts of one id, exactly one runs a workload
             if self._existing(jid):
                 raise StateError(f"a job named {jid!r} already exists")
             job_dir = self.paths.job_dir(jid)
@@ -171,10 +173,11 @@ class Engine:
 
     def kill(self, jid: str) -> Job:
         job = self.registry.update_job(self._live(jid).jid, state=JobState.killed)
-        self._stop(job)
+        self.stop(job)
         return job
 
-    def _stop(self, job: Job) -> None:
+    def stop(self, job: Job) -> None:
+        """Stop the job's workload with its type's kill signal."""
         sig = self.pm.call_for(job.type, "cedana_kill_signal") or signal.SIGTERM
         if job.pid is not None:
             signal_tree(job.pid, sig)
@@ -195,7 +198,7 @@ class Engine:
 
     def _set_frozen(self, job: Job, state: JobState, hook: str) -> Job:
         handler = self._handler(job.type, hook, hook.split("_")[1])
-        with self._lock(job.jid):
+        with self.lock(job.jid):
             Pipeline(handler)(Context(None, job=job))
             return self.registry.update_job(job.jid, state=state)
 
@@ -206,17 +209,19 @@ class Engine:
 
     # -- dump
     @contextmanager
-    def _lock(self, jid: str) -> Iterator[None]:
-        """Serialize run/dump/restore/freeze of one job across processes; refuse, never wait."""
+    def lock(self, jid: str) -> Iterator[int]:
+        """Serialize run/dump/restore/freeze of one job across processes; refuse, never wait.
+        Yields the lock's descriptor: a child that inherits it holds the lock as long as it runs."""
         with open(self.paths.locks / f"{jid}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StateError(f"job {jid} is busy: another run, dump or restore of it is in progress") from None
-            yield
+            yield f.fileno()
 
     def locked(self, ctx: Context, next_: Handler) -> Any:
-        with self._lock(ctx.state["jid"]):
+        with self.lock(ctx.state["jid"]) as fd:
+            ctx.state["lock"] = fd
             return next_(ctx)
 
     def require_live(self, ctx: Context, next_: Handler) -> Any:
@@ -236,13 +241,16 @@ class Engine:
                     undo()
                 except CedanaError as undo_error:
                     exc.add_note(f"while resuming the job: {undo_error}")
+            self.registry.update_job(job.jid, details=recovery.CLEARED)
             raise
+        failpoint.reached("dump:committed")
         update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
         if not ctx.request.leave_running:
             update["state"] = JobState.checkpointed
         self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
         if not ctx.request.leave_running:
-            self._stop(job)
+            self.stop(job)
+        self.registry.update_job(job.jid, details=recovery.CLEARED)  # only now: see cedana_ray.recovery
         return result
 
     def commit(self, ctx: Context, next_: Handler) -> DumpResult:
@@ -252,6 +260,7 @@ class Engine:
         store = self.store(req.storage or job.details.get("storage") or self.paths.storage)
         ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         work = staging_area(self.paths.staging, tree_rss(job.pid))
+        self.registry.update_job(job.jid, details=recovery.mark(ckpt, store.url))
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
         ctx.state.update(images=images, work=work)
         try:
@@ -302,6 +311,7 @@ class Engine:
             ctx.request.criu,
             leave_running=ctx.request.leave_running,
             enter=ctx.state.get("enter"),
+            hold=ctx.state["lock"],
         )
 
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
@@ -451,7 +461,7 @@ class Engine:
         return catalog.adopt(self.registry, url, self.signer)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
-        with self._lock(self.registry.checkpoint(ckpt).jid):
+        with self.lock(self.registry.checkpoint(ckpt).jid):
             return catalog.delete(self.registry, ckpt, self.signer)
 
     def log_path(self, jid: str) -> str:

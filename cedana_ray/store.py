@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import fsspec
-import psutil
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
+from . import failpoint
 from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, sha256
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, cipher_for, fingerprint
@@ -46,7 +43,6 @@ from .errors import (
     CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
-    PermissionDenied,
     StorageError,
     UntrustedCheckpoint,
     UsageError,
@@ -229,6 +225,7 @@ class CheckpointStore:
                 else:
                     image = self._write_file(pool, images / name, ckpt, compression, chunk_size, streams, cipher)
                 files.append(image)
+                failpoint.reached("dump:store")
                 done += image.size
                 if progress:
                     progress("store", done, total)
@@ -572,45 +569,3 @@ def _encoder(compression: Compression, cipher: ChunkCipher | None) -> Callable[[
         return cipher.encrypt(data, name, index) if cipher else data
 
     return encode
-
-
-SHM = Path("/dev/shm")
-
-
-def _fits_in_memory(nbytes: int) -> bool:
-    return SHM.is_dir() and shutil.disk_usage(SHM).free > 2 * nbytes and psutil.virtual_memory().available > 3 * nbytes
-
-
-def private_dir(path: Path) -> Path:
-    """``path``, created 0700 if missing, once it is known to be a directory of ours that
-    nobody else can enter: a shared parent (``/dev/shm``) must not let another user plant
-    or read what we stage there."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise PermissionDenied(
-            f"refusing to stage images in {path}: it must be a directory owned by uid {os.geteuid()} with mode 0700",
-            hint="remove it, or name another one with CEDANA_RAY_STAGING",
-        )
-    return path
-
-
-def staging_area(base: Path, nbytes: int = 0) -> Path:
-    """A fresh private directory for ``nbytes`` of images.
-
-    In memory (``/dev/shm/cedana-ray-UID``) when they fit there with room to spare, since
-    images staged on disk are written once and read back at once: page-cache pressure
-    on a slow disk made that the largest cost of compressed dumps and restores. Else
-    under ``base``. ``CEDANA_RAY_STAGING`` names the directory to stage in instead, always
-    (in a private ``cedana-ray-UID`` of its own there).
-    """
-    if pinned := os.environ.get("CEDANA_RAY_STAGING"):
-        base = Path(pinned) / f"cedana-ray-{os.geteuid()}"
-    elif nbytes and _fits_in_memory(nbytes):
-        base = SHM / f"cedana-ray-{os.geteuid()}"
-    return Path(tempfile.mkdtemp(dir=private_dir(base)))
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -28,7 +28,8 @@ from cedana_ray.errors import PermissionDenied, UntrustedCheckpoint
 from cedana_ray.models import Compression, Manifest
 from cedana_ray.requests import DumpRequest
 from cedana_ray.signing import Signer
-from cedana_ray.store import MANIFEST, CheckpointStore, staging_area
+from cedana_ray.staging import staging_area
+from cedana_ray.store import MANIFEST, CheckpointStore
 
 pytestmark = pytest.mark.criu
 Body = dict[str, Any]
