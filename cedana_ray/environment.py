@@ -21,6 +21,9 @@ DEFAULT_PREFIXES = ("LC_",)
 # cloud and Ray credentials, whatever they are called; cedana-ray's own keys match SECRET_WORD
 SECRET_PREFIXES = ("AWS_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "AZURE_", "RAY_AUTH_")
 SECRET_WORD = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|AUTH)(_|$)")
+# settings named like secrets whose values are not ("token", "disabled", a file's path): redacting
+# them would blank the words and paths an error is about
+SETTINGS = frozenset({"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "CEDANA_RAY_AUTH"})
 MIN_REDACTED = 4  # shorter values are everywhere in a traceback: hiding them would hide the trace
 REDACTED = "***"
 
@@ -48,7 +51,7 @@ def redact(text: str, argv: Iterable[str], source: Mapping[str, str] | None = No
     """``text`` without the values of secret variables in ``source`` (default: this
     process's environment), of ``--env K=V`` options in ``argv``, or in ``--key-file``s."""
     source = os.environ if source is None else source
-    values = [v for k, v in source.items() if secret(k)] + _argv_secrets(list(argv))
+    values = [v for k, v in source.items() if secret(k) and k not in SETTINGS] + _argv_secrets(list(argv))
     for value in sorted({v.strip() for v in values if len(v.strip()) >= MIN_REDACTED}, key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return text

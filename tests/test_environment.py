@@ -127,3 +127,10 @@ def test_a_job_inherits_the_environment_only_when_asked(engine: Engine, monkeypa
     }
     assert "CEDANA_RAY_TEST_VISIBLE" not in names["plain"] and "CEDANA_RAY_TEST_VISIBLE" in names["inherits"]
     assert not any("AWS_SECRET_ACCESS_KEY" in found for found in names.values())
+
+
+def test_settings_named_like_secrets_are_not_redacted() -> None:
+    """An auth mode or a token's path is what an error is about, not a secret."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/state/ray-auth-token", "RAY_AUTH_TOKEN": "0123abcd"}
+    said = redact("refused our auth token (0123abcd) from /state/ray-auth-token", [], env)
+    assert said == "refused our auth token (***) from /state/ray-auth-token"
