@@ -76,6 +76,7 @@ def manage(ctx: Context) -> Job:
         raise UsageError(f"not a PID: {ctx.request.target!r}") from None
     p = tree.proc(pid)
     tree.check_touchable(p)
+    tree.check_owner(p)
     state = JobState.frozen if tree.is_stopped(pid) else JobState.running
     return _new_job(ctx, pid, p.create_time(), state=state, command=p.cmdline(), managed=True)
 

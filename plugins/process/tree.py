@@ -43,6 +43,24 @@ def check_touchable(p: psutil.Process) -> None:
         raise PermissionDenied(f"PID {p.pid} belongs to another user (uid {uid})")
 
 
+ANY_OWNER = "CEDANA_RAY_ANY_OWNER"
+
+
+def check_owner(p: psutil.Process) -> None:
+    """Under sudo, refuse to adopt a process that the user who ran sudo does not own: root
+    would otherwise dump another user's memory wherever that user chose. An administrator
+    allows it with CEDANA_RAY_ANY_OWNER=1 (which sudo's own policy decides who may set)."""
+    caller = os.environ.get("SUDO_UID")
+    if caller is None or os.geteuid() != 0 or os.environ.get(ANY_OWNER) == "1":
+        return
+    uid = p.uids().real
+    if uid != int(caller):
+        raise PermissionDenied(
+            f"PID {p.pid} belongs to uid {uid}, not to you (uid {caller}, through sudo)",
+            hint=f"an administrator can allow it with {ANY_OWNER}=1",
+        )
+
+
 def _ourselves() -> set[int]:
     """This process and its ancestors."""
     found, pid = set(), os.getpid()
