@@ -40,7 +40,7 @@ def node_home(base: str | Path, node_id: str) -> Path:
 
 
 class NodeAgent:
-    def __init__(self, node_id: str, base: str, signer: Signer) -> None:
+    def __init__(self, node_id: str, base: str, signer: Signer, key: bytes | None = None) -> None:
         os.umask(0o077)  # the node's jobs, logs and images hold process memory: ours alone
         home = node_home(base, node_id)
         os.environ["CEDANA_RAY_HOME"] = str(home)  # plugins that read the state dir see the node's
@@ -51,7 +51,7 @@ class NodeAgent:
         self._known_types: list[str] = []
         self._types_at = -TYPES_TTL_S
         control = Path(base) / "control"
-        self.engine = Engine(Paths(home, control), node=node_id, cluster_address=address, signer=signer)
+        self.engine = Engine(Paths(home, control), node=node_id, cluster_address=address, signer=signer, key=key)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ from typing import Any
 import ray
 
 from cedana_ray import catalog
+from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
 from cedana_ray.models import (
@@ -44,7 +46,8 @@ from cedana_ray.models import (
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from cedana_ray.signing import KEY_FILE, Signer
+from cedana_ray.signing import KEY_FILE as SIGNING_KEY
+from cedana_ray.signing import Signer
 from cedana_ray.store import CheckpointStore, split_url
 
 from .agent import NodeAgent
@@ -59,13 +62,14 @@ log = logging.getLogger("cedana_ray.coordinator")
 
 
 class Coordinator:
-    def __init__(self, base: str, storage: str) -> None:
+    def __init__(self, base: str, storage: str, encrypt: bool = False, key: bytes | None = None) -> None:
         os.umask(0o077)  # the registry and the cluster's signing key are ours alone
         self.base = Path(base)
         self.started = time.time()
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.storage = storage
-        self.signer = Signer.load(self.base / KEY_FILE)  # the cluster's: its agents get it too
+        self.signer = Signer.load(self.base / SIGNING_KEY)  # the cluster's: its agents get it too
+        self.key = self._cluster_key(encrypt, key)
         get_plugin_manager()  # the storage plugins' schemes, for the catalog's stores
         self.registry = Registry(self.base / "coordinator.db")
         self.agents: dict[str, Any] = {}
@@ -78,6 +82,18 @@ class Coordinator:
         self._recover_catalog()
         self._tick()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def _cluster_key(self, encrypt: bool, key: bytes | None) -> bytes | None:
+        """The key every checkpoint of this cluster is encrypted with (``up --encrypt``), kept
+        in the state dir: given, else made; once a cluster has one it keeps it."""
+        path = self.base / KEY_FILE
+        kept = saved_key(path)
+        if key and kept and key != kept:
+            raise UsageError("this cluster's checkpoints are encrypted with another key", hint=f"see {path}")
+        if (encrypt or key) and kept is None:
+            save_key(path, key or secrets.token_bytes(KEY_BYTES))
+            kept = saved_key(path)
+        return kept
 
     # -- nodes and agents
     def _monitor(self) -> None:
@@ -110,7 +126,7 @@ class Coordinator:
         self._run_policies()
 
     def _spawn_agent(self, node: str) -> Any:
-        return detached(NodeAgent, agent_name(node), node, node, str(self.base), self.signer, concurrency=32)
+        return detached(NodeAgent, agent_name(node), node, node, str(self.base), self.signer, self.key, concurrency=32)
 
     def _spawn_store(self) -> Any:
         """The cedana:// store, beside the coordinator on the head node."""
@@ -564,7 +580,13 @@ class Coordinator:
             log.error("policy checkpoint of job %s failed: %s", jid, exc)
 
     def info(self) -> dict[str, Any]:
-        return {"storage": self.storage, "base": str(self.base), "nodes": len(self.agents), "started": self.started}
+        return {
+            "storage": self.storage,
+            "base": str(self.base),
+            "nodes": len(self.agents),
+            "started": self.started,
+            "encrypted": self.key is not None,
+        }
 
 
 def _draining_nodes() -> dict[str, int]:

@@ -62,6 +62,8 @@ def run(
     keep: int | None = None,
     restore_on_loss: bool = False,
     storage: str | None = None,
+    encrypt: bool = False,
+    key: bytes | None = None,
 ) -> Job:
     """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
 
@@ -69,6 +71,9 @@ def run(
     (:data:`cedana_ray.environment.DEFAULTS`) of whoever starts it (this process, or a
     cluster's node agent); with ``inherit_env`` all of that one's environment except its
     keys and credentials (:func:`cedana_ray.environment.secret`), which only ``env`` can pass.
+
+    With ``encrypt``, every checkpoint of the job is encrypted (policy, migration, drain and
+    ``checkpoint()`` ones too) with ``key``, else ``CEDANA_RAY_KEY``, else the cluster's own.
     """
     request = RunRequest(
         cmd=list(cmd),
@@ -80,6 +85,8 @@ def run(
         checkpoint_every=checkpoint_every,
         keep=keep,
         restore_on_loss=restore_on_loss,
+        encrypt=encrypt,
+        key=key,
     )
     job = _engine().run(type, request)
     return _engine().set_storage(job.jid, storage) if storage else job
@@ -97,10 +104,18 @@ def dump(
     storage: str | None = None,
     compression: str = "zstd",
     criu: CriuOptions | None = None,
+    encrypt: bool = False,
+    key: bytes | None = None,
 ) -> DumpResult:
-    """Checkpoint job ``jid``; without ``leave_running`` the job stops once it is stored."""
+    """Checkpoint job ``jid``; without ``leave_running`` the job stops once it is stored.
+    ``encrypt`` with ``key`` (a job run with ``encrypt``, or a key configured, is always encrypted)."""
     request = DumpRequest(
-        leave_running=leave_running, storage=storage, compression=Compression(compression), criu=criu or CriuOptions()
+        leave_running=leave_running,
+        storage=storage,
+        compression=Compression(compression),
+        criu=criu or CriuOptions(),
+        encrypt=encrypt,
+        key=key if encrypt else None,
     )
     return _engine().dump(jid, request)
 
@@ -113,10 +128,12 @@ def restore(
     new_jid: str | None = None,
     node: str | None = None,
     gpu_map: dict[str, str] | None = None,
+    key: bytes | None = None,
 ) -> Job:
     """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on
-    ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``."""
-    request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {})
+    ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``;
+    ``key``: of an encrypted checkpoint (default: the job's, or the one configured)."""
+    request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {}, key=key)
     backend = _engine()
     if isinstance(backend, Cluster):
         return backend.restore(request, jid=jid, node=node).job

@@ -33,6 +33,7 @@ class ClusterState(BaseModel):
     head_temp_dir: str | None = None  # set when `up` started the Ray head itself
     dashboard: str | None = None
     auth_token_file: str | None = None  # the Ray auth token's file; None: Ray runs without auth
+    encrypted: bool = False  # every checkpoint encrypted with the cluster's key (`up --encrypt`)
 
 
 def state_file() -> Path:

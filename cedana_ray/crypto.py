@@ -22,6 +22,7 @@ from .models import Manifest
 
 ALGORITHM = "aes-256-gcm"
 KEY_ENV = "CEDANA_RAY_KEY"
+KEY_FILE = "encryption.key"  # a job's key in its job dir, a cluster's in its state dir
 KEY_BYTES = 32
 NONCE_BYTES = 12
 
@@ -58,6 +59,20 @@ def load_key(key_file: str | None) -> bytes | None:
     if value := os.environ.get(KEY_ENV):
         return parse_key(value.encode(), KEY_ENV)
     return None
+
+
+def save_key(path: Path, key: bytes) -> None:
+    """Keep ``key`` in ``path``, readable by us alone (a new file: a key is never replaced)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+        f.write(key)
+
+
+def saved_key(path: Path) -> bytes | None:
+    """The key :func:`save_key` kept in ``path``, if there is one."""
+    try:
+        return parse_key(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        return None
 
 
 def fingerprint(key: bytes) -> str:

@@ -20,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from pydantic import SecretBytes
+
 from . import catalog, criu, failpoint, recovery
 from .config import Paths, paths
-from .crypto import cipher_for
+from .crypto import KEY_ENV, KEY_FILE, cipher_for, load_key, save_key, saved_key
 from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
@@ -56,12 +58,15 @@ class Engine:
         node: str = "local",
         cluster_address: str | None = None,
         signer: Signer | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.paths = (home or paths()).ensure()
         self.node = node  # the Ray node id when a NodeAgent runs this engine
         self.cluster_address = cluster_address  # where a job's own checkpoint requests go
         # the cluster's key on a node of a cluster, else this state dir's own
         self.signer = signer or Signer.load(self.paths.signing_key)
+        # what every dump here is encrypted with: a cluster's own key on its nodes, else CEDANA_RAY_KEY
+        self.key = key if cluster_address else key or load_key(None)
         self.registry = Registry(self.paths.db)
         self.pm = pm or get_plugin_manager()
         recovery.repair(self)
@@ -113,6 +118,7 @@ class Engine:
                 raise StateError(f"a job named {jid!r} already exists")
             job_dir = self.paths.job_dir(jid)
             job_dir.mkdir(parents=True, exist_ok=True)
+            self._keep_job_key(jid, request)
             ctx = Context(request, state={"jid": jid, "job_dir": job_dir, "control": self._control(jid)})
             try:
                 job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
@@ -121,6 +127,23 @@ class Engine:
                 raise
             self.registry.add_job(job)
         return job
+
+    def _keep_job_key(self, jid: str, request: Any) -> None:
+        """With ``run --encrypt``: keep the key that every checkpoint of the job is encrypted with."""
+        if not getattr(request, "encrypt", False):
+            return
+        if request.key and self.cluster_address:
+            raise UsageError("a cluster encrypts with its own key", hint="set it with `cedana-ray up --encrypt`")
+        key = request.key.get_secret_value() if request.key else self.key
+        if key is None:
+            hint = "`cedana-ray up --encrypt`" if self.cluster_address else f"--key-file FILE or {KEY_ENV}"
+            raise UsageError("--encrypt needs a key", hint=hint)
+        if key != self.key:
+            save_key(self.paths.job_dir(jid) / KEY_FILE, key)
+
+    def key_of(self, jid: str) -> bytes | None:
+        """The key the checkpoints of job ``jid`` are encrypted with: its own, else this node's."""
+        return saved_key(self.paths.job_dir(jid) / KEY_FILE) or self.key
 
     def _control(self, jid: str) -> dict[str, Any]:
         """How a job's supervisor serves the job's own checkpoint requests (cedana_ray.inside):
@@ -318,6 +341,8 @@ class Engine:
         """Checkpoint job ``jid`` into the store."""
         job = self.job(jid)
         criu.version()
+        if not request.encrypt and (key := self.key_of(jid)):  # however the dump was asked for
+            request = request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
         handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
         chain = [self.locked, self.require_live, self.finish_dump, self.commit]
         chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
@@ -377,6 +402,8 @@ class Engine:
         root, ckpt = split_url(url)
         store = self.store(root)
         manifest = store.manifest(ckpt)
+        if request.key is None and (key := self.key_of(manifest.jid)):
+            request = request.model_copy(update={"key": SecretBytes(key)})
         cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
         criu.version()
         if jtype and manifest.type != jtype:
@@ -407,6 +434,8 @@ class Engine:
         ctx = Context(request, progress=progress, state=state)
         start = time.perf_counter()
         job: Job = Pipeline(handler).with_(*chain)(ctx)
+        if manifest.encryption and not saved_key(job_dir / KEY_FILE) and request.decryption_key() != self.key:
+            save_key(job_dir / KEY_FILE, request.decryption_key())  # an encrypted job stays encrypted
         duration = round(time.perf_counter() - start, 6)
         return RestoreResult(job=job, checkpoint=ckpt, duration_s=duration, timings=ctx.timings)
 

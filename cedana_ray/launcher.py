@@ -29,6 +29,7 @@ import psutil
 from . import auth
 from .cluster import ClusterState, connect, load_state, save_state, state_file
 from .config import paths
+from .crypto import load_key
 from .errors import PrerequisiteError, StateError, UsageError
 from .models import LIVE_STATES, NodeStatus
 
@@ -111,11 +112,11 @@ def _head_node() -> str:
     raise PrerequisiteError("the Ray cluster has no alive head node")
 
 
-def start_coordinator(base: str, storage: str) -> Any:
+def start_coordinator(base: str, storage: str, encrypt: bool = False, key: bytes | None = None) -> Any:
     from .actors.coordinator import Coordinator
     from .actors.remote import COORDINATOR, detached
 
-    return detached(Coordinator, COORDINATOR, _head_node(), base, storage, concurrency=64)
+    return detached(Coordinator, COORDINATOR, _head_node(), base, storage, encrypt, key, concurrency=64)
 
 
 def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list[NodeStatus]:
@@ -163,6 +164,8 @@ def up(
     storage: str | None = None,
     dashboard_host: str | None = None,
     no_auth: bool = False,
+    encrypt: bool = False,
+    key: bytes | None = None,
 ) -> tuple[ClusterState, list[NodeStatus]]:
     """Join (or start) Ray and start the control plane; idempotent.
 
@@ -173,6 +176,9 @@ def up(
         dashboard_host: where the head's dashboard listens (default: loopback); only for a
             head ``up`` starts.
         no_auth: run Ray without token authentication (single-user machines).
+        encrypt: encrypt every checkpoint of the cluster, with ``key`` (default:
+            ``CEDANA_RAY_KEY``, else one made and kept in the head's state dir,
+            ``cluster/encryption.key``). ``CEDANA_RAY_KEY`` set means ``encrypt``.
 
     Raises:
         UsageError: ``dashboard_host`` with a cluster ``up`` does not start.
@@ -180,6 +186,8 @@ def up(
     """
     from .actors.remote import call
 
+    key = key or load_key(None)
+    encrypt = encrypt or key is not None
     previous = load_state()
     address = address or os.environ.get("RAY_ADDRESS") or (previous.address if previous else None)
     if address and dashboard_host:
@@ -204,8 +212,13 @@ def up(
         )
     try:
         connect(address)
-        coordinator = start_coordinator(base, storage)
+        coordinator = start_coordinator(base, storage, encrypt, key)
         info = call(coordinator.info.remote(), timeout=AGENTS_TIMEOUT_S)
+        if encrypt and not info["encrypted"]:
+            raise UsageError(
+                "the control plane is already running without encryption",
+                hint="`cedana-ray down` it, then `up --encrypt`",
+            )
         nodes = wait_for_agents(coordinator)
         if dashboard:
             wait_for_job_server()
@@ -221,6 +234,7 @@ def up(
         head_temp_dir=head_temp,
         dashboard=dashboard,
         auth_token_file=token_file,
+        encrypted=info["encrypted"],
     )
     save_state(state)
     return state, nodes

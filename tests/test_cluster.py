@@ -44,10 +44,13 @@ from test_process_criu import COUNTER, WORKLOADS, wait_for
 
 from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
+from cedana_ray.crypto import ALGORITHM
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from cedana_ray.store import CheckpointStore, split_url
+from cedana_ray.signing import KEY_FILE as SIGNING_KEY
+from cedana_ray.signing import Signer
+from cedana_ray.store import MANIFEST, CheckpointStore, split_url
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(180)]
 HEAVY = [sys.executable, str(WORKLOADS / "heavy_counter.py"), "256"]
@@ -65,7 +68,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         cluster = RayCluster(initialize_head=True, head_node_args=NODE_ARGS)
         cluster.add_node(**NODE_ARGS)
         try:
-            launcher.up(address=cluster.address)
+            launcher.up(address=cluster.address, encrypt=True)  # so every test checks encryption too
             yield cluster
         finally:
             ray.shutdown()
@@ -112,6 +115,12 @@ def stop_leftovers(before: set[psutil.Process]) -> None:
 @pytest.fixture
 def client(ray_cluster: RayCluster) -> Cluster:
     return Cluster(ray_cluster.address)
+
+
+def cluster_store(client: Cluster, url: str) -> CheckpointStore:
+    """The store at ``url`` as the cluster sees it: trusting what the cluster's key signed."""
+    base = Path(call(client.coordinator.info.remote())["base"])
+    return CheckpointStore(url, Signer.load(base / SIGNING_KEY))
 
 
 def counts(client: Cluster, jid: str) -> list[int]:
@@ -239,7 +248,7 @@ def test_policy_checkpoints_and_keeps_the_last_k(client: Cluster) -> None:
     assert len(kept) <= 2 and client.job(jid).state is JobState.running
     pruned = (seen - {c.checkpoint for c in kept}).pop()
     root, _ = split_url(kept[0].path)
-    assert pruned not in {m.checkpoint for m in CheckpointStore(root).list()}, "pruned from the store too"
+    assert pruned not in {m.checkpoint for m in cluster_store(client, root).list()}, "pruned from the store too"
     client.kill(jid)
 
 
@@ -420,7 +429,7 @@ def test_coordinator_restart_mid_policy_run_loses_nothing(client: Cluster) -> No
     root, _ = split_url(fresh.checkpoints(jid)[0].path)
 
     def catalog_matches_store() -> bool:
-        stored = {m.checkpoint for m in CheckpointStore(root).list() if m.jid == jid}
+        stored = {m.checkpoint for m in cluster_store(fresh, root).list() if m.jid == jid}
         listed = {c.checkpoint for c in fresh.checkpoints(jid)}
         return stored == listed and len(listed) == 2
 
@@ -674,3 +683,12 @@ def test_a_cri_job_whose_target_cannot_restore_goes_on_where_it_was(
         client.kill("c-cri-back")
     finally:
         ray_cluster.remove_node(broken)
+
+
+def test_every_checkpoint_the_cluster_made_is_encrypted(client: Cluster) -> None:
+    """However it was made (dump, policy, migration, drain, SIGTERM, node loss, a job's own
+    checkpoint(), the cluster's own store): last in this module, after all of them."""
+    base = Path(call(client.coordinator.info.remote())["base"])
+    manifests = [json.loads(path.read_text()) for path in base.rglob(MANIFEST)]
+    assert len(manifests) >= 10
+    assert {m["encryption"] for m in manifests} == {ALGORITHM}

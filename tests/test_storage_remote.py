@@ -78,10 +78,10 @@ def test_dump_restore_list_inspect_delete(engine: Engine, remote: Remote) -> Non
     assert [c.checkpoint for c in engine.checkpoints("j1")] == [result.checkpoint]
     manifest = engine.inspect(result.checkpoint)
     assert manifest.layout is Layout.chunks and manifest.encryption is None
-    assert [m.checkpoint for m in CheckpointStore(remote.url).list()] == [result.checkpoint]
+    assert [m.checkpoint for m in engine.store(remote.url).list()] == [result.checkpoint]
     engine.delete_checkpoint(result.checkpoint)
     assert engine.checkpoints("j1") == []
-    assert CheckpointStore(remote.url).list() == []
+    assert engine.store(remote.url).list() == []
     assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if result.checkpoint in p]
 
 
@@ -139,7 +139,7 @@ def test_interrupted_upload_leaves_nothing(engine: Engine, remote: Remote) -> No
     with pytest.raises(KeyboardInterrupt):
         engine.dump("j1", DumpRequest(storage=remote.url, compression=Compression.none), progress=interrupt)
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
-    assert CheckpointStore(remote.url).list() == []
+    assert engine.store(remote.url).list() == []
     assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "the upload was removed"
 
 
@@ -151,7 +151,7 @@ def test_full_staging_disk_fails_cleanly(
     with pytest.raises((DumpError, StorageError), match=r"No space left|ENOSPC"):
         engine.dump("j1", DumpRequest(storage=remote.url))
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
-    assert CheckpointStore(remote.url).list() == []
+    assert engine.store(remote.url).list() == []
     assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "early uploads were removed"
     assert list(small_disk.iterdir()) == [], "the staging area was cleaned up"
 
@@ -161,7 +161,7 @@ def test_keep_last_k_prunes_the_bucket_too(engine: Engine, remote: Remote) -> No
     made = [engine.dump("j1", DumpRequest(storage=remote.url, leave_running=True)).checkpoint for _ in range(3)]
     prune(engine, "j1", keep=1)  # what `--checkpoint-every ... --keep 1` runs after each dump
     assert [c.checkpoint for c in engine.checkpoints("j1")] == made[-1:]
-    assert [m.checkpoint for m in CheckpointStore(remote.url).list()] == made[-1:]
+    assert [m.checkpoint for m in engine.store(remote.url).list()] == made[-1:]
 
 
 def killer(remote: Remote, stage: str) -> Callable[[str, int, int], None]:
@@ -183,7 +183,7 @@ def test_server_killed_mid_upload(engine: Engine, own_remote: Remote) -> None:
     n = len(log_lines(engine, "j1"))
     wait_for(lambda: len(log_lines(engine, "j1")) > n, what="the job to go on")
     own_remote.server.start()  # same data dir: what the dump left behind
-    assert CheckpointStore(own_remote.url).list() == []
+    assert engine.store(own_remote.url).list() == []
 
 
 def test_server_killed_mid_restore(engine: Engine, own_remote: Remote) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from ..cluster import Cluster
+from ..crypto import load_key
 from ..errors import UsageError
 from ..models import Compression, NodeStatus
 from ..requests import DumpRequest
-from .options import common, engine
+from .options import common, engine, key_file_option
 from .output import console, human_size, show, table
 
 
@@ -34,20 +35,38 @@ def cluster() -> Cluster:
     help="Run Ray without token authentication, for single-user machines: whoever reaches Ray is root"
     " on every node (also: CEDANA_RAY_AUTH=disabled).",
 )
+@click.option(
+    "--encrypt",
+    is_flag=True,
+    help="Encrypt every checkpoint of the cluster (AES-256-GCM) with the key of --key-file or "
+    "CEDANA_RAY_KEY (which alone means --encrypt), else one made and kept in the head's state dir.",
+)
+@key_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def up(address: str | None, storage: str | None, dashboard_host: str | None, no_auth: bool, as_json: bool) -> None:
+def up(
+    address: str | None,
+    storage: str | None,
+    dashboard_host: str | None,
+    no_auth: bool,
+    encrypt: bool,
+    key_file: str | None,
+    as_json: bool,
+) -> None:
     """Join (or start) a Ray cluster and start the coordinator and one agent per node.
 
     Ray runs with token authentication: the token is RAY_AUTH_TOKEN, the file
     RAY_AUTH_TOKEN_PATH names, or STATE/ray-auth-token (created for a new head)."""
     from ..launcher import up as start
 
-    state, nodes = start(address, storage, dashboard_host, no_auth)
+    if key_file and not encrypt:
+        raise click.BadParameter("is for an encrypted cluster: add --encrypt", param_hint="--key-file")
+    state, nodes = start(address, storage, dashboard_host, no_auth, encrypt, load_key(key_file) if key_file else None)
 
     def human() -> None:
         console.print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
         auth = f"on (token in {state.auth_token_file})" if state.auth_token_file else "OFF"
         console.print(f"Ray token authentication: {auth}", highlight=False)
+        console.print(f"checkpoints encrypted: {'yes' if state.encrypted else 'no'}", highlight=False)
         _nodes_table(nodes)
 
     show(as_json, {**state.model_dump(), "nodes": nodes}, human)

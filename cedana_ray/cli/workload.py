@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
+from ..crypto import KEY_ENV, load_key
 from ..models import check_name
 from ..policy import parse_duration
 from ..requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from .options import common, dump_options, engine, pairs, restore_options
+from .options import common, dump_options, engine, key_file_option, pairs, restore_options
 from .output import progress, show, show_dump, show_job, show_restore, table
 
 F = Callable[..., Any]
@@ -38,7 +39,8 @@ env_option = click.option(
 
 
 def policy_options(fn: F) -> F:
-    """``--storage``, ``--checkpoint-every`` and ``--keep``, passed on as ``storage``, ``every`` (seconds), ``keep``."""
+    """``--storage``, ``--checkpoint-every``, ``--keep``, ``--encrypt`` and ``--key-file``, passed on
+    as ``storage``, ``every`` (seconds), ``keep`` and ``encryption`` (RunRequest's fields)."""
 
     @functools.wraps(fn)
     def wrapper(**kw: Any) -> Any:
@@ -46,6 +48,10 @@ def policy_options(fn: F) -> F:
         kw["every"] = parse_duration(text) if text else None
         if kw["keep"] and not kw["every"]:
             raise click.BadParameter("needs --checkpoint-every", param_hint="--keep")
+        encrypt, key_file = kw.pop("encrypt"), kw.pop("key_file")
+        if key_file and not encrypt:
+            raise click.BadParameter("is for encrypted jobs: add --encrypt", param_hint="--key-file")
+        kw["encryption"] = {"encrypt": encrypt, "key": load_key(key_file) if key_file else None}
         return fn(**kw)
 
     options = [
@@ -54,6 +60,13 @@ def policy_options(fn: F) -> F:
             "--checkpoint-every", metavar="DUR", help="Checkpoint (leaving it running) every DUR: 30s, 5m, 1h."
         ),
         click.option("--keep", type=click.IntRange(1), metavar="N", help="Keep only the last N of those checkpoints."),
+        click.option(
+            "--encrypt",
+            is_flag=True,
+            help=f"Encrypt every checkpoint of the job, however it is made (key: --key-file, {KEY_ENV}, "
+            "or the cluster's own from `up --encrypt`).",
+        ),
+        key_file_option,
     ]
     for option in reversed(options):
         wrapper = option(wrapper)

@@ -86,6 +86,7 @@ def run(
     storage: str | None,
     every: float | None,
     keep: int | None,
+    encryption: dict[str, Any],
     args: tuple[str, ...],
     as_json: bool,
     local: bool,
@@ -109,6 +110,7 @@ def run(
         jid=jid or container,
         checkpoint_every=every,
         keep=keep,
+        **encryption,
     )
     start(NAME, request, storage, as_json)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cedana_ray.cli.options import common
@@ -52,6 +54,7 @@ def run(
     gpu_tracing: bool,
     node: str | None,
     restore_on_loss: bool,
+    encryption: dict[str, Any],
     cmd: tuple[str, ...],
     as_json: bool,
     local: bool,
@@ -69,6 +72,7 @@ def run(
         keep=keep,
         node=node,
         restore_on_loss=restore_on_loss,
+        **encryption,
     )
     start(NAME, request, storage, as_json)
 

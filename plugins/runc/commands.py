@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -39,6 +40,7 @@ def run(
     storage: str | None,
     every: float | None,
     keep: int | None,
+    encryption: dict[str, Any],
     as_json: bool,
     local: bool,
 ) -> None:
@@ -53,6 +55,7 @@ def run(
         gpu_tracing=gpu_tracing,
         checkpoint_every=every,
         keep=keep,
+        **encryption,
     )
     start(NAME, request, storage, as_json)
 
