@@ -4,6 +4,11 @@ Separate CLI invocations share it. Each thread keeps its own connection open: op
 and closing one per call cost about 5 ms each time, closing the last one checkpointing
 the write-ahead log. Jobs are stored as their JSON model so the registry never drifts
 from :class:`Job`.
+
+On a network file system (a SLURM allocation's state dir is usually on NFS) SQLite's
+write-ahead log is unsafe, since its index lives in shared memory that only one machine
+sees: there the registry uses a rollback journal. Whoever only reads (``query slurm`` on a
+login node) opens it read-only.
 """
 
 from __future__ import annotations
@@ -25,14 +30,38 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size_bytes INTEGER NOT NULL, created TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoints_jid ON checkpoints (jid, created);
 """
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
+
+
+def filesystem(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the file system ``path`` is on, from ``mountinfo`` (default: this process's)."""
+    text = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
+    target, best, found = str(path.resolve()), "", ""
+    for line in text.splitlines():
+        fields = line.split()
+        mount, fstype = fields[4].replace("\\040", " "), fields[fields.index("-") + 1]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, found = mount, fstype
+    return found
+
+
+def journal_mode(path: Path, mountinfo: str | None = None) -> str:
+    """SQLite's journal for a database in directory ``path``: a write-ahead log, but where
+    several machines may open it (a network file system) a rollback journal."""
+    fstype = filesystem(path, mountinfo)
+    return "DELETE" if fstype in NETWORK_FS or fstype.startswith("fuse.") else "WAL"
 
 
 class Registry:
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, *, readonly: bool = False) -> None:
         self.db = db
+        self.readonly = readonly
+        self._journal = "" if readonly else journal_mode(db.parent)
         self._local = threading.local()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+        if not readonly:
+            with self._conn() as conn:
+                conn.executescript(SCHEMA)
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -40,13 +69,12 @@ class Registry:
 
         WAL with ``synchronous=NORMAL``: a commit does not wait for the disk (a power
         cut may lose the last ones, never the database): a write takes 0.5 ms, not 6.
-        The jobs such a cut loses are gone with the machine anyway."""
+        The jobs such a cut loses are gone with the machine anyway. A rollback journal
+        (network file systems) commits with ``synchronous=FULL``."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                conn = self._connect()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot open the job registry {self.db}: {exc}") from exc
             self._local.conn = conn
@@ -54,6 +82,14 @@ class Registry:
             yield conn
         except sqlite3.Error as exc:
             raise StorageError(f"job registry {self.db}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            return sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
+        conn.execute(f"PRAGMA journal_mode={self._journal}")
+        conn.execute(f"PRAGMA synchronous={'NORMAL' if self._journal == 'WAL' else 'FULL'}")
+        return conn
 
     # -- jobs
     def add_job(self, job: Job) -> None:

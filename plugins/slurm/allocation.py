@@ -48,9 +48,10 @@ def cluster_state(home: Path) -> ClusterState | None:
 
 
 def catalog(home: Path) -> Registry | None:
-    """The coordinator's registry of the allocation, read directly: no Ray needed."""
+    """The coordinator's registry of the allocation, read directly (no Ray needed) and only
+    read: the coordinator, on another machine, is its one writer."""
     db = home / "cluster" / "coordinator.db"
-    return Registry(db) if db.exists() else None
+    return Registry(db, readonly=True) if db.exists() else None
 
 
 def connect(job_id: str) -> Cluster:
