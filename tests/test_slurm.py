@@ -25,6 +25,8 @@ from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
 from cedana_ray.errors import NotFoundError, PrerequisiteError, UsageError
+from cedana_ray.models import Job, JobState
+from cedana_ray.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTER = [sys.executable, str(ROOT / "jobs" / "counter.py"), "0.2"]
@@ -177,6 +179,25 @@ def test_warnings_checkpoint_requeue_and_restore(slurm: SlurmCluster, home: Path
     assert len(ended) == 2 and "checkpoint" not in ended[1].replace("no checkpoint now", ""), ended[-1][-2000:]
     assert output(out).count("requeueing") == 2
     wait_for(lambda: not leftover_workloads(tmp_path / "sub"), 10, "the workload to stop with the job")
+
+
+def test_a_reused_job_id_sets_the_earlier_jobs_state_aside(slurm: SlurmCluster, home: Path, tmp_path: Path) -> None:
+    """SLURM reuses job ids once its own state is reset: a new job that finds an earlier one's
+    state under its id (its workload recorded, checkpointed) starts afresh beside it."""
+    where = tmp_path / "sub"
+    next_id = re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", slurm.run("scontrol", "show", "config").stdout)[1]  # type: ignore[index]
+    earlier = where / "state" / next_id
+    (earlier / "cluster").mkdir(parents=True)
+    Registry(earlier / "cluster" / "coordinator.db").add_job(
+        Job(jid=f"slurm-{next_id}", type="process", state=JobState.checkpointed)
+    )
+    job_id, out = submit(slurm, where)
+    assert job_id == next_id
+    wait_for(lambda: "count=3" in output(out), 90, f"the counter to run in job {job_id}")
+    assert f"set aside the state of an earlier SLURM job {job_id}" in output(out)
+    assert [p.name.split(".stale-")[0] for p in (where / "state").glob("*.stale-*")] == [job_id]
+    slurm.run("scancel", job_id)
+    wait_for(lambda: not slurm.run("squeue", "-h", "-j", job_id, check=False).stdout.strip(), 60, "the job to end")
 
 
 def test_unknown_and_foreign_jobs(slurm: SlurmCluster, home: Path) -> None:
