@@ -71,6 +71,15 @@ def kill_jobs(home: Path) -> None:
 
 
 @pytest.fixture
+def own_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own staging base (CEDANA_RAY_STAGING), so that what is left there is its doing."""
+    base = tmp_path / "staging"
+    base.mkdir()
+    monkeypatch.setenv("CEDANA_RAY_STAGING", str(base))
+    return base
+
+
+@pytest.fixture
 def engine(home: Path) -> Engine:
     return Engine(Paths(home))
 

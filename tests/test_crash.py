@@ -16,15 +16,7 @@ from test_process_criu import COUNTER, wait_for
 from cedana_ray.failpoint import ENV as FAILPOINT
 from cedana_ray.store import MANIFEST
 
-pytestmark = pytest.mark.criu
-
-
-@pytest.fixture(autouse=True)
-def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    base = tmp_path / "staging"
-    base.mkdir()
-    monkeypatch.setenv("CEDANA_RAY_STAGING", str(base))
-    return base
+pytestmark = [pytest.mark.criu, pytest.mark.usefixtures("own_staging")]
 
 
 def count(home: Path) -> int:
@@ -48,7 +40,7 @@ def state(home: Path) -> dict[str, object]:
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 @pytest.mark.parametrize("stage", ["dump:criu", "dump:store", "dump:committed"])
 def test_a_dump_killed_midway_loses_nothing(
-    home: Path, staging: Path, monkeypatch: pytest.MonkeyPatch, stage: str, compression: str
+    home: Path, own_staging: Path, monkeypatch: pytest.MonkeyPatch, stage: str, compression: str
 ) -> None:
     assert cedana("run", "process", "--jid", "c1", "--local", "--", *COUNTER).returncode == 0
     wait_for(lambda: count(home) >= 3, what="counting")
@@ -63,7 +55,7 @@ def test_a_dump_killed_midway_loses_nothing(
     assert len(kept) == (stage == "dump:committed"), kept
     store = home / "checkpoints"
     assert all((ckpt / MANIFEST).exists() for ckpt in store.iterdir()), "no partial checkpoint is left"
-    assert [p for p in staging.rglob("*") if p.is_dir() and p.parent != staging] == [], "no staging is left"
+    assert [p for p in own_staging.rglob("*") if p.is_dir() and p.parent != own_staging] == [], "no staging is left"
 
     dumped = cedana("dump", "job", "c1", "--local", "--json")
     assert dumped.returncode == 0, dumped.stderr

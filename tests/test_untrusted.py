@@ -31,7 +31,7 @@ from cedana_ray.signing import Signer
 from cedana_ray.staging import staging_area
 from cedana_ray.store import MANIFEST, CheckpointStore
 
-pytestmark = pytest.mark.criu
+pytestmark = [pytest.mark.criu, pytest.mark.usefixtures("own_staging")]
 Body = dict[str, Any]
 
 
@@ -96,15 +96,6 @@ def test_a_crafted_manifest_is_refused_and_writes_nothing(
 
 def restore_clone(url: str, *options: str) -> subprocess.CompletedProcess[str]:
     return cedana("restore", "process", "--path", url, "--local", "--jid", "clone", *options)
-
-
-@pytest.fixture(autouse=True)
-def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's own staging base, so that what is left there is this test's doing."""
-    base = tmp_path / "staging"
-    base.mkdir()
-    monkeypatch.setenv("CEDANA_RAY_STAGING", str(base))
-    return base
 
 
 def assert_nothing_escaped(home: Path) -> None:
