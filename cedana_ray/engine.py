@@ -32,11 +32,14 @@ from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .retry import until
 from .signing import Signer
 from .staging import remove_tree, staging_area
 from .store import CheckpointStore, split_url
 
 Progress = Callable[[str, int, int], None]
+STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
+STOP_POLL_S = 0.02
 
 
 def new_id(prefix: str) -> str:
@@ -271,10 +274,25 @@ class Engine:
         if not ctx.request.leave_running:
             update["state"] = JobState.checkpointed
         self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
-        if not ctx.request.leave_running:
-            self.stop(job)
-        self.registry.update_job(job.jid, details=recovery.CLEARED)  # only now: see cedana_ray.recovery
+        try:
+            if not ctx.request.leave_running:
+                self.stop(job)
+                self._wait_stopped(job)
+        finally:
+            self.registry.update_job(job.jid, details=recovery.CLEARED)  # only now: see cedana_ray.recovery
         return result
+
+    def _wait_stopped(self, job: Job) -> None:
+        """Return once the dumped job, sent its kill signal, is gone as its runtime reports it.
+        A killed process takes a moment to exit and be reaped, and containerd one more to
+        notice: a dump that returned at once left its container reported running (issue 16)."""
+        if not until(lambda: self._stopped(job), STOP_TIMEOUT_S, STOP_POLL_S):
+            raise StateError(f"job {job.jid} is checkpointed but still runs {STOP_TIMEOUT_S:.0f} s after being killed")
+
+    def _stopped(self, job: Job) -> bool:
+        """The type's own answer (``cedana_stopped``), else whether the job's process is dead."""
+        stopped = self.pm.call_for(job.type, "cedana_stopped", job=job)
+        return not alive(job.pid, job.details.get("started")) if stopped is None else stopped
 
     def commit(self, ctx: Context, next_: Handler) -> DumpResult:
         """Dump into a fresh image dir, then store it and write the manifest."""

@@ -37,6 +37,7 @@ ROWS: tuple[tuple[str, str] | None, ...] = (
     ("Run middleware (late)", "cedana_run_middleware_late"),
     ("Manage handler", "cedana_manage_handler"),
     ("Custom kill signal", "cedana_kill_signal"),
+    ("Custom stop check", "cedana_stopped"),
     ("Custom cleanup", "cedana_cleanup"),
     ("Custom reaper", "cedana_reaper"),
     None,

@@ -156,6 +156,13 @@ def cedana_kill_signal() -> int:
 
 
 @hookspec(firstresult=True)
+def cedana_stopped(job: Job) -> bool:
+    """Whether ``job``'s workload, sent its kill signal after a dump, is gone as its runtime
+    reports it (containerd: its task is no longer running). The dump returns only once it is,
+    asking again until a timeout; without this hook, once the job's process is dead."""
+
+
+@hookspec(firstresult=True)
 def cedana_cleanup(job: Job) -> None:
     """Removes what the workload left behind once it is gone (`job delete`)."""
 

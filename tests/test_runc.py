@@ -32,6 +32,7 @@ from cedana_ray.engine import Engine
 from cedana_ray.errors import CheckpointNotFound, DumpError, JobNotFound, StateError, UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
+from cedana_ray.proctree import alive
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(missing("runc")), reason=str(missing("runc")))]
@@ -96,6 +97,17 @@ def test_counter_continues_after_dump_kill_restore(
     manifest = engine.inspect(result.checkpoint)
     assert manifest.details["container"] == "c1" and manifest.details["bundle"] == str(counter_bundle)
     assert "pid" in manifest.details["namespaces"] and manifest.details["rootfs"]
+
+
+def test_a_dump_returns_once_its_container_is_gone(engine: Engine, counter_bundle: Path) -> None:
+    """Once a dump (without --leave-running) returns, the container's init is dead and runc
+    reports it stopped: checked at once, not waited for, a few times (issue 16)."""
+    for attempt in range(3):
+        cid = start(engine, counter_bundle, f"gone{attempt}")
+        job = engine.job(cid)
+        engine.dump(cid, DumpRequest())
+        dead, status = not alive(job.pid, job.details["started"]), runc(engine).state(cid)["status"]
+        assert dead and status == "stopped", f"dump {attempt}: container {job.pid} {status}, dead: {dead}"
 
 
 @pytest.mark.slow
