@@ -431,6 +431,13 @@ def cedana_kill_signal() -> int:
 
 
 @hookimpl
+def cedana_stopped(job: Job) -> bool:
+    """Whether containerd reports the task stopped (or gone): it reports a killed task running
+    until its shim has reaped the task's init and handled the exit, after the init is dead."""
+    return _ctr(job).tasks().get(job.details["target"], (0, "STOPPED"))[1] == "STOPPED"
+
+
+@hookimpl
 def cedana_cleanup(job: Job) -> None:
     """Task, container and snapshot, then the job dir."""
     _ctr(job).remove(job.details["target"])
