@@ -41,6 +41,7 @@ def test_a_job_run_with_encrypt_has_every_checkpoint_encrypted(
     assert len(found) >= 3
     assert {(m["encryption"], m["key_fingerprint"]) for m in found} == {(ALGORITHM, fingerprint(KEY))}
     assert KEY.hex() not in (home / "jobs" / "e1" / "log").read_text()
+    assert cedana("job", "delete", "e1", "--local").returncode == 0, "which ends its policy runner"
 
 
 def test_a_key_in_the_environment_encrypts_every_dump(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
