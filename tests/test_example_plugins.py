@@ -106,7 +106,10 @@ def test_memory_store_round_trip(tmp_path: Path) -> None:
     fetched, restored = store.fetch("ckpt-1", tmp_path / "fetched")
     assert fetched == manifest
     assert (restored / "pages-1.img").read_bytes() == b"page" * 5000
+    assert [m.checkpoint for m in store.list()] == ["ckpt-1"]
     assert not any(path.startswith("/examples/") for path in MemoryFileSystem.store)  # memory://'s files: not ours
+    store.delete("ckpt-1")
+    assert store.list() == []
 
 
 # -- the sleeper at work
