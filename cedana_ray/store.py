@@ -52,7 +52,8 @@ from .retry import ATTEMPTS, describe, is_storage_error, retrying
 from .signing import Signer
 
 MANIFEST = "manifest.json"
-MAX_MANIFEST = 64 << 20  # bytes; a larger one is refused before it is parsed
+# bytes: a larger manifest is refused unparsed (read whole: SeaweedFS refuses a range past the end)
+MAX_MANIFEST = 64 << 20
 DEFAULT_STREAMS = max(2, min(8, os.cpu_count() or 2))
 Progress = Callable[[str, int, int], None]
 Encoder = Callable[[int, tuple[int, int]], bytes]  # (chunk index, (offset, size)) -> stored bytes
@@ -353,7 +354,7 @@ class CheckpointStore:
         for an import) its signature verified."""
         with self._errors(f"reading checkpoint {ckpt} from"):
             try:
-                raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}", 0, MAX_MANIFEST + 1))
+                raw = retrying(lambda: self.fs.cat_file(f"{self.path(ckpt)}/{MANIFEST}"))
             except (FileNotFoundError, NotADirectoryError) as exc:  # NotADirectory: a stray file
                 self._require_bucket(exc)
                 raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}") from exc
