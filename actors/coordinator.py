@@ -379,7 +379,8 @@ class Coordinator:
     def _restore_on(
         self, target: str, existing: Job | None, manifest: Manifest, path: str, request: RestoreRequest
     ) -> RestoreResult:
-        agent_request = request.model_copy(update={"path": path, "checkpoint": None})
+        # the manifest read here goes along: the agent verifies it, but does not read it again
+        agent_request = request.model_copy(update={"path": path, "checkpoint": None, "manifest": manifest})
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
         result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))

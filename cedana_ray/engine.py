@@ -386,7 +386,12 @@ class Engine:
         try:
             if not store.readable_in_place(manifest) or manifest.details.get("gpu"):
                 _, ctx.state["images"] = store.fetch(
-                    manifest.checkpoint, tmp / "images", ctx.request.streams, ctx.progress, ctx.request.decryption_key()
+                    manifest.checkpoint,
+                    tmp / "images",
+                    ctx.request.streams,
+                    ctx.progress,
+                    ctx.request.decryption_key(),
+                    manifest=manifest,
                 )
                 return next_(ctx)
             ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
@@ -419,7 +424,7 @@ class Engine:
         url = request.path or self._checkpoint_of(jid, request.checkpoint).path
         root, ckpt = split_url(url)
         store = self.store(root)
-        manifest = store.manifest(ckpt)
+        manifest = self._manifest(store, ckpt, request.manifest)
         if request.key is None and (key := self.key_of(manifest.jid)):
             request = request.model_copy(update={"key": SecretBytes(key)})
         cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
@@ -456,6 +461,15 @@ class Engine:
             save_key(job_dir / KEY_FILE, request.decryption_key())  # an encrypted job stays encrypted
         duration = round(time.perf_counter() - start, 6)
         return RestoreResult(job=job, checkpoint=ckpt, duration_s=duration, timings=ctx.timings)
+
+    def _manifest(self, store: CheckpointStore, ckpt: str, given: Manifest | None) -> Manifest:
+        """The manifest of ``ckpt``: the one the coordinator read and handed down, once it
+        verifies (no I/O), else read from the store: a restore reads it once."""
+        if given is None:
+            return store.manifest(ckpt)
+        if given.checkpoint != ckpt:
+            raise UsageError(f"the manifest given is of checkpoint {given.checkpoint}, not {ckpt}")
+        return self.signer.verify(given)
 
     def _checkpoint_of(self, jid: str | None, ckpt: str | None) -> CheckpointInfo:
         if ckpt:

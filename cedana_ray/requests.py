@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, Field, SecretBytes, model_valida
 
 from .crypto import KEY_BYTES
 from .errors import UsageError
-from .models import Compression, CriuOptions, Name
+from .models import Compression, CriuOptions, Manifest, Name
 from .store import DEFAULT_STREAMS
 
 
@@ -70,6 +70,9 @@ class RestoreRequest(BaseModel):
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     key: Key | None = None  # of an encrypted checkpoint
     gpu_map: dict[str, str] = Field(default_factory=dict)  # checkpointed GPU -> GPU here (UUIDs or indexes)
+    # the manifest at ``path``, as the coordinator read it, so that an agent does not read it
+    # again; still verified with the cluster's key (no I/O) before it is used
+    manifest: Manifest | None = None
 
     def decryption_key(self) -> bytes | None:
         return self.key.get_secret_value() if self.key else None

@@ -416,16 +416,17 @@ class CheckpointStore:
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
         key: bytes | None = None,
+        manifest: Manifest | None = None,
     ) -> tuple[Manifest, Path]:
         """Verify every chunk of ``ckpt`` and lay its images out in ``dest``.
 
-        Returns the manifest and the directory CRIU should restore from: ``dest``,
-        holding decompressed (and decrypted, with ``key``) files, or links to an
-        uncompressed local checkpoint. Raises :class:`CorruptCheckpoint` naming the
-        first bad chunk, :class:`UsageError` when an encrypted checkpoint's key is
-        missing or wrong.
+        Returns the manifest (``manifest``, when the caller has read it already) and the
+        directory CRIU should restore from: ``dest``, holding decompressed (and decrypted,
+        with ``key``) files, or links to an uncompressed local checkpoint. Raises
+        :class:`CorruptCheckpoint` naming the first bad chunk, :class:`UsageError` when an
+        encrypted checkpoint's key is missing or wrong.
         """
-        manifest = self.manifest(ckpt)
+        manifest = manifest or self.manifest(ckpt)
         if self.readable_in_place(manifest):
             self.verify(manifest, streams, progress)
             return manifest, self.link(manifest, dest)

@@ -18,9 +18,10 @@ import pytest
 
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError, StorageError, UsageError
+from cedana_ray.errors import CorruptCheckpoint, DumpError, StateError, StorageError, UntrustedCheckpoint, UsageError
 from cedana_ray.models import Compression, CriuOptions, JobState
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from cedana_ray.store import CheckpointStore
 
 pytestmark = pytest.mark.criu
 
@@ -345,3 +346,30 @@ def test_the_supervisor_is_our_child_unless_a_ray_worker_would_kill_it(
     assert supervisor("c").ppid() == os.getpid()
     engine.kill("a")
     wait_for(lambda: not psutil.pid_exists(ours.pid), what="the supervisor reaped, not a zombie")
+
+
+@pytest.mark.parametrize("compression", [Compression.zstd, Compression.none])
+def test_a_restore_reads_the_manifest_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, compression: Compression
+) -> None:
+    start(engine, COUNTER, ready="count=2")
+    engine.dump("j1", DumpRequest(compression=compression))
+    reads: list[str] = []
+    read = CheckpointStore.manifest
+    monkeypatch.setattr(
+        CheckpointStore, "manifest", lambda store, ckpt, **kw: reads.append(ckpt) or read(store, ckpt, **kw)
+    )
+    assert engine.restore(RestoreRequest(), jid="j1").job.state is JobState.running
+    assert len(reads) == 1
+
+
+def test_a_manifest_handed_down_is_verified_not_read_again(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an agent is given the manifest its coordinator read: no read, but its signature checked."""
+    start(engine, COUNTER, ready="count=2")
+    dumped = engine.dump("j1", DumpRequest())
+    manifest = engine.store(dumped.path.rsplit("/", 1)[0]).manifest(dumped.checkpoint)
+    forged = manifest.model_copy(update={"details": {**manifest.details, "command": ["sh", "-c", "evil"]}})
+    with pytest.raises(UntrustedCheckpoint, match="altered"):
+        engine.restore(RestoreRequest(path=dumped.path, manifest=forged), jid="j1")
+    monkeypatch.setattr(CheckpointStore, "manifest", lambda *a, **kw: pytest.fail("the manifest was read again"))
+    assert engine.restore(RestoreRequest(path=dumped.path, manifest=manifest), jid="j1").job.state is JobState.running
