@@ -8,8 +8,9 @@ from pydantic import BaseModel
 
 from .plugins_manager import PluginManager
 
-# (row label as in cedana-features.txt, hook name); None separates groups in the table
-ROWS: tuple[tuple[str, str] | None, ...] = (
+# (row label as in cedana-features.txt, hook name); None separates groups in the table. A row
+# with no hook is a feature no pipeline has yet, so no plugin can implement it: • everywhere.
+ROWS: tuple[tuple[str, str | None] | None, ...] = (
     ("Dump command", "cedana_dump_command"),
     ("Restore command", "cedana_restore_command"),
     ("Run command", "cedana_run_command"),
@@ -21,17 +22,17 @@ ROWS: tuple[tuple[str, str] | None, ...] = (
     None,
     ("Dump middleware", "cedana_dump_middleware"),
     ("Dump handler", "cedana_dump_handler"),
-    ("Dump VM middleware", "cedana_dump_vm_middleware"),
-    ("Dump VM handler", "cedana_dump_vm_handler"),
+    ("Dump VM middleware", None),  # VM pipelines (and their hooks) arrive with VM support
+    ("Dump VM handler", None),
     ("Restore middleware", "cedana_restore_middleware"),
     ("Restore middleware (late)", "cedana_restore_middleware_late"),
     ("Restore handler", "cedana_restore_handler"),
-    ("Restore VM middleware", "cedana_restore_vm_middleware"),
-    ("Restore VM handler", "cedana_restore_vm_handler"),
+    ("Restore VM middleware", None),
+    ("Restore VM handler", None),
     ("Freeze handler", "cedana_freeze_handler"),
     ("Unfreeze handler", "cedana_unfreeze_handler"),
     None,
-    ("Run handler", "cedana_run_handler"),
+    ("Run handler", None),  # one run handler serves both modes: see docs/plugins.md
     ("Run handler (serverless)", "cedana_run_handler_serverless"),
     ("Run middleware", "cedana_run_middleware"),
     ("Run middleware (late)", "cedana_run_middleware_late"),
@@ -110,12 +111,13 @@ def plugin_errors(pm: PluginManager, name: str) -> tuple[Status | None, list[str
     return (Status.incompatible if failed else None), failed
 
 
-def _status(pm: PluginManager, name: str, hook: str, override: Status | None, required: Status | None) -> Status:
+def _status(pm: PluginManager, name: str, hook: str | None, override: Status | None, required: Status | None) -> Status:
+    implements = hook is not None and pm.implements(name, hook)
     if override is Status.not_installed:
         return override
-    if override is Status.incompatible and (name in pm.failures or pm.implements(name, hook)):
+    if override is Status.incompatible and (name in pm.failures or implements):
         return override
-    if not pm.implements(name, hook):
+    if not implements:
         return Status.unimplemented
     return Status.incompatible if required and hook in REQUIRES else Status.implemented
 

@@ -1,4 +1,5 @@
-"""Every hook a cedana-ray plugin can implement: one per feature row.
+"""Every hook a cedana-ray plugin can implement: one per feature row that a pipeline serves
+(the VM rows and "Run handler" have none; see :mod:`cedana_ray.features`).
 
 A plugin is registered under its name (``process``, ``runc``, ``storage/s3``...);
 that name is the workload type it serves. Per-type hooks are called only on the
@@ -79,16 +80,6 @@ def cedana_dump_handler() -> Handler:
 
 
 @hookspec(firstresult=True)
-def cedana_dump_vm_middleware() -> list[Middleware]:
-    """Middleware around a VM snapshot."""
-
-
-@hookspec(firstresult=True)
-def cedana_dump_vm_handler() -> Handler:
-    """Takes the VM snapshot through the hypervisor's API."""
-
-
-@hookspec(firstresult=True)
 def cedana_restore_middleware() -> list[Middleware]:
     """Middleware run around the core restore chain."""
 
@@ -106,16 +97,6 @@ def cedana_restore_handler() -> Handler:
 
 
 @hookspec(firstresult=True)
-def cedana_restore_vm_middleware() -> list[Middleware]:
-    """Middleware around a VM restore."""
-
-
-@hookspec(firstresult=True)
-def cedana_restore_vm_handler() -> Handler:
-    """Restores a VM snapshot through the hypervisor's API."""
-
-
-@hookspec(firstresult=True)
 def cedana_freeze_handler() -> Handler:
     """Pauses the whole workload of ``ctx.job``."""
 
@@ -126,13 +107,9 @@ def cedana_unfreeze_handler() -> Handler:
 
 
 @hookspec(firstresult=True)
-def cedana_run_handler() -> Handler:
-    """Starts ``ctx.request`` as a workload; returns the new :class:`Job`."""
-
-
-@hookspec(firstresult=True)
 def cedana_run_handler_serverless() -> Handler:
-    """Like the run handler, in-process, without a Ray cluster (``--local``)."""
+    """Starts ``ctx.request`` as a workload; returns the new :class:`Job`. The only run
+    handler: called by every ``run``, in local mode and by a cluster node's agent alike."""
 
 
 @hookspec(firstresult=True)

@@ -237,7 +237,7 @@ def test_features_show_crio(engine: Engine, cri: Cri) -> None:
     matrix = compute(engine.pm)
     for row in ("Dump command", "Dump handler", "Restore handler", "Custom reaper", "Query handler", "Health checks"):
         assert matrix.features[row]["crio"] == "implemented", row
-    for row in ("Freeze handler", "Run handler"):  # the CRI has no pause; pods belong to their owner
+    for row in ("Freeze handler", "Run handler (serverless)"):  # the CRI has no pause; pods belong to their owner
         assert matrix.features[row]["crio"] == "unimplemented", row
     assert "crio" not in matrix.errors
 

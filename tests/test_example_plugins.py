@@ -34,7 +34,6 @@ SLEEPER_ROWS = {
     "Restore handler",
     "Freeze handler",
     "Unfreeze handler",
-    "Run handler",
     "Run handler (serverless)",
     "Custom kill signal",
     "Custom stop check",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,10 @@ from cedana_ray.pipeline import Context
 from cedana_ray.plugins_manager import PluginManager, get_plugin_manager
 from cedana_ray.requests import RunRequest
 
+ROOT = Path(__file__).resolve().parent.parent
 LABELS = [row[0] for row in ROWS if row]
+# rows of cedana-features.txt that no pipeline serves yet: no plugin can implement them
+HOOKLESS = ["Dump VM middleware", "Dump VM handler", "Restore VM middleware", "Restore VM handler", "Run handler"]
 HOOK_OF = {row[0]: row[1] for row in ROWS if row}
 STATUSES = {"implemented", "unimplemented", "not installed", "incompatible"}
 
@@ -48,7 +53,7 @@ class FakeExtraArgument:
         return fake_command
 
     @hookimpl
-    def cedana_run_handler(self, cluster: str) -> Any:  # the spec has no argument
+    def cedana_run_handler_serverless(self, cluster: str) -> Any:  # the spec has no argument
         return fake_handler
 
 
@@ -95,7 +100,7 @@ class FakeMissingDependency:
 
 class FakeRunner:
     @hookimpl
-    def cedana_run_handler(self) -> Any:
+    def cedana_run_handler_serverless(self) -> Any:
         return fake_handler
 
 
@@ -114,7 +119,7 @@ def column(matrix: features.FeatureMatrix, name: str) -> dict[str, Status]:
 def test_extra_argument_is_incompatible(pm: PluginManager) -> None:
     pm.register_checked(FakeExtraArgument(), "fake-extra")
     assert pm.failures["fake-extra"].startswith("incompatible")
-    assert "cedana_run_handler" in pm.failures["fake-extra"]
+    assert "cedana_run_handler_serverless" in pm.failures["fake-extra"]
     assert "cluster" in pm.failures["fake-extra"]
     assert pm.get_plugin("fake-extra") is None
     assert "fake-extra" not in pm.plugin_names()
@@ -133,7 +138,7 @@ def test_same_name_twice_is_recorded(pm: PluginManager) -> None:
     pm.register_checked(FakeDumpOnly(), "fake-dump")
     pm.register_checked(FakeRunner(), "fake-dump")
     assert "fake-dump" in pm.failures
-    assert not pm.implements("fake-dump", "cedana_run_handler")
+    assert not pm.implements("fake-dump", "cedana_run_handler_serverless")
 
 
 def test_compatible_plugin_registers(pm: PluginManager) -> None:
@@ -151,18 +156,18 @@ def test_compatible_plugin_registers(pm: PluginManager) -> None:
 def test_call_for_unknown_plugin(pm: PluginManager) -> None:
     pm.register_checked(FakeRunner(), "fake-runner")
     with pytest.raises(PluginNotFound, match="nope") as info:
-        pm.call_for("nope", "cedana_run_handler")
+        pm.call_for("nope", "cedana_run_handler_serverless")
     assert info.value.hint is not None and "fake-runner" in info.value.hint
 
 
 def test_call_for_only_calls_the_named_plugin(pm: PluginManager) -> None:
     pm.register_checked(FakeRunner(), "fake-runner")
     pm.register_checked(FakeDumpOnly(), "fake-dump")
-    assert pm.call_for("fake-runner", "cedana_run_handler") is fake_handler
-    assert pm.call_for("fake-dump", "cedana_run_handler") is None
+    assert pm.call_for("fake-runner", "cedana_run_handler_serverless") is fake_handler
+    assert pm.call_for("fake-dump", "cedana_run_handler_serverless") is None
     with pytest.raises(UsageError, match="fake-dump does not support running"):
-        pm.require("fake-dump", "cedana_run_handler", "running")
-    assert pm.require("fake-runner", "cedana_run_handler", "running") is fake_handler
+        pm.require("fake-dump", "cedana_run_handler_serverless", "running")
+    assert pm.require("fake-runner", "cedana_run_handler_serverless", "running") is fake_handler
 
 
 # -- the feature matrix
@@ -241,8 +246,33 @@ def test_every_row_has_every_plugin(pm: PluginManager) -> None:
 
 def test_rows_name_real_hooks(pm: PluginManager) -> None:
     assert len(LABELS) == len(set(LABELS))
-    for hook in HOOK_OF.values():
+    assert [label for label, hook in HOOK_OF.items() if hook is None] == HOOKLESS
+    for hook in filter(None, HOOK_OF.values()):
         assert getattr(pm.hook, hook).has_spec(), hook
+
+
+def core_names() -> set[str]:
+    """Every string and attribute name in the core and the actors, but for the hook specs and
+    the matrix's rows themselves: where the core calls a hook, it names it so."""
+    skip = {ROOT / "cedana_ray" / "hookspecs.py", ROOT / "cedana_ray" / "features.py"}
+    paths = [p for d in ("cedana_ray", "actors") for p in (ROOT / d).rglob("*.py") if p not in skip]
+    nodes = [node for path in paths for node in ast.walk(ast.parse(path.read_text()))]
+    strings = {n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return strings | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
+
+
+def test_every_hook_spec_is_a_row_the_core_calls(pm: PluginManager) -> None:
+    """A hook that no pipeline calls would show ✔ for a feature that does nothing."""
+    specs = {name for name in vars(pm.hook) if getattr(pm.hook, name).has_spec()}
+    assert specs == set(filter(None, HOOK_OF.values()))
+    assert specs - core_names() == set()
+
+
+def test_hookless_rows_are_unimplemented(pm: PluginManager) -> None:
+    pm.register_checked(FakeRunner(), "fake-runner")
+    col = column(features.compute(pm), "fake-runner")
+    assert col["Run handler (serverless)"] is Status.implemented
+    assert {col[label] for label in HOOKLESS} == {Status.unimplemented}
 
 
 # -- the installed plugins
@@ -276,6 +306,36 @@ def test_features_json_errors(home: Path) -> None:
     doc = features_json("--errors")
     assert set(doc) == {"plugins", "features", "errors"}
     assert doc["errors"]["kata"][0].startswith("not installed")
+
+
+def test_features_hookless_rows(home: Path) -> None:
+    doc = features_json()
+    for label in HOOKLESS:
+        assert set(doc["features"][label].values()) <= {"unimplemented", "not installed"}, label
+
+
+@pytest.fixture
+def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cluster known here, and none connected to in this process (as in a plain CLI)."""
+    for var in ("CEDANA_RAY_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    if "ray" in sys.modules:  # another test of this session imported it
+        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
+
+
+def test_cluster_store_needs_a_cluster(home: Path, no_cluster: None) -> None:
+    doc = features_json("--errors")
+    assert doc["features"]["Checkpoint storage"]["storage/cedana"] == "incompatible"
+    [reason] = doc["errors"]["storage/cedana"]
+    assert reason.startswith("health check cluster store: cedana:// is the cluster's store: no cluster here"), reason
+
+
+def test_cluster_store_of_a_known_cluster(home: Path, no_cluster: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Known is enough: `features` does not connect (nothing listens at this address)."""
+    monkeypatch.setenv("CEDANA_RAY_ADDRESS", "127.0.0.1:1")
+    doc = features_json("--errors")
+    assert doc["features"]["Checkpoint storage"]["storage/cedana"] == "implemented"
+    assert "storage/cedana" not in doc["errors"]
 
 
 @pytest.mark.criu  # without a working CRIU the process plugin's health checks fail

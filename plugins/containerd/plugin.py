@@ -376,11 +376,6 @@ def health_checks() -> list[HealthCheck]:
 
 
 @hookimpl
-def cedana_run_handler() -> Handler:
-    return run
-
-
-@hookimpl
 def cedana_run_handler_serverless() -> Handler:
     return run  # the daemon runs the container: no Ray cluster is needed
 

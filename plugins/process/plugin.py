@@ -173,11 +173,6 @@ def query(ctx: Context) -> list[dict[str, Any]]:
 
 
 @hookimpl
-def cedana_run_handler() -> Handler:
-    return run
-
-
-@hookimpl
 def cedana_run_handler_serverless() -> Handler:
     return run
 

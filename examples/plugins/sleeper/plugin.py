@@ -132,13 +132,8 @@ def _recorded_exit(path: Path) -> int | None:
 
 
 @hookimpl
-def cedana_run_handler() -> Handler:
-    return run
-
-
-@hookimpl
 def cedana_run_handler_serverless() -> Handler:
-    return run  # the same: a sleeper needs no cluster to run
+    return run  # the one run handler: locally, and by a cluster node's agent
 
 
 @hookimpl
