@@ -23,7 +23,8 @@
  *            (a memory file) by the child itself, so that neither our command line (ps) nor
  *            our memory holds it. Without -e the child keeps our environment.
  *
- * The init reaps every process of the namespace and exits as ROOT did (128 + N for
+ * The init forwards the signals a user sends it (TERM, INT, HUP, QUIT, USR1, USR2, WINCH)
+ * to ROOT, reaps every process of the namespace and exits as ROOT did (128 + N for
  * signal N). Standard C and Linux only; built with the package (setup.py).
  */
 #define _GNU_SOURCE
@@ -296,6 +297,32 @@ static pid_t restored_root(const struct opts *o, pid_t criu)
 	return root;
 }
 
+/* What the init forwards to the workload: the signals a user sends to stop, interrupt or
+ * notify it. The kernel drops any other (SIGKILL excepted) sent to a namespace's init
+ * without a handler, from outside as from inside. */
+static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
+static volatile pid_t forward_to;
+
+static void forward(int sig)
+{
+	int saved = errno;
+	kill(forward_to, sig);
+	errno = saved;
+}
+
+/* From now on a signal sent to the init reaches `root` instead, as under tini; installed
+ * once `root` runs: the child forked before then (the workload, or CRIU) exec'd with the
+ * default dispositions, and until then the kernel drops those signals. */
+static void forward_signals(pid_t root)
+{
+	struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
+	sigemptyset(&sa.sa_mask);
+	forward_to = root;
+	for (size_t i = 0; i < sizeof(forwarded) / sizeof(forwarded[0]); i++)
+		if (sigaction(forwarded[i], &sa, NULL) != 0)
+			fail("sigaction: %s", strerror(errno));
+}
+
 /* PID 1 of the namespace: reap everything, exit as the root did (128 + N for signal N). */
 static void __attribute__((noreturn)) reap(pid_t root)
 {
@@ -330,6 +357,7 @@ static void __attribute__((noreturn)) init(const struct opts *o, int report)
 	close_child_fds(o);
 	if (o->pidfile)
 		root = restored_root(o, root);
+	forward_signals(root);
 	dprintf(report, "{\"root\": %d}", root);
 	close(report);
 	reap(root);
