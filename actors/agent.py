@@ -126,8 +126,8 @@ class NodeAgent:
     def unfreeze(self, jid: str) -> Job:
         return self.engine.unfreeze(jid)
 
-    def kill(self, jid: str) -> Job:
-        return self.engine.kill(jid)
+    def kill(self, jid: str, sig: int | None = None) -> Job:
+        return self.engine.kill(jid, sig)
 
     def delete(self, jid: str) -> Job:
         return self.engine.delete(jid)

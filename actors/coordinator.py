@@ -302,9 +302,11 @@ class Coordinator:
     def unfreeze(self, jid: str) -> Job:
         return self._on_node(jid, "unfreeze")
 
-    def kill(self, jid: str) -> Job:
-        self.due.pop(jid, None)
-        return self._on_node(jid, "kill")
+    def kill(self, jid: str, sig: int | None = None) -> Job:
+        """Kill the job, or only send it ``sig`` (its policy stays: it may run on)."""
+        if sig is None:
+            self.due.pop(jid, None)
+        return self._on_node(jid, "kill", sig)
 
     def delete(self, jid: str) -> Job:
         job = self.job(jid)

@@ -155,8 +155,16 @@ def unfreeze(jid: str) -> Job:
     return _engine().unfreeze(jid)
 
 
-def kill(jid: str) -> Job:
-    return _engine().kill(jid)
+def kill(jid: str, *, signal: int | str | None = None) -> Job:
+    """Stop job ``jid`` with its type's kill signal and record it killed; given ``signal``
+    (a number or a name: ``"TERM"``, ``"SIGINT"``), only send it that, as ``kill`` does:
+    a workload that exits on it is then recorded as exited, with its code.
+
+    Raises:
+        UsageError: no such signal.
+        StateError: the job is not running or frozen.
+    """
+    return _engine().kill(jid, signal)
 
 
 def delete(jid: str) -> Job:

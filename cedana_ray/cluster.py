@@ -21,6 +21,7 @@ from .config import paths
 from .errors import PrerequisiteError
 from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
 from .plugins_manager import get_plugin_manager
+from .proctree import parse_signal
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 
@@ -161,8 +162,8 @@ class Cluster:
     def set_storage(self, jid: str, url: str) -> Job:
         return self._call("set_storage", jid, url)
 
-    def kill(self, jid: str) -> Job:
-        return self._call("kill", jid)
+    def kill(self, jid: str, sig: int | str | None = None) -> Job:
+        return self._call("kill", jid, None if sig is None else parse_signal(sig))
 
     def delete(self, jid: str) -> Job:
         return self._call("delete", jid)

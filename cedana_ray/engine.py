@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from pydantic import SecretBytes
@@ -29,7 +29,7 @@ from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, Us
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
-from .proctree import alive, signal_tree, tree_rss
+from .proctree import alive, parse_signal, signal_tree, tree_rss
 from .registry import Registry
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from .retry import until
@@ -197,9 +197,23 @@ class Engine:
         CheckpointStore(url)  # refuses an unknown scheme now, not at the first dump
         return self.registry.update_job(jid, details={"storage": url})
 
-    def kill(self, jid: str) -> Job:
+    def kill(self, jid: str, sig: int | str | None = None) -> Job:
+        """Stop job ``jid`` with its type's kill signal and record it killed; given ``sig``,
+        only send it ``sig`` (see :meth:`send`)."""
+        if sig is not None:
+            number = parse_signal(sig)  # a bad name is refused whatever the job
+            return self.send(self._live(jid), number)
         job = self.registry.update_job(self._live(jid).jid, state=JobState.killed)
         self.stop(job)
+        return job
+
+    def send(self, job: Job, sig: int) -> Job:
+        """Send ``sig`` to the job's process (a ``process`` job's init forwards it to the
+        workload). Nothing is recorded: a workload that exits on it is then reaped as exited."""
+        if job.pid is None:
+            raise StateError(f"job {job.jid} has no process to signal")
+        with suppress(ProcessLookupError):  # gone meanwhile: the reaper records it
+            os.kill(job.pid, sig)
         return job
 
     def stop(self, job: Job) -> None:

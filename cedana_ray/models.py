@@ -155,10 +155,11 @@ class Job(BaseModel):
 
         return api.unfreeze(self.jid)
 
-    def kill(self) -> Job:
+    def kill(self, signal: int | str | None = None) -> Job:
+        """Stop the job, or only send it ``signal``: see :func:`cedana_ray.api.kill`."""
         from . import api
 
-        return api.kill(self.jid)
+        return api.kill(self.jid, signal=signal)
 
     def logs(self) -> str:
         from . import api

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import psutil
 
+from .errors import UsageError
 from .retry import until
 
 
@@ -76,3 +78,21 @@ def signal_tree(pid: int, sig: int) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
+
+
+def parse_signal(value: int | str) -> int:
+    """A signal by number or name, as ``kill`` takes it (``TERM``, ``SIGTERM``, ``term``, ``15``).
+
+    Raises:
+        UsageError: no such signal.
+    """
+    text = str(value).strip().upper()
+    try:
+        if text.isdigit():
+            number = int(text)
+            if 0 < number <= signal.SIGRTMAX:
+                return number
+            raise ValueError(number)
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise UsageError(f"no such signal: {value!r}", hint="a name such as TERM, INT or USR1, or a number") from None

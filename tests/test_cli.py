@@ -108,6 +108,8 @@ def free_pid() -> int:
 ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("logs nope", JobNotFound, "nope"),
     ("job kill nope", JobNotFound, "nope"),
+    ("job kill nope --signal FOO", UsageError, "FOO"),
+    ("job kill nope --signal 0", UsageError, "no such signal"),
     ("job delete nope", JobNotFound, "nope"),
     ("checkpoint inspect nope", CheckpointNotFound, "nope"),
     ("checkpoint delete nope", CheckpointNotFound, "nope"),

@@ -144,10 +144,13 @@ def job() -> None:
 
 @job.command("kill")
 @click.argument("jid")
+@click.option(
+    "-s", "--signal", "sig", metavar="SIG", help="Only send SIG (TERM, INT, 15...) to the job's PID; record nothing."
+)
 @common
-def job_kill(jid: str, as_json: bool, local: bool) -> None:
-    """Stop job JID with its type's kill signal (its checkpoints stay)."""
-    show_job(as_json, engine().kill(jid), "killed")
+def job_kill(jid: str, sig: str | None, as_json: bool, local: bool) -> None:
+    """Stop job JID with its type's kill signal (its checkpoints stay), or send it SIG."""
+    show_job(as_json, engine().kill(jid, sig), "killed" if sig is None else f"sent {sig} to")
 
 
 @job.command("delete")
