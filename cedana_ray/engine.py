@@ -3,8 +3,10 @@
 The core chains wrap each type's plugin middleware and handler:
 
 * dump:    locked > require_live > finish_dump > commit > <plugin> > <gpu> > criu_dump
+  (:mod:`cedana_ray.dumping`)
 * restore: locked > replace_dead > fetch > <plugin> > <gpu> > <plugin late> > <plugin handler>
-* run:     <plugin> > <plugin late> > <plugin handler>
+  (:mod:`cedana_ray.restoring`)
+* run:     <plugin> > <plugin late> > <plugin handler>, under the job's lock
 """
 
 from __future__ import annotations
@@ -14,44 +16,34 @@ import os
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from pydantic import SecretBytes
-
-from . import catalog, criu, failpoint, recovery
+from . import catalog, recovery
 from .config import Paths, paths
-from .crypto import KEY_ENV, KEY_FILE, cipher_for, load_key, save_key, saved_key
-from .errors import CedanaError, CheckpointNotFound, JobNotFound, StateError, UsageError
-from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
+from .crypto import KEY_ENV, KEY_FILE, load_key, save_key, saved_key
+from .dumping import DumpChain
+from .errors import JobNotFound, StateError, UsageError
+from .models import LIVE_STATES, CheckpointInfo, Job, JobState, Manifest
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
-from .proctree import alive, parse_signal, signal_tree, tree_rss
+from .proctree import alive, parse_signal, signal_tree
 from .registry import Registry
-from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from .retry import until
+from .requests import ManageRequest, RunRequest
+from .restoring import RestoreChain
 from .signing import Signer
-from .staging import remove_tree, staging_area
-from .store import CheckpointStore, split_url
+from .staging import remove_tree
+from .store import CheckpointStore
 
 Progress = Callable[[str, int, int], None]
-STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
-STOP_POLL_S = 0.02
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def _beside_criu(streams: int) -> int:
-    """Hashing threads that leave CRIU a core while it restores (it is the slower of the two)."""
-    return max(1, min(streams, (os.cpu_count() or 1) - 1))
-
-
-class Engine:
+class Engine(DumpChain, RestoreChain):
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
     def __init__(
@@ -247,7 +239,7 @@ class Engine:
         jobs = self.jobs()  # all of them in state: `query gpu` tells which jobs use each GPU
         return Pipeline(handler)(Context([j for j in jobs if j.type == jtype], state={"jobs": jobs}))
 
-    # -- dump
+    # -- locks
     @contextmanager
     def lock(self, jid: str) -> Iterator[int]:
         """Serialize run/dump/restore/freeze of one job across processes; refuse, never wait.
@@ -259,268 +251,11 @@ class Engine:
                 raise StateError(f"job {jid} is busy: another run, dump or restore of it is in progress") from None
             yield f.fileno()
 
-    def locked(self, ctx: Context, next_: Handler) -> Any:
-        with self.lock(ctx.state["jid"]) as fd:
-            ctx.state["lock"] = fd
-            return next_(ctx)
-
-    def require_live(self, ctx: Context, next_: Handler) -> Any:
-        ctx.job = self._live(ctx.job.jid)
-        return next_(ctx)
-
-    def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
-        """Stop the job once its checkpoint is stored; resume it if anything failed."""
-        job: Job = ctx.job
-        try:
-            result = next_(ctx)
-        except BaseException as exc:
-            if job.state is JobState.running and job.pid is not None:
-                signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
-            for undo in ctx.state.get("rollback", []):  # e.g. give a CUDA job its GPU back
-                try:
-                    undo()
-                except CedanaError as undo_error:
-                    exc.add_note(f"while resuming the job: {undo_error}")
-            self.registry.update_job(job.jid, details=recovery.CLEARED)
-            raise
-        failpoint.reached("dump:committed")
-        update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
-        if not ctx.request.leave_running:
-            update["state"] = JobState.checkpointed
-        self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
-        try:
-            if not ctx.request.leave_running:
-                self.stop(job)
-                self._wait_stopped(job)
-        finally:
-            self.registry.update_job(job.jid, details=recovery.CLEARED)  # only now: see cedana_ray.recovery
-        return result
-
-    def _wait_stopped(self, job: Job) -> None:
-        """Return once the dumped job, sent its kill signal, is gone as its runtime reports it.
-        A killed process takes a moment to exit and be reaped, and containerd one more to
-        notice: a dump that returned at once left its container reported running (issue 16)."""
-        if not until(lambda: self._stopped(job), STOP_TIMEOUT_S, STOP_POLL_S):
-            raise StateError(f"job {job.jid} is checkpointed but still runs {STOP_TIMEOUT_S:.0f} s after being killed")
-
-    def _stopped(self, job: Job) -> bool:
-        """The type's own answer (``cedana_stopped``), else whether the job's process is dead."""
-        stopped = self.pm.call_for(job.type, "cedana_stopped", job=job)
-        return not alive(job.pid, job.details.get("started")) if stopped is None else stopped
-
-    def commit(self, ctx: Context, next_: Handler) -> DumpResult:
-        """Dump into a fresh image dir, then store it and write the manifest."""
-        req: DumpRequest = ctx.request
-        job: Job = ctx.job
-        store = self.store(req.storage or job.details.get("storage") or self.paths.storage)
-        ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
-        work = staging_area(self.paths.staging, tree_rss(job.pid))
-        self.registry.update_job(job.jid, details=recovery.mark(ckpt, store.url))
-        images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
-        ctx.state.update(images=images, work=work)
-        try:
-            early = store.early_chunks(images, ckpt, req.compression, req.encryption_key(), req.streams)
-            with early as prehashed:
-                next_(ctx)
-            ctx.report("store")
-            manifest = store.commit(
-                images,
-                {
-                    "checkpoint": ckpt,
-                    "jid": job.jid,
-                    "type": job.type,
-                    "node": job.node,
-                    "created": utcnow(),
-                    "criu_version": criu.version(),
-                    "criu": req.criu,
-                    "parent": job.last_checkpoint,
-                    "details": {**ctx.state.get("details", {}), "command": job.command},
-                },
-                compression=req.compression,
-                streams=req.streams,
-                progress=ctx.progress,
-                prehashed=prehashed,
-                key=req.encryption_key(),
-            )
-        except BaseException:
-            store.discard(ckpt)
-            raise
-        finally:
-            remove_tree(work)  # CRIU's logs, and the images when they were staged
-        info = CheckpointInfo.of(manifest, store.url_of(ckpt))
-        self.registry.add_checkpoint(info)
-        return DumpResult(
-            jid=job.jid,
-            checkpoint=ckpt,
-            path=info.path,
-            size_bytes=manifest.size_bytes,
-            image_bytes=manifest.image_bytes,
-            duration_s=0.0,
-        )
-
-    def criu_dump(self, ctx: Context) -> None:
-        criu.dump(
-            ctx.state["pid"],
-            ctx.state["images"],
-            ctx.state["work"],
-            ctx.request.criu,
-            leave_running=ctx.request.leave_running,
-            enter=ctx.state.get("enter"),
-            hold=ctx.state["lock"],
-        )
-
-    def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
-        """Checkpoint job ``jid`` into the store."""
-        job = self.job(jid)
-        criu.version()
-        if not request.encrypt and (key := self.key_of(jid)):  # however the dump was asked for
-            request = request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
-        handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
-        chain = [self.locked, self.require_live, self.finish_dump, self.commit]
-        chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
-        ctx = Context(request, job=job, progress=progress, state={"jid": jid})
-        start = time.perf_counter()
-        result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
-        return result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
-
-    # -- restore
-    def fetch(self, ctx: Context, next_: Handler) -> Job:
-        """Verify and lay out the checkpoint's images locally for the handler.
-
-        Images CRIU can read where they are stored are verified while CRIU restores
-        them into a stopped tree, which resumes only once every chunk checked out (it
-        is killed otherwise): an unverified image never runs. GPU jobs, whose restore
-        needs the tree running, are verified first.
-        """
-        store: CheckpointStore = ctx.state["store"]
-        manifest: Manifest = ctx.state["manifest"]
-        tmp = staging_area(self.paths.staging, manifest.image_bytes)
-        (tmp / "work").mkdir()
-        ctx.state["work"] = tmp / "work"
-        try:
-            if not store.readable_in_place(manifest) or manifest.details.get("gpu"):
-                _, ctx.state["images"] = store.fetch(
-                    manifest.checkpoint,
-                    tmp / "images",
-                    ctx.request.streams,
-                    ctx.progress,
-                    ctx.request.decryption_key(),
-                    manifest=manifest,
-                )
-                return next_(ctx)
-            ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
-            with ThreadPoolExecutor(1) as verifier:
-                verified = verifier.submit(store.verify, manifest, _beside_criu(ctx.request.streams))
-                job: Job = next_(ctx)
-                try:
-                    verified.result()
-                except BaseException:
-                    signal_tree(job.pid, signal.SIGKILL)
-                    raise
-            if not manifest.details.get("frozen"):
-                signal_tree(job.pid, signal.SIGCONT)
-            return job
-        finally:
-            remove_tree(tmp)
-
-    def restore(
-        self,
-        request: RestoreRequest,
-        jid: str | None = None,
-        jtype: str | None = None,
-        progress: Progress | None = None,
-    ) -> RestoreResult:
-        """Restore a checkpoint: the last (or a given) one of job ``jid``, or ``request.path``.
-
-        The restored job keeps the job's id unless ``request.jid`` names a new one (a
-        clone); a live job is never replaced.
-        """
-        url = request.path or self._checkpoint_of(jid, request.checkpoint).path
-        root, ckpt = split_url(url)
-        store = self.store(root)
-        manifest = self._manifest(store, ckpt, request.manifest)
-        if request.key is None and (key := self.key_of(manifest.jid)):
-            request = request.model_copy(update={"key": SecretBytes(key)})
-        cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
-        criu.version()
-        if jtype and manifest.type != jtype:
-            raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
-        if request.gpu_map and not manifest.details.get("gpu"):
-            raise UsageError(f"--gpu-map: checkpoint {ckpt} holds no GPU state")
-        target = request.jid or jid or manifest.jid
-        job_dir = self.paths.job_dir(target)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        chain = [self.locked, self.replace_dead, self.fetch]
-        chain += self._middleware(
-            manifest.type,
-            "cedana_restore_middleware",
-            "cedana_gpu_interception_restore",
-            "cedana_gpu_tracing_restore",
-            "cedana_restore_middleware_late",
-        )
-        handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
-        state = {
-            "manifest": manifest,
-            "jid": target,
-            "job_dir": job_dir,
-            "store": store,
-            "checkpoint": ckpt,
-            "command": manifest.details.get("command", []),
-            "control": self._control(target),
-        }
-        ctx = Context(request, progress=progress, state=state)
-        start = time.perf_counter()
-        job: Job = Pipeline(handler).with_(*chain)(ctx)
-        if manifest.encryption and not saved_key(job_dir / KEY_FILE) and request.decryption_key() != self.key:
-            save_key(job_dir / KEY_FILE, request.decryption_key())  # an encrypted job stays encrypted
-        duration = round(time.perf_counter() - start, 6)
-        return RestoreResult(job=job, checkpoint=ckpt, duration_s=duration, timings=ctx.timings)
-
-    def _manifest(self, store: CheckpointStore, ckpt: str, given: Manifest | None) -> Manifest:
-        """The manifest of ``ckpt``: the one the coordinator read and handed down, once it
-        verifies (no I/O), else read from the store: a restore reads it once."""
-        if given is None:
-            return store.manifest(ckpt)
-        if given.checkpoint != ckpt:
-            raise UsageError(f"the manifest given is of checkpoint {given.checkpoint}, not {ckpt}")
-        return self.signer.verify(given)
-
-    def _checkpoint_of(self, jid: str | None, ckpt: str | None) -> CheckpointInfo:
-        if ckpt:
-            return self.registry.checkpoint(ckpt)
-        if not jid:
-            raise UsageError("name a job, a checkpoint or a checkpoint path")
-        job = self.job(jid)
-        if not job.last_checkpoint:
-            raise CheckpointNotFound(f"job {jid} has no checkpoint", hint=f"`cedana-ray dump job {jid}`")
-        return self.registry.checkpoint(job.last_checkpoint)
-
     def _existing(self, jid: str) -> Job | None:
         try:
             return self.job(jid)
         except JobNotFound:
             return None
-
-    def replace_dead(self, ctx: Context, next_: Handler) -> Job:
-        """Restore over a job only if it is not live, and record the restored job, both under
-        the job's lock: of two restores of one job, exactly one runs it."""
-        target = ctx.state["jid"]
-        existing = self._existing(target)
-        if existing and existing.state in LIVE_STATES:
-            raise StateError(
-                f"job {target} is {existing.state.value}", hint="restore a clone with --jid NEW, or kill the job first"
-            )
-        return self._record_restore(existing, next_(ctx), ctx.state["manifest"])
-
-    def _record_restore(self, existing: Job | None, restored: Job, manifest: Manifest) -> Job:
-        update = {"last_checkpoint": manifest.checkpoint, "node": self.node}
-        if existing:
-            keep = {"created", "command", "managed"}
-            restored = existing.model_copy(update={**restored.model_dump(exclude=keep), **update})
-        else:
-            restored = restored.model_copy(update=update)
-        self.registry.save_job(restored)
-        return restored
 
     # -- checkpoints
     def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:

@@ -38,7 +38,7 @@ from test_environment import proc_text
 from test_gpu import assert_cuda_dump_refused, cuda_lookalike, no_gpu
 from test_process_criu import wait_for
 
-from cedana_ray import engine as engine_module
+from cedana_ray import dumping
 from cedana_ray.engine import Engine
 from cedana_ray.errors import DumpError, JobNotFound, PrerequisiteError, RestoreError, StateError, UsageError
 from cedana_ray.features import compute
@@ -149,7 +149,7 @@ def test_a_task_still_running_after_the_wait_fails_the_dump_in_one_line(
     """Where the task outlives the wait (here: the stop check made to say so), the dump fails
     in one line; its checkpoint is kept and the job recorded checkpointed, its dump finished."""
     cid = start(engine, "stuck")
-    monkeypatch.setattr(engine_module, "STOP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dumping, "STOP_TIMEOUT_S", 1.0)
     monkeypatch.setattr(Engine, "_stopped", lambda self, job: False)
     with pytest.raises(StateError, match=r"^job stuck is checkpointed but still runs 1 s after being killed$"):
         engine.dump(cid, DumpRequest())

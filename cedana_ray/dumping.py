@@ -1,0 +1,158 @@
+"""The dump chain of :class:`cedana_ray.engine.Engine`:
+
+    locked > require_live > finish_dump > commit > <plugin> > <gpu> > criu_dump | <plugin handler>
+
+A mixin of the engine: it uses the engine's registry, plugins, stores and locks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretBytes
+
+from . import criu, failpoint, recovery
+from .errors import CedanaError, StateError
+from .models import CheckpointInfo, DumpResult, Job, JobState, utcnow
+from .pipeline import Context, Handler, Pipeline
+from .proctree import alive, signal_tree, tree_rss
+from .requests import DumpRequest
+from .retry import until
+from .staging import remove_tree, staging_area
+
+if TYPE_CHECKING:
+    from .engine import Progress
+
+STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
+STOP_POLL_S = 0.02
+
+
+class DumpChain:
+    """Checkpointing a job: :meth:`dump` and its core middleware."""
+
+    def locked(self, ctx: Context, next_: Handler) -> Any:
+        with self.lock(ctx.state["jid"]) as fd:
+            ctx.state["lock"] = fd
+            return next_(ctx)
+
+    def require_live(self, ctx: Context, next_: Handler) -> Any:
+        ctx.job = self._live(ctx.job.jid)
+        return next_(ctx)
+
+    def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
+        """Stop the job once its checkpoint is stored; resume it if anything failed."""
+        job: Job = ctx.job
+        try:
+            result = next_(ctx)
+        except BaseException as exc:
+            if job.state is JobState.running and job.pid is not None:
+                signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
+            for undo in ctx.state.get("rollback", []):  # e.g. give a CUDA job its GPU back
+                try:
+                    undo()
+                except CedanaError as undo_error:
+                    exc.add_note(f"while resuming the job: {undo_error}")
+            self.registry.update_job(job.jid, details=recovery.CLEARED)
+            raise
+        failpoint.reached("dump:committed")
+        update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
+        if not ctx.request.leave_running:
+            update["state"] = JobState.checkpointed
+        self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
+        try:
+            if not ctx.request.leave_running:
+                self.stop(job)
+                self._wait_stopped(job)
+        finally:
+            self.registry.update_job(job.jid, details=recovery.CLEARED)  # only now: see cedana_ray.recovery
+        return result
+
+    def _wait_stopped(self, job: Job) -> None:
+        """Return once the dumped job, sent its kill signal, is gone as its runtime reports it.
+        A killed process takes a moment to exit and be reaped, and containerd one more to
+        notice: a dump that returned at once left its container reported running (issue 16)."""
+        if not until(lambda: self._stopped(job), STOP_TIMEOUT_S, STOP_POLL_S):
+            raise StateError(f"job {job.jid} is checkpointed but still runs {STOP_TIMEOUT_S:.0f} s after being killed")
+
+    def _stopped(self, job: Job) -> bool:
+        """The type's own answer (``cedana_stopped``), else whether the job's process is dead."""
+        stopped = self.pm.call_for(job.type, "cedana_stopped", job=job)
+        return not alive(job.pid, job.details.get("started")) if stopped is None else stopped
+
+    def commit(self, ctx: Context, next_: Handler) -> DumpResult:
+        """Dump into a fresh image dir, then store it and write the manifest."""
+        req: DumpRequest = ctx.request
+        job: Job = ctx.job
+        store = self.store(req.storage or job.details.get("storage") or self.paths.storage)
+        ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        work = staging_area(self.paths.staging, tree_rss(job.pid))
+        self.registry.update_job(job.jid, details=recovery.mark(ckpt, store.url))
+        images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
+        ctx.state.update(images=images, work=work)
+        try:
+            early = store.early_chunks(images, ckpt, req.compression, req.encryption_key(), req.streams)
+            with early as prehashed:
+                next_(ctx)
+            ctx.report("store")
+            manifest = store.commit(
+                images,
+                {
+                    "checkpoint": ckpt,
+                    "jid": job.jid,
+                    "type": job.type,
+                    "node": job.node,
+                    "created": utcnow(),
+                    "criu_version": criu.version(),
+                    "criu": req.criu,
+                    "parent": job.last_checkpoint,
+                    "details": {**ctx.state.get("details", {}), "command": job.command},
+                },
+                compression=req.compression,
+                streams=req.streams,
+                progress=ctx.progress,
+                prehashed=prehashed,
+                key=req.encryption_key(),
+            )
+        except BaseException:
+            store.discard(ckpt)
+            raise
+        finally:
+            remove_tree(work)  # CRIU's logs, and the images when they were staged
+        info = CheckpointInfo.of(manifest, store.url_of(ckpt))
+        self.registry.add_checkpoint(info)
+        return DumpResult(
+            jid=job.jid,
+            checkpoint=ckpt,
+            path=info.path,
+            size_bytes=manifest.size_bytes,
+            image_bytes=manifest.image_bytes,
+            duration_s=0.0,
+        )
+
+    def criu_dump(self, ctx: Context) -> None:
+        criu.dump(
+            ctx.state["pid"],
+            ctx.state["images"],
+            ctx.state["work"],
+            ctx.request.criu,
+            leave_running=ctx.request.leave_running,
+            enter=ctx.state.get("enter"),
+            hold=ctx.state["lock"],
+        )
+
+    def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
+        """Checkpoint job ``jid`` into the store."""
+        job = self.job(jid)
+        criu.version()
+        if not request.encrypt and (key := self.key_of(jid)):  # however the dump was asked for
+            request = request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
+        handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
+        chain = [self.locked, self.require_live, self.finish_dump, self.commit]
+        chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
+        ctx = Context(request, job=job, progress=progress, state={"jid": jid})
+        start = time.perf_counter()
+        result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
+        return result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
