@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from test_process_criu import wait_for
 
-from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, hash_in_place, sha256
+from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, bounded_map, hash_in_place, sha256
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
 from cedana_ray.models import Compression, CriuOptions, Manifest
 from cedana_ray.signing import Signer
-from cedana_ray.store import MANIFEST, CheckpointStore, bounded_map
+from cedana_ray.store import MANIFEST, CheckpointStore
 
 CHUNK = 4096
 SIGNER = Signer(bytes(range(32)))  # the key of the state dir these stores belong to

@@ -1,0 +1,143 @@
+"""Reading a checkpoint back: a mixin of :class:`cedana_ray.store.CheckpointStore`.
+
+Every chunk is checked against its manifest's sha256 before it is used, then decrypted
+and decompressed into the restore's own staging directory, where every file is created
+relative to the directory's descriptor (``O_NOFOLLOW | O_EXCL``, 0600); an uncompressed
+local checkpoint is linked and verified in place instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .chunking import bounded_map, sha256
+from .codec import EXTENSIONS, codec
+from .crypto import ChunkCipher, cipher_for
+from .errors import CorruptCheckpoint
+from .models import Chunk, Compression, ImageFile, Layout, Manifest
+from .retry import retrying
+from .store_write import DEFAULT_STREAMS, Progress
+
+
+class StoreReader:
+    """Fetching and verifying images (mixed into CheckpointStore: uses its fs, paths, manifests)."""
+
+    def readable_in_place(self, manifest: Manifest) -> bool:
+        """Whether CRIU can read ``manifest``'s images where they are stored."""
+        return self.local and manifest.compression is Compression.none and not manifest.encryption
+
+    def link(self, manifest: Manifest, dest: Path) -> Path:
+        """Links in ``dest`` to the images of an in-place checkpoint, unverified."""
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = f"{self.path(manifest.checkpoint)}/data"
+        with _dir_fd(dest) as dfd:
+            for image in manifest.files:
+                os.symlink(f"{data}/{image.name}", image.name, dir_fd=dfd)
+        return dest
+
+    def fetch(
+        self,
+        ckpt: str,
+        dest: Path,
+        streams: int = DEFAULT_STREAMS,
+        progress: Progress | None = None,
+        key: bytes | None = None,
+        manifest: Manifest | None = None,
+    ) -> tuple[Manifest, Path]:
+        """Verify every chunk of ``ckpt`` and lay its images out in ``dest``.
+
+        Returns the manifest (``manifest``, when the caller has read it already) and the
+        directory CRIU should restore from: ``dest``, holding decompressed (and decrypted,
+        with ``key``) files, or links to an uncompressed local checkpoint. Raises
+        :class:`CorruptCheckpoint` naming the first bad chunk, :class:`UsageError` when an
+        encrypted checkpoint's key is missing or wrong.
+        """
+        manifest = manifest or self.manifest(ckpt)
+        if self.readable_in_place(manifest):
+            self.verify(manifest, streams, progress)
+            return manifest, self.link(manifest, dest)
+        cipher = cipher_for(manifest, key)
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._each_file(manifest, dest, streams, progress, cipher)
+        return manifest, dest
+
+    def verify(self, manifest: Manifest, streams: int = DEFAULT_STREAMS, progress: Progress | None = None) -> None:
+        """Check every chunk's sha256; raises :class:`CorruptCheckpoint` naming the first bad one."""
+        self._each_file(manifest, None, streams, progress, None)
+
+    def _each_file(
+        self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None, cipher: ChunkCipher | None
+    ) -> None:
+        total, done = manifest.image_bytes, 0
+        with self._errors(f"fetching checkpoint {manifest.checkpoint} from"), ThreadPoolExecutor(streams) as pool:
+            for image in manifest.files:
+                self._fetch_file(pool, manifest, image, dest, streams, cipher)
+                done += image.size
+                if progress:
+                    progress("fetch", done, total)
+
+    def _read_chunk(self, manifest: Manifest, image: ImageFile, index: int) -> bytes:
+        """The stored bytes of chunk ``index`` of ``image``, checked against its sha256."""
+        ckpt, chunk = manifest.checkpoint, image.chunks[index]
+        source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[manifest.compression]}"
+        try:
+            if manifest.layout is Layout.chunks:
+                data = retrying(lambda: self.fs.cat_file(f"{source}/{index:06d}"))
+            else:
+                end = chunk.stored_offset + chunk.stored_size
+                data = retrying(lambda: self.fs.cat_file(source, chunk.stored_offset, end))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is missing") from exc
+        if len(data) != chunk.stored_size or sha256(data) != chunk.sha256:
+            raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)")
+        return data
+
+    def _fetch_file(
+        self,
+        pool: ThreadPoolExecutor,
+        manifest: Manifest,
+        image: ImageFile,
+        dest: Path | None,
+        streams: int,
+        cipher: ChunkCipher | None,
+    ) -> None:
+        """Verify the chunks of ``image``; decrypt and decompress them into ``dest`` unless it is None."""
+        _, decompress = codec(manifest.compression)
+
+        def one(index: int) -> tuple[Chunk, bytes]:
+            data = self._read_chunk(manifest, image, index)
+            if dest is None:
+                return image.chunks[index], b""
+            return image.chunks[index], decompress(cipher.decrypt(data, image.name, index) if cipher else data)
+
+        results = bounded_map(pool, one, range(len(image.chunks)), streams * 2)
+        if dest is None:
+            for _ in results:
+                pass
+            return
+        with _dir_fd(dest) as dfd:
+            fd = os.open(image.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        try:
+            for chunk, data in results:
+                if len(data) != chunk.size:
+                    raise CorruptCheckpoint(
+                        f"checkpoint {manifest.checkpoint}: chunk of {image.name} has the wrong size"
+                    )
+                os.pwrite(fd, data, chunk.offset)
+            os.ftruncate(fd, image.size)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    """A descriptor of directory ``path`` (not a symlink to one), to create entries relative to."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
