@@ -1,0 +1,77 @@
+"""Placement: the alive nodes, their agents, and the node each job goes to.
+
+Mixed into the :class:`~cedana_ray.actors.coordinator.Coordinator`, whose state it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
+from cedana_ray.models import Job, Manifest, NodeStatus
+
+from .remote import call
+
+
+class Placement:
+    agents: dict[str, Any]
+    draining: dict[str, float]
+
+    def _agent(self, node: str) -> Any:
+        agent = self.agents.get(node)
+        if agent is None:
+            raise StateError(f"node {node[:12]} is not alive")
+        return agent
+
+    def nodes(self) -> list[NodeStatus]:
+        found = []
+        gpus = _gpus()
+        for node in sorted(self.agents):
+            try:
+                status = call(self._agent(node).status.remote(), timeout=30)
+            except CedanaError as exc:
+                status = NodeStatus(node=node, error=str(exc))
+            found.append(status.model_copy(update={"draining": node in self.draining, "gpus": gpus.get(node, 0)}))
+        return found
+
+    def resolve_node(self, prefix: str) -> str:
+        """The alive node whose id starts with ``prefix``."""
+        matches = [n for n in self.agents if n.startswith(prefix)]
+        if len(matches) > 1:
+            raise UsageError(f"node prefix {prefix!r} is ambiguous ({len(matches)} nodes)")
+        if not matches:
+            raise NotFoundError(f"no alive node {prefix!r}", hint="`cedana-ray nodes` lists them")
+        return matches[0]
+
+    def _place(self, jtype: str, node: str | None = None, exclude: str | None = None, gpu: bool = False) -> str:
+        """The node for a ``jtype`` job: the one named, or the least loaded that can run it
+        (among those with a GPU when the job needs one)."""
+        what = f"{jtype} job that needs a GPU" if gpu else f"{jtype} job"
+        if node is not None:
+            chosen = self.resolve_node(node)
+            status = call(self._agent(chosen).status.remote(), timeout=30)
+            if jtype not in status.types or (gpu and not _gpus().get(chosen)):
+                raise PrerequisiteError(
+                    f"node {chosen[:12]} cannot run a {what}", hint="`cedana-ray nodes` shows what each can run"
+                )
+            return chosen
+        fit = [
+            s
+            for s in self.nodes()
+            if s.error is None and jtype in s.types and not s.draining and s.node != exclude and (s.gpus or not gpu)
+        ]
+        if not fit:
+            raise PrerequisiteError(f"no node can take a {what} now", hint="`cedana-ray nodes`")
+        return min(fit, key=lambda s: (s.live_jobs, -s.memory_available, s.node)).node
+
+
+def _gpus() -> dict[str, float]:
+    """Each alive node's GPUs, as Ray counts them (detected, or declared with ``--num-gpus``)."""
+    return {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]}
+
+
+def needs_gpu(job: Job | None, manifest: Manifest | None = None) -> bool:
+    """A job run with ``--gpu``, or a checkpoint that holds CUDA state, goes to a GPU node only."""
+    return bool((job and job.details.get("needs_gpu")) or (manifest and manifest.details.get("gpu")))
