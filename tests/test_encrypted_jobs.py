@@ -25,23 +25,42 @@ def manifests(home: Path) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in (home / "checkpoints").glob(f"*/{MANIFEST}")]
 
 
-def test_a_job_run_with_encrypt_has_every_checkpoint_encrypted(
+def encrypted_job(jid: str, tmp_path: Path, *options: str) -> None:
+    """Run the counter as job ``jid`` with ``run --encrypt --key-file`` (and ``options``)."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY.hex())
+    run = cedana(
+        "run", "process", "--jid", jid, "--encrypt", "--key-file", str(key_file), *options, "--local", "--", *COUNTER
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def encrypted_with_key(found: list[dict[str, object]]) -> bool:
+    return {(m["encryption"], m["key_fingerprint"]) for m in found} == {(ALGORITHM, fingerprint(KEY))}
+
+
+def test_a_job_run_with_encrypt_has_its_policy_checkpoints_encrypted(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CEDANA_RAY_KEY", raising=False)
-    key_file = tmp_path / "key"
-    key_file.write_text(KEY.hex())
-    run = ["run", "process", "--jid", "e1", "--encrypt", "--key-file", str(key_file), "--checkpoint-every", "1s"]
-    assert cedana(*run, "--local", "--", *COUNTER).returncode == 0
-    wait_for(lambda: manifests(home), what="a policy checkpoint")
+    encrypted_job("e1", tmp_path, "--checkpoint-every", "1s")
+    wait_for(lambda: len(manifests(home)) >= 2, what="two policy checkpoints")
+    assert cedana("job", "kill", "e1", "--local").returncode == 0, "which ends its policy runner"
+    assert encrypted_with_key(manifests(home))
+
+
+def test_a_job_run_with_encrypt_has_its_dumps_encrypted_without_a_key_given(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CEDANA_RAY_KEY", raising=False)
+    encrypted_job("e1", tmp_path)
+    wait_for(lambda: "count=2" in (home / "jobs" / "e1" / "log").read_text(), what="counting")
     assert cedana("dump", "job", "e1", "--local").returncode == 0, "a plain `dump job`, no key given"
     assert cedana("restore", "job", "e1", "--local").returncode == 0, "restored without the key given again"
     assert cedana("dump", "job", "e1", "--local").returncode == 0
     found = manifests(home)
-    assert len(found) >= 3
-    assert {(m["encryption"], m["key_fingerprint"]) for m in found} == {(ALGORITHM, fingerprint(KEY))}
+    assert len(found) == 2 and encrypted_with_key(found)
     assert KEY.hex() not in (home / "jobs" / "e1" / "log").read_text()
-    assert cedana("job", "delete", "e1", "--local").returncode == 0, "which ends its policy runner"
 
 
 def test_a_key_in_the_environment_encrypts_every_dump(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
