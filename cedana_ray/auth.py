@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .config import paths
+from .crypto import write_private
 from .errors import CedanaError, PermissionDenied, PrerequisiteError
 
 MODE = "RAY_AUTH_MODE"
@@ -76,9 +77,7 @@ def _write(path: Path, token: str) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)  # a leftover keeps its mode: start from a new file
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    write_private(tmp, token.encode())
     os.replace(tmp, path)
     return path
 

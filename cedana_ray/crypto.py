@@ -12,12 +12,13 @@ import base64
 import binascii
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
+from .errors import CorruptCheckpoint, PermissionDenied, StorageError, UntrustedCheckpoint, UsageError
 from .models import Manifest
 
 ALGORITHM = "aes-256-gcm"
@@ -61,16 +62,43 @@ def load_key(key_file: str | None) -> bytes | None:
     return None
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """A new file ``path`` (never one that exists, nor through a link) holding ``data``,
+    readable by us alone and on disk before we return: for keys and tokens."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of ``path``, refused unless it is a regular file of ours (not a link) that
+    only we can read: a key others could read or replace is no key. FileNotFoundError if absent."""
+    refusal = f"refusing key file {path}: it must be a regular file owned by uid {os.geteuid()}, mode 0600"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symlink (ELOOP), or unreadable
+        raise PermissionDenied(f"{refusal} ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionDenied(refusal, hint=f"chmod 600 {path}")
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def save_key(path: Path, key: bytes) -> None:
     """Keep ``key`` in ``path``, readable by us alone (a new file: a key is never replaced)."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
-        f.write(key)
+    write_private(path, key)
 
 
 def saved_key(path: Path) -> bytes | None:
     """The key :func:`save_key` kept in ``path``, if there is one."""
     try:
-        return parse_key(path.read_bytes(), str(path))
+        return parse_key(read_private(path), str(path))
     except FileNotFoundError:
         return None
 

@@ -11,14 +11,14 @@ elsewhere, after checking every chunk, without invalidating the others.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import stat
 from pathlib import Path
 
+from .crypto import read_private, write_private
 from .errors import PermissionDenied, UntrustedCheckpoint
 from .models import Manifest
 
@@ -50,15 +50,12 @@ class Signer:
     @classmethod
     def load(cls, path: Path) -> Signer:
         """The key in ``path``, created (0600, random) when there is none."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            return cls(_read_private(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_BYTES))
-            f.flush()
-            os.fsync(f.fileno())
-        return cls(_read_private(path))
+        with contextlib.suppress(FileExistsError):
+            write_private(path, secrets.token_bytes(KEY_BYTES))
+        key = read_private(path)
+        if len(key) != KEY_BYTES:
+            raise PermissionDenied(f"refusing signing key {path}: it must hold {KEY_BYTES} bytes")
+        return cls(key)
 
     def mac(self, manifest: Manifest) -> str:
         return hmac.new(self._key, _canonical(manifest), hashlib.sha256).hexdigest()
@@ -78,20 +75,3 @@ class Signer:
         if not hmac.compare_digest(found, self.mac(manifest)):
             raise UntrustedCheckpoint(f"checkpoint {manifest.checkpoint}: its manifest was altered (bad signature)")
         return manifest
-
-
-def _read_private(path: Path) -> bytes:
-    """A key file's bytes, refused unless it is a regular file of ours that only we can read."""
-    refusal = f"refusing signing key {path}: it must be a {KEY_BYTES}-byte file owned by uid {os.geteuid()}, mode 0600"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:  # a symlink (ELOOP), or unreadable
-        raise PermissionDenied(f"{refusal} ({exc.strerror})") from exc
-    try:
-        st = os.fstat(fd)
-        key = os.read(fd, KEY_BYTES + 1)
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077 or len(key) != KEY_BYTES:
-        raise PermissionDenied(refusal)
-    return key
