@@ -84,9 +84,8 @@ class Engine(DumpChain, RestoreChain):
         code = self.pm.call_for(job.type, "cedana_reaper", job=job)
         state = JobState.lost if code is None else JobState.exited
         # unless the job moved on meanwhile (restored, by another process): that is its state
-        same = job.model_dump(include={"state", "pid"})
         return self.registry.update_job(
-            job.jid, when=lambda now: now.model_dump(include={"state", "pid"}) == same, state=state, exit_code=code
+            job.jid, when=lambda now: (now.state, now.pid) == (job.state, job.pid), state=state, exit_code=code
         )
 
     def _live(self, jid: str, *states: JobState) -> Job:

@@ -42,13 +42,12 @@ CLEARED: dict[str, Any] = {MARK: None}
 
 def repair(engine: Engine) -> None:
     """Finish what dead dumps left (see the module's docstring)."""
-    for job in engine.registry.jobs():
-        if job.details.get(MARK):
-            try:
-                with engine.lock(job.jid):
-                    _finish_dead_dump(engine, engine.registry.job(job.jid))
-            except StateError:
-                continue  # its dump (or that dump's CRIU) is still running
+    for job in engine.registry.jobs_with(MARK):  # every command starts here: read only those
+        try:
+            with engine.lock(job.jid):
+                _finish_dead_dump(engine, engine.registry.job(job.jid))
+        except StateError:
+            continue  # its dump (or that dump's CRIU) is still running
     for base in staging_bases(engine.paths.staging):
         _remove_orphans(base)
 

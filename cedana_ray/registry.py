@@ -139,6 +139,13 @@ class Registry:
             rows = conn.execute("SELECT data FROM jobs").fetchall()
         return sorted((Job.model_validate_json(r[0]) for r in rows), key=lambda j: j.created)
 
+    def jobs_with(self, detail: str) -> list[Job]:
+        """The jobs whose ``details[detail]`` is set, found by SQLite without reading the others."""
+        query = "SELECT data FROM jobs WHERE json_extract(data, ?) IS NOT NULL"  # a JSON null is SQL NULL
+        with self._conn() as conn:
+            rows = conn.execute(query, (f"$.details.{detail}",)).fetchall()
+        return [Job.model_validate_json(r[0]) for r in rows]
+
     def delete_job(self, jid: str) -> None:
         with self._conn() as conn:
             conn.execute("DELETE FROM jobs WHERE jid = ?", (jid,))
