@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import click
 import pytest
 from cedana_ray.plugins.process import launch
 from click.testing import CliRunner
+from test_cli import cedana
 
 from cedana_ray import features
 from cedana_ray.cli.main import cli
@@ -316,15 +316,21 @@ def test_features_hookless_rows(home: Path) -> None:
 
 @pytest.fixture
 def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No cluster known here, and none connected to in this process (as in a plain CLI)."""
+    """No cluster known here (a fresh state dir, no address in the environment)."""
     for var in ("CEDANA_RAY_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
-    if "ray" in sys.modules:  # another test of this session imported it
-        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
+
+
+def cli_features_json(*args: str) -> dict[str, Any]:
+    """``features --json`` from the real CLI, a process of its own: connected to no Ray,
+    whatever this test process has done."""
+    result = cedana("features", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_cluster_store_needs_a_cluster(home: Path, no_cluster: None) -> None:
-    doc = features_json("--errors")
+    doc = cli_features_json("--errors")
     assert doc["features"]["Checkpoint storage"]["storage/cedana"] == "incompatible"
     [reason] = doc["errors"]["storage/cedana"]
     assert reason.startswith("health check cluster store: cedana:// is the cluster's store: no cluster here"), reason
@@ -333,7 +339,7 @@ def test_cluster_store_needs_a_cluster(home: Path, no_cluster: None) -> None:
 def test_cluster_store_of_a_known_cluster(home: Path, no_cluster: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Known is enough: `features` does not connect (nothing listens at this address)."""
     monkeypatch.setenv("CEDANA_RAY_ADDRESS", "127.0.0.1:1")
-    doc = features_json("--errors")
+    doc = cli_features_json("--errors")
     assert doc["features"]["Checkpoint storage"]["storage/cedana"] == "implemented"
     assert "storage/cedana" not in doc["errors"]
 
