@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
-from cedana_ray.plugins.runc.runtime import CRIU_CONFIG_ANNOTATION, Runc, derive_bundle, write_criu_config
+from cedana_ray.plugins.runc.runtime import Runc, derive_bundle
 from containerd_daemon import start_containerd
 from containers import (
     bundle,
@@ -56,6 +56,7 @@ from containers import (
     python_rootfs,
 )
 
+from cedana_ray import criu
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.models import Compression
@@ -92,7 +93,7 @@ def timer() -> Iterator[list[float]]:
 def runc_raw(base: Path, bundle_dir: Path, cid: str, min_rss: int) -> Timing:
     """runc by hand, with the same CRIU config file (nftables lock) our containers get."""
     runc = Runc(base / "raw-root")
-    own = derive_bundle(bundle_dir, base / f"{cid}-bundle", write_criu_config(base / f"{cid}.conf"), f"/bench/{cid}")
+    own = derive_bundle(bundle_dir, base / f"{cid}-bundle", criu.write_config(base / f"{cid}.conf"), f"/bench/{cid}")
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     subprocess.run(runc.argv("run", "--detach", "--bundle", str(own), cid), check=True, **quiet)  # type: ignore[call-overload]
     settle(runc.state(cid)["pid"], min_rss)
@@ -121,8 +122,8 @@ def ours(engine: Engine, jtype: str, request: object, compression: Compression, 
 def ctr_raw(ctr: Ctr, base: Path, image: str, cid: str, min_rss: int) -> Timing:
     """ctr by hand, with the same CRIU config file (nftables lock) our containers get."""
     ref = f"localhost/bench-ckpt:{cid}"
-    conf = write_criu_config(base / f"{cid}.conf")
-    ctr.call("run", "--detach", "--null-io", "--annotation", f"{CRIU_CONFIG_ANNOTATION}={conf}", image, cid)
+    conf = criu.write_config(base / f"{cid}.conf")
+    ctr.call("run", "--detach", "--null-io", "--annotation", f"{criu.CONFIG_ANNOTATION}={conf}", image, cid)
     settle(ctr.tasks()[cid][0], min_rss)
     with timer() as dump:
         ctr.call("containers", "checkpoint", "--task", "--rw", cid, ref)

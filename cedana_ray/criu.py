@@ -21,6 +21,9 @@ MIN_VERSION = (4, 2)
 INSTALL_HINT = "run `make setup` or scripts/install-criu.sh to install CRIU >= 4.2"
 # CRIU prints this when it runs without CAP_SYS_RESOURCE over its own limit; harmless.
 _NOISE = ("rlimit: Can't setup RLIMIT_NOFILE",)
+# The OCI annotation container runtimes (runc, and containerd through it) read a CRIU
+# configuration file from, at checkpoint and restore: CRIU options their command lines lack.
+CONFIG_ANNOTATION = "org.criu.config"
 
 
 def binary() -> str:
@@ -118,3 +121,11 @@ def restore_args(images: Path, work: Path, opts: CriuOptions, *, leave_stopped: 
     """The restore command line, run by the workload's supervisor."""
     args = [binary(), "restore", "-D", str(images), "-W", str(work), "-o", "restore.log", "--restore-detached"]
     return [*args, *(["--leave-stopped"] if leave_stopped else []), *option_args(opts)]
+
+
+def write_config(path: Path, *options: str) -> Path:
+    """A CRIU configuration file (see :data:`CONFIG_ANNOTATION`) with ``options``, one a line;
+    without iptables-restore CRIU locks the container's network namespace with nftables."""
+    lines = [*options, *([] if shutil.which("iptables-restore") else ["network-lock nftables"])]
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from .plugins_manager import PluginManager
+from .plugins_manager import GPU, GPU_HOOKS, PluginManager
 
 # (row label as in cedana-features.txt, hook name); None separates groups in the table. A row
 # with no hook is a feature no pipeline has yet, so no plugin can implement it: • everywhere.
@@ -71,10 +71,9 @@ KNOWN_PLUGINS = (
 )
 
 
-# Rows whose feature works only where another plugin works: GPU features need the GPU plugin.
-REQUIRES = {hook: "gpu" for hook in (
-    "cedana_gpu_interception", "cedana_gpu_interception_restore", "cedana_gpu_tracing", "cedana_gpu_tracing_restore",
-)}  # fmt: skip
+# Rows whose feature works only where another plugin works: GPU features need the GPU plugin,
+# which implements them for every type that supports GPU jobs (see plugins_manager).
+REQUIRES = dict.fromkeys(GPU_HOOKS, GPU)
 
 
 class Status(StrEnum):
@@ -130,7 +129,7 @@ def compute(pm: PluginManager) -> FeatureMatrix:
     health = {n: plugin_errors(pm, n) for n in {*names, *REQUIRES.values()}}
     for name in names:
         override, reasons = health[name]
-        needed = [h for h in REQUIRES if pm.implements(name, h) and health[REQUIRES[h]][0]]
+        needed = [h for h in REQUIRES if REQUIRES[h] != name and pm.implements(name, h) and health[REQUIRES[h]][0]]
         required = health[REQUIRES[needed[0]]][0] if needed else None
         if needed:
             reasons = [*reasons, f"GPU features need the gpu plugin: {'; '.join(health['gpu'][1])}"]

@@ -5,7 +5,14 @@ A plugin is registered under its name (``process``, ``runc``, ``storage/s3``...)
 that name is the workload type it serves. Per-type hooks are called only on the
 plugin of the job's type (see :func:`cedana_ray.plugins_manager.call_for`);
 the others are called on every plugin. A plugin implements a hook only when that
-feature works: the feature matrix is computed from these implementations.
+feature works: the feature matrix is computed from these implementations. A runtime
+plugin usually states what it does as a :class:`cedana_ray.runtime.Runtime`, which
+implements these hooks for it.
+
+The GPU hooks are the ``gpu`` plugin's: called for a job whose type supports GPU jobs
+(see :mod:`cedana_ray.plugins_manager`), they give it the gpu plugin's middleware. Such a
+type's dump middleware sets ``ctx.state["tree_root"]`` (its tree's host PID), and its
+job's ``pid`` is its tree's root.
 
 Middleware and handlers are those of :mod:`cedana_ray.pipeline`.
 """

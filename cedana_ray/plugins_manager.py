@@ -4,6 +4,11 @@ Built-in and third-party plugins alike register through the ``cedana_ray.plugins
 entry point group; the entry point's name is the plugin's name. A plugin that
 fails to import or whose hooks do not match their specs is not registered; the
 reason is kept for ``features --errors``.
+
+The GPU hooks are implemented once, by the ``gpu`` plugin, for every type whose plugin
+supports GPU jobs (a ``supports_gpu`` attribute that is true, as :class:`cedana_ray.runtime.Runtime`
+sets it): :meth:`PluginManager.call_for` answers them for such a type with the gpu plugin's
+implementation, so that no runtime plugin needs to import the gpu plugin.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from .errors import PluginNotFound, UsageError
 from .models import HealthCheck
 
 GROUP = "cedana_ray.plugins"
+GPU = "gpu"
+GPU_HOOKS = (
+    "cedana_gpu_interception", "cedana_gpu_interception_restore", "cedana_gpu_tracing", "cedana_gpu_tracing_restore",
+)  # fmt: skip
 
 
 class PluginManager(pluggy.PluginManager):
@@ -55,20 +64,31 @@ class PluginManager(pluggy.PluginManager):
     def plugin_names(self) -> list[str]:
         return sorted(n for n, _ in self.list_name_plugin())
 
+    def _impl(self, name: str, hook: str) -> pluggy.HookImpl | None:
+        """Plugin ``name``'s own implementation of ``hook``."""
+        return next((i for i in getattr(self.hook, hook).get_hookimpls() if i.plugin_name == name), None)
+
+    def _answering(self, name: str, hook: str) -> pluggy.HookImpl | None:
+        """What answers ``hook`` for type ``name``: its plugin's implementation, else, for a GPU
+        hook of a type that supports GPU jobs, the gpu plugin's."""
+        impl = self._impl(name, hook)
+        if impl is None and hook in GPU_HOOKS and getattr(self.get_plugin(name), "supports_gpu", False):
+            return self._impl(GPU, hook)
+        return impl
+
     def implements(self, name: str, hook: str) -> bool:
-        return any(i.plugin_name == name for i in getattr(self.hook, hook).get_hookimpls())
+        """Whether ``hook`` is answered for plugin ``name`` (by the gpu plugin for a GPU hook)."""
+        return self._answering(name, hook) is not None
 
     def call_for(self, name: str, hook: str, **kwargs: Any) -> Any:
-        """Call ``hook`` on plugin ``name`` only; None when it does not implement it."""
+        """Call ``hook`` for plugin ``name`` only; None when nothing answers it for that plugin."""
         if self.get_plugin(name) is None:
             raise PluginNotFound(
                 f"no plugin for workload type {name!r}",
                 hint=f"installed: {', '.join(self.plugin_names())}",
             )
-        for impl in getattr(self.hook, hook).get_hookimpls():
-            if impl.plugin_name == name:
-                return impl.function(**kwargs)
-        return None
+        impl = self._answering(name, hook)
+        return None if impl is None else impl.function(**kwargs)
 
     def health_checks(self, name: str) -> list[HealthCheck]:
         """Plugin ``name``'s health checks; one failed check if they raise (e.g. a dependency

@@ -37,10 +37,10 @@ from typing import Any
 
 from cedana_ray.plugins.containerd import archive
 from cedana_ray.plugins.containerd.client import Ctr
-from cedana_ray.plugins.containerd.plugin import BindMount, ContainerdRunRequest
-from cedana_ray.plugins.gpu import nvml
+from cedana_ray.plugins.containerd.requests import BindMount, ContainerdRunRequest
 from cedana_ray.plugins.runc.plugin import RuncRunRequest
 
+from cedana_ray import nvml
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.models import Compression, JobState

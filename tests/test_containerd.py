@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from cedana_ray.plugins.containerd.client import Ctr
-from cedana_ray.plugins.containerd.plugin import BindMount, ContainerdRunRequest
+from cedana_ray.plugins.containerd.requests import BindMount, ContainerdRunRequest
 from containerd_daemon import start_containerd
 from containers import (
     COUNT,

@@ -14,10 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from cedana_ray.plugins.gpu import cuda, intercept, nvml, tracing
+from cedana_ray.plugins.gpu import cuda, intercept, tracing
 from cedana_ray.plugins.gpu.cuda import GpuError, ProcessState
 from test_process_criu import COUNTER, last_count, start, wait_for
 
+from cedana_ray import nvml
 from cedana_ray.engine import Engine
 from cedana_ray.errors import PrerequisiteError, StateError, UsageError
 from cedana_ray.models import Job, JobState, Manifest

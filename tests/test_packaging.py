@@ -39,7 +39,7 @@ def test_wheel_holds_only_cedana_ray(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     packages = {n.split("/")[0] for n in names if not n.startswith("cedana_ray-")}
     assert packages == {"cedana_ray"}
-    for module in ("plugins/process/supervisor.py", "actors/__init__.py", "jobs/counter.py", "py.typed"):
+    for module in ("supervisor.py", "actors/__init__.py", "jobs/counter.py", "py.typed"):
         assert f"cedana_ray/{module}" in names
     nsinit = zipfile.ZipFile(wheel).getinfo("cedana_ray/plugins/process/nsinit")
     assert nsinit.external_attr >> 16 & 0o111, "the namespace init is executable"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cedana_ray.plugins.containerd.plugin import RestoreFacts as ContainerdFacts
+from cedana_ray.plugins.containerd.checkpoint import RestoreFacts as ContainerdFacts
 from cedana_ray.plugins.crio.plugin import RestoreFacts as CrioFacts
 from cedana_ray.plugins.runc.plugin import RestoreFacts as RuncFacts
 from conftest import kill_jobs

@@ -8,19 +8,10 @@ from typing import Any
 import click
 
 from cedana_ray.cli.options import common
-from cedana_ray.cli.workload import (
-    container_id,
-    dump_command,
-    env_option,
-    gpu_tracing_option,
-    manage_command,
-    policy_options,
-    query_command,
-    restore_command,
-    start,
-    state_command,
-)
-from cedana_ray.requests import RestoreRequest
+from cedana_ray.cli.workload import container_id, env_option, gpu_tracing_option, policy_options, start
+from cedana_ray.runtime import Commands
+
+from .requests import ContainerdRunRequest
 
 NAME = "containerd"
 MOUNT_OPTIONS = {"ro", "rw", "bind", "rbind"}
@@ -93,8 +84,6 @@ def run(
 ) -> None:
     """Run IMAGE as container ID in containerd (CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE),
     with ARGS as its command if given (after `--`), else the image's."""
-    from .plugin import ContainerdRunRequest
-
     request = ContainerdRunRequest(
         cmd=["ctr", "run", image, container, *args],
         image=image,
@@ -115,15 +104,12 @@ def run(
     start(NAME, request, storage, as_json)
 
 
-@restore_command(NAME, "Restore a containerd checkpoint as a new container and task (named by --jid, else as dumped).")
-def restore(request: RestoreRequest) -> RestoreRequest:
-    return request
-
-
-manage = manage_command(NAME, "ID", "the containerd container (with a running task)")
-dump = dump_command(NAME, "ID", "the containerd container")
-freeze = state_command(NAME, "freeze", "ID", "the containerd container")
-unfreeze = state_command(NAME, "unfreeze", "ID", "the containerd container")
-query = query_command(
-    NAME, ("id", "image", "status", "pid", "jid"), "List the containers of the namespace with their task and job."
+COMMANDS = Commands(
+    target="ID",
+    what="the containerd container",
+    adopt="the containerd container (with a running task)",
+    columns=("id", "image", "status", "pid", "jid"),
+    query_help="List the containers of the namespace with their task and job.",
+    restore_help="Restore a containerd checkpoint as a new container and task (named by --jid, else as dumped).",
+    own={"run": run},
 )

@@ -1,6 +1,6 @@
 """The watcher of one containerd task: its output into the job log, its exit code.
 
-Started by the containerd plugin through the process plugin's launcher (``launch.py``):
+Started by the containerd plugin through the shared launcher (:mod:`cedana_ray.spawn`):
 :func:`begin` runs in the launcher's fork, :func:`main` in the script it execs. containerd's shim is
 the task's parent, so only containerd learns how the task ended; a ``ctr`` that waits on
 the task hears it and exits with the task's status (128+N for signal N):
@@ -24,7 +24,8 @@ import sys
 import time
 
 from cedana_ray.plugins.containerd.client import Ctr, error_line
-from cedana_ray.plugins.process.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
+
+from cedana_ray.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
 
 START_TIMEOUT_S = 60.0  # a 256 MiB restore is well under this on a busy 2-core machine
 POLL_S = 0.05

@@ -6,13 +6,11 @@ import os
 
 import click
 
-from cedana_ray.cli.workload import dump_command, manage_command, query_command, restore_command
-from cedana_ray.requests import RestoreRequest
+from cedana_ray.runtime import Commands
 
 from .client import ENDPOINT_ENV
 
 NAME = "crio"
-WHAT = "the CRI container"
 
 
 def _set_endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -37,14 +35,11 @@ def with_endpoint(command: click.Command) -> click.Command:
     return command
 
 
-@restore_command(NAME, "Restore a CRI checkpoint into the container's pod (as the dumped container, or --jid NEW).")
-def _restore(request: RestoreRequest) -> RestoreRequest:
-    return request
-
-
-restore = with_endpoint(_restore)
-manage = with_endpoint(manage_command(NAME, "ID", WHAT))
-dump = with_endpoint(dump_command(NAME, "ID", WHAT))
-query = with_endpoint(
-    query_command(NAME, ("id", "name", "pod", "image", "state", "jid"), "List the containers of the CRI endpoint.")
+COMMANDS = Commands(
+    target="ID",
+    what="the CRI container",
+    columns=("id", "name", "pod", "image", "state", "jid"),
+    query_help="List the containers of the CRI endpoint.",
+    restore_help="Restore a CRI checkpoint into the container's pod (as the dumped container, or --jid NEW).",
+    wrap=with_endpoint,
 )

@@ -1,4 +1,4 @@
-"""Hook implementations of the ``crio`` plugin: containers of a CRI runtime, through the CRI API.
+"""The ``crio`` plugin: containers of a CRI runtime, through the CRI API.
 
 Named after CRI-O, the column of the feature matrix we model, but it speaks only the
 CRI (``runtime.v1.RuntimeService``), so it serves any CRI runtime that checkpoints:
@@ -19,21 +19,18 @@ dump with CRIU options is refused.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import click
 import psutil
 from google.protobuf import json_format
 from pydantic import BaseModel
 
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
-from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import CriuOptions, HealthCheck, Job, JobState, Name, OneLine
-from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.pipeline import Context, Handler
+from cedana_ray.runtime import Runtime
 
 from . import commands
 from .client import Cri, messages
@@ -261,77 +258,25 @@ def health_checks() -> list[HealthCheck]:
     return [*checks, HealthCheck(name="cri checkpoint", ok=True, detail="CheckpointContainer is implemented")]
 
 
-@hookimpl
-def cedana_manage_handler() -> Handler:
-    return manage
-
-
-@hookimpl
-def cedana_dump_middleware() -> list[Middleware]:
-    return [prepare_dump]
-
-
-@hookimpl
-def cedana_dump_handler() -> Handler:
-    return checkpoint
-
-
-@hookimpl
-def cedana_restore_middleware() -> list[Middleware]:
-    return [verify_first]
-
-
-@hookimpl
-def cedana_restore_handler() -> Handler:
-    return restore
-
-
-@hookimpl
-def cedana_query_handler() -> Handler:
-    return query
-
-
-@hookimpl
-def cedana_kill_signal() -> int:
-    return signal.SIGKILL  # a container's init ignores signals it has no handler for
-
-
-@hookimpl
-def cedana_reaper(job: Job) -> int | None:
-    return reaper(job)
-
-
-@hookimpl
-def cedana_cleanup(job: Job) -> None:
-    """Remove the container from the runtime (and its pod, where a restore made it), then the job dir."""
+def cleanup(job: Job) -> None:
+    """Remove the container from the runtime, and its pod where a restore made it (the kit
+    then removes the job dir)."""
     cri = _cri(job)
     cri.remove(job.details["target"])
     if job.details.get("own_pod"):
         cri.remove_pod(job.details["pod"])
-    if job.log:
-        shutil.rmtree(Path(job.log).parent, ignore_errors=True)
 
 
-@hookimpl
-def cedana_health_checks() -> list[HealthCheck]:
-    return health_checks()
-
-
-@hookimpl
-def cedana_manage_command() -> click.Command:
-    return commands.manage
-
-
-@hookimpl
-def cedana_dump_command() -> click.Command:
-    return commands.dump
-
-
-@hookimpl
-def cedana_restore_command() -> click.Command:
-    return commands.restore
-
-
-@hookimpl
-def cedana_query_command() -> click.Command:
-    return commands.query
+plugin = Runtime(
+    NAME,
+    manage=manage,
+    dump=checkpoint,
+    restore=restore,
+    query=query,
+    dump_middleware=[prepare_dump],
+    restore_middleware=[verify_first],
+    commands=commands.COMMANDS,
+    health_checks=health_checks,
+    reaper=reaper,
+    cleanup=cleanup,
+)

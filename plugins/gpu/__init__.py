@@ -1,6 +1,7 @@
-"""The ``gpu`` plugin: NVIDIA GPUs through NVML and the CUDA driver checkpoint API.
+"""The ``gpu`` plugin: NVIDIA GPUs through NVML (:mod:`cedana_ray.nvml`) and the CUDA driver
+checkpoint API, and the GPU middleware of every runtime that supports GPU jobs.
 
-- :mod:`.nvml`: discovery, health and per-process GPU use;
+- :mod:`.plugin`: its hooks: the middleware below, health, `query gpu`, `gpu trace`;
 - :mod:`.cuda`: ``cuCheckpointProcess*`` through ctypes on ``libcuda.so.1``;
 - :mod:`.intercept`: dump/restore middleware that makes CUDA jobs checkpointable;
 - :mod:`.tracing`: a per-job GPU activity trace (Chrome/Perfetto JSON).
@@ -10,33 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from cedana_ray.errors import PrerequisiteError
-from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import Job
-from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.pipeline import Context, Handler
 
 TRACE_INTERVAL = 0.1  # seconds between GPU samples
-
-
-def require_gpu(ctx: Context, next_: Handler) -> Job:
-    """`run --gpu`: refused where the driver sees no GPU; the job is marked as needing one
-    (a cluster then places, migrates and restores it only where there is a GPU)."""
-    if not ctx.request.gpu:
-        return next_(ctx)
-    from . import nvml
-
-    nvml.required("--gpu")
-    if not nvml.gpus():
-        raise PrerequisiteError("--gpu: the NVIDIA driver sees no GPU on this node")
-    job = next_(ctx)
-    return job.model_copy(update={"details": {**job.details, "needs_gpu": True}})
 
 
 def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     """`run --gpu-tracing`: a tracer samples the GPU use of the job's tree until it exits."""
     if not ctx.request.gpu_tracing:
         return next_(ctx)
-    from . import nvml, tracing
+    from cedana_ray import nvml
+
+    from . import tracing
 
     nvml.required("--gpu-tracing")
     job = next_(ctx)
@@ -49,7 +36,9 @@ def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     job = next_(ctx)
     if not ctx.state["manifest"].details.get("gpu_tracing"):
         return job
-    from . import nvml, tracing
+    from cedana_ray import nvml
+
+    from . import tracing
 
     if not nvml.unavailable():
         tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
@@ -71,26 +60,3 @@ def restore_interception(ctx: Context, next_: Handler) -> Any:
     from .intercept import Interceptor
 
     return Interceptor().gpu_interception_restore(ctx, next_)
-
-
-# The hooks of a job type whose dump middleware sets ``ctx.state["tree_root"]`` (its tree's
-# host PID) and whose job's ``pid`` is its tree's root: its plugin module imports them, and
-# pluggy collects them from there.
-@hookimpl
-def cedana_gpu_interception() -> list[Middleware]:
-    return [dump_interception]
-
-
-@hookimpl
-def cedana_gpu_interception_restore() -> list[Middleware]:
-    return [restore_interception]
-
-
-@hookimpl
-def cedana_gpu_tracing() -> list[Middleware]:
-    return [start_gpu_tracing]
-
-
-@hookimpl
-def cedana_gpu_tracing_restore() -> list[Middleware]:
-    return [continue_gpu_tracing]

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cedana_ray import nvml
 from cedana_ray.errors import StateError, UsageError
 from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import members, signal_tree
 
-from . import nvml
 from .cuda import CheckpointAPI, CudaCheckpoint, GpuError, ProcessState
 
 LOCK_TIMEOUT_MS = 30_000

@@ -1,4 +1,5 @@
-"""Hook implementations of the ``gpu`` plugin: health, `query gpu`, `gpu trace`."""
+"""The ``gpu`` plugin: the GPU middleware of the runtimes that support GPU jobs, health,
+`query gpu`, `gpu trace`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from typing import Any
 
 import click
 
+from cedana_ray import nvml
 from cedana_ray.cli.options import common, engine
 from cedana_ray.cli.output import console, human_size, show, table
 from cedana_ray.errors import PrerequisiteError, UsageError
-from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
-from cedana_ray.pipeline import Context, Handler
+from cedana_ray.pipeline import Context
+from cedana_ray.runtime import Commands, Runtime
 
-from . import nvml, tracing
+from . import continue_gpu_tracing, dump_interception, restore_interception, start_gpu_tracing, tracing
 
 
 def _checkpoint_api() -> HealthCheck:
@@ -28,8 +30,7 @@ def _checkpoint_api() -> HealthCheck:
     return HealthCheck(name="CUDA checkpoint API", ok=ok, fatal=False, detail=detail)
 
 
-@hookimpl
-def cedana_health_checks() -> list[HealthCheck]:
+def health_checks() -> list[HealthCheck]:
     # GPUs are optional: without them the GPU features are off, cedana-ray is fine.
     if reason := nvml.unavailable():
         return [HealthCheck(name="nvml", ok=False, fatal=False, detail=reason)]
@@ -59,11 +60,6 @@ def query(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
-@hookimpl
-def cedana_query_handler() -> Handler:
-    return query
-
-
 @click.command("gpu")
 @common
 def query_command(as_json: bool, local: bool) -> None:
@@ -83,11 +79,6 @@ def query_command(as_json: bool, local: bool) -> None:
     show(as_json, rows, lambda: table(("gpu", "name", "used", "total", "util %", "jobs"), data))
 
 
-@hookimpl
-def cedana_query_command() -> click.Command:
-    return query_command
-
-
 @click.group("gpu")
 def gpu_group() -> None:
     """GPU helpers."""
@@ -105,6 +96,15 @@ def trace_command(jid: str, as_json: bool, local: bool) -> None:
     show(as_json, doc, lambda: console.print_json(data=doc))
 
 
-@hookimpl
-def cedana_helper_commands() -> list[click.Command]:
-    return [gpu_group]
+plugin = Runtime(
+    "gpu",
+    query=query,
+    health_checks=health_checks,
+    commands=Commands(own={"query": query_command}, helpers=[gpu_group]),
+    hooks={  # what every type that supports GPU jobs gets (see cedana_ray.plugins_manager)
+        "cedana_gpu_interception": [dump_interception],
+        "cedana_gpu_interception_restore": [restore_interception],
+        "cedana_gpu_tracing": [start_gpu_tracing],
+        "cedana_gpu_tracing_restore": [continue_gpu_tracing],
+    },
+)

@@ -7,18 +7,9 @@ from typing import Any
 import click
 
 from cedana_ray.cli.options import common
-from cedana_ray.cli.workload import (
-    dump_command,
-    env_option,
-    gpu_tracing_option,
-    manage_command,
-    policy_options,
-    query_command,
-    restore_command,
-    start,
-    state_command,
-)
-from cedana_ray.requests import RestoreRequest, RunRequest
+from cedana_ray.cli.workload import env_option, gpu_tracing_option, policy_options, start
+from cedana_ray.requests import RunRequest
+from cedana_ray.runtime import Commands
 
 NAME = "process"
 
@@ -77,17 +68,12 @@ def run(
     start(NAME, request, storage, as_json)
 
 
-manage = manage_command(NAME, "PID", "the running process tree")
-dump = dump_command(NAME, "PID", "the process tree")
-freeze = state_command(NAME, "freeze", "PID", "the process tree")
-unfreeze = state_command(NAME, "unfreeze", "PID", "the process tree")
-query = query_command(
-    NAME,
-    ("jid", "state", "pid", "processes", "rss_bytes", "gpu_memory_bytes", "last_checkpoint"),
-    "List process jobs with what their trees use now.",
+COMMANDS = Commands(
+    target="PID",
+    what="the process tree",
+    adopt="the running process tree",
+    columns=("jid", "state", "pid", "processes", "rss_bytes", "gpu_memory_bytes", "last_checkpoint"),
+    query_help="List process jobs with what their trees use now.",
+    restore_help="Restore a process checkpoint from its URL.",
+    own={"run": run},
 )
-
-
-@restore_command(NAME, "Restore a process checkpoint from its URL.")
-def restore(request: RestoreRequest) -> RestoreRequest:
-    return request

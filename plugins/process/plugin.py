@@ -1,36 +1,27 @@
-"""Hook implementations of the ``process`` plugin."""
+"""The ``process`` plugin: its handlers and middleware, stated as a :class:`~cedana_ray.runtime.Runtime`."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
-from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
-    cedana_gpu_interception,
-    cedana_gpu_interception_restore,
-    cedana_gpu_tracing,
-    cedana_gpu_tracing_restore,
-    require_gpu,
-)
 from pydantic import BaseModel, Field
 
 from cedana_ray import criu, inside
 from cedana_ray.environment import workload_env
 from cedana_ray.errors import RestoreError, UsageError
-from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck, Job, JobState
-from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import alive, members, signal_tree
+from cedana_ray.runtime import Runtime, require_gpu
+from cedana_ray.spawn import LaunchError, job_files, started_at
 
 from . import commands, tree
-from .launch import LaunchError, launch_in_namespaces, nsinit, recorded_exit, started_at
+from .launch import launch_in_namespaces, nsinit
 
 NAME = "process"
-REAP_GRACE_S = 2.0  # how long a supervisor may take to record an exit
 
 
 def _new_job(ctx: Context, pid: int, started: float, ns_root: int | None = None, **fields: Any) -> Job:
@@ -49,7 +40,6 @@ def run(ctx: Context) -> Job:
     """Start the command under a supervisor, in new PID and mount namespaces, with the
     environment the request gives it (cedana_ray.environment), not ours."""
     req, job_dir = ctx.request, ctx.state["job_dir"]
-    log = job_dir / "log"
     control = ctx.state["control"]
     ours = {"CEDANA_RAY_JID": ctx.state["jid"], "CEDANA_RAY_CONTROL": control["dir"]}
     spec = {
@@ -57,15 +47,14 @@ def run(ctx: Context) -> Job:
         "cmd": req.cmd,
         "cwd": req.cwd or os.getcwd(),
         "env": {**workload_env(req.env, req.inherit_env), **ours},
-        "log": str(log),
-        "exit_file": str(job_dir / "exit.json"),
+        **job_files(job_dir),
         "control": control,
     }
     try:
         reply = launch_in_namespaces(spec, job_dir)
     except LaunchError as exc:
         raise UsageError(str(exc)) from exc
-    return _supervised_job(ctx, reply, state=JobState.running, command=req.cmd, log=str(log))
+    return _supervised_job(ctx, reply, state=JobState.running, command=req.cmd, log=spec["log"])
 
 
 def manage(ctx: Context) -> Job:
@@ -121,8 +110,7 @@ def restore(ctx: Context) -> Job:
         ),
         "pipes": details.pipes,
         "work": str(work),
-        "log": str(job_dir / "log"),
-        "exit_file": str(job_dir / "exit.json"),
+        **job_files(job_dir),
         "control": ctx.state["control"],
     }
     try:
@@ -146,7 +134,7 @@ def unfreeze(ctx: Context) -> None:
 
 def _gpu_memory_by_pid() -> dict[int, int]:
     """GPU memory per PID, when an NVIDIA driver is there."""
-    from cedana_ray.plugins.gpu import nvml
+    from cedana_ray import nvml  # only here: NVML is slow to load, and `query` is rare
 
     if nvml.unavailable():
         return {}
@@ -172,67 +160,7 @@ def query(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
-@hookimpl
-def cedana_run_handler_serverless() -> Handler:
-    return run
-
-
-@hookimpl
-def cedana_manage_handler() -> Handler:
-    return manage
-
-
-@hookimpl
-def cedana_dump_middleware() -> list[Middleware]:
-    return [prepare_dump]
-
-
-@hookimpl
-def cedana_restore_handler() -> Handler:
-    return restore
-
-
-@hookimpl
-def cedana_freeze_handler() -> Handler:
-    return freeze
-
-
-@hookimpl
-def cedana_unfreeze_handler() -> Handler:
-    return unfreeze
-
-
-@hookimpl
-def cedana_query_handler() -> Handler:
-    return query
-
-
-@hookimpl
-def cedana_run_middleware() -> list[Middleware]:
-    return [require_gpu]
-
-
-@hookimpl
-def cedana_kill_signal() -> int:
-    return tree.KILL_SIGNAL
-
-
-@hookimpl
-def cedana_cleanup(job: Job) -> None:
-    if job.log:
-        shutil.rmtree(os.path.dirname(job.log), ignore_errors=True)
-
-
-@hookimpl
-def cedana_reaper(job: Job) -> int | None:
-    """The exit code the supervisor recorded (it may take a moment to write it)."""
-    if not job.log:
-        return None
-    return recorded_exit(os.path.join(os.path.dirname(job.log), "exit.json"), job.pid, REAP_GRACE_S)
-
-
-@hookimpl
-def cedana_health_checks() -> list[HealthCheck]:
+def health_checks() -> list[HealthCheck]:
     root = os.geteuid() == 0
     return [
         HealthCheck.probe("criu", lambda: f"criu {criu.version()} at {criu.binary()}"),
@@ -241,36 +169,18 @@ def cedana_health_checks() -> list[HealthCheck]:
     ]
 
 
-@hookimpl
-def cedana_run_command() -> click.Command:
-    return commands.run
-
-
-@hookimpl
-def cedana_manage_command() -> click.Command:
-    return commands.manage
-
-
-@hookimpl
-def cedana_dump_command() -> click.Command:
-    return commands.dump
-
-
-@hookimpl
-def cedana_restore_command() -> click.Command:
-    return commands.restore
-
-
-@hookimpl
-def cedana_freeze_command() -> click.Command:
-    return commands.freeze
-
-
-@hookimpl
-def cedana_unfreeze_command() -> click.Command:
-    return commands.unfreeze
-
-
-@hookimpl
-def cedana_query_command() -> click.Command:
-    return commands.query
+plugin = Runtime(
+    NAME,
+    run=run,
+    manage=manage,
+    restore=restore,
+    freeze=freeze,
+    unfreeze=unfreeze,
+    query=query,
+    run_middleware=[require_gpu],
+    dump_middleware=[prepare_dump],
+    commands=commands.COMMANDS,
+    health_checks=health_checks,
+    kill_signal=tree.KILL_SIGNAL,
+    supports_gpu=True,
+)

@@ -8,18 +8,9 @@ from typing import Any
 import click
 
 from cedana_ray.cli.options import common
-from cedana_ray.cli.workload import (
-    container_id,
-    dump_command,
-    gpu_tracing_option,
-    manage_command,
-    policy_options,
-    query_command,
-    restore_command,
-    start,
-    state_command,
-)
+from cedana_ray.cli.workload import container_id, gpu_tracing_option, policy_options, restore_command, start
 from cedana_ray.requests import RestoreRequest
+from cedana_ray.runtime import Commands
 
 NAME = "runc"
 BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -71,12 +62,11 @@ def restore(request: RestoreRequest, bundle: Path | None) -> RestoreRequest:
     return RuncRestoreRequest(**request.model_dump(), bundle=str(bundle.resolve()) if bundle else None)
 
 
-manage = manage_command(NAME, "ID", "the running container (under our runc root)")
-dump = dump_command(NAME, "ID", "the runc container")
-freeze = state_command(NAME, "freeze", "ID", "the runc container")
-unfreeze = state_command(NAME, "unfreeze", "ID", "the runc container")
-query = query_command(
-    NAME,
-    ("id", "status", "pid", "jid", "bundle", "created"),
-    "List the containers under our runc root with their state, PID and job.",
+COMMANDS = Commands(
+    target="ID",
+    what="the runc container",
+    adopt="the running container (under our runc root)",
+    columns=("id", "status", "pid", "jid", "bundle", "created"),
+    query_help="List the containers under our runc root with their state, PID and job.",
+    own={"run": run, "restore": restore},
 )

@@ -1,4 +1,4 @@
-"""Hook implementations of the ``runc`` plugin: OCI containers run by runc, C/R'd through it.
+"""The ``runc`` plugin: OCI containers run by runc, C/R'd through it.
 
 Why ``runc checkpoint --image-path`` and not CRIU directly: runc already knows
 everything a container dump needs (its mounts, masked and read-only paths, external
@@ -21,36 +21,25 @@ annotation, and ``runc checkpoint`` kills them itself once dumped.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-import click
 import psutil
-from cedana_ray.plugins.gpu import (  # noqa: F401 (hooks)
-    cedana_gpu_interception,
-    cedana_gpu_interception_restore,
-    cedana_gpu_tracing,
-    cedana_gpu_tracing_restore,
-)
-from cedana_ray.plugins.process.launch import LaunchError, launch, recorded_exit, started_at
 from pydantic import BaseModel
 
 from cedana_ray import criu
 from cedana_ray.errors import CedanaError, DumpError, RestoreError, StateError, UsageError
-from cedana_ray.hookspecs import hookimpl
-from cedana_ray.models import AbsolutePath, CriuOptions, HealthCheck, Job, JobState, Name
-from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.models import AbsolutePath, CriuOptions, Job, JobState, Name
+from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import wait_reaped
 from cedana_ray.requests import RestoreRequest, RunRequest
+from cedana_ray.runtime import Runtime
+from cedana_ray.spawn import LaunchError, launch, started_at
 
 from . import commands, health, shim
-from .runtime import CRIU_CONFIG_ANNOTATION, Runc, default_root, derive_bundle, load_bundle, write_criu_config
+from .runtime import Runc, default_root, derive_bundle, load_bundle
 
 NAME = "runc"
-REAP_GRACE_S = 2.0  # how long a shim may take to record an exit
 KILLED_EXIT_S = 5.0  # how long a killed container may take to exit and be reaped
 
 
@@ -78,7 +67,7 @@ def _container(job: Job) -> str:
 def _own_bundle(ctx: Context, bundle: Path, cid: str) -> Path:
     """A copy of ``bundle`` in the job dir whose CRIU config file is ours, written now."""
     job_dir: Path = ctx.state["job_dir"]
-    conf = write_criu_config(job_dir / "criu.conf", *(["leave-stopped"] if ctx.state.get("leave_stopped") else []))
+    conf = criu.write_config(job_dir / "criu.conf", *(["leave-stopped"] if ctx.state.get("leave_stopped") else []))
     root_tag = hashlib.sha256(str(default_root()).encode()).hexdigest()[:8]
     return derive_bundle(bundle, job_dir / "bundle", conf, f"/cedana-ray/{root_tag}/{cid}")
 
@@ -90,13 +79,7 @@ def _start(ctx: Context, cid: str, bundle: Path, runc_args: list[str]) -> tuple[
     log = job_dir / "runc.log"
     argv = runc.argv("--log", str(log), "--log-format", "json", *runc_args)
     argv += ["--pid-file", str(job_dir / "init.pid"), "--bundle", str(bundle), cid]
-    spec = {
-        "argv": argv,
-        "pid_file": str(job_dir / "init.pid"),
-        "runc_log": str(log),
-        "log": str(job_dir / "log"),
-        "exit_file": str(job_dir / "exit.json"),
-    }
+    spec = {"argv": argv, "pid_file": str(job_dir / "init.pid"), "runc_log": str(log)}
     return launch(spec, job_dir, shim), runc
 
 
@@ -163,7 +146,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     spec = load_bundle(Path(state["bundle"]))
     linux = spec.get("linux", {})
     ctx.state["pid"] = ctx.state["tree_root"] = state["pid"]
-    ctx.state["runc_config"] = spec.get("annotations", {}).get(CRIU_CONFIG_ANNOTATION)
+    ctx.state["runc_config"] = spec.get("annotations", {}).get(criu.CONFIG_ANNOTATION)
     ctx.state["details"] = {
         "container": _container(job),
         "bundle": job.details.get("bundle") or state["bundle"],
@@ -190,7 +173,7 @@ def checkpoint(ctx: Context) -> None:
     req, job = ctx.request, ctx.job
     args = ["checkpoint", "--image-path", str(ctx.state["images"]), "--work-path", str(ctx.state["work"])]
     if conf := ctx.state.get("runc_config"):  # ours: CRIU stops the tree instead of killing it
-        write_criu_config(Path(conf), *([] if req.leave_running else ["leave-stopped"]))
+        criu.write_config(Path(conf), *([] if req.leave_running else ["leave-stopped"]))
         args.append("--leave-running")
     elif req.leave_running:
         args.append("--leave-running")
@@ -280,112 +263,25 @@ def query(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
-@hookimpl
-def cedana_run_handler_serverless() -> Handler:
-    return run
-
-
-@hookimpl
-def cedana_manage_handler() -> Handler:
-    return manage
-
-
-@hookimpl
-def cedana_dump_middleware() -> list[Middleware]:
-    return [prepare_dump]
-
-
-@hookimpl
-def cedana_dump_handler() -> Handler:
-    return checkpoint
-
-
-@hookimpl
-def cedana_restore_middleware() -> list[Middleware]:
-    return [prepare_restore]
-
-
-@hookimpl
-def cedana_restore_middleware_late() -> list[Middleware]:
-    return [write_restore_config]
-
-
-@hookimpl
-def cedana_restore_handler() -> Handler:
-    return restore
-
-
-@hookimpl
-def cedana_freeze_handler() -> Handler:
-    return freeze
-
-
-@hookimpl
-def cedana_unfreeze_handler() -> Handler:
-    return unfreeze
-
-
-@hookimpl
-def cedana_query_handler() -> Handler:
-    return query
-
-
-@hookimpl
-def cedana_kill_signal() -> int:
-    return signal.SIGKILL  # a container's init ignores signals it has no handler for
-
-
-@hookimpl
-def cedana_cleanup(job: Job) -> None:
-    """``runc delete`` the container, then remove its job dir (bundle copy, log, shim files)."""
+def cleanup(job: Job) -> None:
+    """``runc delete`` the container (the kit then removes its job dir: bundle copy, log, shim files)."""
     _runc(job).delete(_container(job))
-    if job.log:
-        shutil.rmtree(os.path.dirname(job.log), ignore_errors=True)
 
 
-@hookimpl
-def cedana_reaper(job: Job) -> int | None:
-    """The exit code the container's shim recorded."""
-    if not job.log:
-        return None  # adopted: its parent is not ours
-    return recorded_exit(os.path.join(os.path.dirname(job.log), "exit.json"), job.pid, REAP_GRACE_S)
-
-
-@hookimpl
-def cedana_health_checks() -> list[HealthCheck]:
-    return health.checks()
-
-
-@hookimpl
-def cedana_run_command() -> click.Command:
-    return commands.run
-
-
-@hookimpl
-def cedana_manage_command() -> click.Command:
-    return commands.manage
-
-
-@hookimpl
-def cedana_dump_command() -> click.Command:
-    return commands.dump
-
-
-@hookimpl
-def cedana_restore_command() -> click.Command:
-    return commands.restore
-
-
-@hookimpl
-def cedana_freeze_command() -> click.Command:
-    return commands.freeze
-
-
-@hookimpl
-def cedana_unfreeze_command() -> click.Command:
-    return commands.unfreeze
-
-
-@hookimpl
-def cedana_query_command() -> click.Command:
-    return commands.query
+plugin = Runtime(
+    NAME,
+    run=run,
+    manage=manage,
+    dump=checkpoint,
+    restore=restore,
+    freeze=freeze,
+    unfreeze=unfreeze,
+    query=query,
+    dump_middleware=[prepare_dump],
+    restore_middleware=[prepare_restore],
+    restore_middleware_late=[write_restore_config],
+    commands=commands.COMMANDS,
+    health_checks=health.checks,
+    cleanup=cleanup,
+    supports_gpu=True,
+)

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cedana_ray import criu
 from cedana_ray.config import paths
 from cedana_ray.errors import CedanaError, JobNotFound, PrerequisiteError, StateError, UsageError
 
 INSTALL_HINT = "run `make setup` (scripts/install-containers.sh) to install runc"
-# The annotation runc reads a CRIU configuration file from, at checkpoint and restore.
-CRIU_CONFIG_ANNOTATION = "org.criu.config"
 _MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 
 
@@ -114,16 +113,8 @@ def derive_bundle(bundle: Path, dest: Path, criu_config: Path, cgroup: str) -> P
     """
     spec = load_bundle(bundle)
     spec["root"]["path"] = str((bundle / spec["root"]["path"]).resolve())
-    spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
+    spec.setdefault("annotations", {})[criu.CONFIG_ANNOTATION] = str(criu_config)
     spec.setdefault("linux", {}).setdefault("cgroupsPath", cgroup)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(spec, indent=1))
     return dest
-
-
-def write_criu_config(path: Path, *options: str) -> Path:
-    """The CRIU configuration file runc passes on; without iptables-restore CRIU locks
-    the container's network namespace with nftables."""
-    lines = [*options, *([] if shutil.which("iptables-restore") else ["network-lock nftables"])]
-    path.write_text("".join(f"{line}\n" for line in lines))
-    return path

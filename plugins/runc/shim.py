@@ -1,6 +1,6 @@
 """The shim of one ``runc`` container (standard library only): its reaper and its output.
 
-Started by the runc plugin through the process plugin's launcher (``launch.py``):
+Started by the runc plugin through the shared launcher (:mod:`cedana_ray.spawn`):
 :func:`begin`, in the launcher's fork, makes itself a child subreaper and runs
 the given ``runc run --detach`` or ``runc restore --detach`` with the container's stdout
 and stderr on a pipe it owns: runc hands the pipe to the container (and, on restore,
@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from cedana_ray.plugins.process.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
+from cedana_ray.supervisor import copy_output, exit_code, read_spec, record_exit, start_ticks
 
 PR_SET_CHILD_SUBREAPER = 36
 

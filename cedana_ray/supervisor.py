@@ -1,19 +1,20 @@
-"""The supervisor of one ``process`` workload (standard library only).
+"""The supervisor of one workload (standard library only): the parent that copies its output
+into the job log and records its exit code (``exit.json``), which the shared reaper
+(:mod:`cedana_ray.runtime`) reads. Its launcher's side is :mod:`cedana_ray.spawn`.
 
-``nsinit`` (``nsinit.c``, started by the launcher, ``launch.py``) puts the workload, or
-CRIU restoring it, under PID 1 of new PID and mount namespaces: its own small init,
-with its own ``/proc`` (CUDA and CRIU read ``/proc`` by PID, so it must show this
-namespace). A fresh namespace means the original PIDs are free, so a restore works
-while the original (or its zombie) exists, and any number of times. Once the workload
-runs, ``nsinit`` replies to the launcher and execs this script as the init's parent,
-``python supervisor.py JOB_DIR SPEC_FD INIT`` (the job dir names the job in ``ps``; the
-spec, which may hold the environment the job's own dumps need, comes through the
-descriptor, see :func:`read_spec`): it serves the job's own checkpoint requests, copies
-the workload's output (``SPEC["out"]``) to the job log and writes the exit code to the
-exit file. Dumps run CRIU inside the namespaces (``nsenter``) on the workload's root,
-so the init is never part of a checkpoint.
+Run as a script by path, ``python -I -S supervisor.py JOB_DIR SPEC_FD INIT``, by the
+``process`` plugin's ``nsinit``: nsinit puts the workload, or CRIU restoring it, under
+PID 1 of new PID and mount namespaces (its own small init, with its own ``/proc``: CUDA
+and CRIU read ``/proc`` by PID, so it must show this namespace), replies to the
+launcher, and execs this script as the init's parent (the job dir names the job in
+``ps``; the spec, which may hold the environment the job's own dumps need, comes through
+the descriptor, see :func:`read_spec`). :func:`main` serves the job's own checkpoint
+requests, copies the workload's output (``SPEC["out"]``) to the job log and writes the
+exit code to the exit file.
 
-The ``runc`` and ``containerd`` plugins' supervisors use its helpers too.
+The supervisors of other runtimes (the ``runc`` shim, the ``containerd`` watcher) are
+scripts of their own that import its helpers; so this module imports nothing of
+cedana-ray, and stays cheap to import.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""NVIDIA GPUs as NVML sees them; without a driver, one clear reason why not."""
+"""NVIDIA GPUs as NVML sees them; without a driver, one clear reason why not.
+
+In the core, not the gpu plugin: runtimes use it too (`run --gpu`, the device nodes a
+container needs, the GPU memory a process job uses).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cedana_ray.errors import PrerequisiteError
+from .errors import PrerequisiteError
 
 try:
     import pynvml
