@@ -8,7 +8,6 @@ import importlib
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import psutil
 import pytest
@@ -45,16 +44,18 @@ SLEEPER_ROWS = {
 STORAGE_ROWS = {"Checkpoint storage", "Health checks"}
 
 
-def example(module: str) -> ModuleType:
-    """Import an example by module name, as the ``cedana_ray.plugins`` entry point of an
-    installed package would name it."""
+def example(ref: str) -> object:
+    """Load an example as the ``cedana_ray.plugins`` entry point of an installed package
+    names it: ``MODULE`` or ``MODULE:OBJECT``."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(module)
+    module, _, attr = ref.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
 
 
 def registered(*plugins: tuple[str, str]) -> PluginManager:
-    """A plugin manager with these (name, module) plugins, loaded as get_plugin_manager() does."""
+    """A plugin manager with these (name, entry point) plugins, loaded as get_plugin_manager() does."""
     pm = PluginManager()
     for name, module in plugins:
         pm.register_checked(example(module), name)
@@ -78,7 +79,7 @@ def expected(pm: PluginManager, name: str, rows: set[str]) -> dict[str, Status]:
 
 @pytest.mark.parametrize(
     ("name", "module", "rows"),
-    [("sleeper", "sleeper.plugin", SLEEPER_ROWS), ("storage/memory", "storage_memory", STORAGE_ROWS)],
+    [("sleeper", "sleeper.plugin:plugin", SLEEPER_ROWS), ("storage/memory", "storage_memory", STORAGE_ROWS)],
 )
 def test_registers_and_shows_in_the_matrix(name: str, module: str, rows: set[str]) -> None:
     pm = registered((name, module))
@@ -88,7 +89,7 @@ def test_registers_and_shows_in_the_matrix(name: str, module: str, rows: set[str
 
 
 def test_sleeper_commands_are_named_after_its_type() -> None:
-    pm = registered(("sleeper", "sleeper.plugin"))
+    pm = registered(("sleeper", "sleeper.plugin:plugin"))
     for hook in ("cedana_run_command", "cedana_restore_command", "cedana_query_command"):
         assert pm.call_for("sleeper", hook).name == "sleeper"
 
@@ -115,7 +116,7 @@ def test_memory_store_round_trip(tmp_path: Path) -> None:
 @pytest.fixture
 def sleeper_engine(home: Path) -> Engine:
     """An engine whose only runtime plugin is the sleeper example."""
-    return Engine(Paths(home), pm=registered(("sleeper", "sleeper.plugin")))
+    return Engine(Paths(home), pm=registered(("sleeper", "sleeper.plugin:plugin")))
 
 
 def wait_for(check: object, timeout: float = 10.0) -> None:

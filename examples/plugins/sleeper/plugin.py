@@ -1,4 +1,5 @@
-"""Hook implementations of the example ``sleeper`` plugin.
+"""The example ``sleeper`` plugin: what it does, stated as a :class:`~cedana_ray.runtime.Runtime`,
+which gives it its hooks (its entry point names the object: ``sleeper.plugin:plugin``).
 
 A sleeper job is a command started by a small parent of its own (``reaper.py``), in a
 session of its own, in the host's namespaces, with its output discarded: CRIU restores an
@@ -29,15 +30,15 @@ from pydantic import BaseModel
 
 from cedana_ray import criu
 from cedana_ray.cli.options import common
-from cedana_ray.cli.workload import query_command, restore_command, start
+from cedana_ray.cli.workload import start
 from cedana_ray.environment import workload_env
 from cedana_ray.errors import RestoreError, UsageError
-from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck, Job, JobState
-from cedana_ray.pipeline import Context, Handler, Middleware
+from cedana_ray.pipeline import Context, Handler
 from cedana_ray.proctree import signal_tree
-from cedana_ray.requests import RestoreRequest, RunRequest
+from cedana_ray.requests import RunRequest
 from cedana_ray.retry import until
+from cedana_ray.runtime import Commands, Runtime
 
 NAME = "sleeper"
 REAPER = Path(__file__).with_name("reaper.py")
@@ -131,43 +132,7 @@ def _recorded_exit(path: Path) -> int | None:
     return None
 
 
-@hookimpl
-def cedana_run_handler_serverless() -> Handler:
-    return run  # the one run handler: locally, and by a cluster node's agent
-
-
-@hookimpl
-def cedana_dump_middleware() -> list[Middleware]:
-    return [prepare_dump]  # no dump handler: the core's CRIU dump is the final step
-
-
-@hookimpl
-def cedana_restore_handler() -> Handler:
-    return restore
-
-
-@hookimpl
-def cedana_freeze_handler() -> Handler:
-    return freeze
-
-
-@hookimpl
-def cedana_unfreeze_handler() -> Handler:
-    return unfreeze
-
-
-@hookimpl
-def cedana_query_handler() -> Handler:
-    return query
-
-
-@hookimpl
-def cedana_kill_signal() -> int:
-    return signal.SIGKILL
-
-
-@hookimpl
-def cedana_stopped(job: Job) -> bool:
+def stopped(job: Job) -> bool:
     """Reaped, not only dead: a restore on this machine needs the PID free again."""
     try:
         started = psutil.Process(job.pid).create_time()
@@ -176,8 +141,7 @@ def cedana_stopped(job: Job) -> bool:
     return abs(started - job.details["started"]) >= 0.01  # the PID is another process's; else ours, a zombie or alive
 
 
-@hookimpl
-def cedana_reaper(job: Job) -> int | None:
+def reaper(job: Job) -> int | None:
     """The exit code the job's reaper recorded; None (the job is then ``lost``) if none came."""
     path = Path(job.details.get("exit_file", ""))
     if not until(lambda: path.is_file(), REAP_GRACE_S, 0.05):
@@ -185,15 +149,13 @@ def cedana_reaper(job: Job) -> int | None:
     return _recorded_exit(path)
 
 
-@hookimpl
-def cedana_cleanup(job: Job) -> None:
+def cleanup(job: Job) -> None:
     """`job delete`: remove what the job's reapers wrote."""
     if exit_file := job.details.get("exit_file"):
         shutil.rmtree(os.path.dirname(exit_file), ignore_errors=True)
 
 
-@hookimpl
-def cedana_health_checks() -> list[HealthCheck]:
+def health_checks() -> list[HealthCheck]:
     root = os.geteuid() == 0
     return [
         HealthCheck.probe("criu", lambda: f"criu {criu.version()} at {criu.binary()}"),
@@ -210,24 +172,22 @@ def run_command(jid: str | None, cmd: tuple[str, ...], as_json: bool, local: boo
     start(NAME, RunRequest(cmd=list(cmd), jid=jid), None, as_json)
 
 
-@restore_command(NAME, "Restore a sleeper checkpoint from its URL.")
-def restore_cmd(request: RestoreRequest) -> RestoreRequest:
-    return request  # a type with restore options of its own turns them into its own request here
-
-
-query_cmd = query_command(NAME, ("jid", "state", "pid", "last_checkpoint"), "List sleeper jobs.")
-
-
-@hookimpl
-def cedana_run_command() -> click.Command:
-    return run_command
-
-
-@hookimpl
-def cedana_restore_command() -> click.Command:
-    return restore_cmd
-
-
-@hookimpl
-def cedana_query_command() -> click.Command:
-    return query_cmd
+plugin = Runtime(
+    NAME,
+    run=run,  # the one run handler: locally, and by a cluster node's agent
+    restore=restore,
+    freeze=freeze,
+    unfreeze=unfreeze,
+    query=query,
+    dump_middleware=[prepare_dump],  # no dump handler: the core's CRIU dump is the final step
+    commands=Commands(
+        columns=("jid", "state", "pid", "last_checkpoint"),  # `query sleeper` (no target: no manage or dump command)
+        query_help="List sleeper jobs.",
+        restore_help="Restore a sleeper checkpoint from its URL.",  # with options of its own: its own command
+        own={"run": run_command},
+    ),
+    health_checks=health_checks,
+    stopped=stopped,
+    reaper=reaper,  # its own reaper and cleanup: the kit's read the job log's directory, and a sleeper has no log
+    cleanup=cleanup,
+)
