@@ -20,12 +20,13 @@ from typing import Any
 
 import psutil
 
+from cedana_ray.backend import VERBS
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CedanaError, JobNotFound
-from cedana_ray.models import LIVE_STATES, DumpResult, Job, NodeStatus, RestoreResult
+from cedana_ray.errors import CedanaError, JobNotFound, UsageError
+from cedana_ray.models import LIVE_STATES, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
-from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from cedana_ray.requests import RestoreRequest
 from cedana_ray.signing import Signer
 
 from .remote import COORDINATOR, NAMESPACE, call
@@ -97,20 +98,11 @@ class NodeAgent:
             self._types_at = now
         return self._known_types
 
-    def run(self, jtype: str, request: RunRequest) -> Job:
-        return self.engine.run(jtype, request)
-
-    def manage(self, jtype: str, request: ManageRequest) -> Job:
-        return self.engine.manage(jtype, request)
-
-    def job(self, jid: str) -> Job:
-        return self.engine.job(jid)
-
-    def jobs(self) -> list[Job]:
-        return self.engine.jobs()
-
-    def dump(self, jid: str, request: DumpRequest) -> DumpResult:
-        return self.engine.dump(jid, request)
+    def serve(self, verb: str, *args: Any, **kwargs: Any) -> Any:
+        """The engine's ``verb`` (:class:`~cedana_ray.backend.Backend`), for the coordinator."""
+        if verb not in VERBS:
+            raise UsageError(f"no such verb: {verb!r}")
+        return getattr(self.engine, verb)(*args, **kwargs)
 
     def restore(self, request: RestoreRequest, history: bytes = b"") -> RestoreResult:
         """Restore a checkpoint here; ``history`` is the job's output so far on its previous node."""
@@ -119,24 +111,6 @@ class NodeAgent:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_bytes(history)  # the restored job appends to it
         return self.engine.restore(request)
-
-    def freeze(self, jid: str) -> Job:
-        return self.engine.freeze(jid)
-
-    def unfreeze(self, jid: str) -> Job:
-        return self.engine.unfreeze(jid)
-
-    def kill(self, jid: str, sig: int | None = None) -> Job:
-        return self.engine.kill(jid, sig)
-
-    def delete(self, jid: str) -> Job:
-        return self.engine.delete(jid)
-
-    def query(self, jtype: str) -> list[dict[str, Any]]:
-        return self.engine.query(jtype)
-
-    def read_log(self, jid: str, offset: int, limit: int) -> bytes:
-        return self.engine.read_log(jid, offset, limit)
 
     def forget(self, jid: str) -> None:
         """Drop a job that now lives on another node, stopping what is left of it here."""

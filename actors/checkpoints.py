@@ -6,16 +6,13 @@ Mixed into the :class:`~cedana_ray.actors.coordinator.Coordinator`, whose state 
 from __future__ import annotations
 
 import logging
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
-from cedana_ray import catalog
-from cedana_ray.errors import CedanaError, NotFoundError, StateError, UsageError
-from cedana_ray.models import LIVE_STATES, CheckpointInfo, DumpResult, Job, JobState, Manifest, RestoreResult, utcnow
-from cedana_ray.registry import Registry
+from cedana_ray.errors import CedanaError, UsageError
+from cedana_ray.models import DumpResult, Job, Manifest, RestoreResult
+from cedana_ray.records import Records, RecordVerbs, replaceable, require_state
 from cedana_ray.requests import DumpRequest, RestoreRequest
-from cedana_ray.signing import Signer
-from cedana_ray.store import CheckpointStore, split_url
 
 from .placement import needs_gpu
 from .remote import call
@@ -25,49 +22,36 @@ DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or mig
 log = logging.getLogger("cedana_ray.coordinator")
 
 
-class Checkpoints:
-    registry: Registry
+class Checkpoints(RecordVerbs):
+    records: Records
     storage: str
-    signer: Signer
+
+    def _exclusive(self, jid: str) -> AbstractContextManager[Any]:
+        return self._claim(jid)
 
     def dump(self, jid: str, request: DumpRequest) -> DumpResult:
+        """Checkpoint job ``jid`` on its node; the node's engine refuses a job found dead there."""
         with self._claim(jid, wait=DUMP_WAIT_S):  # e.g. behind a policy checkpoint
-            return self._dump(self._live(jid), request)
+            return self._dump(require_state(self.records.registry.job(jid)), request)
 
     def _dump(self, job: Job, request: DumpRequest) -> DumpResult:
         request = request.model_copy(update={"storage": request.storage or job.details.get("storage") or self.storage})
-        result: DumpResult = call(self._agent(job.node).dump.remote(job.jid, request))
-        self.registry.add_checkpoint(
-            CheckpointInfo(
-                checkpoint=result.checkpoint,
-                jid=job.jid,
-                path=result.path,
-                size_bytes=result.size_bytes,
-                created=utcnow(),
-            )
-        )
-        update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
-        if not request.leave_running:
-            update["state"] = JobState.checkpointed
-        self.registry.update_job(job.jid, **update)
+        result: DumpResult = self._serve(job.node, "dump", job.jid, request)
+        self.records.dumped(result.info(), checkpointed=not request.leave_running)
         return result
 
     def restore(
-        self, request: RestoreRequest, jid: str | None = None, node: str | None = None, jtype: str | None = None
+        self, request: RestoreRequest, jid: str | None = None, jtype: str | None = None, node: str | None = None
     ) -> RestoreResult:
         """Restore job ``jid`` (its last or a given checkpoint) or ``request.path`` on a node;
         with ``jtype``, only a checkpoint of that job type."""
-        manifest, path = self._checkpoint(jid, request)
+        path = self.records.locate(jid, request)
+        manifest = self.records.manifest(path)
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {manifest.checkpoint} is of a {manifest.type} job, not {jtype}")
         target_jid = request.jid or jid or manifest.jid
         with self._claim(target_jid):
-            existing = self._existing(target_jid)
-            if existing and existing.state in LIVE_STATES:
-                raise StateError(
-                    f"job {target_jid} is {existing.state.value}",
-                    hint="restore a clone with --jid NEW, or kill the job first",
-                )
+            existing = replaceable(self.records.existing(target_jid))
             here = existing.node if existing and existing.node in self.agents else None
             gpu = needs_gpu(existing, manifest)
             target = self._place(manifest.type, here if node is None else node, gpu=gpu)
@@ -81,14 +65,9 @@ class Checkpoints:
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
         result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))
-        job = result.job
-        if existing:
-            if existing.node != target and existing.node in self.agents:
-                self._forget(existing)
-            keep = {"created", "command", "managed", "details"}
-            job = existing.model_copy(update=job.model_dump(exclude=keep))
-        job = job.model_copy(update={"last_checkpoint": manifest.checkpoint, "node": target})
-        self.registry.save_job(job)
+        if existing and existing.node != target and existing.node in self.agents:
+            self._forget(existing)
+        job = self.records.restored(existing, result.job, manifest.checkpoint, target)
         return result.model_copy(update={"job": job})
 
     def _forget(self, job: Job) -> None:
@@ -102,45 +81,6 @@ class Checkpoints:
         """Job ``jid``'s output on ``node`` (its last MAX_LOG_CARRIED bytes), to carry to another node."""
         if not jid or node not in self.agents:
             return b""
-        data, offset = b"", 0
         with suppress(CedanaError):  # no log there (a managed job): nothing to carry
-            while chunk := call(self._agent(node).read_log.remote(jid, offset, 1 << 20), timeout=30):
-                offset += len(chunk)
-                data = (data + chunk)[-MAX_LOG_CARRIED:]
-        return data
-
-    def _checkpoint(self, jid: str | None, request: RestoreRequest) -> tuple[Manifest, str]:
-        if request.path:
-            path = request.path
-        elif request.checkpoint:
-            path = self.registry.checkpoint(request.checkpoint).path
-        elif jid:
-            job = self.registry.job(jid)
-            if not job.last_checkpoint:
-                raise NotFoundError(f"job {jid} has no checkpoint", hint=f"`cedana-ray dump job {jid}`")
-            path = self.registry.checkpoint(job.last_checkpoint).path
-        else:
-            raise UsageError("name a job, a checkpoint or a checkpoint path")
-        root, name = split_url(path)
-        return CheckpointStore(root, self.signer).manifest(name), path
-
-    def _existing(self, jid: str) -> Job | None:
-        try:
-            return self.registry.job(jid)
-        except NotFoundError:
-            return None
-
-    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
-        if jid is not None:
-            self.registry.job(jid)
-        return self.registry.checkpoints(jid)
-
-    def inspect(self, ckpt: str) -> Manifest:
-        return catalog.inspect(self.registry, ckpt, self.signer)
-
-    def import_checkpoint(self, url: str) -> CheckpointInfo:
-        return catalog.adopt(self.registry, url, self.signer)
-
-    def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
-        with self._claim(self.registry.checkpoint(ckpt).jid):
-            return catalog.delete(self.registry, ckpt, self.signer)
+            return self._serve(node, "read_log", jid, -MAX_LOG_CARRIED, MAX_LOG_CARRIED, timeout=30)
+        return b""

@@ -31,17 +31,16 @@ from typing import Any
 
 import ray
 
-from cedana_ray import catalog
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
 from cedana_ray.models import LIVE_STATES, Job
 from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
 from cedana_ray.requests import ManageRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
-from cedana_ray.store import CheckpointStore
 
 from .agent import NodeAgent
 from .checkpoints import Checkpoints
@@ -67,6 +66,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         self.key = self._cluster_key(encrypt, key)
         get_plugin_manager()  # the storage plugins' schemes, for the catalog's stores
         self.registry = Registry(self.base / "coordinator.db")
+        self.records = Records(self.registry, self.signer)  # the cluster's record (cedana_ray.records)
         self.agents: dict[str, Any] = {}
         self.draining: dict[str, float] = {}  # node -> deadline (epoch seconds, 0: none)
         self.due: dict[str, float] = {}  # jid -> next policy checkpoint (monotonic)
@@ -104,7 +104,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
                 log.error("monitor tick failed:\n%s", traceback.format_exc())
 
     def _recover_catalog(self) -> None:
-        if recovered := catalog.recover(self.registry, self.storage, self.signer):
+        if recovered := self.records.recover(self.storage):
             log.warning("catalogued %d checkpoint(s) committed while the coordinator was away", len(recovered))
 
     def _tick(self) -> None:
@@ -163,14 +163,14 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         if record.node not in self.agents or jid in self._busy:
             return record
         try:
-            return self._merge(record, call(self._agent(record.node).job.remote(jid)))
+            return self._merge(record, self._serve(record.node, "job", jid))
         except (NotFoundError, Unreachable):  # forgotten there, or the node is going away
             return record
 
     def jobs(self) -> list[Job]:
         records = self.registry.jobs()
         agents = dict(self.agents)  # the monitor thread changes it
-        pending = {n: agents[n].jobs.remote() for n in {r.node for r in records} if n in agents}
+        pending = {n: agents[n].serve.remote("jobs") for n in {r.node for r in records} if n in agents}
         seen: dict[str, Job] = {}
         for node, ref in pending.items():
             try:
@@ -203,7 +203,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
                 "gpu": False,
             }
         )
-        job = call(self._agent(node).run.remote(jtype, local))
+        job = self._serve(node, "run", jtype, local)
         details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss, "needs_gpu": request.gpu}
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
@@ -211,30 +211,26 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         self.registry.add_job(job)
         return job
 
-    def manage(self, jtype: str, request: ManageRequest, node: str) -> Job:
-        """Adopt a workload running on ``node`` (where the client runs)."""
+    def manage(self, jtype: str, request: ManageRequest) -> Job:
+        """Adopt a workload running on ``request.node`` (where the client runs)."""
+        if request.node is None:
+            raise UsageError("adopting a workload on a cluster needs the node it runs on")
+        node = self.resolve_node(request.node)
         jid = self._new_jid(request.jid)
-        job = call(self._agent(node).manage.remote(jtype, request.model_copy(update={"jid": jid})))
+        job = self._serve(node, "manage", jtype, request.model_copy(update={"jid": jid, "node": node}))
         self.registry.add_job(job)
         return job
 
-    def set_storage(self, jid: str, url: str) -> Job:
-        CheckpointStore(url)  # refuses an unknown scheme now, not at the first dump
-        job = self.registry.job(jid)
-        job = job.model_copy(update={"details": {**job.details, "storage": url}})
-        self.registry.save_job(job)
-        return job
-
     def _live(self, jid: str) -> Job:
-        job = self.job(jid)
-        if job.state not in LIVE_STATES:
-            raise StateError(f"job {jid} is {job.state.value}, not running or frozen")
-        return job
+        return require_state(self.job(jid))
+
+    def _serve(self, node: str, verb: str, *args: Any, timeout: float | None = None) -> Any:
+        """The engine's ``verb`` on ``node``, run by its agent: one Ray round trip."""
+        return call(self._agent(node).serve.remote(verb, *args), timeout=timeout)
 
     def _on_node(self, jid: str, verb: str, *args: Any) -> Job:
         job = self.job(jid)
-        seen: Job = call(getattr(self._agent(job.node), verb).remote(jid, *args))
-        return self._merge(job, seen)
+        return self._merge(job, self._serve(job.node, verb, jid, *args))
 
     def freeze(self, jid: str) -> Job:
         return self._on_node(jid, "freeze")
@@ -242,7 +238,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
     def unfreeze(self, jid: str) -> Job:
         return self._on_node(jid, "unfreeze")
 
-    def kill(self, jid: str, sig: int | None = None) -> Job:
+    def kill(self, jid: str, sig: int | str | None = None) -> Job:
         """Kill the job, or only send it ``sig`` (its policy stays: it may run on)."""
         if sig is None:
             self.due.pop(jid, None)
@@ -257,9 +253,8 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         self.registry.delete_job(jid)
         return job
 
-    def read_log(self, jid: str, offset: int, limit: int) -> bytes:
-        job = self.registry.job(jid)
-        return call(self._agent(job.node).read_log.remote(jid, offset, limit))
+    def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        return self._serve(self.registry.job(jid).node, "read_log", jid, offset, limit)
 
     def query(self, jtype: str) -> list[dict[str, Any]]:
         """Every node's answer; a node that lacks what the query needs (a driver, a
@@ -267,7 +262,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         rows, missing = [], []
         for node, agent in sorted(self.agents.items()):
             try:
-                rows += [{**r, "node": node} for r in call(agent.query.remote(jtype))]
+                rows += [{**r, "node": node} for r in call(agent.serve.remote("query", jtype))]
             except PrerequisiteError as exc:
                 missing.append(exc)
         if missing and len(missing) == len(self.agents):

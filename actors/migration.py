@@ -13,17 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.models import LIVE_STATES, Compression, DumpResult, Job, JobState, MigrateResult
 from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.records import Records
 from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
-from .remote import call
 
 log = logging.getLogger("cedana_ray.coordinator")
 
 
 class Migration:
     registry: Registry
+    records: Records
     storage: str
     draining: dict[str, float]
     _busy: set[str]
@@ -82,20 +83,19 @@ class Migration:
     def _move_frozen(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
         """Freeze, dump leaving it running, restore frozen on the target, resume there: the source
         stays frozen meanwhile and resumes if anything fails."""
-        source = self._agent(job.node)
         was_frozen = job.state is JobState.frozen
         if not was_frozen:
-            call(source.freeze.remote(job.jid))
+            self._serve(job.node, "freeze", job.jid)
         try:
             dumped = self._dump(job, request.model_copy(update={"leave_running": True}))
             dump_s = time.perf_counter() - start
             restored = self._restore_dumped(target, job, dumped)
         except BaseException:
             if not was_frozen:
-                call(source.unfreeze.remote(job.jid))
+                self._serve(job.node, "unfreeze", job.jid)
             raise
         if not was_frozen:
-            call(self._agent(target).unfreeze.remote(job.jid))
+            self._serve(target, "unfreeze", job.jid)
         return dumped, restored, dump_s
 
     def _move_stopped(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
@@ -111,8 +111,8 @@ class Migration:
             raise
 
     def _restore_dumped(self, node: str, job: Job, dumped: DumpResult) -> Job:
-        manifest, path = self._checkpoint(None, RestoreRequest(path=dumped.path))
-        return self._restore_on(node, job, manifest, path, RestoreRequest(jid=job.jid)).job
+        manifest = self.records.manifest(dumped.path)
+        return self._restore_on(node, job, manifest, dumped.path, RestoreRequest(jid=job.jid)).job
 
     def _recover_logged(self, jid: str) -> None:
         try:

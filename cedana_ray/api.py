@@ -20,33 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import cluster
-from .cluster import Cluster
-from .engine import Engine
-from .errors import UsageError
+from .backend import Backend, open_backend
 from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job, MigrateResult, NodeStatus
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
-_backend: Engine | Cluster | None = None
+_backend: Backend | None = None
 
 
-def init(address: str | None = None, *, local: bool = False) -> Engine | Cluster:
+def init(address: str | None = None, *, local: bool = False) -> Backend:
     """Choose where jobs live: the cluster at ``address`` (default: the one known here), or this machine."""
     global _backend
-    found = None if local else (address or cluster.address())
-    _backend = Cluster(found) if found else Engine()
+    _backend = open_backend(address, local=local)
     return _backend
 
 
-def _engine() -> Engine | Cluster:
+def _engine() -> Backend:
     return _backend or init()
-
-
-def _cluster(what: str) -> Cluster:
-    backend = _engine()
-    if not isinstance(backend, Cluster):
-        raise UsageError(f"{what} needs a cluster", hint="cedana_ray.init(address) or `cedana-ray up`")
-    return backend
 
 
 def run(
@@ -134,17 +123,12 @@ def restore(
     ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``;
     ``key``: of an encrypted checkpoint (default: the job's, or the one configured)."""
     request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {}, key=key)
-    backend = _engine()
-    if isinstance(backend, Cluster):
-        return backend.restore(request, jid=jid, node=node).job
-    if node not in (None, "local"):
-        raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
-    return backend.restore(request, jid=jid).job
+    return _engine().restore(request, jid=jid, node=node).job
 
 
 def migrate(jid: str, node: str) -> MigrateResult:
     """Move job ``jid`` to ``node`` (an id prefix): dump there, restore here, same id."""
-    return _cluster("migration").migrate(jid, node)
+    return _engine().migrate(jid, node)
 
 
 def freeze(jid: str) -> Job:
@@ -198,4 +182,4 @@ def import_checkpoint(url: str) -> CheckpointInfo:
 
 
 def nodes() -> list[NodeStatus]:
-    return _cluster("listing nodes").nodes()
+    return _engine().nodes()

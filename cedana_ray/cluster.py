@@ -1,28 +1,31 @@
 """The cluster as a client sees it: the Coordinator behind the Engine's methods.
 
 Any process (the CLI, a driver, a Ray job's entrypoint) that can reach the Ray cluster
-talks to the coordinator through :class:`Cluster`, which has the same methods as the
-local :class:`~cedana_ray.engine.Engine`, so commands and the Python API work the
-same in both modes.
+talks to the coordinator through :class:`Cluster`, which has the verbs of the local
+:class:`~cedana_ray.engine.Engine` (:class:`~cedana_ray.backend.Backend`), so commands
+and the Python API work the same in both modes.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from . import auth
+from .backend import VERBS, Backend
 from .config import paths
 from .errors import PrerequisiteError
-from .models import CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
+from .models import Job
 from .plugins_manager import get_plugin_manager
-from .proctree import parse_signal
-from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .requests import ManageRequest
 
 
 class ClusterState(BaseModel):
@@ -112,7 +115,8 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
 
 
 class Cluster:
-    """cedana-ray on a Ray cluster: every call goes to the coordinator."""
+    """cedana-ray on a Ray cluster: every verb of :class:`~cedana_ray.backend.Backend` is
+    the coordinator's, called with the same arguments."""
 
     def __init__(self, addr: str, state: ClusterState | None = None) -> None:
         import ray
@@ -129,10 +133,19 @@ class Cluster:
                 f"no cedana-ray coordinator on the Ray cluster at {addr}", hint="`cedana-ray up`, or --local"
             ) from None
 
-    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+    def __getattr__(self, verb: str) -> Callable[..., Any]:
+        if verb not in VERBS:
+            raise AttributeError(verb)
+        return functools.partial(self._call, verb)
+
+    def _call(self, verb: str, *args: Any, **kwargs: Any) -> Any:
+        """The coordinator's ``verb``, its arguments passed by name; a progress callback stays
+        here (it is this process's)."""
         from .actors.remote import call
 
-        return call(getattr(self.coordinator, method).remote(*args), timeout=timeout)
+        bound = inspect.signature(getattr(Backend, verb)).bind(self, *args, **kwargs).arguments
+        named = {k: v for k, v in bound.items() if k not in ("self", "progress")}
+        return call(getattr(self.coordinator, verb).remote(**named))
 
     @property
     def node(self) -> str:
@@ -141,81 +154,6 @@ class Cluster:
 
         return ray.get_runtime_context().get_node_id()
 
-    def job(self, jid: str) -> Job:
-        return self._call("job", jid)
-
-    def jobs(self) -> list[Job]:
-        return self._call("jobs")
-
-    def run(self, jtype: str, request: RunRequest) -> Job:
-        return self._call("run", jtype, request)
-
     def manage(self, jtype: str, request: ManageRequest) -> Job:
-        return self._call("manage", jtype, request, self.node)
-
-    def job_for(self, jtype: str, target: str) -> Job:
-        for job in self.jobs():
-            if job.type == jtype and job.node == self.node and job.target == target:
-                return job
-        return self.manage(jtype, ManageRequest(target=target))
-
-    def set_storage(self, jid: str, url: str) -> Job:
-        return self._call("set_storage", jid, url)
-
-    def kill(self, jid: str, sig: int | str | None = None) -> Job:
-        return self._call("kill", jid, None if sig is None else parse_signal(sig))
-
-    def delete(self, jid: str) -> Job:
-        return self._call("delete", jid)
-
-    def freeze(self, jid: str) -> Job:
-        return self._call("freeze", jid)
-
-    def unfreeze(self, jid: str) -> Job:
-        return self._call("unfreeze", jid)
-
-    def query(self, jtype: str) -> list[dict[str, Any]]:
-        return self._call("query", jtype)
-
-    def dump(self, jid: str, request: DumpRequest, progress: Any = None) -> DumpResult:
-        return self._call("dump", jid, request)
-
-    def restore(
-        self,
-        request: RestoreRequest,
-        jid: str | None = None,
-        jtype: str | None = None,
-        progress: Any = None,
-        node: str | None = None,
-    ) -> RestoreResult:
-        return self._call("restore", request, jid, node, jtype)
-
-    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
-        return self._call("migrate", jid, node, request)
-
-    def drain(self, node: str) -> list[MigrateResult]:
-        return self._call("drain", node)
-
-    def undrain(self, node: str) -> str:
-        return self._call("undrain", node)
-
-    def nodes(self) -> list[NodeStatus]:
-        return self._call("nodes")
-
-    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
-        return self._call("checkpoints", jid)
-
-    def inspect(self, ckpt: str) -> Manifest:
-        return self._call("inspect", ckpt)
-
-    def import_checkpoint(self, url: str) -> CheckpointInfo:
-        return self._call("import_checkpoint", url)
-
-    def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
-        return self._call("delete_checkpoint", ckpt)
-
-    def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
-        return self._call("read_log", jid, offset, limit)
-
-    def info(self) -> dict[str, Any]:
-        return self._call("info")
+        """Adopt a workload of the node this client runs on (default)."""
+        return self._call("manage", jtype, request.model_copy(update={"node": request.node or self.node}))

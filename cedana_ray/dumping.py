@@ -16,7 +16,7 @@ from pydantic import SecretBytes
 
 from . import criu, failpoint, recovery
 from .errors import CedanaError, StateError
-from .models import CheckpointInfo, DumpResult, Job, JobState, utcnow
+from .models import DumpResult, Job, JobState, utcnow
 from .pipeline import Context, Handler, Pipeline
 from .proctree import alive, signal_tree, tree_rss
 from .requests import DumpRequest
@@ -24,7 +24,7 @@ from .retry import until
 from .staging import remove_tree, staging_area
 
 if TYPE_CHECKING:
-    from .engine import Progress
+    from .backend import Progress
 
 STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
 STOP_POLL_S = 0.02
@@ -58,10 +58,7 @@ class DumpChain:
             self.registry.update_job(job.jid, details=recovery.CLEARED)
             raise
         failpoint.reached("dump:committed")
-        update: dict[str, Any] = {"last_checkpoint": result.checkpoint}
-        if not ctx.request.leave_running:
-            update["state"] = JobState.checkpointed
-        self.registry.update_job(job.jid, **update)  # not a whole row: a `job kill` meanwhile stays recorded
+        self.records.dumped(result.info(), checkpointed=not ctx.request.leave_running)
         try:
             if not ctx.request.leave_running:
                 self.stop(job)
@@ -121,14 +118,13 @@ class DumpChain:
             raise
         finally:
             remove_tree(work)  # CRIU's logs, and the images when they were staged
-        info = CheckpointInfo.of(manifest, store.url_of(ckpt))
-        self.registry.add_checkpoint(info)
         return DumpResult(
             jid=job.jid,
             checkpoint=ckpt,
-            path=info.path,
+            path=store.url_of(ckpt),
             size_bytes=manifest.size_bytes,
             image_bytes=manifest.image_bytes,
+            created=manifest.created,
             duration_s=0.0,
         )
 

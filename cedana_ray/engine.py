@@ -16,34 +16,35 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
-from . import catalog, recovery
+from . import recovery
 from .config import Paths, paths
 from .crypto import KEY_ENV, KEY_FILE, load_key, save_key, saved_key
 from .dumping import DumpChain
 from .errors import JobNotFound, StateError, UsageError
-from .models import LIVE_STATES, CheckpointInfo, Job, JobState, Manifest
+from .models import LIVE_STATES, Job, JobState, MigrateResult, NodeStatus
 from .pipeline import Context, Handler, Middleware, Pipeline
 from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, parse_signal, signal_tree
+from .records import Records, RecordVerbs, require_state
 from .registry import Registry
-from .requests import ManageRequest, RunRequest
+from .requests import DumpRequest, ManageRequest, RunRequest
 from .restoring import RestoreChain
 from .signing import Signer
 from .staging import remove_tree
 from .store import CheckpointStore
 
-Progress = Callable[[str, int, int], None]
+NO_CLUSTER = "`cedana-ray up` first, or set RAY_ADDRESS"
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-class Engine(DumpChain, RestoreChain):
+class Engine(DumpChain, RestoreChain, RecordVerbs):
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
     def __init__(
@@ -63,6 +64,8 @@ class Engine(DumpChain, RestoreChain):
         # what every dump here is encrypted with: a cluster's own key on its nodes, else CEDANA_RAY_KEY
         self.key = key if cluster_address else key or load_key(None)
         self.registry = Registry(self.paths.db)
+        # on a cluster's node, the coordinator catalogs the checkpoints (cedana_ray.records)
+        self.records = Records(self.registry, self.signer, catalog=cluster_address is None)
         self.pm = pm or get_plugin_manager()
         recovery.repair(self)
 
@@ -89,12 +92,7 @@ class Engine(DumpChain, RestoreChain):
         )
 
     def _live(self, jid: str, *states: JobState) -> Job:
-        job = self.job(jid)
-        if job.state not in (states or LIVE_STATES):
-            raise StateError(
-                f"job {jid} is {job.state.value}, not {' or '.join(s.value for s in states or LIVE_STATES)}"
-            )
-        return job
+        return require_state(self.job(jid), *states)
 
     def _handler(self, jtype: str, hook: str, what: str) -> Handler:
         return self.pm.require(jtype, hook, what)
@@ -169,6 +167,7 @@ class Engine(DumpChain, RestoreChain):
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
         """Adopt a workload started elsewhere."""
+        self._here(request.node)
         if found := self._job_of(jtype, request.target):
             raise StateError(f"{jtype} {request.target} is already job {found.jid}")
         return self._new_job(jtype, request.jid, "cedana_manage_handler", "manage", request, [])
@@ -179,14 +178,10 @@ class Engine(DumpChain, RestoreChain):
                 return job
         return None
 
-    def job_for(self, jtype: str, target: str) -> Job:
-        """The live job of ``target`` (a PID, a container id), adopting it if needed."""
-        return self._job_of(jtype, target) or self.manage(jtype, ManageRequest(target=target))
-
-    def set_storage(self, jid: str, url: str) -> Job:
-        """Make ``url`` the default checkpoint store of job ``jid``."""
-        CheckpointStore(url)  # refuses an unknown scheme now, not at the first dump
-        return self.registry.update_job(jid, details={"storage": url})
+    def _here(self, node: str | None) -> None:
+        """Refuse a node other than this one: without a cluster the only node is ``local``."""
+        if node not in (None, "local", self.node):
+            raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'", hint=NO_CLUSTER)
 
     def kill(self, jid: str, sig: int | str | None = None) -> Job:
         """Stop job ``jid`` with its type's kill signal and record it killed; given ``sig``,
@@ -250,28 +245,14 @@ class Engine(DumpChain, RestoreChain):
                 raise StateError(f"job {jid} is busy: another run, dump or restore of it is in progress") from None
             yield f.fileno()
 
+    def _exclusive(self, jid: str) -> AbstractContextManager[int]:
+        return self.lock(jid)
+
     def _existing(self, jid: str) -> Job | None:
         try:
             return self.job(jid)
         except JobNotFound:
             return None
-
-    # -- checkpoints
-    def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
-        if jid is not None:
-            self.job(jid)
-        return self.registry.checkpoints(jid)
-
-    def inspect(self, ckpt: str) -> Manifest:
-        return catalog.inspect(self.registry, ckpt, self.signer)
-
-    def import_checkpoint(self, url: str) -> CheckpointInfo:
-        """Trust and catalog the checkpoint at ``url``, made elsewhere (see :func:`catalog.adopt`)."""
-        return catalog.adopt(self.registry, url, self.signer)
-
-    def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
-        with self.lock(self.registry.checkpoint(ckpt).jid):
-            return catalog.delete(self.registry, ckpt, self.signer)
 
     def log_path(self, jid: str) -> str:
         job = self.job(jid)
@@ -280,7 +261,23 @@ class Engine(DumpChain, RestoreChain):
         return job.log
 
     def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
-        """Up to ``limit`` bytes of job ``jid``'s output, from ``offset``."""
+        """Up to ``limit`` bytes of job ``jid``'s output, from ``offset`` (from the end if negative)."""
         with open(self.log_path(jid), "rb") as f:
-            f.seek(offset)
+            f.seek(max(0, offset + os.fstat(f.fileno()).st_size) if offset < 0 else offset)
             return f.read(limit)
+
+    # -- the cluster's verbs: none without one
+    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
+        raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
+
+    def drain(self, node: str) -> list[MigrateResult]:
+        raise UsageError("draining a node needs a cluster", hint=NO_CLUSTER)
+
+    def undrain(self, node: str) -> str:
+        raise UsageError("draining a node needs a cluster", hint=NO_CLUSTER)
+
+    def nodes(self) -> list[NodeStatus]:
+        raise UsageError("listing nodes needs a cluster", hint=NO_CLUSTER)
+
+    def info(self) -> dict[str, Any]:
+        return {"mode": "local", "home": str(self.paths.home), "encrypted": self.key is not None}

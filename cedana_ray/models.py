@@ -292,8 +292,15 @@ class DumpResult(BaseModel):
     path: str
     size_bytes: int
     image_bytes: int
+    created: datetime  # the manifest's
     duration_s: float
     timings: dict[str, float] = Field(default_factory=dict)
+
+    def info(self) -> CheckpointInfo:
+        """The catalog entry of the checkpoint made."""
+        return CheckpointInfo(
+            checkpoint=self.checkpoint, jid=self.jid, path=self.path, size_bytes=self.size_bytes, created=self.created
+        )
 
 
 class RestoreResult(BaseModel):

@@ -5,21 +5,26 @@
 the job is checkpointed (waiting for a restore), and exits once the job is gone for good
 (killed, exited, lost or deleted). Failed dumps are logged to ``policy.log`` in the job's
 directory and retried at the next period.
+
+A cluster's coordinator runs the same :func:`tick` for the jobs it runs with a policy.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .backend import Backend
 from .config import Paths
-from .engine import Engine
 from .errors import CedanaError, JobNotFound, UsageError
 from .models import LIVE_STATES, JobState
 from .requests import DumpRequest
+
+log = logging.getLogger("cedana_ray.policy")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -41,16 +46,16 @@ def start(home: Path, jid: str, every_s: float, keep: int | None) -> int:
     return proc.pid
 
 
-def prune(engine: Engine, jid: str, keep: int) -> None:
+def prune(backend: Backend, jid: str, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints of job ``jid``."""
-    for info in engine.checkpoints(jid)[:-keep]:
-        engine.delete_checkpoint(info.checkpoint)
+    for info in backend.checkpoints(jid)[:-keep]:
+        backend.delete_checkpoint(info.checkpoint)
 
 
-def tick(engine: Engine, jid: str, keep: int) -> bool:
+def tick(backend: Backend, jid: str, keep: int | None) -> bool:
     """One period: checkpoint a live job and prune. False once the job is gone for good."""
     try:
-        job = engine.job(jid)
+        job = backend.job(jid)
     except JobNotFound:
         return False
     if job.state is JobState.checkpointed:
@@ -58,17 +63,20 @@ def tick(engine: Engine, jid: str, keep: int) -> bool:
     if job.state not in LIVE_STATES:
         return False
     try:
-        result = engine.dump(jid, DumpRequest(leave_running=True))
+        result = backend.dump(jid, DumpRequest(leave_running=True))
         if keep:
-            prune(engine, jid, keep)
-        print(f"{time.strftime('%FT%T')} checkpoint {result.checkpoint} in {result.duration_s:.2f} s", flush=True)
+            prune(backend, jid, keep)
+        log.info("policy checkpoint %s of job %s in %.2f s", result.checkpoint, jid, result.duration_s)
     except CedanaError as exc:
-        print(f"{time.strftime('%FT%T')} checkpoint failed: {exc}", flush=True)
+        log.error("policy checkpoint of job %s failed: %s", jid, exc)
     return True
 
 
 def main() -> None:
+    from .engine import Engine
+
     home, jid, every, keep = sys.argv[1:5]
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
     engine = Engine(Paths(Path(home)))
     period = float(every)
     while True:

@@ -58,8 +58,7 @@ def _finish_dead_dump(engine: Engine, job: Job) -> None:
         return
     manifest = _stored(engine, pending["checkpoint"], pending["store"])
     if manifest is not None:
-        engine.registry.add_checkpoint(CheckpointInfo.of(manifest, f"{pending['store']}/{manifest.checkpoint}"))
-        engine.registry.update_job(job.jid, last_checkpoint=manifest.checkpoint)
+        engine.records.dumped(CheckpointInfo.of(manifest, f"{pending['store']}/{manifest.checkpoint}"))
     if job.state is JobState.checkpointed and manifest is not None:
         engine.stop(job)  # recorded as checkpointed, then the dump died before stopping it
     elif job.state is JobState.running and job.pid is not None:

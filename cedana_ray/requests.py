@@ -41,6 +41,7 @@ class RunRequest(BaseModel):
 class ManageRequest(BaseModel):
     target: str  # a PID for `process`, a container id for container runtimes
     jid: Name | None = None
+    node: str | None = None  # where the workload runs; default: where the request is made
 
 
 class DumpRequest(BaseModel):

@@ -17,16 +17,17 @@ from pydantic import SecretBytes
 
 from . import criu
 from .crypto import KEY_FILE, cipher_for, save_key, saved_key
-from .errors import CheckpointNotFound, StateError, UsageError
-from .models import LIVE_STATES, CheckpointInfo, Job, Manifest, RestoreResult
+from .errors import UsageError
+from .models import Job, Manifest, RestoreResult
 from .pipeline import Context, Handler, Pipeline
 from .proctree import signal_tree
+from .records import replaceable
 from .requests import RestoreRequest
 from .staging import remove_tree, staging_area
 from .store import CheckpointStore, split_url
 
 if TYPE_CHECKING:
-    from .engine import Progress
+    from .backend import Progress
 
 
 def _beside_criu(streams: int) -> int:
@@ -82,14 +83,15 @@ class RestoreChain:
         jid: str | None = None,
         jtype: str | None = None,
         progress: Progress | None = None,
+        node: str | None = None,
     ) -> RestoreResult:
         """Restore a checkpoint: the last (or a given) one of job ``jid``, or ``request.path``.
 
         The restored job keeps the job's id unless ``request.jid`` names a new one (a
         clone); a live job is never replaced.
         """
-        url = request.path or self._checkpoint_of(jid, request.checkpoint).path
-        root, ckpt = split_url(url)
+        self._here(node)
+        root, ckpt = split_url(self.records.locate(jid, request))
         store = self.store(root)
         manifest = self._manifest(store, ckpt, request.manifest)
         if request.key is None and (key := self.key_of(manifest.jid)):
@@ -138,33 +140,8 @@ class RestoreChain:
             raise UsageError(f"the manifest given is of checkpoint {given.checkpoint}, not {ckpt}")
         return self.signer.verify(given)
 
-    def _checkpoint_of(self, jid: str | None, ckpt: str | None) -> CheckpointInfo:
-        if ckpt:
-            return self.registry.checkpoint(ckpt)
-        if not jid:
-            raise UsageError("name a job, a checkpoint or a checkpoint path")
-        job = self.job(jid)
-        if not job.last_checkpoint:
-            raise CheckpointNotFound(f"job {jid} has no checkpoint", hint=f"`cedana-ray dump job {jid}`")
-        return self.registry.checkpoint(job.last_checkpoint)
-
     def replace_dead(self, ctx: Context, next_: Handler) -> Job:
         """Restore over a job only if it is not live, and record the restored job, both under
         the job's lock: of two restores of one job, exactly one runs it."""
-        target = ctx.state["jid"]
-        existing = self._existing(target)
-        if existing and existing.state in LIVE_STATES:
-            raise StateError(
-                f"job {target} is {existing.state.value}", hint="restore a clone with --jid NEW, or kill the job first"
-            )
-        return self._record_restore(existing, next_(ctx), ctx.state["manifest"])
-
-    def _record_restore(self, existing: Job | None, restored: Job, manifest: Manifest) -> Job:
-        update = {"last_checkpoint": manifest.checkpoint, "node": self.node}
-        if existing:
-            keep = {"created", "command", "managed"}
-            restored = existing.model_copy(update={**restored.model_dump(exclude=keep), **update})
-        else:
-            restored = restored.model_copy(update=update)
-        self.registry.save_job(restored)
-        return restored
+        existing = replaceable(self._existing(ctx.state["jid"]))  # seen now: a job that died is not live
+        return self.records.restored(existing, next_(ctx), ctx.state["manifest"].checkpoint, self.node)

@@ -280,7 +280,7 @@ def test_coordinator_restart_recovers_jobs_and_checkpoints(client: Cluster) -> N
     before = _kill_coordinator(client)
     # a checkpoint committed while the coordinator is away (as a policy dump in flight would be)
     storage = launcher.load_state().storage  # type: ignore[union-attr]
-    away = ray.get(agent.dump.remote(jid, DumpRequest(leave_running=True, storage=storage)))
+    away = ray.get(agent.serve.remote("dump", jid, DumpRequest(leave_running=True, storage=storage)))
     fresh = _fresh_coordinator(before)
     assert fresh.job(jid).state is JobState.running
     assert "c-restore" in {j.jid for j in fresh.jobs()}, "earlier jobs are still known"
@@ -646,7 +646,7 @@ def test_a_cri_container_migrates_without_a_freeze(
     cri, image = cri2
     source, target = cri_nodes
     cid = run_cri_counter(cri, image)
-    job = call(client.coordinator.manage.remote("crio", ManageRequest(target=cid, jid="c-cri"), source))
+    job = client.manage("crio", ManageRequest(target=cid, jid="c-cri", node=source))
     assert job.node == source
     before = wait_for(lambda: (n := cri_count(cri, cid)) >= 20 and n, what="the counter reaching 20")
     moved = client.migrate("c-cri", target)
@@ -672,7 +672,7 @@ def test_a_cri_job_whose_target_cannot_restore_goes_on_where_it_was(
     try:
         wait_for(lambda: runs_type(client, [broken.node_id], "crio"), 60, "the broken node's agent")
         cid = run_cri_counter(cri, image)
-        call(client.coordinator.manage.remote("crio", ManageRequest(target=cid, jid="c-cri-back"), source))
+        client.manage("crio", ManageRequest(target=cid, jid="c-cri-back", node=source))
         before = wait_for(lambda: (n := cri_count(cri, cid)) >= 20 and n, what="the counter reaching 20")
         with pytest.raises(CedanaError, match="cedana-ray-no-staging"):
             client.migrate("c-cri-back", broken.node_id)

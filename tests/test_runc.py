@@ -28,6 +28,7 @@ from test_cli import assert_one_error, cedana
 from test_gpu import assert_cuda_dump_refused, cuda_lookalike
 from test_process_criu import wait_for
 
+from cedana_ray.backend import job_for
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CheckpointNotFound, DumpError, JobNotFound, StateError, UsageError
 from cedana_ray.features import compute
@@ -174,9 +175,9 @@ def test_manage_a_container_started_elsewhere(engine: Engine, counter_bundle: Pa
     outside = r.argv("run", "--detach", "--bundle", str(counter_bundle), "outside")
     subprocess.run(outside, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
-        job = engine.job_for("runc", "outside")
+        job = job_for(engine, "runc", "outside")
         assert job.managed and job.pid == r.state("outside")["pid"]
-        assert engine.job_for("runc", "outside").jid == job.jid, "a managed container is found by its id"
+        assert job_for(engine, "runc", "outside").jid == job.jid, "a managed container is found by its id"
         if shutil.which("iptables-restore"):
             assert engine.dump(job.jid, DumpRequest()).size_bytes > 0
         else:  # not ours, so no nftables network lock through our CRIU config: CRIU's own error
@@ -188,14 +189,14 @@ def test_manage_a_container_started_elsewhere(engine: Engine, counter_bundle: Pa
 
 def test_errors(engine: Engine, rootfs: Path, tmp_path: Path) -> None:
     with pytest.raises(JobNotFound, match="no runc container 'nope'"):
-        engine.job_for("runc", "nope")
+        job_for(engine, "runc", "nope")
     with pytest.raises(UsageError, match="not an OCI bundle"):
         engine.run("runc", RuncRunRequest(cmd=["runc"], bundle=str(tmp_path), container="x"))
     done = bundle(tmp_path / "done", rootfs, "true")
     subprocess.run(runc(engine).argv("run", "--detach", "--bundle", str(done), "stopped"), check=True)
     wait_for(lambda: runc(engine).state("stopped")["status"] == "stopped", what="the container to stop")
     with pytest.raises(StateError, match="runc container stopped is stopped"):
-        engine.job_for("runc", "stopped")
+        job_for(engine, "runc", "stopped")
 
 
 def test_cli_errors_are_one_line(home: Path, counter_bundle: Path, tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from conftest import kill_jobs
 from test_cli import assert_one_error, cedana
 from test_process_criu import COUNTER, last_count, start, wait_for
 
-from cedana_ray import catalog
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import PermissionDenied, UntrustedCheckpoint
@@ -210,7 +209,7 @@ def test_planted_checkpoints_are_never_catalogued(engine: Engine) -> None:
     plant(store, original, "j1-planted", lambda b: b.update(created=future))
     other = Signer(os.urandom(32))
     plant(store, original, "j1-elsewhere", signed(other, lambda b: b.update(created=future)))
-    assert catalog.recover(engine.registry, store.url, engine.signer) == []
+    assert engine.records.recover(store.url) == []
     assert [c.checkpoint for c in engine.checkpoints("j1")] == [real.checkpoint]
     assert [m.checkpoint for m in store.list()] == [real.checkpoint]
 

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..cluster import Cluster
 from ..crypto import load_key
-from ..errors import UsageError
 from ..models import Compression, NodeStatus
 from ..requests import DumpRequest
 from .options import common, engine, key_file_option
 from .output import console, human_size, show, table
-
-
-def cluster() -> Cluster:
-    """The cluster this command needs; a clear error in local mode."""
-    found = engine()
-    if not isinstance(found, Cluster):
-        raise UsageError("this command needs a cluster", hint="run `cedana-ray up` first, or set RAY_ADDRESS")
-    return found
 
 
 @click.command()
@@ -87,7 +77,7 @@ def down(kill_jobs: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def nodes(as_json: bool) -> None:
     """The cluster's nodes as their agents report them."""
-    found = cluster().nodes()
+    found = engine().nodes()
     show(as_json, found, lambda: _nodes_table(found))
 
 
@@ -118,10 +108,8 @@ def _nodes_table(found: list[NodeStatus]) -> None:
 @common
 def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: bool) -> None:
     """Move job JID to another node (freeze, dump, restore there); it keeps its id."""
-    if local:
-        raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
     request = DumpRequest(compression=Compression(compression)) if compression else None
-    result = cluster().migrate(jid, node, request)
+    result = engine().migrate(jid, node, request)
 
     def human() -> None:
         console.print(
@@ -140,10 +128,10 @@ def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: 
 def drain(node: str, cancel: bool, as_json: bool) -> None:
     """Move every job off NODE (before it goes away); no new job is placed there."""
     if cancel:
-        found = cluster().undrain(node)
+        found = engine().undrain(node)
         show(as_json, {"node": found, "draining": False}, lambda: console.print(f"node {found[:12]} takes jobs again"))
         return
-    moved = cluster().drain(node)
+    moved = engine().drain(node)
     show(as_json, moved, lambda: table(("jid", "to", "seconds"), [[m.jid, m.target[:12], m.duration_s] for m in moved]))
 
 

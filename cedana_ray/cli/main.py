@@ -10,10 +10,10 @@ import traceback
 import click
 
 from .. import __version__
-from ..cluster import Cluster
+from ..backend import Backend
 from ..engine import Engine
 from ..environment import redact
-from ..errors import CedanaError, UsageError
+from ..errors import CedanaError
 from ..features import ROWS, SYMBOLS, FeatureMatrix, compute, plugin_errors
 from ..models import LIVE_STATES
 from ..plugins_manager import get_plugin_manager
@@ -88,14 +88,8 @@ def dump_job(jid: str, request: DumpRequest, as_json: bool, local: bool) -> None
 @common
 def restore_job(jid: str, node: str | None, request: RestoreRequest, as_json: bool, local: bool) -> None:
     """Restore job JID from its last (or a given) checkpoint."""
-    backend = engine()
     with progress(not as_json) as bar:
-        if isinstance(backend, Cluster):
-            show_restore(as_json, backend.restore(request, jid=jid, progress=bar, node=node))
-        elif node not in (None, "local"):
-            raise UsageError(f"unknown node {node!r}: without a cluster the only node is 'local'")
-        else:
-            show_restore(as_json, backend.restore(request, jid=jid, progress=bar))
+        show_restore(as_json, engine().restore(request, jid=jid, progress=bar, node=node))
 
 
 def _job_state_command(group: click.Group, verb: str) -> None:
@@ -124,7 +118,7 @@ def ps(as_json: bool, local: bool) -> None:
     show(as_json, [{**j.row(), "gpus": gpus.get(j.jid, [])} for j in jobs], lambda: table(cols, rows))
 
 
-def _gpus_by_job(backend: Engine | Cluster) -> dict[str, list[int]]:
+def _gpus_by_job(backend: Backend) -> dict[str, list[int]]:
     """The GPUs (NVML indexes) each job's processes use; none where no node has a driver."""
     try:
         found = backend.query("gpu")

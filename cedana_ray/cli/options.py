@@ -8,10 +8,8 @@ from typing import Any
 
 import click
 
-from .. import cluster
-from ..cluster import Cluster
+from ..backend import Backend, open_backend
 from ..crypto import KEY_ENV, load_key
-from ..engine import Engine
 from ..errors import UsageError
 from ..models import Compression, CriuOptions
 from ..requests import DumpRequest, RestoreRequest
@@ -26,15 +24,14 @@ def common(fn: F) -> F:
     return click.option("--local", is_flag=True, help="Run on this machine without a cluster.")(fn)
 
 
-def engine() -> Engine | Cluster:
+def engine() -> Backend:
     """What this invocation works with, created on first use: the cluster when one is
     known (``up`` was run here, or ``CEDANA_RAY_ADDRESS``/``RAY_ADDRESS`` is set) and
     ``--local`` was not given, else this machine alone."""
     ctx = click.get_current_context()
     root = ctx.find_root()
     if root.obj is None:
-        addr = None if ctx.params.get("local") else cluster.address()
-        root.obj = cluster.Cluster(addr) if addr else Engine()
+        root.obj = open_backend(local=bool(ctx.params.get("local")))
     return root.obj
 
 

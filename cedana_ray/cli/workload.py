@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..backend import job_for
 from ..crypto import KEY_ENV, load_key
 from ..models import check_name
 from ..policy import parse_duration
@@ -100,7 +101,7 @@ def dump_command(name: str, target: str, what: str) -> click.Command:
     @dump_options
     @common
     def command(target: str, request: DumpRequest, as_json: bool, local: bool) -> None:
-        job = engine().job_for(name, target)
+        job = job_for(engine(), name, target)
         with progress(not as_json) as bar:
             show_dump(as_json, engine().dump(job.jid, request, bar))
 
@@ -135,7 +136,7 @@ def state_command(name: str, verb: str, target: str, what: str) -> click.Command
     @click.argument("target", metavar=target)
     @common
     def command(target: str, as_json: bool, local: bool) -> None:
-        job = engine().job_for(name, target)
+        job = job_for(engine(), name, target)
         show_job(as_json, getattr(engine(), verb)(job.jid), f"{verb}d")
 
     return command
