@@ -39,6 +39,7 @@ from test_gpu import assert_cuda_dump_refused, cuda_lookalike, no_gpu
 from test_process_criu import wait_for
 
 from cedana_ray import dumping
+from cedana_ray.backend import job_for
 from cedana_ray.engine import Engine
 from cedana_ray.errors import DumpError, JobNotFound, PrerequisiteError, RestoreError, StateError, UsageError
 from cedana_ray.features import compute
@@ -364,7 +365,7 @@ def test_errors(engine: Engine, ctr: Ctr) -> None:
     with pytest.raises(JobNotFound, match="image localhost/nope:1 not found"):
         engine.run("containerd", ContainerdRunRequest(cmd=["ctr"], image="localhost/nope:1", container="x"))
     with pytest.raises(JobNotFound, match="no containerd container 'nope'"):
-        engine.job_for("containerd", "nope")
+        job_for(engine, "containerd", "nope")
     bad = ContainerdRunRequest(cmd=["ctr"], image=IMAGE, container="x", jid="x", snapshotter="nope")
     with pytest.raises(UsageError, match=r"containerd could not start x: .*nope"):  # ctr's own words, via the watcher
         engine.run("containerd", bad)

@@ -19,6 +19,7 @@ from cri_daemons import CGROUP_PARENT, CONTAINERD2, config_v2, cri_containerd
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
+from cedana_ray.backend import job_for
 from cedana_ray.engine import Engine
 from cedana_ray.errors import (
     CorruptCheckpoint,
@@ -161,7 +162,7 @@ def test_reaper_and_cleanup(engine: Engine, cri: Cri, image: str) -> None:
 
 def test_errors(engine: Engine, cri: Cri, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(JobNotFound, match="no CRI container 'nope'"):
-        engine.job_for("crio", "nope")
+        job_for(engine, "crio", "nope")
     cid = run_counter(cri, image)
     engine.manage("crio", ManageRequest(target=cid, jid="c1"))
     with pytest.raises(UsageError, match="takes no CRIU options"):
@@ -169,7 +170,7 @@ def test_errors(engine: Engine, cri: Cri, image: str, monkeypatch: pytest.Monkey
     assert state(cri, cid) == "CONTAINER_RUNNING", "a refused dump leaves the container alone"
     monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", "unix:///nonexistent/cri.sock")
     with pytest.raises(PrerequisiteError, match="not reachable: no socket"):
-        engine.job_for("crio", "other")
+        job_for(engine, "crio", "other")
 
 
 def test_cli_dump_and_restore(cri: Cri, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
