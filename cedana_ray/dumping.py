@@ -17,7 +17,7 @@ from pydantic import SecretBytes
 from . import criu, failpoint, recovery
 from .errors import CedanaError, StateError
 from .models import DumpResult, Job, JobState, utcnow
-from .pipeline import Context, Handler, Pipeline
+from .pipeline import Context, DumpState, Handler, Pipeline
 from .proctree import alive, signal_tree, tree_rss
 from .requests import DumpRequest
 from .retry import until
@@ -34,8 +34,8 @@ class DumpChain:
     """Checkpointing a job: :meth:`dump` and its core middleware."""
 
     def locked(self, ctx: Context, next_: Handler) -> Any:
-        with self.lock(ctx.state["jid"]) as fd:
-            ctx.state["lock"] = fd
+        with self.lock(ctx.state.jid) as fd:
+            ctx.state.lock = fd
             return next_(ctx)
 
     def require_live(self, ctx: Context, next_: Handler) -> Any:
@@ -50,7 +50,7 @@ class DumpChain:
         except BaseException as exc:
             if job.state is JobState.running and job.pid is not None:
                 signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
-            for undo in ctx.state.get("rollback", []):  # e.g. give a CUDA job its GPU back
+            for undo in ctx.state.rollback:  # e.g. give a CUDA job its GPU back
                 try:
                     undo()
                 except CedanaError as undo_error:
@@ -88,7 +88,7 @@ class DumpChain:
         work = staging_area(self.paths.staging, tree_rss(job.pid))
         self.registry.update_job(job.jid, details=recovery.mark(ckpt, store.url))
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
-        ctx.state.update(images=images, work=work)
+        ctx.state.images, ctx.state.work = images, work
         try:
             early = store.early_chunks(images, ckpt, req.compression, req.encryption_key(), req.streams)
             with early as prehashed:
@@ -105,7 +105,7 @@ class DumpChain:
                     "criu_version": criu.version(),
                     "criu": req.criu,
                     "parent": job.last_checkpoint,
-                    "details": {**ctx.state.get("details", {}), "command": job.command},
+                    "details": {**ctx.state.details, "command": job.command},
                 },
                 compression=req.compression,
                 streams=req.streams,
@@ -130,13 +130,13 @@ class DumpChain:
 
     def criu_dump(self, ctx: Context) -> None:
         criu.dump(
-            ctx.state["pid"],
-            ctx.state["images"],
-            ctx.state["work"],
+            ctx.state.pid,
+            ctx.state.images,
+            ctx.state.work,
             ctx.request.criu,
             leave_running=ctx.request.leave_running,
-            enter=ctx.state.get("enter"),
-            hold=ctx.state["lock"],
+            enter=ctx.state.enter,
+            hold=ctx.state.lock,
         )
 
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
@@ -148,7 +148,7 @@ class DumpChain:
         handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
         chain = [self.locked, self.require_live, self.finish_dump, self.commit]
         chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
-        ctx = Context(request, job=job, progress=progress, state={"jid": jid})
+        ctx = Context(request, DumpState(jid), job=job, progress=progress)
         start = time.perf_counter()
         result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
         return result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})

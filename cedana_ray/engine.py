@@ -26,7 +26,7 @@ from .crypto import KEY_ENV, KEY_FILE, load_key, save_key, saved_key
 from .dumping import DumpChain
 from .errors import JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, Job, JobState, MigrateResult, NodeStatus
-from .pipeline import Context, Handler, Middleware, Pipeline
+from .pipeline import Context, Handler, Middleware, Pipeline, QueryState, RunState
 from .plugins_manager import PluginManager, get_plugin_manager
 from .proctree import alive, parse_signal, signal_tree
 from .records import Records, RecordVerbs, require_state
@@ -111,7 +111,7 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             job_dir = self.paths.job_dir(jid)
             job_dir.mkdir(parents=True, exist_ok=True)
             self._keep_job_key(jid, request)
-            ctx = Context(request, state={"jid": jid, "job_dir": job_dir, "control": self._control(jid)})
+            ctx = Context(request, RunState(jid, job_dir, self._control(jid)))
             try:
                 job = Pipeline(handler).with_(*middleware)(ctx).model_copy(update={"node": self.node})
             except BaseException:
@@ -231,7 +231,7 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
     def query(self, jtype: str) -> list[dict[str, Any]]:
         handler = self._handler(jtype, "cedana_query_handler", "query")
         jobs = self.jobs()  # all of them in state: `query gpu` tells which jobs use each GPU
-        return Pipeline(handler)(Context([j for j in jobs if j.type == jtype], state={"jobs": jobs}))
+        return Pipeline(handler)(Context([j for j in jobs if j.type == jtype], QueryState(jobs)))
 
     # -- locks
     @contextmanager

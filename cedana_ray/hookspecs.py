@@ -11,10 +11,16 @@ implements these hooks for it.
 
 The GPU hooks are the ``gpu`` plugin's: called for a job whose type supports GPU jobs
 (see :mod:`cedana_ray.plugins_manager`), they give it the gpu plugin's middleware. Such a
-type's dump middleware sets ``ctx.state["tree_root"]`` (its tree's host PID), and its
+type's dump middleware sets ``ctx.state.tree_root`` (its tree's host PID), and its
 job's ``pid`` is its tree's root.
 
-Middleware and handlers are those of :mod:`cedana_ray.pipeline`.
+Middleware and handlers are those of :mod:`cedana_ray.pipeline`; what they may read and
+write in ``ctx.state`` is its dataclass for each pipeline: :class:`~cedana_ray.pipeline.RunState`
+(run and manage hooks), :class:`~cedana_ray.pipeline.DumpState`,
+:class:`~cedana_ray.pipeline.RestoreState` and :class:`~cedana_ray.pipeline.QueryState`;
+freeze and unfreeze handlers get the job only (``ctx.job``). Every hook is called through
+pluggy (:meth:`cedana_ray.plugins_manager.PluginManager.call_for` calls a per-type hook on
+one plugin's implementation), so a spec's ``firstresult`` and its argument names hold.
 """
 
 from __future__ import annotations
@@ -98,8 +104,8 @@ def cedana_restore_middleware_late() -> list[Middleware]:
 
 @hookspec(firstresult=True)
 def cedana_restore_handler() -> Handler:
-    """Restores the workload from the local image dir in ``ctx.state['images']``;
-    returns the restored :class:`Job`. When ``ctx.state['leave_stopped']`` is set, the
+    """Restores the workload from the local image dir in ``ctx.state.images``;
+    returns the restored :class:`Job`. When ``ctx.state.leave_stopped`` is set, the
     restored tree must be left stopped: the core resumes it once the images are verified."""
 
 

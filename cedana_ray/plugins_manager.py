@@ -88,7 +88,14 @@ class PluginManager(pluggy.PluginManager):
                 hint=f"installed: {', '.join(self.plugin_names())}",
             )
         impl = self._answering(name, hook)
-        return None if impl is None else impl.function(**kwargs)
+        if impl is None:
+            return None
+        # through pluggy, on that one implementation: the spec's firstresult and argument names hold
+        caller = self.subset_hook_caller(hook, remove_plugins=[p for p in self.get_plugins() if p is not impl.plugin])
+        results = caller(**kwargs)
+        if caller.spec and caller.spec.opts.get("firstresult"):
+            return results
+        return results[0] if results else None
 
     def health_checks(self, name: str) -> list[HealthCheck]:
         """Plugin ``name``'s health checks; one failed check if they raise (e.g. a dependency

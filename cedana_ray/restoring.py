@@ -19,7 +19,7 @@ from . import criu
 from .crypto import KEY_FILE, cipher_for, save_key, saved_key
 from .errors import UsageError
 from .models import Job, Manifest, RestoreResult
-from .pipeline import Context, Handler, Pipeline
+from .pipeline import Context, Handler, Pipeline, RestoreState
 from .proctree import signal_tree
 from .records import replaceable
 from .requests import RestoreRequest
@@ -46,14 +46,14 @@ class RestoreChain:
         is killed otherwise): an unverified image never runs. GPU jobs, whose restore
         needs the tree running, are verified first.
         """
-        store: CheckpointStore = ctx.state["store"]
-        manifest: Manifest = ctx.state["manifest"]
+        store: CheckpointStore = ctx.state.store
+        manifest: Manifest = ctx.state.manifest
         tmp = staging_area(self.paths.staging, manifest.image_bytes)
         (tmp / "work").mkdir()
-        ctx.state["work"] = tmp / "work"
+        ctx.state.work = tmp / "work"
         try:
             if not store.readable_in_place(manifest) or manifest.details.get("gpu"):
-                _, ctx.state["images"] = store.fetch(
+                _, ctx.state.images = store.fetch(
                     manifest.checkpoint,
                     tmp / "images",
                     ctx.request.streams,
@@ -62,7 +62,7 @@ class RestoreChain:
                     manifest=manifest,
                 )
                 return next_(ctx)
-            ctx.state.update(images=store.link(manifest, tmp / "images"), leave_stopped=True)
+            ctx.state.images, ctx.state.leave_stopped = store.link(manifest, tmp / "images"), True
             with ThreadPoolExecutor(1) as verifier:
                 verified = verifier.submit(store.verify, manifest, _beside_criu(ctx.request.streams))
                 job: Job = next_(ctx)
@@ -114,16 +114,15 @@ class RestoreChain:
             "cedana_restore_middleware_late",
         )
         handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
-        state = {
-            "manifest": manifest,
-            "jid": target,
-            "job_dir": job_dir,
-            "store": store,
-            "checkpoint": ckpt,
-            "command": manifest.details.get("command", []),
-            "control": self._control(target),
-        }
-        ctx = Context(request, progress=progress, state=state)
+        state = RestoreState(
+            jid=target,
+            job_dir=job_dir,
+            manifest=manifest,
+            store=store,
+            control=self._control(target),
+            command=manifest.details.get("command", []),
+        )
+        ctx = Context(request, state, progress=progress)
         start = time.perf_counter()
         job: Job = Pipeline(handler).with_(*chain)(ctx)
         if manifest.encryption and not saved_key(job_dir / KEY_FILE) and request.decryption_key() != self.key:
@@ -143,5 +142,5 @@ class RestoreChain:
     def replace_dead(self, ctx: Context, next_: Handler) -> Job:
         """Restore over a job only if it is not live, and record the restored job, both under
         the job's lock: of two restores of one job, exactly one runs it."""
-        existing = replaceable(self._existing(ctx.state["jid"]))  # seen now: a job that died is not live
-        return self.records.restored(existing, next_(ctx), ctx.state["manifest"].checkpoint, self.node)
+        existing = replaceable(self._existing(ctx.state.jid))  # seen now: a job that died is not live
+        return self.records.restored(existing, next_(ctx), ctx.state.manifest.checkpoint, self.node)

@@ -156,7 +156,7 @@ class Runtime:
     """A runtime plugin, stated: its handlers and middleware (those of :mod:`cedana_ray.pipeline`),
     and the rest; each field that is set becomes the hook of the same feature row (see
     docs/plugins.md). ``dump`` replaces the core's CRIU dump; without it, the dump middleware
-    sets ``ctx.state["pid"]`` and the core dumps that tree. ``hooks``: any other hook taking
+    sets ``ctx.state.pid`` and the core dumps that tree. ``hooks``: any other hook taking
     no argument, by name, with what it returns."""
 
     name: str

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from cedana_ray.plugins.gpu import cuda, intercept, tracing
@@ -22,7 +23,7 @@ from cedana_ray import nvml
 from cedana_ray.engine import Engine
 from cedana_ray.errors import PrerequisiteError, StateError, UsageError
 from cedana_ray.models import Job, JobState, Manifest
-from cedana_ray.pipeline import Context
+from cedana_ray.pipeline import Context, DumpState, RestoreState
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 no_gpu = pytest.mark.skipif(nvml.unavailable() is None, reason="an NVIDIA driver is present")
@@ -126,7 +127,11 @@ class FakeCudaDriver:
 
 
 def dump_ctx(leave_running: bool) -> Context:
-    return Context(SimpleNamespace(leave_running=leave_running), state={"tree_root": 1, "details": {}})
+    return Context(SimpleNamespace(leave_running=leave_running), DumpState("g", tree_root=1))
+
+
+def restore_state(manifest: Any) -> RestoreState:
+    return RestoreState("g", Path(), manifest=manifest, store=None)  # type: ignore[arg-type]  # not read
 
 
 def interceptor(fake: FakeCudaDriver) -> intercept.Interceptor:
@@ -148,8 +153,8 @@ def test_dump_without_leave_running_leaves_a_rollback() -> None:
     ctx = dump_ctx(False)
     interceptor(fake).gpu_interception(ctx, lambda c: None)
     assert fake.states[10] is ProcessState.checkpointed
-    assert ctx.state["details"]["gpu"]["processes"] == 1
-    (rollback,) = ctx.state["rollback"]
+    assert ctx.state.details["gpu"]["processes"] == 1
+    (rollback,) = ctx.state.rollback
     rollback()
     assert fake.states[10] is ProcessState.running
 
@@ -178,7 +183,7 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     fake.states = dict.fromkeys(fake.states, ProcessState.checkpointed)
     manifest = SimpleNamespace(details={"gpu": {"gpus": [], "processes": 2}})
     job = Job(jid="g", type="process", state=JobState.running, pid=None)
-    ctx = Context(RestoreRequest(), state={"manifest": manifest})
+    ctx = Context(RestoreRequest(), restore_state(manifest))
     assert interceptor(fake).gpu_interception_restore(ctx, lambda c: job) is job
     assert fake.calls == [("restore", 10), ("restore", 11), ("unlock", 10), ("unlock", 11)]
 
@@ -187,9 +192,7 @@ def test_restore_restores_then_unlocks_and_kills_on_failure() -> None:
     failing.states[sleeper.pid] = ProcessState.checkpointed
     job = job.model_copy(update={"pid": sleeper.pid})
     with pytest.raises(GpuError):
-        interceptor(failing).gpu_interception_restore(
-            Context(RestoreRequest(), state={"manifest": manifest}), lambda c: job
-        )
+        interceptor(failing).gpu_interception_restore(Context(RestoreRequest(), restore_state(manifest)), lambda c: job)
     assert sleeper.wait(timeout=5) == -9, "a job that lost its GPU state is not left running"
 
 
@@ -253,7 +256,7 @@ def test_jobs_without_gpu_state_pass_through() -> None:
     manifest = Manifest.model_construct(details={})
     assert (
         intercept.Interceptor(load=lambda: pytest.fail("no driver needed")).gpu_interception_restore(
-            Context(None, state={"manifest": manifest}), lambda c: "job"
+            Context(None, restore_state(manifest)), lambda c: "job"
         )
         == "job"
     )

@@ -41,14 +41,14 @@ def fake_handler(ctx: Context) -> str:
 
 
 def test_middleware_run_outermost_first() -> None:
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     result = Pipeline(fake_handler).with_(fake_mw_a, fake_mw_b)(ctx)
     assert result == "a(b(h))"
     assert ctx.state["trace"] == ["a:before", "b:before", "handler", "b:after", "a:after"]
 
 
 def test_handler_alone() -> None:
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     assert Pipeline(fake_handler)(ctx) == "h"
     assert ctx.state["trace"] == ["handler"]
     assert list(ctx.timings) == ["fake_handler"]
@@ -62,14 +62,14 @@ def test_middleware_may_change_ctx_and_result() -> None:
     def fake_handler_n(ctx: Context) -> int:
         return ctx.state["n"] * 2
 
-    assert Pipeline(fake_handler_n).with_(fake_mw_prepare)(Context(request=None)) == 41
+    assert Pipeline(fake_handler_n).with_(fake_mw_prepare)(Context(request=None, state={})) == 41
 
 
 def test_middleware_may_short_circuit() -> None:
     def fake_mw_stop(ctx: Context, next_: Handler) -> str:
         return "stopped"
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     assert Pipeline(fake_handler).with_(fake_mw_a, fake_mw_stop, fake_mw_b)(ctx) == "a(stopped)"
     assert ctx.state["trace"] == ["a:before", "a:after"]
     assert set(ctx.timings) == {"fake_mw_a", "fake_mw_stop"}
@@ -81,15 +81,15 @@ def test_with_appends_inside_and_keeps_the_original() -> None:
     assert base.middleware == (fake_mw_a,)
     assert extended.middleware == (fake_mw_a, fake_mw_b, fake_mw_c)
     assert extended.handler is base.handler
-    assert base(Context(request=None)) == "a(h)"
-    ctx = Context(request=None)
+    assert base(Context(request=None, state={})) == "a(h)"
+    ctx = Context(request=None, state={})
     assert extended(ctx) == "a(b(c(h)))"
     assert ctx.state["trace"][:3] == ["a:before", "b:before", "c:before"]
 
 
 def test_a_pipeline_can_run_twice() -> None:
     pipeline = Pipeline(fake_handler).with_(fake_mw_a)
-    first, second = Context(request=1), Context(request=2)
+    first, second = Context(request=1, state={}), Context(request=2, state={})
     assert pipeline(first) == pipeline(second) == "a(h)"
     assert first.state["trace"] == second.state["trace"]
 
@@ -106,7 +106,7 @@ def test_timings_are_exclusive() -> None:
         time.sleep(0.3)
         return "done"
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     assert Pipeline(fake_handler_slow).with_(fake_mw_outer, fake_mw_inner)(ctx) == "done"
     assert set(ctx.timings) == {"fake_mw_outer", "fake_mw_inner", "fake_handler_slow"}
     assert 0.3 <= ctx.timings["fake_handler_slow"] < 1.0
@@ -123,7 +123,7 @@ def test_timings_accumulate_per_stage_name() -> None:
         time.sleep(0.1)
         return "ok"
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     Pipeline(fake_handler_sleepy).with_(fake_mw_retry)(ctx)
     assert set(ctx.timings) == {"fake_mw_retry", "fake_handler_sleepy"}
     assert ctx.timings["fake_handler_sleepy"] >= 0.2
@@ -134,7 +134,7 @@ def test_stage_name_drops_leading_underscores() -> None:
     def _fake_mw_private(ctx: Context, next_: Handler) -> Any:
         return next_(ctx)
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     Pipeline(fake_handler).with_(_fake_mw_private)(ctx)
     assert set(ctx.timings) == {"fake_mw_private", "fake_handler"}
 
@@ -153,7 +153,7 @@ def test_handler_error_propagates_through_middleware() -> None:
         time.sleep(0.05)
         raise RuntimeError("boom")
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     with pytest.raises(RuntimeError, match="boom"):
         Pipeline(fake_handler_fails).with_(fake_mw_a, fake_mw_watch)(ctx)
     assert seen == ["boom"]
@@ -167,7 +167,7 @@ def test_middleware_error_stops_inner_stages() -> None:
     def fake_mw_fails(ctx: Context, next_: Handler) -> Any:
         raise ValueError("refused")
 
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     with pytest.raises(ValueError, match="refused"):
         Pipeline(fake_handler).with_(fake_mw_a, fake_mw_fails, fake_mw_b)(ctx)
     assert ctx.state["trace"] == ["a:before"]
@@ -180,12 +180,12 @@ def test_report_calls_progress_with_stage_names() -> None:
     def fake_handler_reports(ctx: Context) -> None:
         ctx.report("store", 5, 10)
 
-    ctx = Context(request=None, progress=lambda *a: calls.append(a))
+    ctx = Context(request=None, state={}, progress=lambda *a: calls.append(a))
     Pipeline(fake_handler_reports).with_(fake_mw_a, fake_mw_b)(ctx)
     assert calls == [("fake_mw_a", 0, 0), ("fake_mw_b", 0, 0), ("fake_handler_reports", 0, 0), ("store", 5, 10)]
 
 
 def test_report_without_progress_is_silent() -> None:
-    ctx = Context(request=None)
+    ctx = Context(request=None, state={})
     ctx.report("store", 1, 2)  # no callback: nothing happens
     assert Pipeline(fake_handler)(ctx) == "h"

@@ -37,8 +37,9 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         raise StateError(f"containerd container {cid} is {status.lower()}, not running")
     info = container_info(ctr, cid)
     annotations = (info.get("Spec") or {}).get("annotations") or {}
-    ctx.state.update(pid=pid, tree_root=pid, criu_config=annotations.get(criu.CONFIG_ANNOTATION))
-    ctx.state["details"] = {
+    ctx.state.pid = ctx.state.tree_root = pid
+    ctx.state.own = annotations.get(criu.CONFIG_ANNOTATION)  # the CRIU config file we started it with, if any
+    ctx.state.details = {
         "container": cid,
         "image": info["Image"],
         "snapshotter": info["Snapshotter"],
@@ -57,8 +58,8 @@ def checkpoint(ctx: Context) -> None:
     """
     req, job = ctx.request, ctx.job
     ctr, cid = ctr_of(job), job.details["target"]
-    paused = ctx.state["details"]["paused"]
-    conf = ctx.state.get("criu_config")
+    paused = ctx.state.details["paused"]
+    conf = ctx.state.own
     if conf:  # ours: CRIU leaves the task stopped for the core to kill once stored, or to pause again
         criu.write_config(Path(conf), *config_lines(req.criu, stopped=paused or not req.leave_running))
     elif paused:
@@ -72,17 +73,17 @@ def checkpoint(ctx: Context) -> None:
         ctr.call("tasks", "resume", cid, error=DumpError)
     try:
         _checkpoint(ctr, cid, ref)
-        _export(ctr, ref, ctx.state["images"] / ARCHIVE)
+        _export(ctr, ref, ctx.state.images / ARCHIVE)
     except BaseException:
         if paused:
-            pause_again(ctr, cid, ctx.state["pid"])
+            pause_again(ctr, cid, ctx.state.pid)
         raise
     finally:
         if ref in ctr.images():
             ctr.call("images", "rm", ref)
     if paused and req.leave_running:
-        pause_again(ctr, cid, ctx.state["pid"])
-    ctx.state["details"]["checkpoint_ref"] = ref
+        pause_again(ctr, cid, ctx.state.pid)
+    ctx.state.details["checkpoint_ref"] = ref
 
 
 def _checkpoint(ctr: Ctr, cid: str, ref: str) -> None:
@@ -116,16 +117,16 @@ class RestoreFacts(BaseModel):
 def restore(ctx: Context) -> Job:
     """Import the checkpoint image, give it the new container's own spec, and create a new
     container and task from it."""
-    manifest = ctx.state["manifest"]
+    manifest = ctx.state.manifest
     details, ctr = manifest.facts(RestoreFacts), ctr_of()
-    cid = details.container if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    cid = details.container if ctx.state.jid == manifest.jid else ctx.state.jid
     require_image(ctr, details.image)
     require_free(ctr, cid, dying=True)
     # a paused task is restored stopped, so that it never runs before it is paused again
-    stopped = ctx.state.get("leave_stopped") or details.paused
+    stopped = ctx.state.leave_stopped or details.paused
     conf = criu.write_config(criu_config(cid), *config_lines(manifest.criu, stopped))
     ref, own = details.checkpoint_ref, f"{details.checkpoint_ref}-{cid}"
-    archive, respecced = ctx.state["images"] / ARCHIVE, ctx.state["work"] / "spec.tar"
+    archive, respecced = ctx.state.images / ARCHIVE, ctx.state.work / "spec.tar"
 
     def own_spec(spec: Spec) -> None:
         linux = spec.setdefault("linux", {})
@@ -146,7 +147,7 @@ def restore(ctx: Context) -> Job:
         for name in {ref, own} & images:
             ctr.call("images", "rm", name)
     if details.paused:
-        if ctx.state.get("leave_stopped"):  # the core continues it once its images are verified
+        if ctx.state.leave_stopped:  # the core continues it once its images are verified
             ctr.call("tasks", "pause", cid)
         else:
             pause_again(ctr, cid, job.pid)
@@ -158,7 +159,7 @@ def _restore_task(ctx: Context, ctr: Ctr, cid: str, ref: str, image: str) -> Job
     """``ctr c restore``, then a watcher attached to the task's IO."""
     said = ctr.call("containers", "restore", "--live", "--rw", cid, ref, error=RestoreError)
     # what the task wrote while `ctr c restore` still read its FIFOs, before the watcher attaches
-    with open(ctx.state["job_dir"] / "log", "a") as log:
+    with open(ctx.state.job_dir / "log", "a") as log:
         log.write(said)
-    command = ctx.state.get("command", [])
+    command = ctx.state.command
     return watched_job(ctx, ctr, cid, image, "tasks", "attach", cid, state=JobState.running, command=command)

@@ -59,8 +59,8 @@ def run(ctx: Context) -> Job:
     require_image(ctr, req.image)
     require_free(ctr, req.container)
     conf = criu.write_config(criu_config(req.container))
-    log = ctx.state["job_dir"] / "log"
-    env = env_file(ctx.state["job_dir"], req.env)
+    log = ctx.state.job_dir / "log"
+    env = env_file(ctx.state.job_dir, req.env)
     args = ["run", "--annotation", f"{criu.CONFIG_ANNOTATION}={conf}", "--log-uri", f"file://{log}"]
     args += ["--env-file", str(env), *req.ctr_options(), req.image, req.container, *req.args]
     try:

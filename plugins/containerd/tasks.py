@@ -44,12 +44,12 @@ def config_lines(opts: CriuOptions, stopped: bool) -> list[str]:
 
 def job_of(ctx: Context, ctr: Ctr, cid: str, image: str, pid: int, started: float, **fields: Any) -> Job:
     details = {"target": cid, "address": ctr.address, "namespace": ctr.namespace, "image": image, "started": started}
-    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
+    return Job(jid=ctx.state.jid, type=NAME, pid=pid, details=details, **fields)
 
 
 def watched_job(ctx: Context, ctr: Ctr, cid: str, image: str, *ctr_args: str, **fields: Any) -> Job:
     """Run ``ctr ARGS`` (which waits on task ``cid``) under a watcher; the job once the task runs."""
-    job_dir: Path = ctx.state["job_dir"]
+    job_dir: Path = ctx.state.job_dir
     spec = {"address": ctr.address, "namespace": ctr.namespace, "container": cid, "argv": ctr.argv(*ctr_args)}
     reply = launch(spec, job_dir, watch)
     return job_of(ctx, ctr, cid, image, reply["pid"], started_at(reply), log=str(job_dir / "log"), **fields)

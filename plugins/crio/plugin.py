@@ -67,7 +67,7 @@ def _job(ctx: Context, cri: Cri, cid: str, **fields: Any) -> Job:
         "image": status.image.image,
         "started": psutil.Process(pid).create_time(),
     }
-    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, state=JobState.running, **fields)
+    return Job(jid=ctx.state.jid, type=NAME, pid=pid, details=details, state=JobState.running, **fields)
 
 
 def _pod_of(cri: Cri, cid: str) -> str:
@@ -90,8 +90,8 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         raise UsageError("CRI CheckpointContainer takes no CRIU options", hint="dump without them")
     cri = _cri(job)
     status, pid = _live_status(cri, job.details["target"])
-    ctx.state.update(pid=pid)
-    ctx.state["details"] = {
+    ctx.state.pid = pid
+    ctx.state.details = {
         "container": status.id,
         "name": status.metadata.name,
         "pod": job.details["pod"],
@@ -109,7 +109,7 @@ def checkpoint(ctx: Context) -> None:
     """CheckpointContainer into the image dir: the runtime writes the archive there itself."""
     job = ctx.job
     try:
-        _cri(job).checkpoint(job.details["target"], str(ctx.state["images"] / ARCHIVE))
+        _cri(job).checkpoint(job.details["target"], str(ctx.state.images / ARCHIVE))
     except JobNotFound as exc:
         raise DumpError(str(exc)) from exc
 
@@ -118,8 +118,8 @@ def verify_first(ctx: Context, next_: Handler) -> Any:
     """Verify the archive before the runtime reads it. The core would verify an in-place
     checkpoint while the restored container sits stopped, but a CRI restore cannot leave
     it stopped: so an unverified archive never reaches the runtime."""
-    if ctx.state.get("leave_stopped"):
-        ctx.state["store"].verify(ctx.state["manifest"], ctx.request.streams)
+    if ctx.state.leave_stopped:
+        ctx.state.store.verify(ctx.state.manifest, ctx.request.streams)
     return next_(ctx)
 
 
@@ -148,9 +148,9 @@ class RestoreFacts(BaseModel):
 
 def restore(ctx: Context) -> Job:
     """CreateContainer from the checkpoint archive in its pod (or a new one), then StartContainer."""
-    manifest = ctx.state["manifest"]
+    manifest = ctx.state.manifest
     details, cri = manifest.details, _cri()
-    name = manifest.facts(RestoreFacts).name if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    name = manifest.facts(RestoreFacts).name if ctx.state.jid == manifest.jid else ctx.state.jid
     pod, pod_config, new_pod = _pod_for(cri, details)
     try:
         _free_name(cri, pod_config, name)
@@ -164,17 +164,17 @@ def restore(ctx: Context) -> Job:
 
 
 def _create(ctx: Context, cri: Cri, pod: str, pod_config: Any, name: str) -> Job:
-    manifest = ctx.state["manifest"]
+    manifest = ctx.state.manifest
     pb = messages()
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name),
-        image=pb.ImageSpec(image=str(ctx.state["images"] / ARCHIVE)),
+        image=pb.ImageSpec(image=str(ctx.state.images / ARCHIVE)),
         log_path=manifest.details["log"] if name == manifest.details["name"] else f"{name}.log",
     )
     try:
         cid = cri.create(pod, config, pod_config)
         cri.start(cid)
-        return _job(ctx, cri, cid, command=ctx.state.get("command", []))
+        return _job(ctx, cri, cid, command=ctx.state.command)
     except (JobNotFound, StateError) as exc:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {name} failed: {exc}") from exc
 

@@ -27,21 +27,21 @@ def start_gpu_tracing(ctx: Context, next_: Handler) -> Job:
 
     nvml.required("--gpu-tracing")
     job = next_(ctx)
-    tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
+    tracing.start(job.pid, ctx.state.job_dir / tracing.TRACE, TRACE_INTERVAL, after_restore=False)
     return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
 
 
 def continue_gpu_tracing(ctx: Context, next_: Handler) -> Job:
     """A restored job traced before goes on in the same trace, the gap marked."""
     job = next_(ctx)
-    if not ctx.state["manifest"].details.get("gpu_tracing"):
+    if not ctx.state.manifest.details.get("gpu_tracing"):
         return job
     from cedana_ray import nvml
 
     from . import tracing
 
     if not nvml.unavailable():
-        tracing.start(job.pid, ctx.state["job_dir"] / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
+        tracing.start(job.pid, ctx.state.job_dir / tracing.TRACE, TRACE_INTERVAL, after_restore=True)
     return job.model_copy(update={"details": {**job.details, "gpu_tracing": True}})
 
 
@@ -51,7 +51,7 @@ def dump_interception(ctx: Context, next_: Handler) -> Any:
     from .intercept import Interceptor
 
     if ctx.job.details.get("gpu_tracing"):
-        ctx.state.setdefault("details", {})["gpu_tracing"] = True
+        ctx.state.details["gpu_tracing"] = True
     return Interceptor().gpu_interception(ctx, next_)
 
 

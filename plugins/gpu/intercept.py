@@ -133,10 +133,10 @@ class Interceptor:
         ctx.timings["cuda_checkpoint"] = round(time.perf_counter() - locked, 6)
 
     def gpu_interception(self, ctx: Context, next_: Handler) -> Any:
-        pids = self.find(ctx.state["tree_root"])
+        pids = self.find(ctx.state.tree_root)
         if not pids:
             return next_(ctx)
-        details = ctx.state.setdefault("details", {})
+        details = ctx.state.details
         if details.get("frozen") or details.get("paused"):
             # The driver checkpoints through a thread of the process itself: a stopped
             # process would hold the lock until it times out.
@@ -153,11 +153,11 @@ class Interceptor:
         if ctx.request.leave_running:
             self.resume(api, pids)
         else:
-            ctx.state.setdefault("rollback", []).append(lambda: self.resume(api, pids))
+            ctx.state.rollback.append(lambda: self.resume(api, pids))
         return result
 
     def gpu_interception_restore(self, ctx: Context, next_: Handler) -> Any:
-        gpu = ctx.state["manifest"].details.get("gpu")
+        gpu = ctx.state.manifest.details.get("gpu")
         if not gpu:
             return next_(ctx)
         # planned (and a bad --gpu-map refused) before CRIU restores anything; without NVML

@@ -50,7 +50,7 @@ def query(ctx: Context) -> list[dict[str, Any]]:
         raise PrerequisiteError(reason)
     from cedana_ray.proctree import alive, members
 
-    owners = {p.pid: job.jid for job in ctx.state["jobs"] if alive(job.pid) for p in members(job.pid)}
+    owners = {p.pid: job.jid for job in ctx.state.jobs if alive(job.pid) for p in members(job.pid)}
     procs = nvml.processes()
     rows = []
     for gpu in nvml.gpus():

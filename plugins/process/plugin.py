@@ -28,7 +28,7 @@ def _new_job(ctx: Context, pid: int, started: float, ns_root: int | None = None,
     details: dict[str, Any] = {"started": started}
     if ns_root is not None:  # under our namespace init, PID `pid`
         details["ns_root"] = ns_root
-    return Job(jid=ctx.state["jid"], type=NAME, pid=pid, details=details, **fields)
+    return Job(jid=ctx.state.jid, type=NAME, pid=pid, details=details, **fields)
 
 
 def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
@@ -39,9 +39,9 @@ def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
 def run(ctx: Context) -> Job:
     """Start the command under a supervisor, in new PID and mount namespaces, with the
     environment the request gives it (cedana_ray.environment), not ours."""
-    req, job_dir = ctx.request, ctx.state["job_dir"]
-    control = ctx.state["control"]
-    ours = {"CEDANA_RAY_JID": ctx.state["jid"], "CEDANA_RAY_CONTROL": control["dir"]}
+    req, job_dir = ctx.request, ctx.state.job_dir
+    control = ctx.state.control
+    ours = {"CEDANA_RAY_JID": ctx.state.jid, "CEDANA_RAY_CONTROL": control["dir"]}
     spec = {
         "mode": "run",
         "cmd": req.cmd,
@@ -81,11 +81,11 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     root = job.pid
     if ns_root := job.details.get("ns_root"):
         root = tree.host_pid(job.pid, ns_root)
-        ctx.state.update(pid=ns_root, enter=job.pid)
+        ctx.state.pid, ctx.state.enter = ns_root, job.pid
     else:
-        ctx.state["pid"] = root
-    ctx.state["tree_root"] = root
-    ctx.state["details"] = {
+        ctx.state.pid = root
+    ctx.state.tree_root = root
+    ctx.state.details = {
         "pipes": tree.stdio_pipes(root),
         "frozen": tree.is_stopped(root),
     }
@@ -101,17 +101,15 @@ class RestoreFacts(BaseModel):
 
 def restore(ctx: Context) -> Job:
     """Restore the images under a new supervisor; the restored job."""
-    manifest, job_dir, work = ctx.state["manifest"], ctx.state["job_dir"], ctx.state["work"]
+    manifest, job_dir, work = ctx.state.manifest, ctx.state.job_dir, ctx.state.work
     details = manifest.facts(RestoreFacts)
     spec = {
         "mode": "restore",
-        "criu": criu.restore_args(
-            ctx.state["images"], work, manifest.criu, leave_stopped=ctx.state.get("leave_stopped", False)
-        ),
+        "criu": criu.restore_args(ctx.state.images, work, manifest.criu, leave_stopped=ctx.state.leave_stopped),
         "pipes": details.pipes,
         "work": str(work),
         **job_files(job_dir),
-        "control": ctx.state["control"],
+        "control": ctx.state.control,
     }
     try:
         reply = launch_in_namespaces(spec, job_dir)
@@ -120,7 +118,7 @@ def restore(ctx: Context) -> Job:
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
     inside.record_restore(Path(spec["control"]["dir"]), manifest.checkpoint)
     state = JobState.frozen if details.frozen else JobState.running
-    command = ctx.state.get("command", [])
+    command = ctx.state.command
     return _supervised_job(ctx, reply, state=state, command=command, log=spec["log"])
 
 

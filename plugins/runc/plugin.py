@@ -21,6 +21,7 @@ annotation, and ``runc checkpoint`` kills them itself once dumped.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,16 @@ def _container(job: Job) -> str:
     return job.details["target"]
 
 
-def _own_bundle(ctx: Context, bundle: Path, cid: str) -> Path:
+def _own_bundle(job_dir: Path, bundle: Path, cid: str, leave_stopped: bool = False) -> Path:
     """A copy of ``bundle`` in the job dir whose CRIU config file is ours, written now."""
-    job_dir: Path = ctx.state["job_dir"]
-    conf = criu.write_config(job_dir / "criu.conf", *(["leave-stopped"] if ctx.state.get("leave_stopped") else []))
+    conf = criu.write_config(job_dir / "criu.conf", *(["leave-stopped"] if leave_stopped else []))
     root_tag = hashlib.sha256(str(default_root()).encode()).hexdigest()[:8]
     return derive_bundle(bundle, job_dir / "bundle", conf, f"/cedana-ray/{root_tag}/{cid}")
 
 
 def _start(ctx: Context, cid: str, bundle: Path, runc_args: list[str]) -> tuple[dict[str, Any], Runc]:
     """Run ``runc ARGS --bundle BUNDLE CID`` under a shim; its reply and our runc."""
-    job_dir: Path = ctx.state["job_dir"]
+    job_dir: Path = ctx.state.job_dir
     runc = _runc()
     log = job_dir / "runc.log"
     argv = runc.argv("--log", str(log), "--log-format", "json", *runc_args)
@@ -85,8 +85,8 @@ def _start(ctx: Context, cid: str, bundle: Path, runc_args: list[str]) -> tuple[
 
 def _job(ctx: Context, reply: dict[str, Any], runc: Runc, cid: str, bundle: Path, **fields: Any) -> Job:
     details = {"started": started_at(reply), "target": cid, "root": str(runc.root), "bundle": str(bundle)}
-    log = str(ctx.state["job_dir"] / "log")
-    return Job(jid=ctx.state["jid"], type=NAME, pid=reply["pid"], log=log, details=details, **fields)
+    log = str(ctx.state.job_dir / "log")
+    return Job(jid=ctx.state.jid, type=NAME, pid=reply["pid"], log=log, details=details, **fields)
 
 
 def _require_free(runc: Runc, cid: str, dying: bool = False) -> None:
@@ -112,7 +112,9 @@ def run(ctx: Context) -> Job:
     load_bundle(bundle)
     _require_free(_runc(), req.container)
     try:
-        reply, runc = _start(ctx, req.container, _own_bundle(ctx, bundle, req.container), ["run", "--detach"])
+        reply, runc = _start(
+            ctx, req.container, _own_bundle(ctx.state.job_dir, bundle, req.container), ["run", "--detach"]
+        )
     except LaunchError as exc:
         raise UsageError(f"runc could not start {req.container}: {exc}") from exc
     return _job(ctx, reply, runc, req.container, bundle, state=JobState.running, command=req.cmd)
@@ -127,7 +129,7 @@ def manage(ctx: Context) -> Job:
     details["started"] = psutil.Process(state["pid"]).create_time()
     frozen = state["status"] == "paused"
     return Job(
-        jid=ctx.state["jid"],
+        jid=ctx.state.jid,
         type=NAME,
         pid=state["pid"],
         state=JobState.frozen if frozen else JobState.running,
@@ -145,9 +147,9 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
     state = runc.live_state(_container(job))
     spec = load_bundle(Path(state["bundle"]))
     linux = spec.get("linux", {})
-    ctx.state["pid"] = ctx.state["tree_root"] = state["pid"]
-    ctx.state["runc_config"] = spec.get("annotations", {}).get(criu.CONFIG_ANNOTATION)
-    ctx.state["details"] = {
+    ctx.state.pid = ctx.state.tree_root = state["pid"]
+    ctx.state.own = spec.get("annotations", {}).get(criu.CONFIG_ANNOTATION)  # our CRIU config file, if any
+    ctx.state.details = {
         "container": _container(job),
         "bundle": job.details.get("bundle") or state["bundle"],
         "rootfs": state["rootfs"],
@@ -171,8 +173,8 @@ def criu_args(opts: CriuOptions) -> list[str]:
 def checkpoint(ctx: Context) -> None:
     """``runc checkpoint`` into the store's image dir; the container is left stopped, not killed."""
     req, job = ctx.request, ctx.job
-    args = ["checkpoint", "--image-path", str(ctx.state["images"]), "--work-path", str(ctx.state["work"])]
-    if conf := ctx.state.get("runc_config"):  # ours: CRIU stops the tree instead of killing it
+    args = ["checkpoint", "--image-path", str(ctx.state.images), "--work-path", str(ctx.state.work)]
+    if conf := ctx.state.own:  # ours: CRIU stops the tree instead of killing it
         criu.write_config(Path(conf), *([] if req.leave_running else ["leave-stopped"]))
         args.append("--leave-running")
     elif req.leave_running:
@@ -180,7 +182,7 @@ def checkpoint(ctx: Context) -> None:
     try:
         _runc(job).call(*args, *criu_args(req.criu), _container(job), error=DumpError)
     except DumpError as exc:
-        detail = criu.first_error(ctx.state["work"] / "dump.log")
+        detail = criu.first_error(ctx.state.work / "dump.log")
         raise DumpError(f"runc checkpoint of {_container(job)} failed: {detail or exc}") from exc
 
 
@@ -191,20 +193,29 @@ class RestoreFacts(BaseModel):
     bundle: AbsolutePath
 
 
+@dataclass
+class RestoreTarget:
+    """Where a restore puts the container (its middleware's choice, for its handler)."""
+
+    bundle: Path  # the bundle it was dumped with, or the one the restore names
+    container: str  # its id: the checkpoint's, or a clone's job id
+    own_bundle: Path = Path()  # the restored container's copy of the bundle, in its job dir
+
+
 def prepare_restore(ctx: Context, next_: Handler) -> Job:
     """Choose the bundle and the container id, and check both before CRIU runs.
 
     A restore under the checkpoint's own job id gets the container's id back; a clone
     (``--jid NEW``) becomes container NEW.
     """
-    manifest = ctx.state["manifest"]
+    manifest = ctx.state.manifest
     facts = manifest.facts(RestoreFacts)
     override = getattr(ctx.request, "bundle", None)
     bundle = Path(override or facts.bundle).resolve()
     load_bundle(bundle)
-    cid = facts.container if ctx.state["jid"] == manifest.jid else ctx.state["jid"]
+    cid = facts.container if ctx.state.jid == manifest.jid else ctx.state.jid
     _require_free(_runc(), cid, dying=True)
-    ctx.state.update(bundle=bundle, container=cid)
+    ctx.state.own = RestoreTarget(bundle, cid)
     return next_(ctx)
 
 
@@ -212,7 +223,8 @@ def write_restore_config(ctx: Context, next_: Handler) -> Job:
     """Just before CRIU: the bundle copy and CRIU config file of the restored container
     (``leave-stopped`` when the core verifies the images while CRIU restores). Late, so
     that nothing is written into the job dir until every earlier check has passed."""
-    ctx.state["own_bundle"] = _own_bundle(ctx, ctx.state["bundle"], ctx.state["container"])
+    placed: RestoreTarget = ctx.state.own
+    placed.own_bundle = _own_bundle(ctx.state.job_dir, placed.bundle, placed.container, ctx.state.leave_stopped)
     return next_(ctx)
 
 
@@ -228,11 +240,12 @@ def image_dir(images: Path) -> Path:
 
 def restore(ctx: Context) -> Job:
     """``runc restore --detach`` under a new shim, from the fetched images."""
-    manifest, work = ctx.state["manifest"], ctx.state["work"]
-    cid, bundle = ctx.state["container"], ctx.state["bundle"]
-    args = ["restore", "--detach", "--image-path", str(image_dir(ctx.state["images"])), "--work-path", str(work)]
+    manifest, work = ctx.state.manifest, ctx.state.work
+    placed: RestoreTarget = ctx.state.own
+    cid, bundle = placed.container, placed.bundle
+    args = ["restore", "--detach", "--image-path", str(image_dir(ctx.state.images)), "--work-path", str(work)]
     try:
-        reply, runc = _start(ctx, cid, ctx.state["own_bundle"], [*args, *criu_args(manifest.criu)])
+        reply, runc = _start(ctx, cid, placed.own_bundle, [*args, *criu_args(manifest.criu)])
     except LaunchError as exc:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} as {cid} failed: {detail}") from exc
@@ -240,7 +253,7 @@ def restore(ctx: Context) -> Job:
     if manifest.details.get("paused"):  # paused when dumped: paused again (CRIU restores it thawed)
         runc.call("pause", cid)
         state = JobState.frozen
-    return _job(ctx, reply, runc, cid, bundle, state=state, command=ctx.state.get("command", []))
+    return _job(ctx, reply, runc, cid, bundle, state=state, command=ctx.state.command)
 
 
 def freeze(ctx: Context) -> None:

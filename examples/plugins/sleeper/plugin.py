@@ -49,7 +49,7 @@ def _reaper(ctx: Context, mode: str, argv: list[str], env: dict[str, str], cwd: 
     """Start a reaper for ``argv``: its answer (the workload's PID and start) plus its own PID;
     OSError if it could not start the workload. The reaper gets ``env``, never ours (which may
     hold a store's credentials), and passes it on to the workload."""
-    cmd = [sys.executable, "-I", "-S", str(REAPER), str(ctx.state["job_dir"]), mode, *argv]
+    cmd = [sys.executable, "-I", "-S", str(REAPER), str(ctx.state.job_dir), mode, *argv]
     out = subprocess.PIPE
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, env=env, cwd=cwd, start_new_session=True)
     # a long-lived engine (a node agent, a test) collects the reaper when it ends; a CLI leaves it to init
@@ -67,9 +67,9 @@ def _job(ctx: Context, reaper: dict[str, Any], state: JobState, command: list[st
     details = {
         # as psutil's create_time(): the core tells our process from a later one of the same PID by it
         "started": psutil.boot_time() + reaper["start_ticks"] / os.sysconf("SC_CLK_TCK"),
-        "exit_file": str(ctx.state["job_dir"] / f"exit-{reaper['reaper']}.json"),
+        "exit_file": str(ctx.state.job_dir / f"exit-{reaper['reaper']}.json"),
     }
-    return Job(jid=ctx.state["jid"], type=NAME, pid=reaper["pid"], state=state, command=command, details=details)
+    return Job(jid=ctx.state.jid, type=NAME, pid=reaper["pid"], state=state, command=command, details=details)
 
 
 def run(ctx: Context) -> Job:
@@ -84,8 +84,8 @@ def run(ctx: Context) -> Job:
 
 def prepare_dump(ctx: Context, next_: Handler) -> Any:
     """Tell the core's CRIU dump which tree to dump, and record what a restore needs."""
-    ctx.state["pid"] = ctx.state["tree_root"] = ctx.job.pid  # tree_root: for GPU middleware, had we any
-    ctx.state["details"] = {"frozen": ctx.job.state is JobState.frozen}  # into the manifest
+    ctx.state.pid = ctx.state.tree_root = ctx.job.pid  # tree_root: for GPU middleware, had we any
+    ctx.state.details = {"frozen": ctx.job.state is JobState.frozen}  # into the manifest
     return next_(ctx)
 
 
@@ -97,12 +97,10 @@ class RestoreFacts(BaseModel):
 
 def restore(ctx: Context) -> Job:
     """``criu restore`` the fetched images under a new reaper."""
-    manifest, work = ctx.state["manifest"], ctx.state["work"]
+    manifest, work = ctx.state.manifest, ctx.state.work
     facts = manifest.facts(RestoreFacts)
     # leave_stopped: the core resumes the tree once it has verified every chunk
-    argv = criu.restore_args(
-        ctx.state["images"], work, manifest.criu, leave_stopped=ctx.state.get("leave_stopped", False)
-    )
+    argv = criu.restore_args(ctx.state.images, work, manifest.criu, leave_stopped=ctx.state.leave_stopped)
     argv += ["--restore-sibling", "--pidfile", str(work / "restored.pid")]
     try:
         reaper = _reaper(ctx, "restore", argv, workload_env({}, inherit=False))
@@ -110,7 +108,7 @@ def restore(ctx: Context) -> Job:
         detail = criu.first_error(work / "restore.log") or str(exc)
         raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: {detail}") from exc
     state = JobState.frozen if facts.frozen else JobState.running
-    return _job(ctx, reaper, state, ctx.state.get("command", []))
+    return _job(ctx, reaper, state, ctx.state.command)
 
 
 def freeze(ctx: Context) -> None:
