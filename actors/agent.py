@@ -26,10 +26,9 @@ from cedana_ray.engine import Engine
 from cedana_ray.errors import CedanaError, JobNotFound, UsageError
 from cedana_ray.models import LIVE_STATES, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
+from cedana_ray.remote import COORDINATOR, NAMESPACE, call
 from cedana_ray.requests import RestoreRequest
 from cedana_ray.signing import Signer
-
-from .remote import COORDINATOR, NAMESPACE, call
 
 DRAIN_DEADLINE_S = 60.0
 TYPES_TTL_S = 60.0

@@ -12,10 +12,10 @@ from typing import Any
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.models import DumpResult, Job, Manifest, RestoreResult
 from cedana_ray.records import Records, RecordVerbs, replaceable, require_state
+from cedana_ray.remote import call
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
-from .remote import call
 
 MAX_LOG_CARRIED = 64 << 20
 DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end

@@ -38,6 +38,7 @@ from cedana_ray.models import LIVE_STATES, Job
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
+from cedana_ray.remote import agent_name, call, detached
 from cedana_ray.requests import ManageRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
@@ -47,7 +48,6 @@ from .checkpoints import Checkpoints
 from .migration import Migration
 from .placement import Placement
 from .policies import Policies
-from .remote import agent_name, call, detached
 from .store_server import STORE, StoreServer
 
 MONITOR_PERIOD_S = 1.0

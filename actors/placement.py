@@ -11,8 +11,7 @@ import ray
 
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import Job, Manifest, NodeStatus
-
-from .remote import call
+from cedana_ray.remote import call
 
 
 class Placement:

@@ -29,11 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from cedana_ray.actors import launcher
 from ray.cluster_utils import Cluster as RayCluster
 from rich.console import Console
 from rich.table import Table
 
-from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine

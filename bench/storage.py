@@ -83,9 +83,8 @@ class ClusterStore:
         self.root = root
 
     def start(self) -> None:
+        from cedana_ray.actors import launcher
         from ray.cluster_utils import Cluster as RayCluster
-
-        from cedana_ray import launcher
 
         os.environ["RAY_AUTH_MODE"] = "disabled"
         self.cluster = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 1 << 30})

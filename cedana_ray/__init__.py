@@ -27,6 +27,7 @@ _API = (
     "checkpoints",
     "import_checkpoint",
     "nodes",
+    "JobHandle",
 )
 _INSIDE = ("checkpoint", "on_restore")  # for code running inside a job
 __all__ = ["__version__", *_API, *_INSIDE]

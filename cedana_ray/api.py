@@ -19,9 +19,10 @@ Code running *inside* a job uses :func:`cedana_ray.checkpoint` and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .backend import Backend, open_backend
-from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job, MigrateResult, NodeStatus
+from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job, JobState, MigrateResult, NodeStatus
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 _backend: Backend | None = None
@@ -36,6 +37,43 @@ def init(address: str | None = None, *, local: bool = False) -> Backend:
 
 def _engine() -> Backend:
     return _backend or init()
+
+
+class JobHandle(Job):
+    """A job as the API returns it: its record when it was read, and its verbs, through the
+    backend :func:`init` chose."""
+
+    @property
+    def status(self) -> JobState:
+        """The job's state now (``state`` is what it was when this object was made)."""
+        return job(self.jid).state
+
+    def dump(self, **options: Any) -> DumpResult:
+        """Checkpoint the job (``leave_running=True`` keeps it running); see :func:`dump`."""
+        return dump(self.jid, **options)
+
+    def restore(self, **options: Any) -> JobHandle:
+        return restore(self.jid, **options)
+
+    def migrate(self, node: str) -> MigrateResult:
+        return migrate(self.jid, node)
+
+    def freeze(self) -> JobHandle:
+        return freeze(self.jid)
+
+    def unfreeze(self) -> JobHandle:
+        return unfreeze(self.jid)
+
+    def kill(self, signal: int | str | None = None) -> JobHandle:
+        """Stop the job, or only send it ``signal``: see :func:`kill`."""
+        return kill(self.jid, signal=signal)
+
+    def logs(self) -> str:
+        return logs(self.jid)
+
+
+def _handle(found: Job) -> JobHandle:
+    return JobHandle.model_validate(found.model_dump())
 
 
 def run(
@@ -53,7 +91,7 @@ def run(
     storage: str | None = None,
     encrypt: bool = False,
     key: bytes | None = None,
-) -> Job:
+) -> JobHandle:
     """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
 
     The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
@@ -77,13 +115,13 @@ def run(
         encrypt=encrypt,
         key=key,
     )
-    job = _engine().run(type, request)
-    return _engine().set_storage(job.jid, storage) if storage else job
+    started = _engine().run(type, request)
+    return _handle(_engine().set_storage(started.jid, storage) if storage else started)
 
 
-def manage(target: int | str, *, jid: str | None = None, type: str = "process") -> Job:
+def manage(target: int | str, *, jid: str | None = None, type: str = "process") -> JobHandle:
     """Adopt a running workload of this node (a PID for ``process``) as a job."""
-    return _engine().manage(type, ManageRequest(target=str(target), jid=jid))
+    return _handle(_engine().manage(type, ManageRequest(target=str(target), jid=jid)))
 
 
 def dump(
@@ -118,12 +156,12 @@ def restore(
     node: str | None = None,
     gpu_map: dict[str, str] | None = None,
     key: bytes | None = None,
-) -> Job:
+) -> JobHandle:
     """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on
     ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``;
     ``key``: of an encrypted checkpoint (default: the job's, or the one configured)."""
     request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {}, key=key)
-    return _engine().restore(request, jid=jid, node=node).job
+    return _handle(_engine().restore(request, jid=jid, node=node).job)
 
 
 def migrate(jid: str, node: str) -> MigrateResult:
@@ -131,15 +169,15 @@ def migrate(jid: str, node: str) -> MigrateResult:
     return _engine().migrate(jid, node)
 
 
-def freeze(jid: str) -> Job:
-    return _engine().freeze(jid)
+def freeze(jid: str) -> JobHandle:
+    return _handle(_engine().freeze(jid))
 
 
-def unfreeze(jid: str) -> Job:
-    return _engine().unfreeze(jid)
+def unfreeze(jid: str) -> JobHandle:
+    return _handle(_engine().unfreeze(jid))
 
 
-def kill(jid: str, *, signal: int | str | None = None) -> Job:
+def kill(jid: str, *, signal: int | str | None = None) -> JobHandle:
     """Stop job ``jid`` with its type's kill signal and record it killed; given ``signal``
     (a number or a name: ``"TERM"``, ``"SIGINT"``), only send it that, as ``kill`` does:
     a workload that exits on it is then recorded as exited, with its code.
@@ -148,19 +186,19 @@ def kill(jid: str, *, signal: int | str | None = None) -> Job:
         UsageError: no such signal.
         StateError: the job is not running or frozen.
     """
-    return _engine().kill(jid, signal)
+    return _handle(_engine().kill(jid, signal))
 
 
-def delete(jid: str) -> Job:
-    return _engine().delete(jid)
+def delete(jid: str) -> JobHandle:
+    return _handle(_engine().delete(jid))
 
 
-def job(jid: str) -> Job:
-    return _engine().job(jid)
+def job(jid: str) -> JobHandle:
+    return _handle(_engine().job(jid))
 
 
-def jobs() -> list[Job]:
-    return _engine().jobs()
+def jobs() -> list[JobHandle]:
+    return [_handle(j) for j in _engine().jobs()]
 
 
 def logs(jid: str) -> str:

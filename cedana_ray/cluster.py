@@ -90,7 +90,7 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
     (default: what ``up`` recorded here)."""
     import ray
 
-    from .actors.remote import NAMESPACE
+    from .remote import NAMESPACE
 
     if ray.is_initialized():
         return
@@ -121,7 +121,7 @@ class Cluster:
     def __init__(self, addr: str, state: ClusterState | None = None) -> None:
         import ray
 
-        from .actors.remote import COORDINATOR, NAMESPACE
+        from .remote import COORDINATOR, NAMESPACE
 
         connect(addr, state)
         get_plugin_manager()  # storage schemes, for checkpoint URLs read here
@@ -141,7 +141,7 @@ class Cluster:
     def _call(self, verb: str, *args: Any, **kwargs: Any) -> Any:
         """The coordinator's ``verb``, its arguments passed by name; a progress callback stays
         here (it is this process's)."""
-        from .actors.remote import call
+        from .remote import call
 
         bound = inspect.signature(getattr(Backend, verb)).bind(self, *args, **kwargs).arguments
         named = {k: v for k, v in bound.items() if k not in ("self", "progress")}

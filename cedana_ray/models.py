@@ -121,51 +121,6 @@ class Job(BaseModel):
             include={"jid", "type", "state", "pid", "node", "last_checkpoint", "exit_code"},
         )
 
-    # The Python API's handle on the job, through the backend cedana_ray.init() chose.
-    @property
-    def status(self) -> JobState:
-        """The job's state now (``state`` is what it was when this object was made)."""
-        from . import api
-
-        return api.job(self.jid).state
-
-    def dump(self, **options: Any) -> DumpResult:
-        """Checkpoint the job (``leave_running=True`` keeps it running); see :func:`cedana_ray.api.dump`."""
-        from . import api
-
-        return api.dump(self.jid, **options)
-
-    def restore(self, **options: Any) -> Job:
-        from . import api
-
-        return api.restore(self.jid, **options)
-
-    def migrate(self, node: str) -> MigrateResult:
-        from . import api
-
-        return api.migrate(self.jid, node)
-
-    def freeze(self) -> Job:
-        from . import api
-
-        return api.freeze(self.jid)
-
-    def unfreeze(self) -> Job:
-        from . import api
-
-        return api.unfreeze(self.jid)
-
-    def kill(self, signal: int | str | None = None) -> Job:
-        """Stop the job, or only send it ``signal``: see :func:`cedana_ray.api.kill`."""
-        from . import api
-
-        return api.kill(self.jid, signal=signal)
-
-    def logs(self) -> str:
-        from . import api
-
-        return api.logs(self.jid)
-
 
 class CriuOptions(BaseModel):
     """CRIU options a dump was made with; restore must use the same."""

@@ -21,7 +21,7 @@ from a memory file :func:`private` hands it.
 The supervisor stays the launcher's child, reaped by a thread, or by init once the
 launcher (a CLI) exits. Only under a Ray worker that kills its children when it exits
 does it escape, through a fork that exits at once; our agents turn that killing off
-(``actors/remote.py``).
+(``cedana_ray/remote.py``).
 """
 
 from __future__ import annotations

@@ -33,10 +33,10 @@ def _cluster() -> str:
 
 def _server() -> Any:
     import ray
-    from cedana_ray.actors.remote import NAMESPACE
     from cedana_ray.actors.store_server import STORE
 
     from cedana_ray import cluster
+    from cedana_ray.remote import NAMESPACE
 
     if not ray.is_initialized():
         cluster.connect(_cluster())
@@ -57,8 +57,9 @@ class CedanaFileSystem(AbstractFileSystem):
 
     def _call(self, method: str, *args: Any) -> Any:
         import ray
-        from cedana_ray.actors.remote import GONE
         from ray import exceptions as rex
+
+        from cedana_ray.remote import GONE
 
         try:
             return ray.get(getattr(self.server, method).remote(*args))

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from cedana_ray.actors.remote import COORDINATOR, NAMESPACE, agent_name, call
+from cedana_ray.actors import launcher
 from cedana_ray.actors.store_server import STORE
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
@@ -42,11 +42,11 @@ from test_cri import count as cri_count
 from test_cri import run_counter as run_cri_counter
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 
-from cedana_ray import launcher
 from cedana_ray.cluster import Cluster
 from cedana_ray.crypto import ALGORITHM
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import JobState
+from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer

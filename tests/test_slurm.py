@@ -215,7 +215,7 @@ def test_no_slurmctld(slurm: SlurmCluster, home: Path, tmp_path: Path, monkeypat
     conf = tmp_path / "slurm.conf"
     port = re.search(r"SlurmctldPort=(\d+)", slurm.conf.read_text())
     assert port
-    from cedana_ray.launcher import free_port
+    from cedana_ray.actors.launcher import free_port
 
     # nothing listens on that port; clients give up after MessageTimeout
     text = slurm.conf.read_text().replace(port.group(0), f"SlurmctldPort={free_port()}")

@@ -46,7 +46,7 @@ def up(
 
     Ray runs with token authentication: the token is RAY_AUTH_TOKEN, the file
     RAY_AUTH_TOKEN_PATH names, or STATE/ray-auth-token (created for a new head)."""
-    from ..launcher import up as start
+    from ..actors.launcher import up as start
 
     if key_file and not encrypt:
         raise click.BadParameter("is for an encrypted cluster: add --encrypt", param_hint="--key-file")
@@ -67,7 +67,7 @@ def up(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def down(kill_jobs: bool, as_json: bool) -> None:
     """Stop what `up` started (the head too if `up` started it); jobs' checkpoints stay."""
-    from ..launcher import down as stop
+    from ..actors.launcher import down as stop
 
     report = stop(kill_jobs)
     show(as_json, report, lambda: console.print(f"cedana-ray is down ({report['actors']} actors stopped)"))

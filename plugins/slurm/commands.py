@@ -193,7 +193,7 @@ def destroy(directory: Path, as_json: bool) -> None:
 def up(address: str, nodes: int, storage: str | None, timeout: float) -> None:
     """`cedana-ray up` once every node of the allocation has joined Ray (for the batch script):
     then the workloads are placed, or restored, over all of them."""
-    from cedana_ray.launcher import up as start
+    from cedana_ray.actors.launcher import up as start
 
     joined = allocation.wait_for_nodes(address, nodes, timeout)
     if joined < nodes:  # go on: the workloads can still run, on fewer nodes

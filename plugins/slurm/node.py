@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-from cedana_ray.launcher import free_port, node_args
+from cedana_ray.actors.launcher import free_port, node_args
 
 HEAD_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5

@@ -26,12 +26,12 @@ from typing import Any
 
 import psutil
 
-from . import auth
-from .cluster import ClusterState, connect, load_state, save_state, state_file
-from .config import paths
-from .crypto import load_key
-from .errors import PrerequisiteError, StateError, UsageError
-from .models import LIVE_STATES, NodeStatus
+from cedana_ray import auth
+from cedana_ray.cluster import ClusterState, connect, load_state, save_state, state_file
+from cedana_ray.config import paths
+from cedana_ray.crypto import load_key
+from cedana_ray.errors import PrerequisiteError, StateError, UsageError
+from cedana_ray.models import LIVE_STATES, NodeStatus
 
 AGENTS_TIMEOUT_S = 60.0
 LOOPBACK = "127.0.0.1"
@@ -113,8 +113,9 @@ def _head_node() -> str:
 
 
 def start_coordinator(base: str, storage: str, encrypt: bool = False, key: bytes | None = None) -> Any:
-    from .actors.coordinator import Coordinator
-    from .actors.remote import COORDINATOR, detached
+    from cedana_ray.remote import COORDINATOR, detached
+
+    from .coordinator import Coordinator
 
     return detached(Coordinator, COORDINATOR, _head_node(), base, storage, encrypt, key, concurrency=64)
 
@@ -123,7 +124,7 @@ def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list
     """Until every alive node's agent answers."""
     import ray
 
-    from .actors.remote import call
+    from cedana_ray.remote import call
 
     deadline = time.monotonic() + timeout
     while True:
@@ -184,7 +185,7 @@ def up(
         UsageError: ``dashboard_host`` with a cluster ``up`` does not start.
         PrerequisiteError: Ray did not start, or there is no token to join with.
     """
-    from .actors.remote import call
+    from cedana_ray.remote import call
 
     key = key or load_key(None)
     encrypt = encrypt or key is not None
@@ -244,8 +245,8 @@ def down(kill_jobs: bool = False) -> dict[str, Any]:
     """Stop what ``up`` started: the coordinator, the agents, and the head if it was ours."""
     import ray
 
-    from .actors.remote import NAMESPACE
-    from .cluster import Cluster
+    from cedana_ray.cluster import Cluster
+    from cedana_ray.remote import NAMESPACE
 
     state = load_state()
     if state is None:

@@ -46,7 +46,7 @@ def detached(cls: type, name: str, node: str, *args: Any, concurrency: int = 16)
             max_restarts=-1,
             max_concurrency=concurrency,
             num_cpus=0,
-            # jobs' supervisors are our children (cedana_ray/spawn.py, plugins/process/launch.py) and outlive us
+            # jobs' supervisors are our children (spawn.py, plugins/process/launch.py) and outlive us
             runtime_env={"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         )
