@@ -35,14 +35,18 @@ class Placement:
             found.append(status.model_copy(update={"draining": node in self.draining, "gpus": gpus.get(node, 0)}))
         return found
 
-    def resolve_node(self, prefix: str) -> str:
-        """The alive node whose id starts with ``prefix``."""
-        matches = [n for n in self.agents if n.startswith(prefix)]
+    def resolve_node(self, name: str) -> str:
+        """The alive node ``name`` names: its Ray id, its IP, its hostname, or a prefix of its id."""
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] in self.agents]
+        matches = named(name, alive)
         if len(matches) > 1:
-            raise UsageError(f"node prefix {prefix!r} is ambiguous ({len(matches)} nodes)")
+            found = ", ".join(
+                f"{n['NodeID'][:12]} ({n['NodeManagerHostname']}, {n['NodeManagerAddress']})" for n in matches
+            )
+            raise UsageError(f"node {name!r} is ambiguous: {found}", hint="name one by its id (a prefix is enough)")
         if not matches:
-            raise NotFoundError(f"no alive node {prefix!r}", hint="`cedana-ray nodes` lists them")
-        return matches[0]
+            raise NotFoundError(f"no alive node {name!r}", hint="`cedana-ray nodes` lists them")
+        return matches[0]["NodeID"]
 
     def _place(self, jtype: str, node: str | None = None, exclude: str | None = None, gpu: bool = False) -> str:
         """The node for a ``jtype`` job: the one named, or the least loaded that can run it
@@ -64,6 +68,13 @@ class Placement:
         if not fit:
             raise PrerequisiteError(f"no node can take a {what} now", hint="`cedana-ray nodes`")
         return min(fit, key=lambda s: (s.live_jobs, -s.memory_available, s.node)).node
+
+
+def named(name: str, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes (as ``ray.nodes()`` describes them) that ``name`` names: those whose id, IP or
+    hostname it is, else those whose id it begins."""
+    exact = [n for n in nodes if name in (n["NodeID"], n["NodeManagerAddress"], n["NodeManagerHostname"])]
+    return exact or [n for n in nodes if n["NodeID"].startswith(name)]
 
 
 def _gpus() -> dict[str, float]:

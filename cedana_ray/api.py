@@ -8,7 +8,7 @@ models returned are those the CLI prints with ``--json``; errors are
 
     import cedana_ray
     job = cedana_ray.run(["python", "train.py"], checkpoint_every=60, keep=3)
-    job.migrate("3f2a")          # a node id prefix
+    job.migrate("worker-3")      # a hostname, an IP or a node id prefix
     job.dump(leave_running=True)
     print(job.status, job.logs()[-200:])
 
@@ -165,7 +165,7 @@ def restore(
 
 
 def migrate(jid: str, node: str) -> MigrateResult:
-    """Move job ``jid`` to ``node`` (an id prefix): dump there, restore here, same id."""
+    """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): dump there, restore here, same id."""
     return _engine().migrate(jid, node)
 
 

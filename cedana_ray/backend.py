@@ -84,7 +84,7 @@ class Backend(Protocol):
 
     # -- the cluster (local mode refuses these)
     def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
-        """Move job ``jid`` to ``node`` (an id prefix): it keeps its id."""
+        """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): it keeps its id."""
         ...
 
     def drain(self, node: str) -> list[MigrateResult]:

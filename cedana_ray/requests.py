@@ -32,7 +32,7 @@ class RunRequest(BaseModel):
     gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
     checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps
     keep: int | None = Field(None, ge=1)  # how many of those checkpoints to keep
-    node: str | None = None  # with a cluster: the node to run on (an id prefix); default: placed
+    node: str | None = None  # with a cluster: the node to run on (hostname, IP or id prefix); default: placed
     restore_on_loss: bool = False  # with a cluster: restore from the last checkpoint if the node dies
     encrypt: bool = False  # encrypt every checkpoint of the job (policy, migration, drain... too)
     key: Key | None = None  # with ``encrypt``: its key (default: CEDANA_RAY_KEY; a cluster's own)

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ import psutil
 import pytest
 import ray
 from cedana_ray.actors import launcher
+from cedana_ray.actors.placement import named
 from cedana_ray.actors.store_server import STORE
 from cedana_ray.plugins.containerd.client import Ctr
 from cedana_ray.plugins.containerd.plugin import ContainerdRunRequest
@@ -195,6 +197,19 @@ def test_run_dump_and_restore_on_another_node(client: Cluster) -> None:
     client.kill(jid)
 
 
+def test_nodes_are_named_by_hostname_ip_or_id(ray_cluster: RayCluster) -> None:
+    """As on a cluster of several machines: each node's own hostname and IP name it alone."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    machines = [
+        {**n, "NodeManagerHostname": f"worker-{i}", "NodeManagerAddress": f"10.0.0.{i}"} for i, n in enumerate(nodes)
+    ]
+    for i, node in enumerate(machines):
+        for name in (f"worker-{i}", f"10.0.0.{i}", node["NodeID"], node["NodeID"][:12]):
+            assert named(name, machines) == [node], name
+    assert named("worker-9", machines) == []
+    assert len(named("", machines)) == len(machines)
+
+
 def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     jid = run_counter(client, "c-migrate")
     source = client.job(jid).node
@@ -217,6 +232,9 @@ def test_bad_migrations_leave_the_job_running(client: Cluster) -> None:
         client.migrate(jid, node)
     with pytest.raises(UsageError, match="ambiguous"):
         client.migrate(jid, "")
+    with pytest.raises(UsageError, match="ambiguous") as same_host:  # every node of this cluster is on this machine
+        client.migrate(jid, socket.gethostname())
+    assert all(n[:12] in str(same_host.value) for n in alive_nodes()) and "\n" not in str(same_host.value)
 
     target = other(node)
     runs = [in_background(lambda: client.migrate(jid, target)) for _ in range(2)]

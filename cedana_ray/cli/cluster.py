@@ -99,7 +99,13 @@ def _nodes_table(found: list[NodeStatus]) -> None:
 
 @click.command()
 @click.argument("jid")
-@click.option("--to", "node", required=True, metavar="NODE", help="Target node id (a unique prefix is enough).")
+@click.option(
+    "--to",
+    "node",
+    required=True,
+    metavar="NODE",
+    help="Target node: its hostname, IP or Ray id (a unique prefix is enough).",
+)
 @click.option(
     "--compression",
     type=click.Choice([c.value for c in Compression]),
