@@ -6,7 +6,8 @@ Mixed into the :class:`~cedana_ray.actors.coordinator.Coordinator`, whose state 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 from cedana_ray.errors import CedanaError, UsageError
@@ -36,8 +37,13 @@ class Checkpoints(RecordVerbs):
 
     def _dump(self, job: Job, request: DumpRequest) -> DumpResult:
         request = request.model_copy(update={"storage": request.storage or job.details.get("storage") or self.storage})
-        result: DumpResult = self._serve(job.node, "dump", job.jid, request)
+        try:
+            result: DumpResult = self._serve(job.node, "dump", job.jid, request)
+        except Exception as exc:
+            self.records.failed(job.jid, "dump", exc)
+            raise
         self.records.dumped(result.info(), checkpointed=not request.leave_running)
+        self.records.checkpointed(result, job.node)
         return result
 
     def restore(
@@ -50,7 +56,7 @@ class Checkpoints(RecordVerbs):
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {manifest.checkpoint} is of a {manifest.type} job, not {jtype}")
         target_jid = request.jid or jid or manifest.jid
-        with self._claim(target_jid):
+        with self._claim(target_jid), self._noting_failure(target_jid, "restore"):
             existing = replaceable(self.records.existing(target_jid))
             here = existing.node if existing and existing.node in self.agents else None
             gpu = needs_gpu(existing, manifest)
@@ -69,6 +75,15 @@ class Checkpoints(RecordVerbs):
             self._forget(existing)
         job = self.records.restored(existing, result.job, manifest.checkpoint, target)
         return result.model_copy(update={"job": job})
+
+    @contextmanager
+    def _noting_failure(self, jid: str, what: str) -> Iterator[None]:
+        """Note in job ``jid``'s history that its ``what`` failed, if it does."""
+        try:
+            yield
+        except Exception as exc:
+            self.records.failed(jid, what, exc)
+            raise
 
     def _forget(self, job: Job) -> None:
         """Drop what is left of a job on the node it left; the job is safe elsewhere either way."""

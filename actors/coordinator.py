@@ -34,7 +34,7 @@ import ray
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
-from cedana_ray.models import LIVE_STATES, Job
+from cedana_ray.models import LIVE_STATES, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
@@ -50,6 +50,7 @@ from .placement import Placement
 from .policies import Policies
 from .store_server import STORE, StoreServer
 
+ENDED = (JobState.killed, JobState.exited, JobState.lost)
 MONITOR_PERIOD_S = 1.0
 RECOVER_PERIOD_S = 10.0  # how often the store is searched for checkpoints the catalog missed
 log = logging.getLogger("cedana_ray.coordinator")
@@ -156,6 +157,8 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         )
         if fresh != record:
             self.registry.save_job(fresh)
+            if record.state in LIVE_STATES and fresh.state in ENDED:
+                self.records.ended(fresh)
         return fresh
 
     def job(self, jid: str) -> Job:
@@ -208,7 +211,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
         job = job.model_copy(update={"details": {**job.details, **details}})
-        self.registry.add_job(job)
+        self.records.started(job)
         return job
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
@@ -218,7 +221,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         node = self.resolve_node(request.node)
         jid = self._new_jid(request.jid)
         job = self._serve(node, "manage", jtype, request.model_copy(update={"jid": jid, "node": node}))
-        self.registry.add_job(job)
+        self.records.started(job)
         return job
 
     def _live(self, jid: str) -> Job:
@@ -250,7 +253,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             raise StateError(f"job {jid} is {job.state.value}", hint=f"`cedana-ray job kill {jid}` first")
         if job.node in self.agents:
             call(self._agent(job.node).forget.remote(jid))
-        self.registry.delete_job(jid)
+        self.records.deleted(jid)
         return job
 
     def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:

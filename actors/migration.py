@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cedana_ray.errors import CedanaError, UsageError
-from cedana_ray.models import LIVE_STATES, Compression, DumpResult, Job, JobState, MigrateResult
+from cedana_ray.models import LIVE_STATES, Compression, DumpResult, EventKind, Job, JobState, MigrateResult
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records
 from cedana_ray.registry import Registry
@@ -34,7 +34,9 @@ class Migration:
         for job in self.registry.jobs():
             if job.state in LIVE_STATES and job.node not in alive and job.jid not in self._busy:
                 log.warning("job %s: node %s is gone, job lost", job.jid, job.node[:12])
-                self.registry.save_job(job.model_copy(update={"state": JobState.lost}))
+                lost = job.model_copy(update={"state": JobState.lost})
+                self.registry.save_job(lost)
+                self.records.ended(lost)
                 if job.details.get("restore_on_loss") and job.last_checkpoint:
                     self._pool.submit(self._recover_logged, job.jid)
 
@@ -59,16 +61,20 @@ class Migration:
         url = job.details.get("storage") or self.storage
         return DumpRequest(compression=Compression.none if url.startswith("file://") else Compression.lz4)
 
-    def _migrate(self, job: Job, target: str, request: DumpRequest) -> MigrateResult:
+    def _migrate(
+        self, job: Job, target: str, request: DumpRequest, kind: EventKind = EventKind.migrated
+    ) -> MigrateResult:
         start = time.perf_counter()
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
         move = self._move_frozen if freezes and not needs_gpu(job) else self._move_stopped
-        dumped, restored, dump_s = move(job, target, request, start)
+        with self._noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
+            dumped, restored, dump_s = move(job, target, request, start)
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}
         )
         self.registry.save_job(moved)
         total = time.perf_counter() - start
+        self.records.note(job.jid, kind, source=job.node, target=target, duration_s=round(total, 6))
         return MigrateResult(
             jid=job.jid,
             source=job.node,
@@ -130,7 +136,7 @@ class Migration:
             if job.node == node and job.state in LIVE_STATES:
                 with self._claim(job.jid):
                     target = self._place(job.type, exclude=node, gpu=needs_gpu(job))
-                    moved.append(self._migrate(job, target, self._migration_request(job)))
+                    moved.append(self._migrate(job, target, self._migration_request(job), EventKind.drained))
         return moved
 
     def undrain(self, node: str) -> str:

@@ -25,6 +25,7 @@ _API = (
     "jobs",
     "logs",
     "checkpoints",
+    "events",
     "import_checkpoint",
     "nodes",
     "JobHandle",

@@ -22,7 +22,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backend import Backend, open_backend
-from .models import CheckpointInfo, Compression, CriuOptions, DumpResult, Job, JobState, MigrateResult, NodeStatus
+from .models import (
+    CheckpointInfo,
+    Compression,
+    CriuOptions,
+    DumpResult,
+    Event,
+    Job,
+    JobState,
+    MigrateResult,
+    NodeStatus,
+)
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 _backend: Backend | None = None
@@ -211,6 +221,12 @@ def logs(jid: str) -> str:
 
 def checkpoints(jid: str | None = None) -> list[CheckpointInfo]:
     return _engine().checkpoints(jid)
+
+
+def events(jid: str | None = None, after: int = 0) -> list[Event]:
+    """The history of job ``jid`` (of every job if None), oldest first, after its ``after``-th
+    event (``cedana-ray events``)."""
+    return _engine().events(jid, after)
 
 
 def import_checkpoint(url: str) -> CheckpointInfo:

@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .models import LIVE_STATES, CheckpointInfo, DumpResult, Job, Manifest, MigrateResult, NodeStatus, RestoreResult
+from .models import (
+    LIVE_STATES,
+    CheckpointInfo,
+    DumpResult,
+    Event,
+    Job,
+    Manifest,
+    MigrateResult,
+    NodeStatus,
+    RestoreResult,
+)
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): a progress bar's update
@@ -55,6 +65,10 @@ class Backend(Protocol):
 
     def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
         """Up to ``limit`` bytes of job ``jid``'s output from ``offset`` (from the end if negative)."""
+        ...
+
+    def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
+        """The history of job ``jid`` (of every job if None) after its ``after``-th event."""
         ...
 
     # -- checkpoint and restore

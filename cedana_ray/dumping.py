@@ -150,5 +150,11 @@ class DumpChain:
         chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
         ctx = Context(request, DumpState(jid), job=job, progress=progress)
         start = time.perf_counter()
-        result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
-        return result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
+        try:
+            result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
+        except Exception as exc:
+            self.records.failed(jid, "dump", exc)
+            raise
+        result = result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
+        self.records.checkpointed(result, self.node)
+        return result

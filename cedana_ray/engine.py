@@ -64,8 +64,8 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
         # what every dump here is encrypted with: a cluster's own key on its nodes, else CEDANA_RAY_KEY
         self.key = key if cluster_address else key or load_key(None)
         self.registry = Registry(self.paths.db)
-        # on a cluster's node, the coordinator catalogs the checkpoints (cedana_ray.records)
-        self.records = Records(self.registry, self.signer, catalog=cluster_address is None)
+        # on a cluster's node, the coordinator catalogs the checkpoints and keeps the history (cedana_ray.records)
+        self.records = Records(self.registry, self.signer, authoritative=cluster_address is None)
         self.pm = pm or get_plugin_manager()
         recovery.repair(self)
 
@@ -86,10 +86,16 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             return job
         code = self.pm.call_for(job.type, "cedana_reaper", job=job)
         state = JobState.lost if code is None else JobState.exited
-        # unless the job moved on meanwhile (restored, by another process): that is its state
-        return self.registry.update_job(
-            job.jid, when=lambda now: (now.state, now.pid) == (job.state, job.pid), state=state, exit_code=code
-        )
+        seen = []
+
+        def unchanged(now: Job) -> bool:  # unless the job moved on meanwhile (restored, by another process)
+            seen.append((now.state, now.pid) == (job.state, job.pid))
+            return seen[-1]
+
+        ended = self.registry.update_job(job.jid, when=unchanged, state=state, exit_code=code)
+        if seen[-1]:  # this process noticed it: its history says so once
+            self.records.ended(ended)
+        return ended
 
     def _live(self, jid: str, *states: JobState) -> Job:
         return require_state(self.job(jid), *states)
@@ -117,7 +123,7 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             except BaseException:
                 remove_tree(job_dir)
                 raise
-            self.registry.add_job(job)
+            self.records.started(job)
         return job
 
     def _keep_job_key(self, jid: str, request: Any) -> None:
@@ -191,6 +197,7 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             return self.send(self._live(jid), number)
         job = self.registry.update_job(self._live(jid).jid, state=JobState.killed)
         self.stop(job)
+        self.records.ended(job)
         return job
 
     def send(self, job: Job, sig: int) -> Job:
@@ -213,7 +220,7 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
         if job.state in LIVE_STATES:
             raise StateError(f"job {jid} is {job.state.value}", hint=f"`cedana-ray job kill {jid}` first")
         self.pm.call_for(job.type, "cedana_cleanup", job=job)
-        self.registry.delete_job(jid)
+        self.records.deleted(jid)
         return job
 
     def freeze(self, jid: str) -> Job:

@@ -88,6 +88,30 @@ class JobState(StrEnum):
 LIVE_STATES = (JobState.running, JobState.frozen)
 
 
+class EventKind(StrEnum):
+    started = "started"
+    adopted = "adopted"  # `manage`
+    checkpointed = "checkpointed"
+    restored = "restored"
+    migrated = "migrated"
+    drained = "drained"  # migrated off a node being drained
+    killed = "killed"
+    exited = "exited"
+    lost = "lost"
+    failed = "failed"  # a dump, restore or migration that did not happen; the job is as it was
+    deleted = "deleted"
+
+
+class Event(BaseModel):
+    """One entry of a job's history (``cedana-ray events``)."""
+
+    id: int = 0  # its place in the history, from 1
+    jid: str
+    kind: EventKind
+    at: datetime = Field(default_factory=utcnow)
+    detail: dict[str, Any] = Field(default_factory=dict)  # checkpoint, size_bytes, node, source, target, error...
+
+
 class Job(BaseModel):
     """A workload under cedana-ray."""
 

@@ -5,7 +5,11 @@ cluster's record: every job, the node it runs on, its policy and its checkpoints
 catalog). Each node's agent keeps a registry of its own for the jobs running there (their
 processes, and the marks of dumps in progress that :mod:`cedana_ray.recovery` finishes if
 the agent dies), which the coordinator reads for their live state; it catalogs no
-checkpoints (``catalog=False``).
+checkpoints and keeps no history (``authoritative=False``).
+
+The history of each job (:class:`~cedana_ray.models.Event`: started, checkpointed, restored,
+migrated, failed...) is kept beside its record, so it outlives the job and a restarted
+coordinator.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from .errors import CheckpointNotFound, JobNotFound, StateError, UsageError
-from .models import LIVE_STATES, CheckpointInfo, Job, JobState, Manifest
+from .models import LIVE_STATES, CheckpointInfo, DumpResult, Event, EventKind, Job, JobState, Manifest
 from .registry import Registry
 from .requests import RestoreRequest
 from .signing import Signer
@@ -42,12 +46,41 @@ def replaceable(existing: Job | None) -> Job | None:
 
 
 class Records:
-    def __init__(self, registry: Registry, signer: Signer, *, catalog: bool = True) -> None:
+    def __init__(self, registry: Registry, signer: Signer, *, authoritative: bool = True) -> None:
         self.registry = registry
         self.signer = signer  # only checkpoints signed with its key are trusted
-        self.catalog = catalog  # whether checkpoints are catalogued here (not on a cluster's nodes)
+        # whether this is the record of checkpoints and history (not a cluster node's registry)
+        self.authoritative = authoritative
+
+    # -- history
+    def note(self, jid: str, kind: EventKind, **detail: Any) -> None:
+        """Add ``kind`` to job ``jid``'s history."""
+        if self.authoritative:
+            self.registry.add_event(Event(jid=jid, kind=kind, detail=detail))
+
+    def failed(self, jid: str, what: str, error: BaseException) -> None:
+        """Job ``jid``'s ``what`` (dump, restore, migrate) failed, with ``error``'s one line."""
+        self.note(jid, EventKind.failed, what=what, error=str(error).splitlines()[0] if str(error) else repr(error))
+
+    def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
+        return self.registry.events(jid, after)
 
     # -- jobs
+    def started(self, job: Job) -> None:
+        """Record a new job: started, or adopted."""
+        self.registry.add_job(job)
+        kind = EventKind.adopted if job.managed else EventKind.started
+        self.note(job.jid, kind, type=job.type, node=job.node, pid=job.pid)
+
+    def ended(self, job: Job) -> None:
+        """Note that ``job`` is over: killed, exited (with its code) or lost."""
+        detail = {"exit_code": job.exit_code} if job.state is JobState.exited else {}
+        self.note(job.jid, EventKind(job.state.value), node=job.node, **detail)
+
+    def deleted(self, jid: str) -> None:
+        self.registry.delete_job(jid)
+        self.note(jid, EventKind.deleted)
+
     def existing(self, jid: str) -> Job | None:
         try:
             return self.registry.job(jid)
@@ -56,7 +89,7 @@ class Records:
 
     def dumped(self, info: CheckpointInfo, *, checkpointed: bool = False) -> Job:
         """Record checkpoint ``info`` of its job (now its last), the job stopped if ``checkpointed``."""
-        if self.catalog:
+        if self.authoritative:
             self.registry.add_checkpoint(info)
         update: dict[str, Any] = {"last_checkpoint": info.checkpoint}
         if checkpointed:
@@ -73,7 +106,13 @@ class Records:
         else:
             job = job.model_copy(update=update)
         self.registry.save_job(job)
+        self.note(job.jid, EventKind.restored, checkpoint=checkpoint, node=node)
         return job
+
+    def checkpointed(self, result: DumpResult, node: str) -> None:
+        """Note a dump that is done (recorded by :meth:`dumped`)."""
+        detail = {"checkpoint": result.checkpoint, "size_bytes": result.size_bytes, "duration_s": result.duration_s}
+        self.note(result.jid, EventKind.checkpointed, node=node, **detail)
 
     # -- checkpoints
     def locate(self, jid: str | None, request: RestoreRequest) -> str:
@@ -175,6 +214,9 @@ class RecordVerbs:
     def import_checkpoint(self, url: str) -> CheckpointInfo:
         """Trust and catalog the checkpoint at ``url``, made elsewhere (see :meth:`Records.adopt`)."""
         return self.records.adopt(url)
+
+    def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
+        return self.records.events(jid, after)
 
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo:
         with self._exclusive(self.records.registry.checkpoint(ckpt).jid):

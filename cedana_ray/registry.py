@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointNotFound, JobNotFound, StateError, StorageError
-from .models import CheckpointInfo, Job
+from .models import CheckpointInfo, Event, Job
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (jid TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     checkpoint TEXT PRIMARY KEY, jid TEXT NOT NULL, path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL, created TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoints_jid ON checkpoints (jid, created);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, jid TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_jid ON events (jid, id);
 """
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p")
 
@@ -176,3 +178,17 @@ class Registry:
     def delete_checkpoint(self, ckpt: str) -> None:
         with self._conn() as conn:
             conn.execute("DELETE FROM checkpoints WHERE checkpoint = ?", (ckpt,))
+
+    # -- events
+    def add_event(self, event: Event) -> None:
+        with self._conn() as conn:
+            conn.execute("INSERT INTO events (jid, data) VALUES (?, ?)", (event.jid, event.model_dump_json()))
+
+    def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
+        """The events after the ``after``-th, oldest first: of job ``jid``, or of every job."""
+        query, args = "SELECT id, data FROM events WHERE id > ?", (after,)
+        if jid is not None:
+            query, args = query + " AND jid = ?", (after, jid)
+        with self._conn() as conn:
+            rows = conn.execute(query + " ORDER BY id", args).fetchall()
+        return [Event.model_validate_json(data).model_copy(update={"id": n}) for n, data in rows]

@@ -22,8 +22,12 @@ CLUSTER_ONLY = {"migrate": ("j", "n"), "drain": ("n",), "undrain": ("n",), "node
 
 
 def params(fn: Callable[..., Any], drop: set[str] | None = None) -> list[tuple[str, Any, Any, Any]]:
+    """``fn``'s parameters, less ``drop`` and the one Ray's tracing adds to the signature of
+    every method of an actor class (the coordinator's, once ``ray.remote`` has seen it in
+    this process: the catalog verbs it shares with the engine too)."""
     found = inspect.signature(fn).parameters.values()
-    return [(p.name, p.kind, p.default, p.annotation) for p in found if p.name not in (drop or set())]
+    skip = {*(drop or ()), "_ray_trace_ctx"}
+    return [(p.name, p.kind, p.default, p.annotation) for p in found if p.name not in skip]
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))

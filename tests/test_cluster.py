@@ -47,7 +47,7 @@ from test_process_criu import COUNTER, WORKLOADS, wait_for
 from cedana_ray.cluster import Cluster
 from cedana_ray.crypto import ALGORITHM
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
-from cedana_ray.models import JobState
+from cedana_ray.models import EventKind, JobState
 from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
@@ -220,6 +220,15 @@ def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     job = client.job(jid)
     assert job.node == target and job.state is JobState.running and job.last_checkpoint == moved.checkpoint
     assert_continuous(client, jid, last(client, jid))
+    history = client.events(jid)
+    assert [e.kind for e in history] == [
+        EventKind.started,
+        EventKind.checkpointed,
+        EventKind.restored,
+        EventKind.migrated,
+    ]
+    assert history[0].detail["node"] == source and history[2].detail == {"checkpoint": moved.checkpoint, "node": target}
+    assert (history[3].detail["source"], history[3].detail["target"]) == (source, target)
     client.kill(jid)
 
 
@@ -301,6 +310,7 @@ def test_coordinator_restart_recovers_jobs_and_checkpoints(client: Cluster) -> N
     away = ray.get(agent.serve.remote("dump", jid, DumpRequest(leave_running=True, storage=storage)))
     fresh = _fresh_coordinator(before)
     assert fresh.job(jid).state is JobState.running
+    assert [e.kind for e in fresh.events(jid)] == [EventKind.started], "the history outlives the coordinator"
     assert "c-restore" in {j.jid for j in fresh.jobs()}, "earlier jobs are still known"
     wait_for(lambda: away.checkpoint in {c.checkpoint for c in fresh.checkpoints(jid)}, 30, "the catalogued dump")
     fresh.kill(jid)
@@ -331,6 +341,7 @@ def test_drain_moves_jobs_off_a_node(client: Cluster) -> None:
     node = client.job(jid).node
     moved = client.drain(node[:12])
     assert [m.jid for m in moved] == [jid] and moved[0].target != node
+    assert client.events(jid)[-1].kind is EventKind.drained
     assert client.job(jid).node != node
     assert node in {n.node for n in client.nodes() if n.draining}, "no new job goes there"
     assert_continuous(client, jid, last(client, jid))
@@ -355,6 +366,9 @@ def test_lost_node_jobs_are_restored_elsewhere(ray_cluster: RayCluster, client: 
 
     wait_for(restored, 60, "the job restored on another node")
     wait_for(lambda: last(client, jid) >= 0, what="output after the restore")
+    lost, back = client.events(jid)[-2:]
+    assert (lost.kind, lost.detail["node"]) == (EventKind.lost, victim.node_id)
+    assert back.kind is EventKind.restored and back.detail["node"] != victim.node_id
     client.kill(jid)
 
 

@@ -19,6 +19,7 @@ from ..models import LIVE_STATES
 from ..plugins_manager import get_plugin_manager
 from ..requests import DumpRequest, RestoreRequest
 from . import cluster as cluster_commands
+from .history import events
 from .options import common, dump_options, engine, restore_options
 from .output import console, error, human_size, progress, show, show_dump, show_job, show_restore, table
 
@@ -66,7 +67,7 @@ restore = plugin_group("restore", "cedana_restore_command", "Restore a job or a 
 freeze = plugin_group("freeze", "cedana_freeze_command", "Pause a job or a workload.")
 unfreeze = plugin_group("unfreeze", "cedana_unfreeze_command", "Resume a frozen job or workload.")
 query = plugin_group("query", "cedana_query_command", "List the workloads of a runtime on this node.")
-for group in (run, manage, dump, restore, freeze, unfreeze, query, *cluster_commands.COMMANDS):
+for group in (run, manage, dump, restore, freeze, unfreeze, query, events, *cluster_commands.COMMANDS):
     cli.add_command(group)
 
 
