@@ -24,6 +24,7 @@ _API = (
     "job",
     "jobs",
     "logs",
+    "wait",
     "checkpoints",
     "events",
     "import_checkpoint",

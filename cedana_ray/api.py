@@ -18,10 +18,11 @@ Code running *inside* a job uses :func:`cedana_ray.checkpoint` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .backend import Backend, open_backend
+from .follow import follow
 from .models import (
     CheckpointInfo,
     Compression,
@@ -80,6 +81,10 @@ class JobHandle(Job):
 
     def logs(self) -> str:
         return logs(self.jid)
+
+    def wait(self, output: Callable[[bytes], None] | None = None) -> JobHandle:
+        """Wait until the job is over for good: see :func:`wait`."""
+        return wait(self.jid, output=output)
 
 
 def _handle(found: Job) -> JobHandle:
@@ -209,6 +214,13 @@ def job(jid: str) -> JobHandle:
 
 def jobs() -> list[JobHandle]:
     return [_handle(j) for j in _engine().jobs()]
+
+
+def wait(jid: str, *, output: Callable[[bytes], None] | None = None) -> JobHandle:
+    """Wait until job ``jid`` is over for good (exited, killed, or lost with no restore to come),
+    through dumps, restores and migrations; ``output`` gets what it prints, from the start, as it
+    comes. The job as it ended: ``exit_code`` is the workload's."""
+    return _handle(follow(_engine(), jid, output))
 
 
 def logs(jid: str) -> str:

@@ -43,11 +43,13 @@ from test_cri import WHY as NO_CRI
 from test_cri import count as cri_count
 from test_cri import run_counter as run_cri_counter
 from test_process_criu import COUNTER, WORKLOADS, wait_for
+from test_wait import counts_to
 
 from cedana_ray.cluster import Cluster
 from cedana_ray.crypto import ALGORITHM
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
-from cedana_ray.models import EventKind, JobState
+from cedana_ray.follow import follow
+from cedana_ray.models import EventKind, Job, JobState
 from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
 from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
@@ -195,6 +197,20 @@ def test_run_dump_and_restore_on_another_node(client: Cluster) -> None:
     assert_continuous(client, jid, stopped)  # the log came along from the first node
     assert [c.checkpoint for c in client.checkpoints(jid)] == [result.checkpoint]
     client.kill(jid)
+
+
+def test_wait_follows_a_job_across_a_migration(client: Cluster) -> None:
+    client.run("process", RunRequest(cmd=counts_to(80, 5), jid="c-wait"))
+    out: list[bytes] = []
+    ended: list[Job] = []
+    waiting = threading.Thread(target=lambda: ended.append(follow(client, "c-wait", out.append)))
+    waiting.start()
+    wait_for(lambda: last(client, "c-wait") >= 10, what="ten counts")
+    source = client.job("c-wait").node
+    client.migrate("c-wait", other(source))
+    waiting.join(60)
+    assert ended and (ended[0].state, ended[0].exit_code, ended[0].node) == (JobState.exited, 5, other(source))
+    assert [int(n) for n in re.findall(rb"count=(\d+)", b"".join(out))] == list(range(80)), "each line once, in order"
 
 
 def test_nodes_are_named_by_hostname_ip_or_id(ray_cluster: RayCluster) -> None:

@@ -21,6 +21,7 @@ import pytest
 from conftest import kill_jobs
 from test_cli import assert_one_error, cedana
 from test_process_criu import COUNTER, WORKLOADS, wait_for
+from test_wait import counts_to
 
 from cedana_ray import auth
 from cedana_ray.errors import PrerequisiteError, StateError, UsageError
@@ -134,6 +135,25 @@ def test_a_job_checkpoints_itself_through_its_supervisor(up: dict) -> None:
     assert started.returncode == 0, started.stderr
     wait_for(lambda: "checkpoint=" in cedana("logs", "inside").stdout, 60, "the job's own checkpoint")
     cli_json("job", "kill", "inside")
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_job_submit_with_wait_ends_as_the_workload(up: dict, status: int) -> None:
+    """`ray job submit -- cedana-ray run --wait ...`: Ray's job shows the workload's output and
+    ends SUCCEEDED or FAILED with it."""
+    entrypoint = ["cedana-ray", "run", "process", "--wait", "--jid", f"waited-{status}", "--"]
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", up["dashboard"], "--", *entrypoint, *counts_to(5, status, 0.01)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **auth.env(Path(up["auth_token_file"]))},
+    )
+    assert "count=4" in submit.stdout, submit.stdout + submit.stderr
+    assert submit.returncode == (0 if status == 0 else 1), submit.stdout + submit.stderr
+    assert ("succeeded" if status == 0 else "failed") in submit.stdout
+    [job] = [j for j in cli_json("ps") if j["jid"] == f"waited-{status}"]  # type: ignore[attr-defined]
+    assert (job["state"], job["exit_code"]) == ("exited", status)
 
 
 def test_up_job_submit_ps_dump_and_down(up: dict, home: Path) -> None:

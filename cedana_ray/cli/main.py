@@ -22,6 +22,7 @@ from . import cluster as cluster_commands
 from .history import events
 from .options import common, dump_options, engine, restore_options
 from .output import console, error, human_size, progress, show, show_dump, show_job, show_restore, table
+from .workload import wait
 
 _debug = False
 
@@ -67,7 +68,7 @@ restore = plugin_group("restore", "cedana_restore_command", "Restore a job or a 
 freeze = plugin_group("freeze", "cedana_freeze_command", "Pause a job or a workload.")
 unfreeze = plugin_group("unfreeze", "cedana_unfreeze_command", "Resume a frozen job or workload.")
 query = plugin_group("query", "cedana_query_command", "List the workloads of a runtime on this node.")
-for group in (run, manage, dump, restore, freeze, unfreeze, query, events, *cluster_commands.COMMANDS):
+for group in (run, manage, dump, restore, freeze, unfreeze, query, events, wait, *cluster_commands.COMMANDS):
     cli.add_command(group)
 
 
@@ -265,7 +266,7 @@ def _print_features(m: FeatureMatrix, errors: bool) -> None:
     if errors:
         for name, reasons in m.errors.items():
             for reason in reasons:
-                console.print(f"{name}: {reason}", highlight=False)
+                console.print(f"{name}: {reason}", highlight=False, markup=False)  # `cedana-ray[gpu]` as written
 
 
 @cli.group()
@@ -330,7 +331,8 @@ def _traceback() -> None:
 def main() -> None:
     os.umask(0o077)  # what we write (images, manifests, logs, the registry) holds process memory: ours alone
     try:
-        cli.main(standalone_mode=False)
+        status = cli.main(standalone_mode=False)  # a command's ctx.exit(N) comes back as N
+        sys.exit(status if isinstance(status, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:

@@ -1,9 +1,10 @@
 """Command builders every runtime plugin shares: ``run`` options, ``manage``, ``dump``,
-``restore``, ``freeze``/``unfreeze`` and ``query`` of a workload type."""
+``restore``, ``freeze``/``unfreeze`` and ``query`` of a workload type; and ``wait``."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +12,15 @@ import click
 
 from ..backend import job_for
 from ..crypto import KEY_ENV, load_key
+from ..follow import exit_status, follow
 from ..models import check_name
 from ..policy import parse_duration
 from ..requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
 from .options import common, dump_options, engine, key_file_option, pairs, restore_options
-from .output import progress, show, show_dump, show_job, show_restore, table
+from .output import emit_json, err_console, progress, show, show_dump, show_job, show_restore, table
 
 F = Callable[..., Any]
+WAIT = "cedana_ray.wait"  # click's context meta: `run --wait`
 
 
 def container_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -41,10 +44,12 @@ env_option = click.option(
 
 def policy_options(fn: F) -> F:
     """``--storage``, ``--checkpoint-every``, ``--keep``, ``--encrypt`` and ``--key-file``, passed on
-    as ``storage``, ``every`` (seconds), ``keep`` and ``encryption`` (RunRequest's fields)."""
+    as ``storage``, ``every`` (seconds), ``keep`` and ``encryption`` (RunRequest's fields); and
+    ``--wait``, which :func:`start` reads."""
 
     @functools.wraps(fn)
     def wrapper(**kw: Any) -> Any:
+        click.get_current_context().meta[WAIT] = kw.pop("wait")
         text = kw.pop("checkpoint_every")
         kw["every"] = parse_duration(text) if text else None
         if kw["keep"] and not kw["every"]:
@@ -68,6 +73,12 @@ def policy_options(fn: F) -> F:
             "or the cluster's own from `up --encrypt`).",
         ),
         key_file_option,
+        click.option(
+            "--wait",
+            is_flag=True,
+            help="Print the job's output as it comes and exit as it does, through dumps, restores and "
+            "migrations (Ctrl-C detaches; for `ray job submit`).",
+        ),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -75,11 +86,48 @@ def policy_options(fn: F) -> F:
 
 
 def start(name: str, request: RunRequest, storage: str | None, as_json: bool) -> None:
-    """Run the workload, give it its store, print the job."""
+    """Run the workload, give it its store, print the job; with ``--wait``, then follow it."""
     job = engine().run(name, request)
     if storage:
         job = engine().set_storage(job.jid, storage)
-    show_job(as_json, job, "started")
+    if not click.get_current_context().meta.get(WAIT):
+        show_job(as_json, job, "started")
+        return
+    err_console.print(f"started job {job.jid} ({job.type}); Ctrl-C detaches", highlight=False, markup=False)
+    follow_to_the_end(job.jid, as_json)
+
+
+def follow_to_the_end(jid: str, as_json: bool) -> None:
+    """Print job ``jid``'s output as it comes (on stderr with ``--json``, whose document is the
+    job as it ended), and exit as the workload did (see :func:`cedana_ray.follow.exit_status`)."""
+    sink = sys.stderr.buffer if as_json else sys.stdout.buffer
+
+    def out(chunk: bytes) -> None:
+        sink.write(chunk)
+        sink.flush()
+
+    try:
+        job = follow(engine(), jid, out)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"detached from job {jid}, which goes on: `cedana-ray logs -f {jid}` shows its output, "
+            f"`cedana-ray wait {jid}` waits for it again",
+            highlight=False,
+            markup=False,
+        )
+        click.get_current_context().exit(130)
+    if as_json:
+        emit_json(job)
+    click.get_current_context().exit(exit_status(job))
+
+
+@click.command()
+@click.argument("jid")
+@common
+def wait(jid: str, as_json: bool, local: bool) -> None:
+    """Print job JID's output from the start and exit as the job does: with its exit code,
+    137 if it was killed, 1 if it was lost; through dumps, restores and migrations."""
+    follow_to_the_end(jid, as_json)
 
 
 def manage_command(name: str, target: str, what: str) -> click.Command:
