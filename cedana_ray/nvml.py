@@ -13,12 +13,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .errors import PrerequisiteError
+from .extras import MissingExtra, needs
 
 try:
     import pynvml
 
     NVMLError: type[Exception] = pynvml.NVMLError
-except ImportError:  # the nvidia-ml-py distribution is optional at import time
+except ImportError:  # the gpu extra (nvidia-ml-py) is not installed
     pynvml = None
     NVMLError = OSError
 
@@ -42,7 +43,7 @@ class GpuProcess(BaseModel):
 def unavailable() -> str | None:
     """Why NVML cannot be used here, or None when it can."""
     if pynvml is None:
-        return "nvidia-ml-py (pynvml) is not installed"
+        return needs("gpu", "NVML (nvidia-ml-py)")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -52,6 +53,8 @@ def unavailable() -> str | None:
 
 def required(option: str) -> None:
     """Refuse ``option`` (a run option that cannot work without NVML) in one line."""
+    if pynvml is None:
+        raise MissingExtra(needs("gpu", option))
     if reason := unavailable():
         raise PrerequisiteError(f"{option}: {reason}")
 

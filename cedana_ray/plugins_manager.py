@@ -21,6 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginNotFound, UsageError
+from .extras import explain
 from .models import HealthCheck
 
 GROUP = "cedana_ray.plugins"
@@ -57,7 +58,8 @@ class PluginManager(pluggy.PluginManager):
             try:
                 plugin = ep.load()
             except Exception as exc:  # a plugin's import error must not break the CLI
-                self.failures[ep.name] = f"not installed: import failed: {exc}"
+                missing = explain(exc, f"the {ep.name} plugin")  # an extra that is not installed
+                self.failures[ep.name] = f"not installed: {missing or f'import failed: {exc}'}"
                 continue
             self.register_checked(plugin, ep.name)
 

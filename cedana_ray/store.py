@@ -39,6 +39,7 @@ from .errors import (
     UntrustedCheckpoint,
     UsageError,
 )
+from .extras import missing_in
 from .models import Manifest, check_name, untrusted
 from .retry import ATTEMPTS, describe, is_storage_error, retrying
 from .signing import Signer
@@ -95,6 +96,8 @@ class CheckpointStore(StoreWriter, StoreReader):
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ValueError, ImportError) as exc:
+            if missing := missing_in(exc):  # a plugin's backend whose extra is not installed
+                raise StorageError(str(missing)) from exc
             raise StorageError(
                 f"cannot open checkpoint store {url!r}: {exc}",
                 hint=f"known schemes: {', '.join(sorted(fsspec.available_protocols()))}",

@@ -9,9 +9,15 @@ from typing import Any
 # every call to an emulator wait out a 60 s timeout.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import gcsfs
-
 from cedana_ray.errors import StorageError
+from cedana_ray.extras import MissingExtra, needs
+
+try:
+    import gcsfs
+except ModuleNotFoundError as exc:  # the gcs extra is not installed (not: gcsfs is, and fails)
+    if exc.name not in ("gcsfs", "google", "google.cloud", "google.cloud.storage"):
+        raise
+    raise MissingExtra(needs("gcs", "gs://")) from exc
 
 from .storage_gcs import emulator
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from s3fs import S3FileSystem
-
+from cedana_ray.extras import MissingExtra, needs
 from cedana_ray.store import DEFAULT_STREAMS
+
+try:
+    from s3fs import S3FileSystem
+except ModuleNotFoundError as exc:  # the s3 extra is not installed (not: s3fs is, and fails)
+    if exc.name not in ("s3fs", "aiobotocore", "botocore"):
+        raise
+    raise MissingExtra(needs("s3", "s3://")) from exc
 
 from .storage_s3 import endpoint
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cedana_ray.extras import installed, needs
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
 
@@ -46,6 +47,8 @@ def _credentials_check() -> HealthCheck:
 
 @hookimpl
 def cedana_health_checks() -> list[HealthCheck]:
+    if not installed("gcsfs"):
+        return [HealthCheck(name="gcsfs", ok=False, fatal=False, detail=needs("gcs", "gs://"))]
     host = emulator()
     endpoint = endpoint_check(host) if host else HealthCheck(name="endpoint", ok=True, detail="Google (default)")
     return [_credentials_check(), endpoint]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cedana_ray.extras import installed, needs
 from cedana_ray.hookspecs import hookimpl
 from cedana_ray.models import HealthCheck
 
@@ -38,6 +39,8 @@ def _credentials_check() -> HealthCheck:
 
 @hookimpl
 def cedana_health_checks() -> list[HealthCheck]:
+    if not installed("s3fs"):
+        return [HealthCheck(name="s3fs", ok=False, fatal=False, detail=needs("s3", "s3://"))]
     checks = [_credentials_check()]
     url = endpoint()
     checks.append(endpoint_check(url) if url else HealthCheck(name="endpoint", ok=True, detail="AWS (default)"))

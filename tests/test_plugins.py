@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,36 @@ def test_import_failure_is_not_installed(pm: PluginManager) -> None:
     assert matrix.plugins[-1] == "fake-broken"
     assert set(column(matrix, "fake-broken").values()) == {Status.not_installed}
     assert matrix.errors["fake-broken"] == [pm.failures["fake-broken"]]
+
+
+@pytest.mark.parametrize(
+    ("source", "extra"),
+    [
+        ("import pynvml\n", "gpu"),  # a module only an extra brings, missing
+        (
+            "from cedana_ray.extras import MissingExtra\nraise MissingExtra('the fake plugin needs the cri extra')\n",
+            "cri",
+        ),
+    ],
+)
+def test_a_plugin_whose_extra_is_missing_names_it(
+    pm: PluginManager, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, extra: str
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    from cedana_ray import plugins_manager
+
+    (tmp_path / "cedana_ray_fake_extra_plugin.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    ep = EntryPoint(name="fake-extra", value="cedana_ray_fake_extra_plugin", group=plugins_manager.GROUP)
+    monkeypatch.setattr(plugins_manager, "entry_points", lambda group: [ep])
+    pm.load_entry_points()
+    reason = pm.failures["fake-extra"]
+    assert reason.startswith("not installed: ") and f"needs the {extra} extra" in reason, reason
+    matrix = features.compute(pm)
+    assert matrix.errors["fake-extra"] == [reason]
+    assert set(column(matrix, "fake-extra").values()) == {Status.not_installed}
 
 
 def test_every_row_has_every_plugin(pm: PluginManager) -> None:

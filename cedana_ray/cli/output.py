@@ -10,8 +10,10 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
@@ -35,7 +37,7 @@ def emit_json(obj: Any) -> None:
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     t = Table(*columns, title=title, box=None, header_style="bold")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))  # as written: no markup (`cedana-ray[s3]`)
     console.print(t)
 
 
@@ -64,7 +66,7 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def human_size(n: int) -> str:

@@ -7,7 +7,8 @@ from Debian's golang-k8s-cri-api-dev); only its messages are generated
 with :meth:`grpc.Channel.unary_unary`, so no generated service stubs are needed.
 
 grpc and the generated module are imported when a call is made, not when the plugin
-is loaded: every ``cedana-ray`` command loads every plugin.
+is loaded: every ``cedana-ray`` command loads every plugin. Both come with the ``cri``
+extra; without it a call (and the health check) says so in one line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cedana_ray.errors import CedanaError, JobNotFound, PrerequisiteError, StateError, UsageError
+from cedana_ray.extras import MissingExtra, needs
 
 if TYPE_CHECKING:
     from .proto import api_pb2 as pb
@@ -33,11 +35,35 @@ CHECKPOINT_TIMEOUT_S = 300.0  # a CRIU dump or restore of a large container take
 CHECKPOINT_HINT = "CRI checkpointing needs containerd >= 2.0 or CRI-O with enable_criu_support"
 
 
-def messages() -> Any:
-    """The generated CRI messages (``runtime.v1``)."""
-    from .proto import api_pb2
+REQUIRED = needs("cri", "the crio plugin (CRI)")
 
+
+def messages() -> Any:
+    """The generated CRI messages (``runtime.v1``); refused in one line, naming the extra,
+    without the protobuf runtime they were generated for."""
+    try:
+        from .proto import api_pb2
+    except Exception as exc:  # protobuf missing, or older than protoc was (its VersionError)
+        raise MissingExtra(REQUIRED) from exc
     return api_pb2
+
+
+def json_mapping() -> Any:
+    """protobuf's JSON mapping of messages (``google.protobuf.json_format``), from the
+    protobuf runtime :func:`messages` accepted."""
+    messages()
+    from google.protobuf import json_format
+
+    return json_format
+
+
+def grpc_module() -> Any:
+    """grpc, or our one-line error naming the extra."""
+    try:
+        import grpc
+    except ImportError as exc:
+        raise MissingExtra(REQUIRED) from exc
+    return grpc
 
 
 def one_line(text: str) -> str:
@@ -69,10 +95,8 @@ class Cri:
         service: str = RUNTIME,
     ) -> Any:
         """``runtime.v1.SERVICE/METHOD(request)``; the response, or our error with the runtime's message."""
-        import grpc
-
+        grpc, pb = grpc_module(), messages()
         self._require_socket()
-        pb = messages()
         response_type = getattr(pb, f"{method}Response")
         with grpc.insecure_channel(self.target) as channel:
             rpc = channel.unary_unary(
@@ -95,7 +119,7 @@ class Cri:
 
     def _error(self, method: str, exc: Any, error: type[CedanaError]) -> CedanaError:
         """The gRPC status as one of our errors: the code decides the class."""
-        import grpc
+        grpc = grpc_module()
 
         code, details = exc.code(), one_line(exc.details() or "")
         if code is grpc.StatusCode.UNAVAILABLE:

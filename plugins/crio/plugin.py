@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from google.protobuf import json_format
 from pydantic import BaseModel
 
 from cedana_ray.errors import CedanaError, DumpError, JobNotFound, RestoreError, StateError, UsageError
@@ -33,7 +32,7 @@ from cedana_ray.pipeline import Context, Handler
 from cedana_ray.runtime import Runtime
 
 from . import commands
-from .client import Cri, messages
+from .client import Cri, json_mapping, messages
 
 NAME = "crio"
 ARCHIVE = "checkpoint.tar"  # the runtime's checkpoint archive, in the store's image dir
@@ -95,7 +94,7 @@ def prepare_dump(ctx: Context, next_: Handler) -> Any:
         "container": status.id,
         "name": status.metadata.name,
         "pod": job.details["pod"],
-        "pod_config": json_format.MessageToDict(cri.pod(job.details["pod"])[1]),
+        "pod_config": json_mapping().MessageToDict(cri.pod(job.details["pod"])[1]),
         "own_pod": job.details.get("own_pod", False),  # a restore made it: whoever restores into it owns it
         "image": status.image.image,
         "image_ref": status.image_ref,
@@ -189,7 +188,7 @@ def _pod_for(cri: Cri, details: dict[str, Any]) -> tuple[str, Any, bool]:
             return details["pod"], config, False
     if "pod_config" not in details:
         raise RestoreError(f"pod sandbox {details['pod']} is not ready, and the checkpoint does not describe it")
-    config = json_format.ParseDict(details["pod_config"], messages().PodSandboxConfig())
+    config = json_mapping().ParseDict(details["pod_config"], messages().PodSandboxConfig())
     meta = config.metadata
     attempts = [p.metadata.attempt for p in cri.pods() if _same_pod(p.metadata, meta)]
     if attempts:
@@ -247,7 +246,7 @@ def health_checks() -> list[HealthCheck]:
     cri = Cri.from_env()
     try:
         v = cri.version()
-    except (CedanaError, ImportError) as exc:  # grpc missing or the endpoint silent: the finding
+    except (CedanaError, ImportError) as exc:  # the cri extra missing, or the endpoint silent: the finding
         return [HealthCheck(name="cri endpoint", ok=False, fatal=False, detail=str(exc))]
     runtime = f"{v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}) at {cri.endpoint}"
     checks = [HealthCheck(name="cri endpoint", ok=True, detail=runtime)]
