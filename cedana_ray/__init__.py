@@ -31,7 +31,7 @@ _API = (
     "nodes",
     "JobHandle",
 )
-_INSIDE = ("checkpoint", "on_restore")  # for code running inside a job
+_INSIDE = ("checkpoint", "on_restore", "restored")  # for code running inside a job
 __all__ = ["__version__", *_API, *_INSIDE]
 
 

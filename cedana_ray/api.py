@@ -35,6 +35,7 @@ from .models import (
     NodeStatus,
 )
 from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .store import DEFAULT_STREAMS
 
 _backend: Backend | None = None
 
@@ -106,8 +107,11 @@ def run(
     storage: str | None = None,
     encrypt: bool = False,
     key: bytes | None = None,
+    gpu: bool = False,
+    gpu_tracing: bool = False,
 ) -> JobHandle:
     """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
+    ``gpu`` and ``gpu_tracing`` as ``run --gpu --gpu-tracing`` (docs/gpu.md).
 
     The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
     (:data:`cedana_ray.environment.DEFAULTS`) of whoever starts it (this process, or a
@@ -129,6 +133,8 @@ def run(
         restore_on_loss=restore_on_loss,
         encrypt=encrypt,
         key=key,
+        gpu=gpu,
+        gpu_tracing=gpu_tracing,
     )
     started = _engine().run(type, request)
     return _handle(_engine().set_storage(started.jid, storage) if storage else started)
@@ -148,9 +154,12 @@ def dump(
     criu: CriuOptions | None = None,
     encrypt: bool = False,
     key: bytes | None = None,
+    streams: int = DEFAULT_STREAMS,
+    metadata: dict[str, str | int | float | bool | None] | None = None,
 ) -> DumpResult:
     """Checkpoint job ``jid``; without ``leave_running`` the job stops once it is stored.
-    ``encrypt`` with ``key`` (a job run with ``encrypt``, or a key configured, is always encrypted)."""
+    ``encrypt`` with ``key`` (a job run with ``encrypt``, or a key configured, is always encrypted);
+    ``streams`` as ``--streams``; ``metadata`` labels the checkpoint (``{"step": 1200}``)."""
     request = DumpRequest(
         leave_running=leave_running,
         storage=storage,
@@ -158,6 +167,8 @@ def dump(
         criu=criu or CriuOptions(),
         encrypt=encrypt,
         key=key if encrypt else None,
+        streams=streams,
+        metadata=metadata or {},
     )
     return _engine().dump(jid, request)
 

@@ -106,6 +106,7 @@ class DumpChain:
                     "criu": req.criu,
                     "parent": job.last_checkpoint,
                     "details": {**ctx.state.details, "command": job.command},
+                    "metadata": req.metadata,
                 },
                 compression=req.compression,
                 streams=req.streams,
@@ -125,6 +126,7 @@ class DumpChain:
             size_bytes=manifest.size_bytes,
             image_bytes=manifest.image_bytes,
             created=manifest.created,
+            metadata=manifest.metadata,
             duration_s=0.0,
         )
 

@@ -5,7 +5,8 @@
     import cedana_ray
 
     cedana_ray.on_restore(reconnect)       # runs after every restore of this process
-    ckpt = cedana_ray.checkpoint()         # a leave-running checkpoint of this job; its id
+    ckpt = cedana_ray.checkpoint(metadata={"step": 1200})  # a leave-running checkpoint; its id
+    cedana_ray.restored()                  # the checkpoint this job was restored from, or None
 
 A job cannot dump itself (it is frozen while CRIU works), so the request goes to its
 supervisor, which lives outside the checkpointed tree: the job writes ``NAME.request``
@@ -27,7 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from .errors import CheckpointError, StateError, UsageError
+from .models import Metadata
 
 RESTORED = "restored.json"
 POLL_S = 0.1
@@ -58,13 +62,22 @@ def record_restore(control: Path, checkpoint: str) -> None:
     tmp.replace(control / RESTORED)
 
 
-def checkpoint(timeout: float = 600.0) -> str:
-    """Checkpoint the job this code runs in, leaving it running; the checkpoint's id."""
+def restored() -> str | None:
+    """The checkpoint this job was last restored from; None if it never was (this process
+    runs as it was started)."""
+    return _restores(_control())["checkpoint"]
+
+
+def checkpoint(timeout: float = 600.0, metadata: dict[str, Any] | None = None) -> str:
+    """Checkpoint the job this code runs in, leaving it running; the checkpoint's id.
+    ``metadata`` labels it (``{"step": 1200}``: string keys, JSON scalar values, 4 KiB in all),
+    as ``checkpoint list`` and ``inspect`` show."""
     control = _control()
+    labels = TypeAdapter(Metadata).validate_python(metadata or {})  # refused here, not in the supervisor
     before = _restores(control)["count"]
     name = uuid.uuid4().hex
     tmp = control / f"{name}.tmp"
-    tmp.write_text("{}")
+    tmp.write_text(json.dumps({"metadata": labels}))
     tmp.replace(control / f"{name}.request")
     result = control / f"{name}.result"
     deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,6 +39,20 @@ def _one_line(value: str) -> str:
 
 
 OneLine = Annotated[str, AfterValidator(_one_line)]
+MAX_METADATA = 4096  # bytes of JSON: a checkpoint's metadata labels it (step, loss), it carries no payload
+
+
+def _small(metadata: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(metadata)) > MAX_METADATA:
+        raise ValueError(f"checkpoint metadata takes at most {MAX_METADATA} bytes of JSON")
+    return metadata
+
+
+# a checkpoint's user metadata (`dump --metadata step=1200`, `cedana_ray.checkpoint(metadata=...)`)
+Metadata = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)], str | int | float | bool | None],
+    AfterValidator(_small),
+]
 
 
 def _absolute(path: str) -> str:
@@ -206,6 +221,7 @@ class Manifest(BaseModel):
     files: tuple[ImageFile, ...]
     parent: Name | None = None
     details: dict[str, Any] = Field(default_factory=dict)  # plugin facts for restore; each plugin checks its own
+    metadata: Metadata = Field(default_factory=dict)  # the user's
     layout: Layout = Layout.file
     encryption: str | None = None  # "aes-256-gcm" when the chunks are encrypted
     key_fingerprint: str | None = None  # of the key they were encrypted with; never the key
@@ -252,6 +268,7 @@ class CheckpointInfo(BaseModel):
     path: str
     size_bytes: int
     created: datetime
+    metadata: Metadata = Field(default_factory=dict)
 
     @classmethod
     def of(cls, manifest: Manifest, path: str) -> CheckpointInfo:
@@ -262,6 +279,7 @@ class CheckpointInfo(BaseModel):
             path=path,
             size_bytes=manifest.size_bytes,
             created=manifest.created,
+            metadata=manifest.metadata,
         )
 
 
@@ -272,13 +290,19 @@ class DumpResult(BaseModel):
     size_bytes: int
     image_bytes: int
     created: datetime  # the manifest's
+    metadata: Metadata = Field(default_factory=dict)
     duration_s: float
     timings: dict[str, float] = Field(default_factory=dict)
 
     def info(self) -> CheckpointInfo:
         """The catalog entry of the checkpoint made."""
         return CheckpointInfo(
-            checkpoint=self.checkpoint, jid=self.jid, path=self.path, size_bytes=self.size_bytes, created=self.created
+            checkpoint=self.checkpoint,
+            jid=self.jid,
+            path=self.path,
+            size_bytes=self.size_bytes,
+            created=self.created,
+            metadata=self.metadata,
         )
 
 

@@ -13,6 +13,7 @@ login node) opens it read-only.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (jid TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     checkpoint TEXT PRIMARY KEY, jid TEXT NOT NULL, path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL, created TEXT NOT NULL);
+    size_bytes INTEGER NOT NULL, created TEXT NOT NULL, metadata TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX IF NOT EXISTS checkpoints_jid ON checkpoints (jid, created);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, jid TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_jid ON events (jid, id);
@@ -64,6 +65,9 @@ class Registry:
         if not readonly:
             with self._conn() as conn:
                 conn.executescript(SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(checkpoints)")}
+                if "metadata" not in columns:  # a registry from before checkpoints had metadata
+                    conn.execute("ALTER TABLE checkpoints ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'")
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -156,18 +160,25 @@ class Registry:
     def add_checkpoint(self, info: CheckpointInfo) -> None:
         with self._conn() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                (info.checkpoint, info.jid, info.path, info.size_bytes, info.created.isoformat()),
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    info.checkpoint,
+                    info.jid,
+                    info.path,
+                    info.size_bytes,
+                    info.created.isoformat(),
+                    json.dumps(info.metadata),
+                ),
             )
 
     def checkpoints(self, jid: str | None = None) -> list[CheckpointInfo]:
-        query, args = "SELECT * FROM checkpoints", ()
+        query, args = "SELECT checkpoint, jid, path, size_bytes, created, metadata FROM checkpoints", ()
         if jid is not None:
             query, args = query + " WHERE jid = ?", (jid,)
         with self._conn() as conn:
             rows = conn.execute(query + " ORDER BY created", args).fetchall()
         keys = ("checkpoint", "jid", "path", "size_bytes", "created")
-        return [CheckpointInfo(**dict(zip(keys, r, strict=False))) for r in rows]
+        return [CheckpointInfo(**dict(zip(keys, r, strict=False)), metadata=json.loads(r[5])) for r in rows]
 
     def checkpoint(self, ckpt: str) -> CheckpointInfo:
         found = [c for c in self.checkpoints() if c.checkpoint == ckpt]

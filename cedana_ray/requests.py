@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, Field, SecretBytes, model_valida
 
 from .crypto import KEY_BYTES
 from .errors import UsageError
-from .models import Compression, CriuOptions, Manifest, Name
+from .models import Compression, CriuOptions, Manifest, Metadata, Name
 from .store import DEFAULT_STREAMS
 
 
@@ -52,6 +52,7 @@ class DumpRequest(BaseModel):
     criu: CriuOptions = CriuOptions()
     encrypt: bool = False  # AES-256-GCM per chunk, with ``key``
     key: Key | None = None
+    metadata: Metadata = Field(default_factory=dict)  # the user's, kept in the manifest
 
     @model_validator(mode="after")
     def _key_for_encrypt(self) -> DumpRequest:

@@ -62,8 +62,9 @@ def serve_control(control: dict) -> None:
             if not entry.endswith(".request"):
                 continue
             name = entry.removesuffix(".request")
+            argv = [*control["argv"], *_labels(os.path.join(folder, entry))]
             os.unlink(os.path.join(folder, entry))
-            done = subprocess.run(control["argv"], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             try:
                 result = {"checkpoint": json.loads(done.stdout)["checkpoint"]}
             except (ValueError, KeyError):
@@ -73,6 +74,17 @@ def serve_control(control: dict) -> None:
                 json.dump(result, f)
             os.replace(tmp, os.path.join(folder, name + ".result"))
         time.sleep(CONTROL_POLL_S)
+
+
+def _labels(request: str) -> list[str]:
+    """The dump's ``--metadata K=V`` options for the request in file ``request`` (the job's
+    own words: the dump command checks them)."""
+    try:
+        with open(request) as f:
+            metadata = json.load(f).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [arg for key, value in metadata.items() for arg in ("--metadata", f"{key}={json.dumps(value)}")]
 
 
 def start_control(control: dict) -> int:

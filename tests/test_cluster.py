@@ -396,8 +396,9 @@ def test_python_api_from_a_driver(ray_cluster: RayCluster) -> None:
     wait_for(lambda: "count=3" in job.logs(), what="output through the API")
     moved = job.migrate(other(job.node)[:12])
     assert moved.job.node != job.node and job.status is JobState.running
-    dumped = job.dump(leave_running=True)
-    assert dumped.checkpoint in {c.checkpoint for c in cedana_ray.checkpoints("c-api")}
+    dumped = job.dump(leave_running=True, metadata={"step": 3, "note": "api"})
+    [info] = [c for c in cedana_ray.checkpoints("c-api") if c.checkpoint == dumped.checkpoint]
+    assert info.metadata == {"step": 3, "note": "api"} and info.created == dumped.created
     assert "c-api" in {j.jid for j in cedana_ray.jobs()} and len(cedana_ray.nodes()) >= 2
     assert job.kill().state is JobState.killed
 

@@ -25,11 +25,15 @@ def test_a_job_checkpoints_itself_and_hears_of_its_restore(engine: Engine) -> No
     jid = start(engine, [sys.executable, str(WORKLOADS / "self_checkpoint.py")], ready="checkpoint=")
     [ckpt] = checkpoints_in_log(engine, jid)
     assert [c.checkpoint for c in engine.checkpoints(jid)] == [ckpt], "the job's own request made a real checkpoint"
+    assert engine.checkpoints(jid)[0].metadata == {"count": 5, "stage": "warmup"}
+    assert engine.inspect(ckpt).metadata == {"count": 5, "stage": "warmup"}, "in the signed manifest too"
+    assert "restored=None" in log_lines(engine, jid)
     wait_for(lambda: "count=10" in log_lines(engine, jid), what="running on after its checkpoint")
     engine.kill(jid)
 
     engine.restore(RestoreRequest(checkpoint=ckpt), jid=jid)
     wait_for(lambda: "on_restore called" in log_lines(engine, jid), what="the on_restore callback")
+    wait_for(lambda: f"restored={ckpt}" in log_lines(engine, jid), what="restored() naming the checkpoint")
     # the restored copy, which was waiting in checkpoint(), got the id it came from
     wait_for(lambda: checkpoints_in_log(engine, jid) == [ckpt, ckpt], what="checkpoint() returning after restore")
 
@@ -38,5 +42,7 @@ def test_outside_a_job_the_api_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.delenv("CEDANA_RAY_CONTROL", raising=False)
     with pytest.raises(UsageError, match="not inside a cedana-ray job"):
         inside.checkpoint()
+    with pytest.raises(UsageError, match="not inside a cedana-ray job"):
+        inside.restored()
     with pytest.raises(UsageError):
         inside.on_restore(lambda: None)

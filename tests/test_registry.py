@@ -49,3 +49,18 @@ def test_a_read_only_registry_reads_and_never_writes(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="readonly"):
         reader.update_job("j1", state=JobState.killed)
     assert Registry(db).job("j1").state is JobState.running
+
+
+def test_a_registry_from_before_checkpoint_metadata_gains_it(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    with sqlite3.connect(db) as old:  # the checkpoints table as it was
+        old.execute(
+            "CREATE TABLE checkpoints (checkpoint TEXT PRIMARY KEY, jid TEXT NOT NULL, path TEXT NOT NULL,"
+            " size_bytes INTEGER NOT NULL, created TEXT NOT NULL)"
+        )
+        old.execute("INSERT INTO checkpoints VALUES ('c1', 'j1', 'file:///x/c1', 10, '2026-12-01T00:00:00+00:00')")
+    registry = Registry(db)
+    [kept] = registry.checkpoints()
+    assert (kept.checkpoint, kept.metadata) == ("c1", {})
+    registry.add_checkpoint(kept.model_copy(update={"checkpoint": "c2", "metadata": {"step": 7}}))
+    assert [c.metadata for c in registry.checkpoints("j1")] == [{}, {"step": 7}]

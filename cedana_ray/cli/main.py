@@ -8,6 +8,7 @@ import time
 import traceback
 
 import click
+from rich.markup import escape
 
 from .. import __version__
 from ..backend import Backend
@@ -194,9 +195,14 @@ def checkpoint_list(jid: str | None, as_json: bool, local: bool) -> None:
     """List checkpoints (of job JID)."""
     found = engine().checkpoints(jid)
     rows = [
-        [c.checkpoint, c.jid, human_size(c.size_bytes), c.created.strftime("%Y-%m-%d %H:%M:%S"), c.path] for c in found
+        [c.checkpoint, c.jid, human_size(c.size_bytes), f"{c.created:%Y-%m-%d %H:%M:%S}", _labels(c.metadata), c.path]
+        for c in found
     ]
-    show(as_json, found, lambda: table(("checkpoint", "jid", "size", "created", "path"), rows))
+    show(as_json, found, lambda: table(("checkpoint", "jid", "size", "created", "metadata", "path"), rows))
+
+
+def _labels(metadata: dict[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in metadata.items())
 
 
 @checkpoint.command("inspect")
@@ -209,7 +215,8 @@ def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
     def human() -> None:
         console.print(
             f"[bold]{m.checkpoint}[/] of job {m.jid} ({m.type}) on {m.node}, {m.created:%Y-%m-%d %H:%M:%S}"
-            f"\n  criu {m.criu_version}, compression {m.compression.value}, parent {m.parent or '-'}",
+            f"\n  criu {m.criu_version}, compression {m.compression.value}, parent {m.parent or '-'}"
+            + (f"\n  metadata {escape(_labels(m.metadata))}" if m.metadata else ""),
             highlight=False,
         )
         table(("file", "size", "chunks"), [[f.name, human_size(f.size), len(f.chunks)] for f in m.files])

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
 import click
+from pydantic import TypeAdapter, ValidationError
 
 from ..backend import Backend, open_backend
 from ..crypto import KEY_ENV, load_key
 from ..errors import UsageError
-from ..models import Compression, CriuOptions
+from ..models import Compression, CriuOptions, Metadata
 from ..requests import DumpRequest, RestoreRequest
 from ..store import DEFAULT_STREAMS
 
@@ -69,6 +71,13 @@ def dump_options(fn: F) -> F:
             "--encrypt", is_flag=True, help=f"Encrypt the checkpoint (AES-256-GCM; key: --key-file or {KEY_ENV})."
         ),
         key_file_option,
+        click.option(
+            "--metadata",
+            multiple=True,
+            metavar="K=V",
+            callback=metadata_pairs,
+            help="Label the checkpoint (repeatable): step=1200, loss=0.31; `checkpoint list` shows them.",
+        ),
     ]
 
     @functools.wraps(fn)
@@ -88,12 +97,33 @@ def dump_options(fn: F) -> F:
             criu=criu,
             encrypt=encrypt,
             key=_dump_key(encrypt, kw.pop("key_file")),
+            metadata=kw.pop("metadata"),
         )
         return fn(**kw)
 
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def metadata_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
+    """``--metadata K=V`` options as a checkpoint's metadata: a value that reads as a JSON
+    scalar is one (``step=1200`` is 1200, ``tag="1"`` the string 1), any other is a string."""
+    found = {}
+    try:
+        given = pairs("K=V", empty_value=True)(ctx, param, value)
+    except click.BadParameter as exc:
+        raise UsageError(f"--metadata: {exc.message}") from None
+    for key, text in given.items():
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        found[key] = parsed if parsed is None or isinstance(parsed, (str, int, float, bool)) else text
+    try:
+        return TypeAdapter(Metadata).validate_python(found)
+    except ValidationError as exc:
+        raise UsageError(f"--metadata: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def _dump_key(encrypt: bool, key_file: str | None) -> bytes | None:
