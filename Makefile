@@ -18,7 +18,7 @@ cc:
 $(STAMP): pyproject.toml setup.py | cc
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,all]'  # every extra: the suite tests them all
 	@# PyTorch (CPU) for jobs/train.py's torch backend; where no wheel can be had, its test skips and says so
 	$(BIN)/pip install -q 'torch==2.13.0+cpu' || echo "PyTorch not installed: the torch training test will skip"
 	touch $(STAMP)
