@@ -18,6 +18,7 @@ Code running *inside* a job uses :func:`cedana_ray.checkpoint` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,7 +125,7 @@ def run(
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
-        cwd=cwd,
+        cwd=os.path.abspath(cwd or os.getcwd()),  # the caller's, wherever the job runs
         env=env or {},
         inherit_env=inherit_env,
         node=node,

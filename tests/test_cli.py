@@ -122,6 +122,7 @@ ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("migrate nope --to x", UsageError, "needs a cluster"),
     ("restore process --path cedana://ckpts/c1", StorageError, "no cluster here"),
     ("freeze job nope", JobNotFound, "nope"),
+    ("run process --cwd /nonexistent-dir -- true", UsageError, "/nonexistent-dir does not exist on node"),
     ("dump job j --metadata step", UsageError, "K=V"),
     ("dump job j --metadata " + "k=" + "x" * 5000, UsageError, "4096 bytes"),
 ]

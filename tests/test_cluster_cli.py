@@ -137,6 +137,20 @@ def test_a_job_checkpoints_itself_through_its_supervisor(up: dict) -> None:
     cli_json("job", "kill", "inside")
 
 
+def test_a_cluster_job_runs_in_the_caller_s_directory(up: dict, tmp_path: Path) -> None:
+    """Not in the node agent's: the caller's directory, checked where the job runs."""
+    waited = subprocess.run(
+        [sys.executable, "-m", "cedana_ray.cli", "run", "process", "--wait", "--jid", "here", "--", "pwd"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert waited.returncode == 0 and waited.stdout.strip() == str(tmp_path), waited.stdout + waited.stderr
+    gone = cedana("run", "process", "--cwd", str(tmp_path / "nowhere"), "--", "pwd")
+    assert "does not exist on node" in assert_one_error(gone, UsageError)
+
+
 @pytest.mark.parametrize("status", [0, 3])
 def test_job_submit_with_wait_ends_as_the_workload(up: dict, status: int) -> None:
     """`ray job submit -- cedana-ray run --wait ...`: Ray's job shows the workload's output and

@@ -310,7 +310,7 @@ def test_a_job_runs_where_and_with_what_it_was_given(engine: Engine, tmp_path: P
     ("cmd", "cwd", "message"),
     [
         (["/nonexistent/binary"], None, "cannot run '/nonexistent/binary': No such file or directory"),
-        (COUNTER, "/nonexistent/dir", "cannot enter '/nonexistent/dir': No such file or directory"),
+        (COUNTER, "/nonexistent/dir", "working directory /nonexistent/dir does not exist on node"),
     ],
 )
 def test_a_workload_that_cannot_start_says_why_and_leaves_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -16,7 +17,7 @@ NAME = "process"
 
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--jid", metavar="ID", help="Job id (default: generated).")
-@click.option("--cwd", type=click.Path(exists=True, file_okay=False), help="Working directory.")
+@click.option("--cwd", metavar="DIR", help="Working directory, on the node the job runs on (default: this one's).")
 @env_option
 @click.option(
     "--inherit-env",
@@ -54,7 +55,7 @@ def run(
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
-        cwd=cwd,
+        cwd=os.path.abspath(cwd or os.getcwd()),
         env=env,
         inherit_env=inherit_env,
         gpu=gpu,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,10 +43,13 @@ def run(ctx: Context) -> Job:
     req, job_dir = ctx.request, ctx.state.job_dir
     control = ctx.state.control
     ours = {"CEDANA_RAY_JID": ctx.state.jid, "CEDANA_RAY_CONTROL": control["dir"]}
+    cwd = req.cwd or os.getcwd()
+    if not os.path.isdir(cwd):  # checked where the job runs: on a cluster, not where it was asked for
+        raise UsageError(f"working directory {cwd} does not exist on node {socket.gethostname()}")
     spec = {
         "mode": "run",
         "cmd": req.cmd,
-        "cwd": req.cwd or os.getcwd(),
+        "cwd": cwd,
         "env": {**workload_env(req.env, req.inherit_env), **ours},
         **job_files(job_dir),
         "control": control,
