@@ -4,7 +4,8 @@ On a throwaway two-node Ray cluster on this machine (``ray.cluster_utils.Cluster
 stopped by this script), in a throwaway ``CEDANA_RAY_HOME``:
 
 * CLI round trip: ``cedana-ray ps`` and a small leave-running ``dump job`` through the
-  cluster, against the same commands with ``--local`` on a job of the local engine;
+  cluster, against the same commands with ``--local`` on a job of the local engine; and
+  ``cedana-ray nodes`` against Ray's own ``ray status`` on the same cluster;
 * migration of a process holding SIZE of memory, split into dump (freeze + checkpoint
   on the source) and restore (transfer through the store + restore on the target);
 * coordinator load: N registered jobs (``sleep``), each with a periodic policy, then
@@ -58,6 +59,11 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cedana_ray.cli", *args], check=True, capture_output=True)
 
 
+def ray_status(address: str) -> None:
+    ray_cli = Path(sys.executable).with_name("ray")
+    subprocess.run([ray_cli, "status", "--address", address], check=True, capture_output=True)
+
+
 def size_of(text: str) -> int:
     return int(float(text[:-1]) * {"M": MiB, "G": 1 << 30}[text[-1]])
 
@@ -70,7 +76,7 @@ def wait_ready(read: Callable[[], bytes]) -> None:
         time.sleep(0.1)
 
 
-def round_trips(client: Cluster, home: Path) -> dict[str, float]:
+def round_trips(client: Cluster, home: Path, address: str) -> dict[str, float]:
     """The same commands through the cluster and with --local (same home: cluster.json is there)."""
     client.run("process", RunRequest(cmd=["sleep", "1e6"], jid="rt-cluster"))
     local = Engine(Paths(home))
@@ -80,6 +86,8 @@ def round_trips(client: Cluster, home: Path) -> dict[str, float]:
         "dump cluster": timed(lambda: cli("dump", "job", "rt-cluster", "--leave-running", "--json")),
         "ps --local": timed(lambda: cli("ps", "--local", "--json")),
         "dump --local": timed(lambda: cli("dump", "job", "rt-local", "--leave-running", "--local", "--json")),
+        "nodes cluster": timed(lambda: cli("nodes", "--json")),
+        "ray status": timed(lambda: ray_status(address)),
     }
     local.kill("rt-local")
     client.kill("rt-cluster")
@@ -140,7 +148,7 @@ def main() -> None:
         launcher.up(address=cluster.address)
         client = Cluster(cluster.address)
         report = {
-            "round_trips": round_trips(client, home),
+            "round_trips": round_trips(client, home, cluster.address),
             "migrations": migrations(client, args.sizes.split(",")),
             "coordinator": coordinator_load(client, args.jobs),
         }
@@ -161,6 +169,8 @@ def show(report: dict, as_json: bool) -> None:  # type: ignore[type-arg]
         c, lo = rt[f"{cmd} cluster"], rt[f"{cmd} --local"]
         t.add_row(cmd, f"{c:.3f}", f"{lo:.3f}", f"{c / lo:.2f}x")
     console.print(t)
+    nodes, status = rt["nodes cluster"], rt["ray status"]
+    console.print(f"nodes {nodes:.3f} s, ray status {status:.3f} s: {nodes / status:.2f}x")
     t = Table("size", "compression", "dump s", "restore s", "total s", title="migration")
     for r in report["migrations"]:
         t.add_row(r["size"], r["compression"], f"{r['dump_s']:.2f}", f"{r['restore_s']:.2f}", f"{r['total_s']:.2f}")
