@@ -31,6 +31,7 @@ from typing import Any
 
 import ray
 
+from cedana_ray import ray_private
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
@@ -284,10 +285,8 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
 
 def _draining_nodes() -> dict[str, int]:
     """Nodes Ray is draining (``ray drain-node``, autoscaler preemption), with their deadline in ms."""
-    from ray._private.state import state  # no public API yet for the drain state
-
     try:
-        return dict(state.get_draining_nodes())
+        return ray_private.draining_nodes()
     except Exception as exc:  # a private API: if it changes, lose drain detection, not the monitor
         log.warning("cannot read Ray's drain state: %s", exc)
         return {}

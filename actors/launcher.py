@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from cedana_ray import auth
+from cedana_ray import auth, ray_private
 from cedana_ray.cluster import ClusterState, connect, load_state, save_state, state_file
 from cedana_ray.config import paths
 from cedana_ray.crypto import load_key
@@ -139,13 +139,9 @@ def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list
 
 def wait_for_job_server(timeout: float = AGENTS_TIMEOUT_S) -> None:
     """Until the head's dashboard agent is registered: `ray job submit` fails before that."""
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
-    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{_head_node()}"
+    head = _head_node()
     deadline = time.monotonic() + timeout
-    while not _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD):
+    while not ray_private.job_server_registered(head):
         if time.monotonic() > deadline:
             raise StateError(f"the Ray job server did not start within {timeout:.0f} s")
         time.sleep(0.5)

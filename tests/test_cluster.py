@@ -45,6 +45,7 @@ from test_cri import run_counter as run_cri_counter
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 from test_wait import counts_to
 
+from cedana_ray import ray_private
 from cedana_ray.cluster import Cluster
 from cedana_ray.crypto import ALGORITHM
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
@@ -211,6 +212,14 @@ def test_wait_follows_a_job_across_a_migration(client: Cluster) -> None:
     waiting.join(60)
     assert ended and (ended[0].state, ended[0].exit_code, ended[0].node) == (JobState.exited, 5, other(source))
     assert [int(n) for n in re.findall(rb"count=(\d+)", b"".join(out))] == list(range(80)), "each line once, in order"
+
+
+def test_the_private_ray_internals_we_use_still_answer(ray_cluster: RayCluster) -> None:
+    """cedana_ray.ray_private on a live cluster: an upgrade that changes one fails here, not
+    quietly in the coordinator (which would stop noticing drains)."""
+    draining = ray_private.draining_nodes()
+    assert isinstance(draining, dict) and all(isinstance(ms, int) for ms in draining.values())
+    assert isinstance(ray_private.job_server_registered(ray_cluster.head_node.node_id), bool)
 
 
 def test_nodes_are_named_by_hostname_ip_or_id(ray_cluster: RayCluster) -> None:

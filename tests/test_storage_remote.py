@@ -265,3 +265,14 @@ def test_s3_checks_each_chunk_against_our_sha256(remote: Remote) -> None:
         fs.pipe_file(f"{remote.bucket}/bad", b"chunk, altered on the way", **fs.put_checksum(digest))
     assert remote.raw().cat_file(f"{remote.bucket}/good") == b"chunk"
     assert not remote.raw().exists(f"{remote.bucket}/bad")
+
+
+def test_the_private_gcsfs_internal_we_use_is_still_there() -> None:
+    """The gs:// store calls gcsfs's request without its retry decorator, which would hold a
+    dump for a minute on a dead server; a gcsfs that no longer exposes the undecorated request
+    (``__wrapped__``) fails here instead of quietly retrying again."""
+    import gcsfs
+    from cedana_ray.plugins import _gcsfs
+
+    assert hasattr(gcsfs.GCSFileSystem._request, "__wrapped__"), f"gcsfs {gcsfs.__version__} changed _request"
+    assert _gcsfs.GCSStore._request is gcsfs.GCSFileSystem._request.__wrapped__
