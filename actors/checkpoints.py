@@ -6,8 +6,7 @@ Mixed into the :class:`~cedana_ray.actors.coordinator.Coordinator`, whose state 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from cedana_ray.errors import CedanaError, UsageError
@@ -37,11 +36,8 @@ class Checkpoints(RecordVerbs):
 
     def _dump(self, job: Job, request: DumpRequest) -> DumpResult:
         request = request.model_copy(update={"storage": request.storage or job.details.get("storage") or self.storage})
-        try:
+        with self.records.noting_failure(job.jid, "dump"):
             result: DumpResult = self._serve(job.node, "dump", job.jid, request)
-        except Exception as exc:
-            self.records.failed(job.jid, "dump", exc)
-            raise
         self.records.dumped(result.info(), checkpointed=not request.leave_running)
         self.records.checkpointed(result, job.node)
         return result
@@ -56,7 +52,7 @@ class Checkpoints(RecordVerbs):
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {manifest.checkpoint} is of a {manifest.type} job, not {jtype}")
         target_jid = request.jid or jid or manifest.jid
-        with self._claim(target_jid), self._noting_failure(target_jid, "restore"):
+        with self._claim(target_jid), self.records.noting_failure(target_jid, "restore"):
             existing = replaceable(self.records.existing(target_jid))
             here = existing.node if existing and existing.node in self.agents else None
             gpu = needs_gpu(existing, manifest)
@@ -75,15 +71,6 @@ class Checkpoints(RecordVerbs):
             self._forget(existing)
         job = self.records.restored(existing, result.job, manifest.checkpoint, target)
         return result.model_copy(update={"job": job})
-
-    @contextmanager
-    def _noting_failure(self, jid: str, what: str) -> Iterator[None]:
-        """Note in job ``jid``'s history that its ``what`` failed, if it does."""
-        try:
-            yield
-        except Exception as exc:
-            self.records.failed(jid, what, exc)
-            raise
 
     def _forget(self, job: Job) -> None:
         """Drop what is left of a job on the node it left; the job is safe elsewhere either way."""

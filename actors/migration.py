@@ -67,7 +67,7 @@ class Migration:
         start = time.perf_counter()
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
         move = self._move_frozen if freezes and not needs_gpu(job) else self._move_stopped
-        with self._noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
+        with self.records.noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
             dumped, restored, dump_s = move(job, target, request, start)
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}

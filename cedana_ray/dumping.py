@@ -152,11 +152,8 @@ class DumpChain:
         chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
         ctx = Context(request, DumpState(jid), job=job, progress=progress)
         start = time.perf_counter()
-        try:
+        with self.records.noting_failure(jid, "dump"):
             result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
-        except Exception as exc:
-            self.records.failed(jid, "dump", exc)
-            raise
         result = result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
         self.records.checkpointed(result, self.node)
         return result

@@ -14,7 +14,8 @@ coordinator.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 from .errors import CheckpointNotFound, JobNotFound, StateError, UsageError
@@ -58,9 +59,15 @@ class Records:
         if self.authoritative:
             self.registry.add_event(Event(jid=jid, kind=kind, detail=detail))
 
-    def failed(self, jid: str, what: str, error: BaseException) -> None:
-        """Job ``jid``'s ``what`` (dump, restore, migrate) failed, with ``error``'s one line."""
-        self.note(jid, EventKind.failed, what=what, error=str(error).splitlines()[0] if str(error) else repr(error))
+    @contextmanager
+    def noting_failure(self, jid: str, what: str) -> Iterator[None]:
+        """Note in job ``jid``'s history that its ``what`` (dump, restore, migration, drain)
+        failed, with the error's first line, if it does; the error goes on."""
+        try:
+            yield
+        except Exception as exc:
+            self.note(jid, EventKind.failed, what=what, error=(str(exc) or repr(exc)).splitlines()[0])
+            raise
 
     def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
         return self.registry.events(jid, after)

@@ -124,11 +124,8 @@ class RestoreChain:
         )
         ctx = Context(request, state, progress=progress)
         start = time.perf_counter()
-        try:
+        with self.records.noting_failure(target, "restore"):
             job: Job = Pipeline(handler).with_(*chain)(ctx)
-        except Exception as exc:
-            self.records.failed(target, "restore", exc)
-            raise
         if manifest.encryption and not saved_key(job_dir / KEY_FILE) and request.decryption_key() != self.key:
             save_key(job_dir / KEY_FILE, request.decryption_key())  # an encrypted job stays encrypted
         duration = round(time.perf_counter() - start, 6)
