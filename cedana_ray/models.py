@@ -50,7 +50,8 @@ def _small(metadata: dict[str, Any]) -> dict[str, Any]:
 
 # a checkpoint's user metadata (`dump --metadata step=1200`, `cedana_ray.checkpoint(metadata=...)`)
 Metadata = Annotated[
-    dict[Annotated[str, Field(min_length=1, max_length=64)], str | int | float | bool | None],
+    # keys travel as `--metadata K=V` (a job's own request, through its supervisor): no `=`, no blanks
+    dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^=\s]+$")], str | int | float | bool | None],
     AfterValidator(_small),
 ]
 

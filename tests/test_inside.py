@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from test_process_criu import WORKLOADS, log_lines, start, wait_for
 
 from cedana_ray import inside
@@ -46,3 +47,10 @@ def test_outside_a_job_the_api_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path
         inside.restored()
     with pytest.raises(UsageError):
         inside.on_restore(lambda: None)
+
+
+def test_metadata_a_job_cannot_pass_on_is_refused_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CEDANA_RAY_CONTROL", str(tmp_path))
+    with pytest.raises(ValidationError):  # would not survive the trip as `--metadata K=V`
+        inside.checkpoint(metadata={"a=b": 1})
+    assert list(tmp_path.iterdir()) == [], "refused before any request is written"
