@@ -38,12 +38,19 @@ _SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN
 
 
 def http_status(exc: BaseException) -> int | None:
-    """The HTTP status a backend error carries (gcsfs ``code``, aiohttp ``status``)."""
-    for attr in ("code", "status"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int) and 100 <= value < 600:
-            return value
+    """The HTTP status a backend error carries (gcsfs ``code``, aiohttp ``status``, botocore
+    ``response``), or its cause carries: s3fs turns S3 errors into plain ``OSError``s whose
+    cause is botocore's."""
+    for err in (exc, exc.__cause__):
+        for value in (getattr(err, "code", None), getattr(err, "status", None), _botocore_status(err)):
+            if isinstance(value, int) and 100 <= value < 600:
+                return value
     return None
+
+
+def _botocore_status(exc: BaseException | None) -> object:
+    response = getattr(exc, "response", None)
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 
 
 def is_transient(exc: BaseException) -> bool:

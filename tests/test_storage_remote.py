@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 from conftest import Remote
+from s3fs.errors import translate_boto_error
 from servers import ACCESS_KEY, SECRET_KEY
 from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
 
@@ -26,6 +28,7 @@ from cedana_ray.errors import CorruptCheckpoint, DumpError, StorageError, UsageE
 from cedana_ray.models import Compression, JobState, Layout
 from cedana_ray.policy import prune
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.retry import retrying
 from cedana_ray.store import CheckpointStore
 
 pytestmark = pytest.mark.criu
@@ -196,6 +199,29 @@ def test_server_killed_mid_restore(engine: Engine, own_remote: Remote) -> None:
     at = last_count(engine, "j1")
     engine.restore(RestoreRequest(), jid="j1")
     wait_for(lambda: last_count(engine, "j1") > at + 2, what="counting once the server is back")
+
+
+@pytest.mark.parametrize(("code", "status", "transient"), [
+    ("InternalError", 500, True), ("SlowDown", 503, True), ("NoSuchKey", 404, False), ("AccessDenied", 403, False),
+])  # fmt: skip
+def test_s3_server_failures_are_tried_again(code: str, status: int, transient: bool) -> None:
+    """s3fs hands S3's error codes on as plain OSErrors; one that says the server failed is tried again."""
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    error = translate_boto_error(ClientError(response, "GetObject"))  # type: ignore[arg-type]
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise error
+        return "read"
+
+    if transient:
+        assert retrying(flaky, base_delay=0) == "read" and len(calls) == 3
+    else:
+        with pytest.raises(type(error)):
+            retrying(flaky, base_delay=0)
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize("remote", ["s3"], indirect=True)
