@@ -16,6 +16,7 @@ from cedana_ray.remote import call
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
+from .reservations import release, reserve, resources_of
 
 MAX_LOG_CARRIED = 64 << 20
 DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end
@@ -40,6 +41,8 @@ class Checkpoints(RecordVerbs):
             result: DumpResult = self._serve(job.node, "dump", job.jid, request)
         self.records.dumped(result.info(), checkpointed=not request.leave_running)
         self.records.checkpointed(result, job.node)
+        if not request.leave_running:  # stopped: what it held is free until it is restored
+            release(job.jid, job.node)
         return result
 
     def restore(
@@ -56,7 +59,8 @@ class Checkpoints(RecordVerbs):
             existing = replaceable(self.records.existing(target_jid))
             here = existing.node if existing and existing.node in self.agents else None
             gpu = needs_gpu(existing, manifest)
-            target = self._place(manifest.type, here if node is None else node, gpu=gpu)
+            needs = resources_of(existing)
+            target = self._place(manifest.type, here if node is None else node, gpu=gpu, needs=needs)
             return self._restore_on(target, existing, manifest, path, request.model_copy(update={"jid": target_jid}))
 
     def _restore_on(
@@ -66,9 +70,18 @@ class Checkpoints(RecordVerbs):
         agent_request = request.model_copy(update={"path": path, "checkpoint": None, "manifest": manifest})
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
-        result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))
-        if existing and existing.node != target and existing.node in self.agents:
-            self._forget(existing)
+        jid = request.jid or manifest.jid
+        reserve(jid, target, resources_of(existing))
+        try:
+            result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))
+        except BaseException:
+            if target != source:
+                release(jid, target)
+            raise
+        if existing and existing.node != target:
+            release(existing.jid, existing.node)
+            if existing.node in self.agents:
+                self._forget(existing)
         job = self.records.restored(existing, result.job, manifest.checkpoint, target)
         return result.model_copy(update={"job": job})
 

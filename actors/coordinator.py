@@ -40,7 +40,7 @@ from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
 from cedana_ray.remote import agent_name, call, detached
-from cedana_ray.requests import ManageRequest, RunRequest
+from cedana_ray.requests import ManageRequest, Resources, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
 
@@ -49,6 +49,7 @@ from .checkpoints import Checkpoints
 from .migration import Migration
 from .placement import Placement
 from .policies import Policies
+from .reservations import release, reserve
 from .store_server import STORE, StoreServer
 
 ENDED = (JobState.killed, JobState.exited, JobState.lost)
@@ -116,11 +117,22 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         for node in set(self.agents) - alive:
             del self.agents[node]
         self._mark_lost(alive)
+        self._notice_ended_reservations()
         for node, deadline_ms in _draining_nodes().items():
             if node in alive and node not in self.draining:
                 self.draining[node] = deadline_ms / 1000
                 self._pool.submit(self._drain_logged, node)
         self._run_policies()
+
+    def _notice_ended_reservations(self) -> None:
+        """Ask after each live job that holds Ray resources, so that they go back as soon as it
+        ends (see :meth:`_merge`), not when someone next looks."""
+        for job in self.registry.jobs():
+            if "resources" in job.details and job.state in LIVE_STATES and job.jid not in self._busy:
+                try:
+                    self._merge(job, self._serve(job.node, "job", job.jid, timeout=10))
+                except CedanaError as exc:
+                    log.warning("job %s: could not ask after it: %s", job.jid, exc)
 
     def _spawn_agent(self, node: str) -> Any:
         return detached(NodeAgent, agent_name(node), node, node, str(self.base), self.signer, self.key, concurrency=32)
@@ -160,6 +172,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             self.registry.save_job(fresh)
             if record.state in LIVE_STATES and fresh.state in ENDED:
                 self.records.ended(fresh)
+                release(fresh.jid, fresh.node)
         return fresh
 
     def job(self, jid: str) -> Job:
@@ -195,25 +208,33 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         jid = self._new_jid(request.jid)
-        node = self._place(jtype, request.node, gpu=request.gpu)
-        # Ray's resources placed it on a GPU node: the agent need not check the driver again
-        local = request.model_copy(
-            update={
-                "jid": jid,
-                "node": None,
-                "checkpoint_every": None,
-                "keep": None,
-                "restore_on_loss": False,
-                "gpu": False,
-            }
-        )
-        job = self._serve(node, "run", jtype, local)
-        details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss, "needs_gpu": request.gpu}
+        needs = request.resources
+        node = self._place(jtype, request.node, gpu=request.needs_gpu, needs=needs)
+        gpus = reserve(jid, node, needs)
+        job = self._start_on(node, jtype, request, jid, gpus)
+        details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss, "needs_gpu": request.needs_gpu}
+        if needs:
+            details["resources"] = needs.model_dump()
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
         job = job.model_copy(update={"details": {**job.details, **details}})
         self.records.started(job)
         return job
+
+    def _start_on(self, node: str, jtype: str, request: RunRequest, jid: str, gpus: list[str]) -> Job:
+        """The node's engine runs the workload, as a local job (the cluster's options are ours);
+        the GPUs Ray gave it are the ones it sees. Its reservation goes if it cannot start."""
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus), **request.env} if gpus else request.env
+        # Ray's resources placed it on a GPU node: the agent need not check the driver again
+        cluster_only = {"node": None, "checkpoint_every": None, "keep": None, "restore_on_loss": False}
+        local = request.model_copy(
+            update={**cluster_only, "jid": jid, "env": env, "gpu": False, "resources": Resources()}
+        )
+        try:
+            return self._serve(node, "run", jtype, local)
+        except BaseException:
+            release(jid, node)
+            raise
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
         """Adopt a workload running on ``request.node`` (where the client runs)."""
@@ -254,6 +275,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             raise StateError(f"job {jid} is {job.state.value}", hint=f"`cedana-ray job kill {jid}` first")
         if job.node in self.agents:
             call(self._agent(job.node).forget.remote(jid))
+        release(jid, job.node)
         self.records.deleted(jid)
         return job
 

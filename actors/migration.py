@@ -18,6 +18,7 @@ from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
+from .reservations import release, resources_of
 
 log = logging.getLogger("cedana_ray.coordinator")
 
@@ -37,6 +38,7 @@ class Migration:
                 lost = job.model_copy(update={"state": JobState.lost})
                 self.registry.save_job(lost)
                 self.records.ended(lost)
+                release(job.jid, job.node)
                 if job.details.get("restore_on_loss") and job.last_checkpoint:
                     self._pool.submit(self._recover_logged, job.jid)
 
@@ -49,7 +51,8 @@ class Migration:
         dumped and stopped, and restored on its source again if the target fails.
         """
         record = self.registry.job(jid)
-        target = self._place(record.type, node, gpu=needs_gpu(record))  # bad input fails fast, even while busy
+        # bad input fails fast, even while busy
+        target = self._place(record.type, node, gpu=needs_gpu(record), needs=resources_of(record))
         with self._claim(jid):
             job = self._live(jid)
             if target == job.node:
@@ -135,7 +138,7 @@ class Migration:
         for job in self.jobs():
             if job.node == node and job.state in LIVE_STATES:
                 with self._claim(job.jid):
-                    target = self._place(job.type, exclude=node, gpu=needs_gpu(job))
+                    target = self._place(job.type, exclude=node, gpu=needs_gpu(job), needs=resources_of(job))
                     moved.append(self._migrate(job, target, self._migration_request(job), EventKind.drained))
         return moved
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import ray
 
+from cedana_ray import ray_private
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.models import Job, Manifest, NodeStatus
 from cedana_ray.remote import call
+from cedana_ray.requests import Resources
 
 
 class Placement:
@@ -48,10 +50,14 @@ class Placement:
             raise NotFoundError(f"no alive node {name!r}", hint="`cedana-ray nodes` lists them")
         return matches[0]["NodeID"]
 
-    def _place(self, jtype: str, node: str | None = None, exclude: str | None = None, gpu: bool = False) -> str:
+    def _place(
+        self, jtype: str, node: str | None = None, exclude: str | None = None, gpu: bool = False,
+        needs: Resources = Resources(),
+    ) -> str:  # fmt: skip
         """The node for a ``jtype`` job: the one named, or the least loaded that can run it
-        (among those with a GPU when the job needs one)."""
+        (among those with a GPU when the job needs one, and the Ray resources it ``needs`` free)."""
         what = f"{jtype} job that needs a GPU" if gpu else f"{jtype} job"
+        free = ray_private.available_resources() if needs else {}
         if node is not None:
             chosen = self.resolve_node(node)
             status = call(self._agent(chosen).status.remote(), timeout=30)
@@ -59,14 +65,18 @@ class Placement:
                 raise PrerequisiteError(
                     f"node {chosen[:12]} cannot run a {what}", hint="`cedana-ray nodes` shows what each can run"
                 )
+            if short := needs.short_of(free.get(chosen, {})):
+                raise PrerequisiteError(f"node {chosen[:12]} lacks {short} for the job", hint="`ray status`")
             return chosen
         fit = [
             s
             for s in self.nodes()
             if s.error is None and jtype in s.types and not s.draining and s.node != exclude and (s.gpus or not gpu)
-        ]
+            and not needs.short_of(free.get(s.node, {}))
+        ]  # fmt: skip
         if not fit:
-            raise PrerequisiteError(f"no node can take a {what} now", hint="`cedana-ray nodes`")
+            what += f" that reserves {needs}" if needs else ""
+            raise PrerequisiteError(f"no node can take a {what} now", hint="`cedana-ray nodes`, `ray status`")
         return min(fit, key=lambda s: (s.live_jobs, -s.memory_available, s.node)).node
 
 
@@ -83,5 +93,5 @@ def _gpus() -> dict[str, float]:
 
 
 def needs_gpu(job: Job | None, manifest: Manifest | None = None) -> bool:
-    """A job run with ``--gpu``, or a checkpoint that holds CUDA state, goes to a GPU node only."""
+    """A job run with ``--gpu`` or ``--gpus``, or a checkpoint that holds CUDA state, goes to a GPU node only."""
     return bool((job and job.details.get("needs_gpu")) or (manifest and manifest.details.get("gpu")))

@@ -35,7 +35,7 @@ from .models import (
     MigrateResult,
     NodeStatus,
 )
-from .requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from .requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
 from .store import DEFAULT_STREAMS
 
 _backend: Backend | None = None
@@ -110,9 +110,14 @@ def run(
     key: bytes | None = None,
     gpu: bool = False,
     gpu_tracing: bool = False,
+    cpus: float = 0,
+    gpus: float = 0,
+    memory: int | str = 0,
 ) -> JobHandle:
     """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
-    ``gpu`` and ``gpu_tracing`` as ``run --gpu --gpu-tracing`` (docs/gpu.md).
+    ``gpu`` and ``gpu_tracing`` as ``run --gpu --gpu-tracing`` (docs/gpu.md); ``cpus``, ``gpus``
+    and ``memory`` (bytes, or a size such as ``"4GiB"``) reserved in Ray while the job runs, as
+    ``run --cpus --gpus --memory`` (docs/cluster.md).
 
     The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
     (:data:`cedana_ray.environment.DEFAULTS`) of whoever starts it (this process, or a
@@ -136,6 +141,7 @@ def run(
         key=key,
         gpu=gpu,
         gpu_tracing=gpu_tracing,
+        resources=Resources(cpus=cpus, gpus=gpus, memory=memory),
     )
     started = _engine().run(type, request)
     return _handle(_engine().set_storage(started.jid, storage) if storage else started)

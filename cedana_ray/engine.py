@@ -158,8 +158,10 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
 
     def run(self, jtype: str, request: RunRequest) -> Job:
         """Start a workload of type ``jtype`` on this machine."""
-        if request.node not in (None, "local", self.node) or request.restore_on_loss:
-            raise UsageError("--node and --restore-on-loss need a cluster", hint="`cedana-ray up` first")
+        if request.node not in (None, "local", self.node) or request.restore_on_loss or request.resources:
+            raise UsageError(
+                "--node, --restore-on-loss, --cpus, --gpus and --memory need a cluster", hint="`cedana-ray up` first"
+            )
         hook = "cedana_run_handler_serverless"
         mws = self._middleware(jtype, "cedana_run_middleware", "cedana_gpu_tracing", "cedana_run_middleware_late")
         job = self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)

@@ -23,3 +23,11 @@ def job_server_registered(node: str) -> bool:
     from ray.experimental.internal_kv import _internal_kv_get
 
     return bool(_internal_kv_get(f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{node}", namespace=KV_NAMESPACE_DASHBOARD))
+
+
+def available_resources() -> dict[str, dict[str, float]]:
+    """Each alive node's free resources (``CPU``, ``GPU``, ``memory``...), by node id: Ray's
+    public API gives only the cluster's sum."""
+    from ray._private.state import available_resources_per_node
+
+    return available_resources_per_node()

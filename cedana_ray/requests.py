@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field, SecretBytes, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, SecretBytes, model_validator
 
 from .crypto import KEY_BYTES
 from .errors import UsageError
@@ -21,6 +22,49 @@ def _check_key(key: SecretBytes) -> SecretBytes:
 Key = Annotated[SecretBytes, AfterValidator(_check_key)]  # secret: never in a repr or a dump
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> object:
+    """``4GiB``, ``512M``, ``1.5G`` or a number of bytes (the units are binary, as Ray's memory)."""
+    if not isinstance(value, str):
+        return value
+    found = _SIZE.match(value)
+    if not found:
+        raise UsageError(f"invalid size {value!r}", hint="e.g. 4GiB, 512MiB or a number of bytes")
+    number, unit = float(found[1]), found[2].upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+class Resources(BaseModel):
+    """What a cluster job reserves in Ray for its lifetime, on the node it runs on (nothing by default)."""
+
+    cpus: float = Field(0, ge=0)
+    gpus: float = Field(0, ge=0)
+    memory: Annotated[int, BeforeValidator(parse_size)] = Field(0, ge=0)  # bytes
+
+    def __bool__(self) -> bool:
+        return bool(self.cpus or self.gpus or self.memory)
+
+    def ray(self) -> dict[str, float]:
+        """The same as Ray names them (resources left at 0 left out)."""
+        named = {"CPU": self.cpus, "GPU": self.gpus, "memory": float(self.memory)}
+        return {k: v for k, v in named.items() if v}
+
+    def short_of(self, available: dict[str, float]) -> str | None:
+        """What ``available`` lacks of these, as ``'1 GPU (0 free)'``, or None if they fit."""
+        short = [f"{_amount(k, v)} ({_amount(k, available.get(k, 0))} free)"
+                 for k, v in self.ray().items() if available.get(k, 0) < v]  # fmt: skip
+        return ", ".join(short) or None
+
+    def __str__(self) -> str:
+        return ", ".join(_amount(k, v) for k, v in self.ray().items()) or "nothing"
+
+
+def _amount(resource: str, value: float) -> str:
+    return f"{value / 2**30:.1f} GiB memory" if resource == "memory" else f"{value:g} {resource}"
+
+
 class RunRequest(BaseModel):
     cmd: list[str] = Field(min_length=1)
     jid: Name | None = None
@@ -30,12 +74,17 @@ class RunRequest(BaseModel):
     inherit_env: bool = False
     gpu_tracing: bool = False
     gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
+    resources: Resources = Resources()  # with a cluster: reserved in Ray while the job runs
     checkpoint_every: float | None = Field(None, gt=0)  # seconds between leave-running dumps
     keep: int | None = Field(None, ge=1)  # how many of those checkpoints to keep
     node: str | None = None  # with a cluster: the node to run on (hostname, IP or id prefix); default: placed
     restore_on_loss: bool = False  # with a cluster: restore from the last checkpoint if the node dies
     encrypt: bool = False  # encrypt every checkpoint of the job (policy, migration, drain... too)
     key: Key | None = None  # with ``encrypt``: its key (default: CEDANA_RAY_KEY; a cluster's own)
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.gpu or self.resources.gpus > 0
 
 
 class ManageRequest(BaseModel):

@@ -123,6 +123,8 @@ ERRORS: list[tuple[str, type[CedanaError], str]] = [
     ("restore process --path cedana://ckpts/c1", StorageError, "no cluster here"),
     ("freeze job nope", JobNotFound, "nope"),
     ("run process --cwd /nonexistent-dir -- true", UsageError, "/nonexistent-dir does not exist on node"),
+    ("run process --cpus 1 -- true", UsageError, "--memory need a cluster"),
+    ("run process --memory lots -- true", UsageError, "invalid size 'lots'"),
     ("dump job j --metadata step", UsageError, "K=V"),
     ("dump job j --metadata " + "k=" + "x" * 5000, UsageError, "4096 bytes"),
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -52,7 +53,7 @@ from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, Sta
 from cedana_ray.follow import follow
 from cedana_ray.models import EventKind, Job, JobState
 from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
-from cedana_ray.requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
+from cedana_ray.requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore, split_url
@@ -220,6 +221,8 @@ def test_the_private_ray_internals_we_use_still_answer(ray_cluster: RayCluster) 
     draining = ray_private.draining_nodes()
     assert isinstance(draining, dict) and all(isinstance(ms, int) for ms in draining.values())
     assert isinstance(ray_private.job_server_registered(ray_cluster.head_node.node_id), bool)
+    free = ray_private.available_resources()
+    assert set(free) == {n["NodeID"] for n in ray.nodes() if n["Alive"]} and all("memory" in r for r in free.values())
 
 
 def test_nodes_are_named_by_hostname_ip_or_id(ray_cluster: RayCluster) -> None:
@@ -539,6 +542,48 @@ def test_gpu_jobs_go_to_gpu_nodes_only(ray_cluster: RayCluster, client: Cluster)
     with pytest.raises(PrerequisiteError, match="no NVIDIA driver"):  # no node of this machine has one
         client.query("gpu")
     client.kill("c-gpu")
+
+
+def frees(node: str, expected: dict[str, float], what: str) -> None:
+    """Wait until Ray has ``expected`` CPUs and GPUs free on ``node`` (a resource all taken
+    left out): its view of each node's resources lags what happens there by a moment."""
+
+    def free() -> dict[str, float]:
+        found = ray_private.available_resources().get(node, {})
+        return {k: v for k, v in found.items() if k in ("CPU", "GPU") and v}
+
+    wait_for(lambda: free() == expected, 30, what)
+
+
+def test_jobs_hold_their_ray_resources_wherever_they_run(ray_cluster: RayCluster, client: Cluster) -> None:
+    """`run --cpus --gpus --memory` reserve in Ray on the job's node, move with a migration and
+    go back when the job ends. The nodes declare their GPUs (none is here), as `ray start
+    --num-gpus` does; the job only sees which ones Ray gave it."""
+    nodes = [ray_cluster.add_node(**{**NODE_ARGS, "num_gpus": n}) for n in (2, 1)]
+    a, b = (n.node_id for n in nodes)
+    wait_for(lambda: {a, b} <= {n.node for n in client.nodes() if n.error is None}, 60, "the new nodes' agents")
+    shows_gpus = ["/bin/sh", "-c", f"echo gpus=$CUDA_VISIBLE_DEVICES; exec {shlex.join(COUNTER)}"]
+    held = Resources(cpus=1, gpus=1, memory="64MiB")
+    run_counter(client, "c-res", shows_gpus, node=a, resources=held)
+    assert re.search(r"^gpus=[01]$", client.read_log("c-res").decode(), re.M), "Ray's GPU is the job's"
+    frees(a, {"GPU": 1}, "the job's CPU and GPU held")
+    frees(b, {"CPU": 1, "GPU": 1}, "nothing held on the other node")
+    with pytest.raises(PrerequisiteError, match=rf"node {a[:12]} lacks 1 CPU \(0 CPU free\)"):
+        client.run("process", RunRequest(cmd=COUNTER, jid="c-res-2", node=a, resources=Resources(cpus=1)))
+
+    at = last(client, "c-res")
+    client.migrate("c-res", b)
+    frees(a, {"CPU": 1, "GPU": 2}, "everything back on the source")
+    frees(b, {}, "the job's CPU and GPU held on the target")
+    assert_continuous(client, "c-res", at)
+    client.kill("c-res")
+    frees(b, {"CPU": 1, "GPU": 1}, "the killed job's CPU and GPU back")
+
+    client.run("process", RunRequest(cmd=["sleep", "5"], jid="c-res-exit", node=b, resources=Resources(cpus=1)))
+    frees(b, {"GPU": 1}, "the job's CPU held")
+    frees(b, {"CPU": 1, "GPU": 1}, "the exited job's CPU back, with no one asking")
+    for node in nodes:
+        ray_cluster.remove_node(node)
 
 
 TORCH = importlib.util.find_spec("torch") is not None

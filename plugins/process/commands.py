@@ -9,7 +9,7 @@ import click
 
 from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import env_option, gpu_tracing_option, policy_options, start
-from cedana_ray.requests import RunRequest
+from cedana_ray.requests import Resources, RunRequest
 from cedana_ray.runtime import Commands
 
 NAME = "process"
@@ -30,6 +30,16 @@ NAME = "process"
 @gpu_tracing_option
 @click.option("--node", metavar="NODE", help="With a cluster: the node to run on (default: the least loaded).")
 @click.option(
+    "--cpus", type=click.FloatRange(0), default=0, help="With a cluster: CPUs to reserve in Ray (default: 0)."
+)
+@click.option(
+    "--gpus",
+    type=click.FloatRange(0),
+    default=0,
+    help="With a cluster: GPUs to reserve in Ray, the job's CUDA_VISIBLE_DEVICES (default: 0).",
+)
+@click.option("--memory", metavar="SIZE", help="With a cluster: memory to reserve in Ray: 4GiB, 512MiB (default: 0).")
+@click.option(
     "--restore-on-loss", is_flag=True, help="With a cluster: restore from the last checkpoint if the node dies."
 )
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -45,6 +55,9 @@ def run(
     gpu: bool,
     gpu_tracing: bool,
     node: str | None,
+    cpus: float,
+    gpus: float,
+    memory: str | None,
     restore_on_loss: bool,
     encryption: dict[str, Any],
     cmd: tuple[str, ...],
@@ -63,6 +76,7 @@ def run(
         checkpoint_every=every,
         keep=keep,
         node=node,
+        resources=Resources(cpus=cpus, gpus=gpus, memory=memory or 0),
         restore_on_loss=restore_on_loss,
         **encryption,
     )
