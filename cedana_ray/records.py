@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
+from . import metrics
 from .errors import CheckpointNotFound, JobNotFound, StateError, UsageError
 from .models import LIVE_STATES, CheckpointInfo, DumpResult, Event, EventKind, Job, JobState, Manifest
 from .registry import Registry
@@ -52,12 +53,14 @@ class Records:
         self.signer = signer  # only checkpoints signed with its key are trusted
         # whether this is the record of checkpoints and history (not a cluster node's registry)
         self.authoritative = authoritative
+        metrics.watch(self)  # on a cluster: each live job's checkpoint age
 
     # -- history
     def note(self, jid: str, kind: EventKind, **detail: Any) -> None:
         """Add ``kind`` to job ``jid``'s history."""
         if self.authoritative:
             self.registry.add_event(Event(jid=jid, kind=kind, detail=detail))
+        metrics.noted(self, jid, kind, detail)
 
     @contextmanager
     def noting_failure(self, jid: str, what: str) -> Iterator[None]:
@@ -67,6 +70,7 @@ class Records:
             yield
         except Exception as exc:
             self.note(jid, EventKind.failed, what=what, error=(str(exc) or repr(exc)).splitlines()[0])
+            metrics.failed(self, what, exc)
             raise
 
     def events(self, jid: str | None = None, after: int = 0) -> list[Event]:
@@ -114,12 +118,14 @@ class Records:
             job = job.model_copy(update=update)
         self.registry.save_job(job)
         self.note(job.jid, EventKind.restored, checkpoint=checkpoint, node=node)
+        metrics.restored(self, job, checkpoint, node)
         return job
 
     def checkpointed(self, result: DumpResult, node: str) -> None:
         """Note a dump that is done (recorded by :meth:`dumped`)."""
         detail = {"checkpoint": result.checkpoint, "size_bytes": result.size_bytes, "duration_s": result.duration_s}
         self.note(result.jid, EventKind.checkpointed, node=node, **detail)
+        metrics.checkpointed(self, result, node)
 
     # -- checkpoints
     def locate(self, jid: str | None, request: RestoreRequest) -> str:
