@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from cedana_ray.requests import DumpRequest
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(150)]
 REPORT_INTERVAL_MS = 1000  # how often Ray's workers report to the metrics agent (Ray's default: 10 s)
+TESTS = Path(__file__).parent
 RAY_LABELS = {"NodeAddress", "SessionName", "Component", "Version", "WorkerId"}
 
 
@@ -116,6 +119,7 @@ def test_a_dump_a_failure_and_a_migration_are_scraped_with_their_values(exported
     samples = wait_for(lambda: _when_reported(exported.endpoints), 30, "the series on the head node")
     print(f"scraped {time.monotonic() - start:.1f} s after the migration")
     assert all(s.labels.keys() >= RAY_LABELS for s in samples)  # Ray's node labels came along
+    assert scrape(exported.endpoints[1:]) == []  # the coordinator counts, on the head node, once
     assert total(samples, "ray_cedana_checkpoints_total", plugin="process") == 2  # the dump, and the migration's
     assert total(samples, "ray_cedana_checkpoints_total", node=source) == 2
     assert total(samples, "ray_cedana_checkpoint_bytes_total", plugin="process") == sum(sizes.values())
@@ -138,6 +142,29 @@ def test_a_dump_a_failure_and_a_migration_are_scraped_with_their_values(exported
     client.kill(jid)  # no live job, no age: the series goes rather than growing stale
     gone = lambda: total(scrape(exported.endpoints), "ray_cedana_last_checkpoint_age_seconds", jid=jid) is None  # noqa: E731
     wait_for(gone, 20, "the killed job's age series to go")
+
+
+LOCAL = """
+import sys
+from cedana_ray.engine import Engine
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from test_process_criu import COUNTER, wait_for
+
+engine = Engine()  # CEDANA_RAY_HOME: the test's
+engine.run("process", RunRequest(cmd=COUNTER, jid="local"))
+wait_for(lambda: "count=1" in open(engine.log_path("local")).read(), what="the count")
+engine.dump("local", DumpRequest())
+engine.restore(RestoreRequest(), jid="local")
+engine.kill("local")
+print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+"""
+
+
+def test_local_mode_records_without_importing_ray(home: Path) -> None:
+    """Without a cluster, the record keeper's metrics are a no-op that never imports Ray."""
+    done = subprocess.run([sys.executable, "-c", LOCAL], capture_output=True, text=True, cwd=TESTS, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def _when_reported(endpoints: list[str]) -> list[Sample] | None:
