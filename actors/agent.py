@@ -15,18 +15,19 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from cedana_ray.backend import VERBS
+from cedana_ray.backend import VERBS, Progress
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CedanaError, JobNotFound, UsageError
 from cedana_ray.models import LIVE_STATES, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
-from cedana_ray.remote import COORDINATOR, NAMESPACE, call
+from cedana_ray.remote import COORDINATOR, NAMESPACE, call, streamed
 from cedana_ray.requests import RestoreRequest
 from cedana_ray.signing import Signer
 
@@ -103,13 +104,21 @@ class NodeAgent:
             raise UsageError(f"no such verb: {verb!r}")
         return getattr(self.engine, verb)(*args, **kwargs)
 
-    def restore(self, request: RestoreRequest, history: bytes = b"") -> RestoreResult:
+    def restore(self, request: RestoreRequest, history: bytes = b"", progress: Progress | None = None) -> RestoreResult:
         """Restore a checkpoint here; ``history`` is the job's output so far on its previous node."""
         if history and request.jid:
             log = self.engine.paths.job_dir(request.jid) / "log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_bytes(history)  # the restored job appends to it
-        return self.engine.restore(request)
+        return self.engine.restore(request, progress=progress)
+
+    def stream(self, method: str, *args: Any) -> Iterator[Any]:
+        """``serve`` or ``restore``, with its progress streamed to the caller as it comes
+        (:func:`cedana_ray.remote.streamed`)."""
+        if method not in ("serve", "restore"):
+            raise UsageError(f"no such method: {method!r}")
+        fn = getattr(self, method)
+        yield from streamed(lambda progress: fn(*args, progress=progress))
 
     def forget(self, jid: str) -> None:
         """Drop a job that now lives on another node, stopping what is left of it here."""

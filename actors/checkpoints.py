@@ -9,6 +9,7 @@ import logging
 from contextlib import AbstractContextManager, suppress
 from typing import Any
 
+from cedana_ray.backend import Progress
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.models import DumpResult, Job, Manifest, RestoreResult
 from cedana_ray.records import Records, RecordVerbs, replaceable, require_state
@@ -30,15 +31,15 @@ class Checkpoints(RecordVerbs):
     def _exclusive(self, jid: str) -> AbstractContextManager[Any]:
         return self._claim(jid)
 
-    def dump(self, jid: str, request: DumpRequest) -> DumpResult:
+    def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
         """Checkpoint job ``jid`` on its node; the node's engine refuses a job found dead there."""
         with self._claim(jid, wait=DUMP_WAIT_S):  # e.g. behind a policy checkpoint
-            return self._dump(require_state(self.records.registry.job(jid)), request)
+            return self._dump(require_state(self.records.registry.job(jid)), request, progress)
 
-    def _dump(self, job: Job, request: DumpRequest) -> DumpResult:
+    def _dump(self, job: Job, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
         request = request.model_copy(update={"storage": request.storage or job.details.get("storage") or self.storage})
         with self.records.noting_failure(job.jid, "dump"):
-            result: DumpResult = self._serve(job.node, "dump", job.jid, request)
+            result: DumpResult = self._agent_call(job.node, "serve", "dump", job.jid, request, progress=progress)
         self.records.dumped(result.info(), checkpointed=not request.leave_running)
         self.records.checkpointed(result, job.node)
         if not request.leave_running:  # stopped: what it held is free until it is restored
@@ -46,7 +47,12 @@ class Checkpoints(RecordVerbs):
         return result
 
     def restore(
-        self, request: RestoreRequest, jid: str | None = None, jtype: str | None = None, node: str | None = None
+        self,
+        request: RestoreRequest,
+        jid: str | None = None,
+        jtype: str | None = None,
+        progress: Progress | None = None,
+        node: str | None = None,
     ) -> RestoreResult:
         """Restore job ``jid`` (its last or a given checkpoint) or ``request.path`` on a node;
         with ``jtype``, only a checkpoint of that job type."""
@@ -61,10 +67,17 @@ class Checkpoints(RecordVerbs):
             gpu = needs_gpu(existing, manifest)
             needs = resources_of(existing)
             target = self._place(manifest.type, here if node is None else node, gpu=gpu, needs=needs)
-            return self._restore_on(target, existing, manifest, path, request.model_copy(update={"jid": target_jid}))
+            request = request.model_copy(update={"jid": target_jid})
+            return self._restore_on(target, existing, manifest, path, request, progress)
 
     def _restore_on(
-        self, target: str, existing: Job | None, manifest: Manifest, path: str, request: RestoreRequest
+        self,
+        target: str,
+        existing: Job | None,
+        manifest: Manifest,
+        path: str,
+        request: RestoreRequest,
+        progress: Progress | None = None,
     ) -> RestoreResult:
         # the manifest read here goes along: the agent verifies it, but does not read it again
         agent_request = request.model_copy(update={"path": path, "checkpoint": None, "manifest": manifest})
@@ -73,7 +86,7 @@ class Checkpoints(RecordVerbs):
         jid = request.jid or manifest.jid
         reserve(jid, target, resources_of(existing))
         try:
-            result: RestoreResult = call(self._agent(target).restore.remote(agent_request, history))
+            result: RestoreResult = self._agent_call(target, "restore", agent_request, history, progress=progress)
         except BaseException:
             if target != source:
                 release(jid, target)

@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from cedana_ray import ray_private
+from cedana_ray.backend import Progress
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
@@ -39,7 +40,7 @@ from cedana_ray.models import LIVE_STATES, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
-from cedana_ray.remote import agent_name, call, detached
+from cedana_ray.remote import STREAMED, agent_name, call, detached, followed, streamed
 from cedana_ray.requests import ManageRequest, Resources, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
@@ -252,6 +253,20 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
     def _serve(self, node: str, verb: str, *args: Any, timeout: float | None = None) -> Any:
         """The engine's ``verb`` on ``node``, run by its agent: one Ray round trip."""
         return call(self._agent(node).serve.remote(verb, *args), timeout=timeout)
+
+    def _agent_call(self, node: str, method: str, *args: Any, progress: Progress | None = None) -> Any:
+        """The agent's ``method`` (``serve`` or ``restore``) on ``node``; with ``progress``,
+        streamed, so that its progress is reported as it comes."""
+        agent = self._agent(node)
+        if progress is None:
+            return call(getattr(agent, method).remote(*args))
+        return followed(agent.stream.options(num_returns="streaming").remote(method, *args), progress)
+
+    def stream(self, verb: str, kwargs: dict[str, Any]) -> Iterator[Any]:
+        """Verb ``verb``, with its progress streamed to the caller (:class:`~cedana_ray.cluster.Cluster`)."""
+        if verb not in STREAMED:
+            raise UsageError(f"no progress to stream for {verb!r}")
+        yield from streamed(lambda progress: getattr(self, verb)(**kwargs, progress=progress))
 
     def _on_node(self, jid: str, verb: str, *args: Any) -> Job:
         job = self.job(jid)

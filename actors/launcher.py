@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from cedana_ray import auth, ray_private
+from cedana_ray.backend import Progress
 from cedana_ray.cluster import ClusterState, connect, load_state, save_state, state_file
 from cedana_ray.config import paths
 from cedana_ray.crypto import load_key
@@ -120,7 +121,9 @@ def start_coordinator(base: str, storage: str, encrypt: bool = False, key: bytes
     return detached(Coordinator, COORDINATOR, _head_node(), base, storage, encrypt, key, concurrency=64)
 
 
-def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list[NodeStatus]:
+def wait_for_agents(
+    coordinator: Any, timeout: float = AGENTS_TIMEOUT_S, progress: Progress | None = None
+) -> list[NodeStatus]:
     """Until every alive node's agent answers."""
     import ray
 
@@ -130,7 +133,10 @@ def wait_for_agents(coordinator: Any, timeout: float = AGENTS_TIMEOUT_S) -> list
     while True:
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         nodes: list[NodeStatus] = call(coordinator.nodes.remote(), timeout=timeout)
-        if {n.node for n in nodes if n.error is None} >= alive:
+        ready = {n.node for n in nodes if n.error is None}
+        if progress:
+            progress(f"agents ready: {len(ready & alive)} of {len(alive)} nodes", 0, 0)
+        if ready >= alive:
             return nodes
         if time.monotonic() > deadline:
             raise StateError(f"agents did not start on every node within {timeout:.0f} s")
@@ -163,6 +169,7 @@ def up(
     no_auth: bool = False,
     encrypt: bool = False,
     key: bytes | None = None,
+    progress: Progress | None = None,
 ) -> tuple[ClusterState, list[NodeStatus]]:
     """Join (or start) Ray and start the control plane; idempotent.
 
@@ -176,6 +183,7 @@ def up(
         encrypt: encrypt every checkpoint of the cluster, with ``key`` (default:
             ``CEDANA_RAY_KEY``, else one made and kept in the head's state dir,
             ``cluster/encryption.key``). ``CEDANA_RAY_KEY`` set means ``encrypt``.
+        progress: told each stage as it starts.
 
     Raises:
         UsageError: ``dashboard_host`` with a cluster ``up`` does not start.
@@ -183,6 +191,7 @@ def up(
     """
     from cedana_ray.remote import call
 
+    report = progress or (lambda stage, done, total: None)
     key = key or load_key(None)
     encrypt = encrypt or key is not None
     previous = load_state()
@@ -200,6 +209,7 @@ def up(
     token = _auth_token(started, previous, no_auth)
     token_file = str(token) if token else None
     if started:
+        report("starting a Ray head", 0, 0)
         address, head_temp, dashboard = start_head(dashboard_host or LOOPBACK)
         # recorded at once, so that `down` finds this head even if `up` is interrupted
         save_state(
@@ -208,7 +218,9 @@ def up(
             )
         )
     try:
+        report(f"connecting to Ray at {address}", 0, 0)
         connect(address)
+        report("starting the coordinator", 0, 0)
         coordinator = start_coordinator(base, storage, encrypt, key)
         info = call(coordinator.info.remote(), timeout=AGENTS_TIMEOUT_S)
         if encrypt and not info["encrypted"]:
@@ -216,8 +228,9 @@ def up(
                 "the control plane is already running without encryption",
                 hint="`cedana-ray down` it, then `up --encrypt`",
             )
-        nodes = wait_for_agents(coordinator)
+        nodes = wait_for_agents(coordinator, progress=progress)
         if dashboard:
+            report("waiting for Ray's job server", 0, 0)
             wait_for_job_server()
     except BaseException:
         if started:  # a head this call started; never one an earlier `up` left running

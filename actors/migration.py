@@ -10,6 +10,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from cedana_ray.backend import Progress
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.models import LIVE_STATES, Compression, DumpResult, EventKind, Job, JobState, MigrateResult
 from cedana_ray.plugins_manager import get_plugin_manager
@@ -42,7 +43,9 @@ class Migration:
                 if job.details.get("restore_on_loss") and job.last_checkpoint:
                     self._pool.submit(self._recover_logged, job.jid)
 
-    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
+    def migrate(
+        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+    ) -> MigrateResult:
         """Move a live job to ``node``: freeze, dump, restore there, resume; the job keeps its id.
 
         The source stays frozen while the target restores, and resumes if anything fails,
@@ -57,7 +60,7 @@ class Migration:
             job = self._live(jid)
             if target == job.node:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
-            return self._migrate(job, target, request or self._migration_request(job))
+            return self._migrate(job, target, request or self._migration_request(job), progress=progress)
 
     def _migration_request(self, job: Job) -> DumpRequest:
         """Uncompressed to a local store (compressing costs more than writing), lz4 to a remote one."""
@@ -65,13 +68,18 @@ class Migration:
         return DumpRequest(compression=Compression.none if url.startswith("file://") else Compression.lz4)
 
     def _migrate(
-        self, job: Job, target: str, request: DumpRequest, kind: EventKind = EventKind.migrated
+        self,
+        job: Job,
+        target: str,
+        request: DumpRequest,
+        kind: EventKind = EventKind.migrated,
+        progress: Progress | None = None,
     ) -> MigrateResult:
         start = time.perf_counter()
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
         move = self._move_frozen if freezes and not needs_gpu(job) else self._move_stopped
         with self.records.noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
-            dumped, restored, dump_s = move(job, target, request, start)
+            dumped, restored, dump_s = move(job, target, request, start, progress)
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}
         )
@@ -89,16 +97,18 @@ class Migration:
             job=moved,
         )
 
-    def _move_frozen(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
+    def _move_frozen(
+        self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
+    ) -> tuple[DumpResult, Job, float]:
         """Freeze, dump leaving it running, restore frozen on the target, resume there: the source
         stays frozen meanwhile and resumes if anything fails."""
         was_frozen = job.state is JobState.frozen
         if not was_frozen:
             self._serve(job.node, "freeze", job.jid)
         try:
-            dumped = self._dump(job, request.model_copy(update={"leave_running": True}))
+            dumped = self._dump(job, request.model_copy(update={"leave_running": True}), progress)
             dump_s = time.perf_counter() - start
-            restored = self._restore_dumped(target, job, dumped)
+            restored = self._restore_dumped(target, job, dumped, progress)
         except BaseException:
             if not was_frozen:
                 self._serve(job.node, "unfreeze", job.jid)
@@ -107,21 +117,23 @@ class Migration:
             self._serve(target, "unfreeze", job.jid)
         return dumped, restored, dump_s
 
-    def _move_stopped(self, job: Job, target: str, request: DumpRequest, start: float) -> tuple[DumpResult, Job, float]:
+    def _move_stopped(
+        self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
+    ) -> tuple[DumpResult, Job, float]:
         """For job types that cannot freeze (the CRI has no pause): dump and stop, restore on the
         target, or on the source again if that fails. It runs until its checkpoint is stored,
         and the restored job goes on from the checkpoint."""
-        dumped = self._dump(job, request.model_copy(update={"leave_running": False}))
+        dumped = self._dump(job, request.model_copy(update={"leave_running": False}), progress)
         dump_s = time.perf_counter() - start
         try:
-            return dumped, self._restore_dumped(target, job, dumped), dump_s
+            return dumped, self._restore_dumped(target, job, dumped, progress), dump_s
         except CedanaError:
             self._restore_dumped(job.node, job, dumped)
             raise
 
-    def _restore_dumped(self, node: str, job: Job, dumped: DumpResult) -> Job:
+    def _restore_dumped(self, node: str, job: Job, dumped: DumpResult, progress: Progress | None = None) -> Job:
         manifest = self.records.manifest(dumped.path)
-        return self._restore_on(node, job, manifest, dumped.path, RestoreRequest(jid=job.jid)).job
+        return self._restore_on(node, job, manifest, dumped.path, RestoreRequest(jid=job.jid), progress).job
 
     def _recover_logged(self, jid: str) -> None:
         try:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .backend import Backend, open_backend
+from .backend import Backend, Progress, open_backend
 from .follow import follow
 from .models import (
     CheckpointInfo,
@@ -34,6 +34,7 @@ from .models import (
     JobState,
     MigrateResult,
     NodeStatus,
+    RestoreResult,
 )
 from .requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
 from .store import DEFAULT_STREAMS
@@ -65,11 +66,13 @@ class JobHandle(Job):
         """Checkpoint the job (``leave_running=True`` keeps it running); see :func:`dump`."""
         return dump(self.jid, **options)
 
-    def restore(self, **options: Any) -> JobHandle:
+    def restore(self, **options: Any) -> RestoreResult:
+        """Restore the job; see :func:`restore`."""
         return restore(self.jid, **options)
 
-    def migrate(self, node: str) -> MigrateResult:
-        return migrate(self.jid, node)
+    def migrate(self, node: str, **options: Any) -> MigrateResult:
+        """Move the job to ``node``; see :func:`migrate`."""
+        return migrate(self.jid, node, **options)
 
     def freeze(self) -> JobHandle:
         return freeze(self.jid)
@@ -163,10 +166,13 @@ def dump(
     key: bytes | None = None,
     streams: int = DEFAULT_STREAMS,
     metadata: dict[str, str | int | float | bool | None] | None = None,
+    progress: Progress | None = None,
 ) -> DumpResult:
     """Checkpoint job ``jid``; without ``leave_running`` the job stops once it is stored.
     ``encrypt`` with ``key`` (a job run with ``encrypt``, or a key configured, is always encrypted);
-    ``streams`` as ``--streams``; ``metadata`` labels the checkpoint (``{"step": 1200}``)."""
+    ``streams`` as ``--streams``; ``metadata`` labels the checkpoint (``{"step": 1200}``);
+    ``progress(stage, done, total)`` is told each stage and, while data moves, its bytes
+    (from the job's node, on a cluster)."""
     request = DumpRequest(
         leave_running=leave_running,
         storage=storage,
@@ -177,7 +183,7 @@ def dump(
         streams=streams,
         metadata=metadata or {},
     )
-    return _engine().dump(jid, request)
+    return _engine().dump(jid, request, progress)
 
 
 def restore(
@@ -189,17 +195,22 @@ def restore(
     node: str | None = None,
     gpu_map: dict[str, str] | None = None,
     key: bytes | None = None,
-) -> JobHandle:
+    progress: Progress | None = None,
+) -> RestoreResult:
     """Restore job ``jid`` (its last or a given checkpoint), or the checkpoint at ``path``; on
     ``node`` if given; ``gpu_map``: checkpointed GPU -> GPU there, as ``restore --gpu-map``;
-    ``key``: of an encrypted checkpoint (default: the job's, or the one configured)."""
+    ``key``: of an encrypted checkpoint (default: the job's, or the one configured);
+    ``progress`` as :func:`dump`'s. Returns what ``restore --json`` prints: the checkpoint,
+    the time each stage took, and the restored job (a :class:`JobHandle`) as ``job``."""
     request = RestoreRequest(checkpoint=checkpoint, path=path, jid=new_jid, gpu_map=gpu_map or {}, key=key)
-    return _handle(_engine().restore(request, jid=jid, node=node).job)
+    result = _engine().restore(request, jid=jid, progress=progress, node=node)
+    return result.model_copy(update={"job": _handle(result.job)})
 
 
-def migrate(jid: str, node: str) -> MigrateResult:
-    """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): dump there, restore here, same id."""
-    return _engine().migrate(jid, node)
+def migrate(jid: str, node: str, *, progress: Progress | None = None) -> MigrateResult:
+    """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): dump there, restore
+    here, same id; ``progress`` as :func:`dump`'s, through both."""
+    return _engine().migrate(jid, node, progress=progress)
 
 
 def freeze(jid: str) -> JobHandle:

@@ -97,7 +97,9 @@ class Backend(Protocol):
     def delete_checkpoint(self, ckpt: str) -> CheckpointInfo: ...
 
     # -- the cluster (local mode refuses these)
-    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
+    def migrate(
+        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+    ) -> MigrateResult:
         """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): it keeps its id."""
         ...
 

@@ -140,11 +140,14 @@ class Cluster:
 
     def _call(self, verb: str, *args: Any, **kwargs: Any) -> Any:
         """The coordinator's ``verb``, its arguments passed by name; a progress callback stays
-        here (it is this process's)."""
-        from .remote import call
+        here (it is this process's): the coordinator streams the progress to it."""
+        from .remote import STREAMED, call, followed
 
         bound = inspect.signature(getattr(Backend, verb)).bind(self, *args, **kwargs).arguments
         named = {k: v for k, v in bound.items() if k not in ("self", "progress")}
+        progress = bound.get("progress")
+        if progress is not None and verb in STREAMED:
+            return followed(self.coordinator.stream.options(num_returns="streaming").remote(verb, named), progress)
         return call(getattr(self.coordinator, verb).remote(**named))
 
     @property

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 from . import recovery
+from .backend import Progress
 from .config import Paths, paths
 from .crypto import KEY_ENV, KEY_FILE, load_key, save_key, saved_key
 from .dumping import DumpChain
@@ -276,7 +277,9 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             return f.read(limit)
 
     # -- the cluster's verbs: none without one
-    def migrate(self, jid: str, node: str, request: DumpRequest | None = None) -> MigrateResult:
+    def migrate(
+        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+    ) -> MigrateResult:
         raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
 
     def drain(self, node: str) -> list[MigrateResult]:

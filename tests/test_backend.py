@@ -16,6 +16,7 @@ from cedana_ray.backend import VERBS, Backend
 from cedana_ray.cluster import Cluster
 from cedana_ray.engine import Engine
 from cedana_ray.errors import UsageError
+from cedana_ray.remote import STREAMED
 from cedana_ray.requests import ManageRequest, RestoreRequest
 
 CLUSTER_ONLY = {"migrate": ("j", "n"), "drain": ("n",), "undrain": ("n",), "nodes": ()}
@@ -37,8 +38,14 @@ def test_local_mode_takes_every_verb_as_declared(verb: str) -> None:
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_the_coordinator_takes_every_verb_the_cluster_client_forwards(verb: str) -> None:
-    """The client passes a verb's arguments by name, less the progress callback (its own)."""
-    assert params(getattr(Coordinator, verb)) == params(getattr(Backend, verb), drop={"progress"})
+    """The client passes a verb's arguments by name; a progress callback stays with the client,
+    which the coordinator's ``stream`` feeds (for the verbs in ``STREAMED``)."""
+    assert params(getattr(Coordinator, verb)) == params(getattr(Backend, verb))
+
+
+def test_the_verbs_that_report_progress_stream_it() -> None:
+    reporting = {verb for verb in VERBS if "progress" in inspect.signature(getattr(Backend, verb)).parameters}
+    assert reporting == STREAMED
 
 
 def test_the_cluster_client_forwards_only_verbs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,27 @@ def test_missing_or_old_criu_is_refused_and_the_job_runs_on(
     monkeypatch.delenv("CEDANA_RAY_CRIU")
     assert mention in line and "make setup" in line
     assert json.loads(cedana("ps", "--json").stdout)[0]["state"] == "running"
+
+
+@pytest.mark.criu
+def test_progress_without_a_terminal_is_a_line_per_stage(home: Path) -> None:
+    """In a log (stderr not a terminal): a line as each stage ends, with the bytes it moved and
+    their rate, before the result; none with --quiet or --json."""
+    started = cedana("run", "process", "--jid", "p1", "--", sys.executable, "-c", BUSY_64_MIB)
+    assert started.returncode == 0, started.stderr
+    dumped = cedana("dump", "job", "p1", "--leave-running", "--compression", "none")
+    assert dumped.returncode == 0, dumped.stderr
+    lines = dumped.stderr.splitlines()
+    assert any(re.fullmatch(r"criu_dump: \d+\.\d\d s", line) for line in lines), lines
+    [store] = [line for line in lines if line.startswith("store: ")]
+    assert re.fullmatch(r"store: \d+\.\d\d s, (6\d|7\d)\.\d MiB at [\d.]+ [KMG]?i?B/s", store), store
+    assert dumped.stdout.startswith("checkpoint p1-")
+    for quiet in ("--quiet", "--json"):
+        assert cedana("dump", "job", "p1", "--leave-running", quiet).stderr == ""
+    assert cedana("job", "kill", "p1").returncode == 0
+    restored = cedana("restore", "job", "p1", "-q")
+    assert restored.returncode == 0 and restored.stderr == "", restored.stderr
+    cedana("job", "kill", "p1")
+
+
+BUSY_64_MIB = "import time; b = bytearray(range(256)) * (1 << 18)\nwhile True: time.sleep(0.1)"

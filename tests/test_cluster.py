@@ -49,9 +49,9 @@ from test_wait import counts_to
 from cedana_ray import ray_private
 from cedana_ray.cluster import Cluster
 from cedana_ray.crypto import ALGORITHM
-from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, UsageError
+from cedana_ray.errors import CedanaError, JobNotFound, NotFoundError, PrerequisiteError, StateError, UsageError
 from cedana_ray.follow import follow
-from cedana_ray.models import EventKind, Job, JobState
+from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
 from cedana_ray.requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
@@ -213,6 +213,29 @@ def test_wait_follows_a_job_across_a_migration(client: Cluster) -> None:
     waiting.join(60)
     assert ended and (ended[0].state, ended[0].exit_code, ended[0].node) == (JobState.exited, 5, other(source))
     assert [int(n) for n in re.findall(rb"count=(\d+)", b"".join(out))] == list(range(80)), "each line once, in order"
+
+
+def test_progress_comes_from_the_node_as_it_happens(client: Cluster) -> None:
+    """Dump, restore and migration report their stages and bytes from the agent to the caller
+    while they run, not at the end."""
+    jid = run_counter(client, "c-progress", HEAVY)
+    seen: list[tuple[float, str, int, int]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        seen.append((time.monotonic(), stage, done, total))
+
+    dumped = client.dump(jid, DumpRequest(leave_running=True, compression=Compression.none), progress=progress)
+    arrived = {stage: at for at, stage, _, _ in reversed(seen)}  # each stage's first report
+    assert arrived["store"] - arrived["criu_dump"] >= dumped.timings["criu_dump"] / 2, "reported as it ran"
+    assert [(d, t) for _, s, d, t in seen if s == "store" and t][-1] == (dumped.image_bytes, dumped.image_bytes)
+
+    seen.clear()
+    client.migrate(jid, other(client.job(jid).node), progress=progress)
+    stages = {stage for _, stage, _, _ in seen}
+    assert {"criu_dump", "store", "fetch"} <= stages, stages
+    with pytest.raises(JobNotFound):
+        client.dump("c-nope", DumpRequest(), progress=progress)
+    client.kill(jid)
 
 
 def test_the_private_ray_internals_we_use_still_answer(ray_cluster: RayCluster) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -168,6 +169,22 @@ def test_job_submit_with_wait_ends_as_the_workload(up: dict, status: int) -> Non
     assert ("succeeded" if status == 0 else "failed") in submit.stdout
     [job] = [j for j in cli_json("ps") if j["jid"] == f"waited-{status}"]  # type: ignore[attr-defined]
     assert (job["state"], job["exit_code"]) == ("exited", status)
+
+
+def test_progress_reaches_a_log_from_the_job_s_node(up: dict) -> None:
+    """Without a terminal, `up`, `dump` and `restore` on a cluster print a line per stage as
+    it ends (the job's node reports them), and nothing with --quiet."""
+    again = cedana("up", timeout=180)
+    assert again.returncode == 0 and re.search(r"^connecting to Ray at \S+: \d+\.\d\d s$", again.stderr, re.M)
+    assert cedana("run", "process", "--jid", "prog", "--", *COUNTER).returncode == 0
+    wait_for(lambda: "count=2" in cedana("logs", "prog").stdout, 30, "prog counting")
+    dumped = cedana("dump", "job", "prog", timeout=120)
+    assert dumped.returncode == 0, dumped.stderr
+    assert re.search(r"^criu_dump: \d+\.\d\d s$", dumped.stderr, re.M), dumped.stderr
+    assert re.search(r"^store: \d+\.\d\d s, [\d.]+ [KM]iB at [\d.]+ [KMG]?i?B/s$", dumped.stderr, re.M), dumped.stderr
+    restored = cedana("restore", "job", "prog", "--quiet", timeout=120)
+    assert restored.returncode == 0 and restored.stderr == "", restored.stderr
+    assert cedana("job", "kill", "prog").returncode == 0
 
 
 def test_up_job_submit_ps_dump_and_down(up: dict, home: Path) -> None:

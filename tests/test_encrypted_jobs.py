@@ -96,6 +96,6 @@ def test_the_python_api_takes_the_same_options(home: Path, monkeypatch: pytest.M
     job = cedana_ray.run(COUNTER, jid="e5", encrypt=True, key=KEY)
     dumped = job.dump()
     assert [m["key_fingerprint"] for m in manifests(home)] == [fingerprint(KEY)]
-    assert cedana_ray.restore("e5", key=KEY).state is JobState.running
+    assert cedana_ray.restore("e5", key=KEY).job.state is JobState.running
     assert dumped.checkpoint in {c.checkpoint for c in cedana_ray.checkpoints("e5")}
     cedana_ray.kill("e5")

@@ -7,8 +7,8 @@ import click
 from ..crypto import load_key
 from ..models import Compression, NodeStatus
 from ..requests import DumpRequest
-from .options import common, engine, key_file_option
-from .output import console, human_size, show, table
+from .options import common, engine, key_file_option, quiet_option
+from .output import console, human_size, progress, show, table
 
 
 @click.command()
@@ -32,6 +32,7 @@ from .output import console, human_size, show, table
     "CEDANA_RAY_KEY (which alone means --encrypt), else one made and kept in the head's state dir.",
 )
 @key_file_option
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def up(
     address: str | None,
@@ -50,7 +51,9 @@ def up(
 
     if key_file and not encrypt:
         raise click.BadParameter("is for an encrypted cluster: add --encrypt", param_hint="--key-file")
-    state, nodes = start(address, storage, dashboard_host, no_auth, encrypt, load_key(key_file) if key_file else None)
+    key = load_key(key_file) if key_file else None
+    with progress(not as_json) as bar:
+        state, nodes = start(address, storage, dashboard_host, no_auth, encrypt, key, progress=bar)
 
     def human() -> None:
         console.print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
@@ -111,11 +114,13 @@ def _nodes_table(found: list[NodeStatus]) -> None:
     type=click.Choice([c.value for c in Compression]),
     help="Compression of the migration checkpoint (default: none on a file:// store, lz4 elsewhere).",
 )
+@quiet_option
 @common
 def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: bool) -> None:
     """Move job JID to another node (freeze, dump, restore there); it keeps its id."""
     request = DumpRequest(compression=Compression(compression)) if compression else None
-    result = engine().migrate(jid, node, request)
+    with progress(not as_json) as bar:
+        result = engine().migrate(jid, node, request, progress=bar)
 
     def human() -> None:
         console.print(

@@ -80,7 +80,8 @@ for group in (run, manage, dump, restore, freeze, unfreeze, query, events, wait,
 def dump_job(jid: str, request: DumpRequest, as_json: bool, local: bool) -> None:
     """Checkpoint job JID."""
     with progress(not as_json) as bar:
-        show_dump(as_json, engine().dump(jid, request, bar))
+        result = engine().dump(jid, request, bar)
+    show_dump(as_json, result)
 
 
 @restore.command("job")
@@ -92,7 +93,8 @@ def dump_job(jid: str, request: DumpRequest, as_json: bool, local: bool) -> None
 def restore_job(jid: str, node: str | None, request: RestoreRequest, as_json: bool, local: bool) -> None:
     """Restore job JID from its last (or a given) checkpoint."""
     with progress(not as_json) as bar:
-        show_restore(as_json, engine().restore(request, jid=jid, progress=bar, node=node))
+        result = engine().restore(request, jid=jid, progress=bar, node=node)
+    show_restore(as_json, result)
 
 
 def _job_state_command(group: click.Group, verb: str) -> None:

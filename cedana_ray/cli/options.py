@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..models import Compression, CriuOptions, Metadata
 from ..requests import DumpRequest, RestoreRequest
 from ..store import DEFAULT_STREAMS
+from .output import QUIET
 
 F = Callable[..., Any]
 
@@ -41,6 +42,16 @@ key_file_option = click.option(
     "--key-file",
     metavar="FILE",
     help=f"Key of an encrypted checkpoint: 32 bytes, 64 hex digits or base64 (default: ${KEY_ENV}).",
+)
+
+
+def _be_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[QUIET] = True
+
+
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, expose_value=False, callback=_be_quiet, help="Show no progress on stderr."
 )
 
 
@@ -78,6 +89,7 @@ def dump_options(fn: F) -> F:
             callback=metadata_pairs,
             help="Label the checkpoint (repeatable): step=1200, loss=0.31; `checkpoint list` shows them.",
         ),
+        quiet_option,
     ]
 
     @functools.wraps(fn)
@@ -162,7 +174,7 @@ def restore_options(fn: F) -> F:
         )
         return fn(**kw)
 
-    wrapper = key_file_option(wrapper)
+    wrapper = quiet_option(key_file_option(wrapper))
     wrapper = click.option(
         "--gpu-map",
         multiple=True,

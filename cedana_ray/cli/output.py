@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import click
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
@@ -49,12 +51,28 @@ def show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
         human()
 
 
+QUIET = "cedana_ray.quiet"  # click's context meta: `--quiet`
+MIN_STAGE_S = 0.01  # a stage line for less (a lock taken, a check) that moved nothing is noise
+
+
 @contextmanager
 def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A transient progress bar on stderr for long dumps and restores."""
-    if not enabled or not err_console.is_terminal:
+    """The progress of a long dump, restore, migration or ``up`` on stderr: a transient bar on
+    a terminal, else a line as each stage ends; none unless ``enabled``, or with ``--quiet``."""
+    ctx = click.get_current_context(silent=True)
+    if not enabled or (ctx and ctx.meta.get(QUIET)):
         yield None
-        return
+    elif err_console.is_terminal:
+        yield from _bar()
+    else:
+        lines = StageLines()
+        try:
+            yield lines
+        finally:
+            lines.end()
+
+
+def _bar() -> Iterator[Callable[[str, int, int], None]]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("starting", total=None)
@@ -63,6 +81,32 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
             bar.update(task, description=stage, completed=done, total=total or None)
 
         yield update
+
+
+class StageLines:
+    """Progress for logs (no terminal): one line per stage, once it ends, with its time and,
+    for a stage that moves data, its bytes and rate; none for a stage that took no time."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.started = 0.0
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.end()
+            self.stage, self.started = stage, time.monotonic()
+        self.done = done
+
+    def end(self) -> None:
+        """Print the stage in progress as ended."""
+        if self.stage is None:
+            return
+        took = time.monotonic() - self.started
+        moved = f", {human_size(self.done)} at {human_size(int(self.done / max(took, 1e-6)))}/s" if self.done else ""
+        if moved or took >= MIN_STAGE_S:
+            err_console.print(f"{self.stage}: {took:.2f} s{moved}", highlight=False, markup=False)
+        self.stage = None
 
 
 def error(message: str) -> None:

@@ -151,7 +151,8 @@ def dump_command(name: str, target: str, what: str) -> click.Command:
     def command(target: str, request: DumpRequest, as_json: bool, local: bool) -> None:
         job = job_for(engine(), name, target)
         with progress(not as_json) as bar:
-            show_dump(as_json, engine().dump(job.jid, request, bar))
+            result = engine().dump(job.jid, request, bar)
+        show_dump(as_json, result)
 
     return command
 
@@ -168,7 +169,8 @@ def restore_command(name: str, help: str, *options: Callable[[F], F]) -> Callabl
         def command(request: RestoreRequest, as_json: bool, local: bool, **extra: Any) -> None:
             request = make_request(request, **extra)
             with progress(not as_json) as bar:
-                show_restore(as_json, engine().restore(request, jtype=name, progress=bar))
+                result = engine().restore(request, jtype=name, progress=bar)
+            show_restore(as_json, result)
 
         for option in reversed(options):
             command = option(command)
