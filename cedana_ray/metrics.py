@@ -13,13 +13,15 @@ mode) every function is a no-op, and nothing of Ray is imported for metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from .errors import CheckpointNotFound
 from .models import LIVE_STATES, DumpResult, EventKind, Job
@@ -35,6 +37,7 @@ DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 STALL_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
 MOVED = {EventKind.migrated, EventKind.drained}
 log = logging.getLogger("cedana_ray.metrics")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _make() -> Series:
     return Series(
         checkpoints=Counter("cedana_checkpoints", "Checkpoints stored", where),
         checkpoint_seconds=Histogram(
-            "cedana_checkpoint_duration_seconds", "Time a checkpoint took, stored", DURATION_BUCKETS, where
+            "cedana_checkpoint_duration_seconds", "Time a dump took until stored", DURATION_BUCKETS, where
         ),
         stall_seconds=Histogram(
             "cedana_checkpoint_stall_seconds", "Time a checkpoint held the workload stopped", STALL_BUCKETS, where
@@ -104,6 +107,19 @@ def _series_of(records: Records) -> Series | None:
         return _series
 
 
+def _quietly(record: Callable[P, None]) -> Callable[P, None]:
+    """A metric never fails what it counts: an error recording one is logged, not raised."""
+
+    @functools.wraps(record)
+    def recording(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            log.exception("recording metrics (%s) failed", record.__name__)
+
+    return recording
+
+
 def stall_s(result: DumpResult) -> float | None:
     """How long dump ``result`` held the workload stopped: its handler's own time (CRIU's
     dump, or the runtime's checkpoint), which freezes the tree and lets it go. A stage's time
@@ -124,6 +140,7 @@ def _stored_size(records: Records, checkpoint: str) -> int:
         return 0
 
 
+@_quietly
 def checkpointed(records: Records, result: DumpResult, node: str) -> None:
     """Count dump ``result`` of a job on ``node``: its duration, stall and size."""
     if (series := _series_of(records)) is None:
@@ -137,6 +154,7 @@ def checkpointed(records: Records, result: DumpResult, node: str) -> None:
         series.stored_bytes.inc(result.size_bytes, tags)
 
 
+@_quietly
 def restored(records: Records, job: Job, checkpoint: str, node: str) -> None:
     """Count ``job``, restored from ``checkpoint`` on ``node``, and the bytes it read back."""
     if (series := _series_of(records)) is None:
@@ -147,12 +165,14 @@ def restored(records: Records, job: Job, checkpoint: str, node: str) -> None:
         series.restored_bytes.inc(size, tags)
 
 
+@_quietly
 def failed(records: Records, what: str, exc: BaseException) -> None:
     """Count a ``what`` (dump, restore, migration, drain) that failed with ``exc``."""
     if (series := _series_of(records)) is not None:
         series.failures.inc(1, {"stage": what, "error": type(exc).__name__})
 
 
+@_quietly
 def noted(records: Records, jid: str, kind: EventKind, detail: dict[str, Any]) -> None:
     """Count what only an event of job ``jid`` tells: a migration or a drain, and its duration."""
     if kind not in MOVED or (series := _series_of(records)) is None:
@@ -163,6 +183,7 @@ def noted(records: Records, jid: str, kind: EventKind, detail: dict[str, Any]) -
     series.migration_seconds.observe(detail["duration_s"], {"plugin": plugin, "kind": kind.value})
 
 
+@_quietly
 def watch(records: Records) -> None:
     """Keep each live job's checkpoint age current, from ``records``, while this process lives
     (once per process, and only for the cluster's record)."""
