@@ -123,9 +123,9 @@ def run(
     ``run --cpus --gpus --memory`` (docs/cluster.md).
 
     The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
-    (:data:`cedana_ray.environment.DEFAULTS`) of whoever starts it (this process, or a
-    cluster's node agent); with ``inherit_env`` all of that one's environment except its
-    keys and credentials (:func:`cedana_ray.environment.secret`), which only ``env`` can pass.
+    (:data:`cedana_ray.environment.DEFAULTS`) of this process, wherever the job runs; with
+    ``inherit_env`` all of this process's environment except its keys and credentials
+    (:func:`cedana_ray.environment.secret`), which only ``env`` can pass.
 
     With ``encrypt``, every checkpoint of the job is encrypted (policy, migration, drain and
     ``checkpoint()`` ones too) with ``key``, else ``CEDANA_RAY_KEY``, else the cluster's own.

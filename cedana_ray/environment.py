@@ -1,11 +1,13 @@
 """What environment a workload gets, and keeping secrets out of what we print.
 
-A workload does not inherit the environment of whoever started it (the CLI, or a node
-agent): that holds cedana-ray's own keys and cloud credentials, which would then sit in
+A workload does not inherit the environment of whoever started it (the CLI, the API's
+caller): that holds cedana-ray's own keys and cloud credentials, which would then sit in
 every checkpoint of the job. It gets a few :data:`DEFAULTS` (``PATH``, ``HOME``, the
 locale...) from there, plus what the user gave it (``--env``); with ``inherit`` (``run
 process --inherit-env``) the whole environment instead of the defaults, less every
-:func:`secret` variable. An explicit ``--env`` always wins, secrets included.
+:func:`secret` variable. An explicit ``--env`` always wins, secrets included. On a cluster
+the caller's environment goes with the request (``RunRequest.base_env``), not the node
+agent's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 DEFAULTS = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR")
+DEFAULTS += ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")  # so `python` is the caller's Python, with its packages
 DEFAULT_PREFIXES = ("LC_",)
 # cloud and Ray credentials, whatever they are called; cedana-ray's own keys match SECRET_WORD
 SECRET_PREFIXES = ("AWS_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "AZURE_", "RAY_AUTH_")

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, SecretBytes, model_validator
 
 from .crypto import KEY_BYTES
+from .environment import workload_env
 from .errors import UsageError
 from .models import Compression, CriuOptions, Manifest, Metadata, Name
 from .store import DEFAULT_STREAMS
@@ -72,6 +73,9 @@ class RunRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     # the launcher's whole environment, less its secrets, instead of only PATH, HOME... (cedana_ray.environment)
     inherit_env: bool = False
+    # what of its starter's environment the workload gets (see inherit_env), taken where the
+    # request is made: on a cluster the caller's, not the node agent's
+    base_env: dict[str, str] | None = None
     gpu_tracing: bool = False
     gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
     resources: Resources = Resources()  # with a cluster: reserved in Ray while the job runs
@@ -81,6 +85,12 @@ class RunRequest(BaseModel):
     restore_on_loss: bool = False  # with a cluster: restore from the last checkpoint if the node dies
     encrypt: bool = False  # encrypt every checkpoint of the job (policy, migration, drain... too)
     key: Key | None = None  # with ``encrypt``: its key (default: CEDANA_RAY_KEY; a cluster's own)
+
+    @model_validator(mode="after")
+    def _callers_env(self) -> RunRequest:
+        if self.base_env is None:
+            self.base_env = workload_env({}, self.inherit_env)
+        return self
 
     @property
     def needs_gpu(self) -> bool:

@@ -152,6 +152,19 @@ def test_a_cluster_job_runs_in_the_caller_s_directory(up: dict, tmp_path: Path) 
     assert "does not exist on node" in assert_one_error(gone, UsageError)
 
 
+def test_a_cluster_job_gets_the_caller_s_environment(up: dict, tmp_path: Path) -> None:
+    """The caller's PATH, locale, virtualenv... (not the node agent's), and never its secrets,
+    unless given with --env."""
+    show = "echo TZ=$TZ VIRTUAL_ENV=$VIRTUAL_ENV AWS=$AWS_SECRET_ACCESS_KEY GIVEN=$GIVEN"
+    caller = {**os.environ, "TZ": "Test/Zone", "VIRTUAL_ENV": str(tmp_path), "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    waited = subprocess.run(
+        [sys.executable, "-m", "cedana_ray.cli", "run", "process", "--wait", "--env", "GIVEN=yes", "--",
+         "sh", "-c", show],
+        capture_output=True, text=True, timeout=120, env=caller,
+    )  # fmt: skip
+    assert waited.stdout.strip() == f"TZ=Test/Zone VIRTUAL_ENV={tmp_path} AWS= GIVEN=yes", waited.stderr
+
+
 @pytest.mark.parametrize("status", [0, 3])
 def test_job_submit_with_wait_ends_as_the_workload(up: dict, status: int) -> None:
     """`ray job submit -- cedana-ray run --wait ...`: Ray's job shows the workload's output and

@@ -37,7 +37,7 @@ def test_other_names_are_not(name: str) -> None:
     assert not secret(name)
 
 
-SOURCE = {"PATH": "/bin", "HOME": "/root", "LC_ALL": "C", "VIRTUAL_ENV": "/v", "AWS_SECRET_ACCESS_KEY": "s"}
+SOURCE = {"PATH": "/bin", "HOME": "/root", "LC_ALL": "C", "EDITOR": "vi", "AWS_SECRET_ACCESS_KEY": "s"}
 
 
 def test_a_workload_gets_the_defaults_and_what_it_was_given() -> None:
@@ -51,7 +51,7 @@ def test_inheriting_takes_all_but_the_secrets_and_what_is_given_wins() -> None:
         "PATH": "/mine",
         "HOME": "/root",
         "LC_ALL": "C",
-        "VIRTUAL_ENV": "/v",
+        "EDITOR": "vi",
     }
 
 

@@ -22,8 +22,7 @@ NAME = "process"
 @click.option(
     "--inherit-env",
     is_flag=True,
-    help="Give the job this environment (the node agent's on a cluster) but its keys and credentials, "
-    "not only PATH, HOME, the locale...",
+    help="Give the job this environment but its keys and credentials, not only PATH, HOME, the locale...",
 )
 @policy_options
 @click.option("--gpu", is_flag=True, help="The job needs a GPU: run it where there is one, refuse where there is none.")

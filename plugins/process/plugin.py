@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from cedana_ray import criu, inside
-from cedana_ray.environment import workload_env
 from cedana_ray.errors import RestoreError, UsageError
 from cedana_ray.models import HealthCheck, Job, JobState
 from cedana_ray.pipeline import Context, Handler
@@ -39,7 +38,7 @@ def _supervised_job(ctx: Context, reply: dict[str, Any], **fields: Any) -> Job:
 
 def run(ctx: Context) -> Job:
     """Start the command under a supervisor, in new PID and mount namespaces, with the
-    environment the request gives it (cedana_ray.environment), not ours."""
+    environment the request gives it (its maker's, see cedana_ray.environment), not ours."""
     req, job_dir = ctx.request, ctx.state.job_dir
     control = ctx.state.control
     ours = {"CEDANA_RAY_JID": ctx.state.jid, "CEDANA_RAY_CONTROL": control["dir"]}
@@ -50,7 +49,7 @@ def run(ctx: Context) -> Job:
         "mode": "run",
         "cmd": req.cmd,
         "cwd": cwd,
-        "env": {**workload_env(req.env, req.inherit_env), **ours},
+        "env": {**(req.base_env or {}), **req.env, **ours},
         **job_files(job_dir),
         "control": control,
     }
