@@ -31,6 +31,7 @@ COUNTER = "i=0; while true; do echo count=$i; i=$((i+1)); sleep 0.05; done"
 # The Python container: Debian bookworm minbase with python3-minimal, from the machine's
 # own Debian mirror (the only archive reachable here), built once and cached.
 DEBOOTSTRAP = ("--variant=minbase", "--include=python3-minimal", "bookworm")
+MINBASE = ("--variant=minbase", "bookworm")  # what a debian:bookworm-slim image holds, near enough
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 STARTUP_S = 60.0  # 256 MiB of urandom and two sha256 passes, on two busy cores
 # Not needed to run python3 in a container, and half the rootfs: less for umoci to pack.
@@ -132,14 +133,14 @@ def debian_mirror() -> str:
     return DEFAULT_MIRROR
 
 
-def python_rootfs() -> Path:
-    """A Debian rootfs with python3 (`debootstrap --variant=minbase --include=python3-minimal
-    bookworm`), cached under a key of the debootstrap arguments and the mirror."""
+def debian_rootfs(name: str, args: tuple[str, ...]) -> Path:
+    """A trimmed Debian rootfs (`debootstrap ARGS DEST MIRROR`) from this machine's mirror,
+    cached as NAME-KEY, KEY a hash of the debootstrap arguments, the mirror and the trim."""
     mirror = debian_mirror()
-    key = hashlib.sha256(json.dumps([*DEBOOTSTRAP, mirror, TRIM]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([*args, mirror, TRIM]).encode()).hexdigest()[:12]
 
     def build(dest: Path) -> None:
-        done = subprocess.run(["debootstrap", *DEBOOTSTRAP, str(dest), mirror], capture_output=True, text=True)
+        done = subprocess.run(["debootstrap", *args, str(dest), mirror], capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"debootstrap from {mirror} failed: {tail[0]}")
@@ -147,7 +148,19 @@ def python_rootfs() -> Path:
             shutil.rmtree(dest / path)
             (dest / path).mkdir()
 
-    return cached(cache_dir() / "rootfs" / f"bookworm-python3-{key}", build)
+    return cached(cache_dir() / "rootfs" / f"{name}-{key}", build)
+
+
+def python_rootfs() -> Path:
+    """A Debian rootfs with python3 (`debootstrap --variant=minbase --include=python3-minimal
+    bookworm`), cached under a key of the debootstrap arguments and the mirror."""
+    return debian_rootfs("bookworm-python3", DEBOOTSTRAP)
+
+
+def minbase_rootfs() -> Path:
+    """Plain Debian bookworm minbase (`debootstrap --variant=minbase bookworm`): the local base
+    of the cedana-ray image (scripts/build-image.sh) and the bare node of the cluster.yaml test."""
+    return debian_rootfs("bookworm-minbase", MINBASE)
 
 
 def busybox_rootfs(dest: Path) -> Path:
@@ -237,3 +250,7 @@ def python_image() -> Path:
         shutil.rmtree(dest / "unpacked")
 
     return cached(cache_dir() / "oci" / f"{rootfs.name}-{key}", build) / "image.tar"
+
+
+if __name__ == "__main__":  # scripts/build-image.sh builds its local base on this rootfs
+    print(minbase_rootfs())
