@@ -30,6 +30,7 @@ from cedana_ray.proctree import signal_tree
 from cedana_ray.remote import COORDINATOR, NAMESPACE, call, streamed
 from cedana_ray.requests import RestoreRequest
 from cedana_ray.signing import Signer
+from cedana_ray.working_dir import unpack
 
 DRAIN_DEADLINE_S = 60.0
 TYPES_TTL_S = 60.0
@@ -51,8 +52,7 @@ class NodeAgent:
         address = ray.get_runtime_context().gcs_address
         self._known_types: list[str] = []
         self._types_at = -TYPES_TTL_S
-        control = Path(base) / "control"
-        self.engine = Engine(Paths(home, control), node=node_id, cluster_address=address, signer=signer, key=key)
+        self.engine = Engine(Paths(home, Path(base)), node=node_id, cluster_address=address, signer=signer, key=key)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -106,6 +106,8 @@ class NodeAgent:
 
     def restore(self, request: RestoreRequest, history: bytes = b"", progress: Progress | None = None) -> RestoreResult:
         """Restore a checkpoint here; ``history`` is the job's output so far on its previous node."""
+        if request.working_dir:  # CRIU restores the job's working directory by its path
+            unpack(request.working_dir, self.engine.paths.working_dirs)
         if history and request.jid:
             log = self.engine.paths.job_dir(request.jid) / "log"
             log.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, suppress
+from pathlib import Path
 from typing import Any
 
+from cedana_ray import working_dir
 from cedana_ray.backend import Progress
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.models import DumpResult, Job, Manifest, RestoreResult
@@ -27,6 +29,7 @@ log = logging.getLogger("cedana_ray.coordinator")
 class Checkpoints(RecordVerbs):
     records: Records
     storage: str
+    base: Path
 
     def _exclusive(self, jid: str) -> AbstractContextManager[Any]:
         return self._claim(jid)
@@ -80,7 +83,9 @@ class Checkpoints(RecordVerbs):
         progress: Progress | None = None,
     ) -> RestoreResult:
         # the manifest read here goes along: the agent verifies it, but does not read it again
-        agent_request = request.model_copy(update={"path": path, "checkpoint": None, "manifest": manifest})
+        package = working_dir.kept(existing.details.get("working_dir") if existing else None, self.base)
+        update = {"path": path, "checkpoint": None, "manifest": manifest, "working_dir": package}
+        agent_request = request.model_copy(update=update)
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
         jid = request.jid or manifest.jid

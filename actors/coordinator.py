@@ -31,7 +31,7 @@ from typing import Any
 
 import ray
 
-from cedana_ray import ray_private
+from cedana_ray import ray_private, working_dir
 from cedana_ray.backend import Progress
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
@@ -216,6 +216,9 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         details: dict[str, Any] = {"restore_on_loss": request.restore_on_loss, "needs_gpu": request.needs_gpu}
         if needs:
             details["resources"] = needs.model_dump()
+        if request.working_dir:
+            working_dir.keep(request.working_dir, self.base)
+            details["working_dir"] = request.working_dir.digest
         if request.checkpoint_every:
             details["policy"] = {"every_s": request.checkpoint_every, "keep": request.keep}
         job = job.model_copy(update={"details": {**job.details, **details}})
@@ -292,6 +295,9 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             call(self._agent(job.node).forget.remote(jid))
         release(jid, job.node)
         self.records.deleted(jid)
+        digest = job.details.get("working_dir")
+        if digest and all(j.details.get("working_dir") != digest for j in self.registry.jobs()):
+            working_dir.discard(digest, self.base)
         return job
 
     def read_log(self, jid: str, offset: int = 0, limit: int = 1 << 20) -> bytes:

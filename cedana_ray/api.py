@@ -18,7 +18,6 @@ Code running *inside* a job uses :func:`cedana_ray.checkpoint` and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from .models import (
 )
 from .requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
 from .store import DEFAULT_STREAMS
+from .working_dir import caller_cwd, pack
 
 _backend: Backend | None = None
 
@@ -101,6 +101,7 @@ def run(
     *,
     jid: str | None = None,
     cwd: str | None = None,
+    working_dir: str | None = None,
     env: dict[str, str] | None = None,
     inherit_env: bool = False,
     type: str = "process",
@@ -120,7 +121,8 @@ def run(
     """Start ``cmd`` as a checkpointable job (on ``node``, or where it fits best). Returns the running job.
     ``gpu`` and ``gpu_tracing`` as ``run --gpu --gpu-tracing`` (docs/gpu.md); ``cpus``, ``gpus``
     and ``memory`` (bytes, or a size such as ``"4GiB"``) reserved in Ray while the job runs, as
-    ``run --cpus --gpus --memory`` (docs/cluster.md).
+    ``run --cpus --gpus --memory`` (docs/cluster.md); ``working_dir``: a directory packed
+    here, and the job runs in a copy of it on each node it runs on (``run --working-dir``).
 
     The job's environment is ``env`` plus ``PATH``, ``HOME``, the locale and a few more
     (:data:`cedana_ray.environment.DEFAULTS`) of this process, wherever the job runs; with
@@ -133,7 +135,8 @@ def run(
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
-        cwd=os.path.abspath(cwd or os.getcwd()),  # the caller's, wherever the job runs
+        cwd=caller_cwd(cwd, working_dir),
+        working_dir=pack(working_dir) if working_dir else None,
         env=env or {},
         inherit_env=inherit_env,
         node=node,

@@ -12,9 +12,10 @@ class Paths:
     """The state directory (``CEDANA_RAY_HOME``) and what lives in it."""
 
     home: Path
-    # Where jobs' control dirs live (see cedana_ray.inside). The same path on every node
-    # of a cluster, so a job finds its own after a migration.
-    control_root: Path | None = None
+    # A directory at the same path on every node of a cluster (its base; default: home): jobs'
+    # control dirs (see cedana_ray.inside) and working dirs live there, so that a job finds
+    # its own after a migration.
+    shared: Path | None = None
 
     @property
     def db(self) -> Path:
@@ -50,7 +51,12 @@ class Paths:
         return self.jobs / jid
 
     def control(self, jid: str) -> Path:
-        return (self.control_root or self.home / "control") / jid
+        return (self.shared or self.home) / "control" / jid
+
+    @property
+    def working_dirs(self) -> Path:
+        """Where ``--working-dir`` packages are unpacked, each in a directory named by its digest."""
+        return (self.shared or self.home) / "working_dirs"
 
     def ensure(self) -> Paths:
         """Create the state dirs, private (0700): they hold process memory and keys."""

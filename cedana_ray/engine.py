@@ -37,6 +37,7 @@ from .restoring import RestoreChain
 from .signing import Signer
 from .staging import remove_tree
 from .store import CheckpointStore
+from .working_dir import unpack
 
 NO_CLUSTER = "`cedana-ray up` first, or set RAY_ADDRESS"
 
@@ -163,6 +164,9 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
             raise UsageError(
                 "--node, --restore-on-loss, --cpus, --gpus and --memory need a cluster", hint="`cedana-ray up` first"
             )
+        if request.working_dir:
+            here = unpack(request.working_dir, self.paths.working_dirs)
+            request = request.model_copy(update={"cwd": str(here), "working_dir": None})
         hook = "cedana_run_handler_serverless"
         mws = self._middleware(jtype, "cedana_run_middleware", "cedana_gpu_tracing", "cedana_run_middleware_late")
         job = self._new_job(jtype, request.jid, hook, "running without a cluster", request, mws)

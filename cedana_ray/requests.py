@@ -12,6 +12,7 @@ from .environment import workload_env
 from .errors import UsageError
 from .models import Compression, CriuOptions, Manifest, Metadata, Name
 from .store import DEFAULT_STREAMS
+from .working_dir import Package
 
 
 def _check_key(key: SecretBytes) -> SecretBytes:
@@ -76,6 +77,7 @@ class RunRequest(BaseModel):
     # what of its starter's environment the workload gets (see inherit_env), taken where the
     # request is made: on a cluster the caller's, not the node agent's
     base_env: dict[str, str] | None = None
+    working_dir: Package | None = None  # packed here, unpacked where the job runs, its cwd there
     gpu_tracing: bool = False
     gpu: bool = False  # needs a GPU: placed where there is one, refused where there is none
     resources: Resources = Resources()  # with a cluster: reserved in Ray while the job runs
@@ -88,6 +90,8 @@ class RunRequest(BaseModel):
 
     @model_validator(mode="after")
     def _callers_env(self) -> RunRequest:
+        if self.working_dir and self.cwd:
+            raise UsageError("a job runs in its --working-dir: --cwd cannot say otherwise")
         if self.base_env is None:
             self.base_env = workload_env({}, self.inherit_env)
         return self
@@ -131,6 +135,7 @@ class RestoreRequest(BaseModel):
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     key: Key | None = None  # of an encrypted checkpoint
     gpu_map: dict[str, str] = Field(default_factory=dict)  # checkpointed GPU -> GPU here (UUIDs or indexes)
+    working_dir: Package | None = None  # the job's, for a node that has not unpacked it yet
     # the manifest at ``path``, as the coordinator read it, so that an agent does not read it
     # again; still verified with the cluster's key (no I/O) before it is used
     manifest: Manifest | None = None

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +58,7 @@ from cedana_ray.requests import DumpRequest, ManageRequest, Resources, RestoreRe
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore, split_url
+from cedana_ray.working_dir import pack
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(180)]
 HEAVY = [sys.executable, str(WORKLOADS / "heavy_counter.py"), "256"]
@@ -236,6 +238,42 @@ def test_progress_comes_from_the_node_as_it_happens(client: Cluster) -> None:
     with pytest.raises(JobNotFound):
         client.dump("c-nope", DumpRequest(), progress=progress)
     client.kill(jid)
+
+
+COUNTS_IN_ITS_DIR = """import os, time
+import helper
+print("cwd=" + os.getcwd(), flush=True)
+i = 0
+while True:
+    print(f"count={i}", flush=True)
+    i += helper.STEP
+    time.sleep(0.05)
+"""
+
+
+def test_a_working_dir_goes_wherever_the_job_runs(client: Cluster, tmp_path: Path) -> None:
+    """`run --working-dir`: the job runs in a copy of the caller's directory, unpacked where it
+    runs, and unpacked again wherever it is restored once that copy is gone."""
+    (tmp_path / "helper.py").write_text("STEP = 1\n")
+    (tmp_path / "main.py").write_text(COUNTS_IN_ITS_DIR)
+    package = pack(str(tmp_path))
+    jid = run_counter(client, "c-wd", [sys.executable, "main.py"], working_dir=package)
+    copy = Path(call(client.coordinator.info.remote())["base"]) / "working_dirs" / package.digest
+    assert f"cwd={copy}\n" in client.read_log(jid).decode()
+    (tmp_path / "helper.py").write_text("STEP = 2\n")
+    assert (copy / "helper.py").read_text() == "STEP = 1\n", "the job has its own copy"
+
+    client.dump(jid, DumpRequest())
+    shutil.rmtree(copy)
+    at = last(client, jid)
+    restored = client.restore(RestoreRequest(), jid=jid, node=other(client.job(jid).node))
+    assert restored.job.state is JobState.running and (copy / "main.py").exists()
+    assert_continuous(client, jid, at)
+    client.kill(jid)
+    kept = copy.parent.parent / "packages" / f"{package.digest}.zip"
+    assert kept.exists()
+    client.delete(jid)
+    assert not kept.exists(), "the coordinator forgets a package no job uses"
 
 
 def test_the_private_ray_internals_we_use_still_answer(ray_cluster: RayCluster) -> None:

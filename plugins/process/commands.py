@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
@@ -11,6 +10,7 @@ from cedana_ray.cli.options import common
 from cedana_ray.cli.workload import env_option, gpu_tracing_option, policy_options, start
 from cedana_ray.requests import Resources, RunRequest
 from cedana_ray.runtime import Commands
+from cedana_ray.working_dir import caller_cwd, pack
 
 NAME = "process"
 
@@ -18,6 +18,11 @@ NAME = "process"
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--jid", metavar="ID", help="Job id (default: generated).")
 @click.option("--cwd", metavar="DIR", help="Working directory, on the node the job runs on (default: this one's).")
+@click.option(
+    "--working-dir",
+    metavar="DIR",
+    help="Pack DIR here and run the job in a copy of it, unpacked on each node it runs on (as Ray's working_dir).",
+)
 @env_option
 @click.option(
     "--inherit-env",
@@ -46,6 +51,7 @@ NAME = "process"
 def run(
     jid: str | None,
     cwd: str | None,
+    working_dir: str | None,
     env: dict[str, str],
     inherit_env: bool,
     storage: str | None,
@@ -67,7 +73,8 @@ def run(
     request = RunRequest(
         cmd=list(cmd),
         jid=jid,
-        cwd=os.path.abspath(cwd or os.getcwd()),
+        cwd=caller_cwd(cwd, working_dir),
+        working_dir=pack(working_dir) if working_dir else None,
         env=env,
         inherit_env=inherit_env,
         gpu=gpu,
