@@ -1,11 +1,11 @@
 """Reservations: the Ray resources a job holds on its node while it runs.
 
-A job run with ``--cpus``, ``--gpus`` or ``--memory`` gets a holder: a detached, named
-actor pinned to the job's node that asks Ray for those resources and does nothing else.
-While it lives, Ray's scheduler and autoscaler count them as used, as they would a Ray
-task's. The coordinator takes one on each node the job moves to and kills it when the job
-leaves the node, ends, stops at a checkpoint or is lost. The GPUs Ray gives a holder are
-the job's ``CUDA_VISIBLE_DEVICES``.
+A job run with ``--cpus``, ``--gpus`` or ``--memory`` gets a placement group of one bundle
+of those resources, pinned to the job's node by its ``ray.io/node-id`` label: while it
+exists, Ray's scheduler and autoscaler count them as used, as they would a Ray task's, at
+no cost (no process holds them). The coordinator takes one on each node the job moves to
+and removes it when the job leaves the node, ends, stops at a checkpoint or is lost. The
+GPUs of the bundle, as Ray numbers them, are the job's ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -13,22 +13,15 @@ from __future__ import annotations
 from contextlib import suppress
 
 import ray
-from ray.exceptions import GetTimeoutError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util import get_placement_group, placement_group, remove_placement_group
+from ray.util.placement_group import NODE_ID_LABEL_KEY, PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cedana_ray.errors import PrerequisiteError
 from cedana_ray.models import Job
-from cedana_ray.remote import NAMESPACE
 from cedana_ray.requests import Resources
 
-RESERVE_TIMEOUT_S = 30.0  # Ray places a holder at once where its resources are free
-
-
-class Holder:
-    """Holds what it was created with; knows which GPUs Ray gave it."""
-
-    def gpus(self) -> list[str]:
-        return [str(g) for g in ray.get_gpu_ids()]
+RESERVE_TIMEOUT_S = 30.0  # Ray commits a bundle at once where its resources are free
 
 
 def holder_name(jid: str, node: str) -> str:
@@ -41,35 +34,40 @@ def resources_of(job: Job | None) -> Resources:
 
 
 def reserve(jid: str, node: str, resources: Resources) -> list[str]:
-    """Hold ``resources`` on ``node`` for job ``jid`` (the holder it has there already, if
-    any); the GPUs Ray gave them."""
+    """Hold ``resources`` on ``node`` for job ``jid`` (the reservation it has there already,
+    if any); the GPUs they include."""
     if not resources:
         return []
-    holder = (
-        ray.remote(Holder)
-        .options(
-            name=holder_name(jid, node),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=resources.cpus,
-            num_gpus=resources.gpus,
-            memory=resources.memory or None,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        )
-        .remote()
-    )
     try:
-        return ray.get(holder.gpus.remote(), timeout=RESERVE_TIMEOUT_S)
-    except GetTimeoutError:
-        ray.kill(holder)
+        group = get_placement_group(holder_name(jid, node))
+    except ValueError:  # none yet
+        group = placement_group(
+            [resources.ray()],
+            name=holder_name(jid, node),
+            lifetime="detached",
+            bundle_label_selector=[{NODE_ID_LABEL_KEY: node}],
+        )
+    if not group.wait(RESERVE_TIMEOUT_S):
+        remove_placement_group(group)
         raise PrerequisiteError(
             f"node {node[:12]} could not reserve {resources} for job {jid}",
             hint="other work holds them: `ray status`",
-        ) from None
+        )
+    return _gpus_of(group, resources.gpus) if resources.gpus else []
+
+
+@ray.remote(num_cpus=0)
+def _gpu_ids() -> list[str]:
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def _gpus_of(group: PlacementGroup, gpus: float) -> list[str]:
+    """The GPUs Ray gave ``group``'s bundle: what a task run in it is given."""
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    return ray.get(_gpu_ids.options(num_gpus=gpus, scheduling_strategy=strategy).remote())
 
 
 def release(jid: str, node: str) -> None:
     """Give back what job ``jid`` holds on ``node`` (nothing if it holds nothing there)."""
-    with suppress(ValueError):  # no holder by that name
-        ray.kill(ray.get_actor(holder_name(jid, node), namespace=NAMESPACE))
+    with suppress(ValueError):  # no reservation by that name
+        remove_placement_group(get_placement_group(holder_name(jid, node)))

@@ -90,10 +90,16 @@ def cedana(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+# what the CLI prints as each stage of a dump or restore ends, when stderr is not a terminal
+STAGE_LINE = re.compile(r"^[\w .:-]+: \d+\.\d\d s(, [\d.]+ [KMGT]?i?B at [\d.]+ [KMGT]?i?B/s)?$")
+
+
 def assert_one_error(result: subprocess.CompletedProcess[str], error: type[CedanaError]) -> str:
+    """The command failed with ``error``'s exit code and one line saying why (after the lines
+    of the stages it went through, if any)."""
     assert result.returncode == error.exit_code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.splitlines()
+    lines = [line for line in result.stderr.splitlines() if not STAGE_LINE.match(line)]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:"), result.stderr
     return lines[0]

@@ -69,7 +69,7 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
         try:
             yield lines
         finally:
-            lines.end()
+            lines.end(last=True)
 
 
 def _bar() -> Iterator[Callable[[str, int, int], None]]:
@@ -85,7 +85,8 @@ def _bar() -> Iterator[Callable[[str, int, int], None]]:
 
 class StageLines:
     """Progress for logs (no terminal): one line per stage, once it ends, with its time and,
-    for a stage that moves data, its bytes and rate; none for a stage that took no time."""
+    for a stage that moves data, its bytes and rate; none for a stage that took no time but
+    the last."""
 
     def __init__(self) -> None:
         self.stage: str | None = None
@@ -98,13 +99,13 @@ class StageLines:
             self.stage, self.started = stage, time.monotonic()
         self.done = done
 
-    def end(self) -> None:
-        """Print the stage in progress as ended."""
+    def end(self, last: bool = False) -> None:
+        """Print the stage in progress as ended (the ``last`` one, however short)."""
         if self.stage is None:
             return
         took = time.monotonic() - self.started
         moved = f", {human_size(self.done)} at {human_size(int(self.done / max(took, 1e-6)))}/s" if self.done else ""
-        if moved or took >= MIN_STAGE_S:
+        if moved or last or took >= MIN_STAGE_S:
             err_console.print(f"{self.stage}: {took:.2f} s{moved}", highlight=False, markup=False)
         self.stage = None
 
