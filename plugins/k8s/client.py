@@ -1,0 +1,28 @@
+"""The official Kubernetes client, imported when a command needs it (it takes seconds), or
+our one-line error naming the ``k8s`` extra."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from cedana_ray.extras import MissingExtra, needs
+
+REQUIRED = needs("k8s", "cedana-ray k8s")
+
+
+def manifests() -> ModuleType:
+    """:mod:`.manifests`, which builds the objects with the client's models."""
+    try:
+        from . import manifests
+    except ImportError as exc:
+        raise MissingExtra(REQUIRED) from exc
+    return manifests
+
+
+def applier() -> ModuleType:
+    """:mod:`.apply`, which talks to the API server."""
+    try:
+        from . import apply
+    except ImportError as exc:
+        raise MissingExtra(REQUIRED) from exc
+    return apply

@@ -1,0 +1,190 @@
+"""The k8s plugin: `k8s setup|destroy` and examples/kuberay.
+
+What is real here and what is not: there is NO Kubernetes API server on our machines (no
+kube-apiserver, k3s, envtest or kind can be installed), so
+
+- the objects `k8s setup --dry-run` prints, and the pod templates of
+  examples/kuberay/raycluster.yaml, are validated offline against the Kubernetes 1.37
+  OpenAPI schemas bundled with kubernetes-validate (strict: no unknown fields);
+- the apply and delete paths run the real official client against a STAND-IN HTTP server
+  (tests/k8s_apiserver.py) that answers with the JSON the client expects and records each
+  request, so the test checks what a real server would be sent (kinds, paths, namespaces,
+  credentials only in the Authorization header, no secret in any object or argv). The
+  stand-in validates nothing: whether a real API server accepts the objects beyond their
+  schema (admission, quota, PodSecurity) is untested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from k8s_apiserver import StandIn, stand_in
+from test_cli import assert_one_error, cedana
+
+from cedana_ray import features
+from cedana_ray.cli.main import cli
+from cedana_ray.errors import PrerequisiteError, UsageError
+from cedana_ray.plugins_manager import get_plugin_manager
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytest.importorskip("kubernetes")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "k8s-test-bearer-7f3c9a"  # distinctive, so a test can look for it
+KINDS = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Against the newest bundled Kubernetes schema, strict (unknown fields are errors)."""
+    kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def k8s(*args: str) -> Any:
+    """``cedana-ray k8s ARGS --json`` in this process (the client takes seconds to import:
+    once here, not in every subprocess); its JSON document."""
+    result = CliRunner().invoke(cli, ["k8s", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def dry_run(*args: str) -> list[dict[str, Any]]:
+    doc = k8s("setup", "--dry-run", "-o", "json", *args)
+    assert doc["kind"] == "List"
+    return doc["items"]
+
+
+def containers(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for o in objs if o["kind"] == "DaemonSet" for c in o["spec"]["template"]["spec"]["containers"]]
+
+
+def test_dry_run_objects_validate_against_the_kubernetes_schema(home: Path) -> None:
+    objs = dry_run("--storage", "s3://ckpts/cluster", "--namespace", "ml", "--image", "registry.example/cr:1")
+    assert [o["kind"] for o in objs] == KINDS
+    for obj in objs:
+        validate(obj)
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] not in ("Namespace", "ClusterRole")} >= {"ml"}
+    config = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert config["data"]["CEDANA_RAY_STORAGE"] == "s3://ckpts/cluster"
+    pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["serviceAccountName"] == "cedana-ray-node"
+    (agent,) = containers(objs)
+    assert agent["image"] == "registry.example/cr:1" and agent["securityContext"]["privileged"] is True
+    paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert paths == {"/run/containerd/containerd.sock", "/var/lib/cedana-ray", "/var/lib/cedana-ray-staging"}
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert paths <= mounts, "host paths are mounted at the same paths: containerd writes where the agent names"
+
+
+def test_rbac_is_read_only_pods_and_nodes(home: Path) -> None:
+    (role,) = [o for o in dry_run() if o["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
+
+
+def test_the_schema_check_bites(home: Path) -> None:
+    """A misspelt field fails validation: the validation above is not vacuous."""
+    daemon_set = dry_run()[-1]
+    daemon_set["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(daemon_set)
+
+
+def test_dry_run_yaml_is_the_same_objects(home: Path) -> None:
+    import yaml
+
+    result = CliRunner().invoke(cli, ["k8s", "setup", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert list(yaml.safe_load_all(result.stdout)) == dry_run()
+
+
+@pytest.fixture
+def api(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    """The stand-in API server, with a kubeconfig for it in KUBECONFIG."""
+    with stand_in() as server:
+        monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", TOKEN)))
+        yield server
+
+
+def collection(kind: str, namespace: str) -> str:
+    return {
+        "Namespace": "/api/v1/namespaces",
+        "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+        "DaemonSet": f"/apis/apps/v1/namespaces/{namespace}/daemonsets",
+    }[kind]
+
+
+def test_setup_creates_then_replaces_and_destroy_deletes(api: StandIn) -> None:
+    created = k8s("setup", "--namespace", "ml", "--storage", "s3://ckpts/x")
+    assert [(r["kind"], r["result"]) for r in created] == [(k, "created") for k in KINDS]
+    posts = [r for r in api.requests if r.method == "POST"]
+    assert [(r.path, r.body["kind"]) for r in posts] == [(collection(k, "ml"), k) for k in KINDS]
+    assert all(r.body["metadata"].get("namespace") in (None, "ml") for r in posts)
+    assert posts[-1].body == dry_run("--namespace", "ml", "--storage", "s3://ckpts/x")[-1], "what is sent is printed"
+
+    again = k8s("setup", "--namespace", "ml")
+    assert [r["result"] for r in again] == ["replaced"] * len(KINDS)
+    puts = [r for r in api.requests if r.method == "PUT"]
+    assert len(puts) == len(KINDS) and all(r.body["metadata"]["resourceVersion"] for r in puts)
+    config = api.objects[f"{collection('ConfigMap', 'ml')}/cedana-ray"]
+    assert "CEDANA_RAY_STORAGE" not in config["data"], "a replace is what was asked now"
+
+    assert [r["kind"] for r in k8s("destroy", "--namespace", "ml")] == KINDS[::-1]
+    assert api.objects == {}
+    assert {r["result"] for r in k8s("destroy", "--namespace", "ml")} == {"absent"}
+
+
+def test_credentials_travel_only_in_the_authorization_header(api: StandIn) -> None:
+    result = cedana("k8s", "setup", "--storage", "s3://ckpts/x")  # the real entry point, reading KUBECONFIG
+    assert result.returncode == 0, result.stderr
+    assert {r.authorization for r in api.requests} == {f"Bearer {TOKEN}"}
+    sent = json.dumps([r.body for r in api.requests])
+    assert TOKEN not in sent
+    assert "Secret" not in {r.body["kind"] for r in api.requests if r.body}, "secrets are the admin's, by name"
+    objs = [r.body for r in api.requests if r.body]
+    for c in containers(objs):
+        argv = " ".join(c.get("command", []) + c.get("args", []))
+        assert "TOKEN" not in argv.upper() and "AWS_" not in argv and "s3://" not in argv
+        assert {"RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY"}.isdisjoint({e["name"] for e in c.get("env", [])})
+    refs = {s["secretRef"]["name"] for c in containers(objs) for s in c["envFrom"] if "secretRef" in s}
+    assert refs == {"cedana-ray-storage"}
+
+
+def test_no_api_server_is_one_line(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with stand_in() as server:
+        kubeconfig = server.kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # its server is gone now
+    line = assert_one_error(cedana("k8s", "setup"), PrerequisiteError)
+    assert "is not reachable" in line and server.url in line
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert "no Kubernetes API server configured" in assert_one_error(cedana("k8s", "destroy"), PrerequisiteError)
+
+
+def test_bad_options_are_one_line(home: Path) -> None:
+    assert "--namespace" in assert_one_error(cedana("k8s", "setup", "--dry-run", "--namespace", "No_Ns"), UsageError)
+    assert "--storage" in assert_one_error(cedana("k8s", "setup", "--dry-run", "--storage", "/tmp/x"), UsageError)
+
+
+def test_without_the_extra_it_says_which(tmp_path: Path, home: Path) -> None:
+    """A `kubernetes` that cannot be imported: the command names the k8s extra, the column is ✖."""
+    (tmp_path / "kubernetes").mkdir()
+    (tmp_path / "kubernetes" / "__init__.py").write_text("raise ImportError('no kubernetes here')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    argv = [sys.executable, "-m", "cedana_ray.cli", "k8s", "setup", "--dry-run"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert "needs the k8s extra" in assert_one_error(result, PrerequisiteError)
+
+
+def test_feature_matrix_shows_what_works(home: Path) -> None:
+    column = {row: v["k8s"] for row, v in features.compute(get_plugin_manager()).features.items()}
+    assert {row for row, status in column.items() if status == "implemented"} == {"Helper command(s)", "Health checks"}
