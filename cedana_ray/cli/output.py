@@ -90,7 +90,7 @@ class StageLines:
 
     def __init__(self) -> None:
         self.stage: str | None = None
-        self.started = 0.0
+        self.started = self.moved_at = 0.0
         self.done = 0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -98,12 +98,14 @@ class StageLines:
             self.end()
             self.stage, self.started = stage, time.monotonic()
         self.done = done
+        self.moved_at = time.monotonic()
 
     def end(self, last: bool = False) -> None:
         """Print the stage in progress as ended (the ``last`` one, however short)."""
         if self.stage is None:
             return
-        took = time.monotonic() - self.started
+        # a stage that moves data ends with its last bytes; another, when the next one starts
+        took = (self.moved_at if self.done else time.monotonic()) - self.started
         moved = f", {human_size(self.done)} at {human_size(int(self.done / max(took, 1e-6)))}/s" if self.done else ""
         if moved or last or took >= MIN_STAGE_S:
             err_console.print(f"{self.stage}: {took:.2f} s{moved}", highlight=False, markup=False)
