@@ -188,3 +188,63 @@ def test_without_the_extra_it_says_which(tmp_path: Path, home: Path) -> None:
 def test_feature_matrix_shows_what_works(home: Path) -> None:
     column = {row: v["k8s"] for row, v in features.compute(get_plugin_manager()).features.items()}
     assert {row for row, status in column.items() if status == "implemented"} == {"Helper command(s)", "Health checks"}
+
+
+# -- examples/kuberay/raycluster.yaml
+EXAMPLE = ROOT / "examples" / "kuberay" / "raycluster.yaml"
+
+
+def raycluster() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def pod_templates(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = cluster["spec"]
+    return {
+        "head": spec["headGroupSpec"]["template"],
+        **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]},
+    }
+
+
+def test_kuberay_pod_templates_validate() -> None:
+    """The RayCluster CRD's schema is not bundled with kubernetes-validate: its pod templates
+    (core v1 PodTemplateSpecs) are validated as the template of a v1 PodTemplate, and the
+    RayCluster's own fields are checked by name (those KubeRay's v1 CRD requires)."""
+    cluster = raycluster()
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert {"rayStartParams", "template"} <= set(cluster["spec"]["headGroupSpec"])
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group)
+    for name, template in pod_templates(cluster).items():
+        validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template})
+
+
+def test_kuberay_pods_run_cedana_ray_with_the_token_file() -> None:
+    cluster = raycluster()
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    for name, template in pod_templates(cluster).items():
+        pod = template["spec"]
+        assert pod["hostPID"] is True, name
+        (container,) = pod["containers"]
+        assert container["securityContext"]["privileged"] is True
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        token_dir = os.path.dirname(env["RAY_AUTH_TOKEN_PATH"]["value"])
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == token_dir]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "cedana-ray-auth" and volume["secret"]["defaultMode"] == 0o600
+        assert "RAY_AUTH_TOKEN" not in env and not any("AWS_" in n for n in env), "secrets come from Secrets"
+        script = " ".join(container["command"] + container["args"])
+        assert "KUBERAY_GEN_RAY_START_CMD" in script and "TOKEN" not in script.replace("KUBERAY_GEN_RAY_START_CMD", "")
+        check = subprocess.run(["bash", "-n", "-c", container["args"][0]], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    head = pod_templates(cluster)["head"]["spec"]["containers"][0]["args"][0]
+    assert "cedana-ray up --address" in head and '--storage "$CEDANA_RAY_STORAGE"' in head
+
+
+def test_setup_agents_join_the_example_head_by_default(home: Path) -> None:
+    meta = raycluster()["metadata"]
+    (config,) = [o for o in dry_run("--namespace", meta["namespace"]) if o["kind"] == "ConfigMap"]
+    assert config["data"]["RAY_ADDRESS"].startswith(f"{meta['name']}-head-svc.{meta['namespace']}.svc")
