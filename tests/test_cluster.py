@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -68,15 +69,27 @@ NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 << 20}
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     home = tmp_path_factory.mktemp("cluster-home")
+    with cedana_cluster(home, [NODE_ARGS, NODE_ARGS], encrypt=True) as cluster:  # every test checks encryption too
+        yield cluster
+
+
+@contextlib.contextmanager
+def cedana_cluster(
+    home: Path, nodes: list[dict[str, Any]], env: dict[str, str] | None = None, **up: Any
+) -> Iterator[RayCluster]:
+    """A Ray cluster of ``nodes`` (``add_node`` arguments, the head's first) on this machine, with
+    cedana-ray up on it (``up``: :func:`launcher.up`'s options) and its state under ``home``;
+    ``env`` for every process it starts. What it started is stopped after, by PID."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CEDANA_RAY_HOME", str(home))
-        mp.setenv("RAY_AUTH_MODE", "disabled")
+        for var, value in {"CEDANA_RAY_HOME": str(home), "RAY_AUTH_MODE": "disabled", **(env or {})}.items():
+            mp.setenv(var, value)
         mp.delenv("RAY_ADDRESS", raising=False)
         before = ray_processes()
-        cluster = RayCluster(initialize_head=True, head_node_args=NODE_ARGS)
-        cluster.add_node(**NODE_ARGS)
+        cluster = RayCluster(initialize_head=True, head_node_args=nodes[0])
+        for args in nodes[1:]:
+            cluster.add_node(**args)
         try:
-            launcher.up(address=cluster.address, encrypt=True)  # so every test checks encryption too
+            launcher.up(address=cluster.address, **up)
             yield cluster
         finally:
             ray.shutdown()

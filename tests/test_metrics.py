@@ -5,7 +5,6 @@ real dump, a failed one and a migration."""
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray
-from cedana_ray.actors import launcher
-from conftest import kill_jobs
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from ray.cluster_utils import Cluster as RayCluster
-from test_cluster import NODE_ARGS, kill_supervised_under, other, ray_processes, run_counter, stop_leftovers
+from servers import free_ports
+from test_cluster import NODE_ARGS, cedana_cluster, other, run_counter
 from test_process_criu import wait_for
 
 from cedana_ray.cluster import Cluster
@@ -44,34 +41,13 @@ class Exported:
     endpoints: list[str]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
-    home = tmp_path_factory.mktemp("metrics-home")
-    ports = [free_port(), free_port()]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CEDANA_RAY_HOME", str(home))
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.setenv("RAY_metrics_report_interval_ms", str(REPORT_INTERVAL_MS))  # every Ray process reads it
-        mp.delenv("RAY_ADDRESS", raising=False)
-        before = ray_processes()
-        cluster = RayCluster(initialize_head=True, head_node_args={**NODE_ARGS, "metrics_export_port": ports[0]})
-        cluster.add_node(**NODE_ARGS, metrics_export_port=ports[1])
-        try:
-            launcher.up(address=cluster.address)
-            yield Exported(cluster, [f"http://127.0.0.1:{p}/metrics" for p in ports])
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            stop_leftovers(before)
-            for node_home in (home / "cluster" / "nodes").glob("*"):
-                kill_jobs(node_home)
-            kill_supervised_under(Path(home))
+    ports = free_ports(2)
+    nodes = [{**NODE_ARGS, "metrics_export_port": port} for port in ports]
+    env = {"RAY_metrics_report_interval_ms": str(REPORT_INTERVAL_MS)}  # every Ray process reads it
+    with cedana_cluster(tmp_path_factory.mktemp("metrics-home"), nodes, env) as cluster:
+        yield Exported(cluster, [f"http://127.0.0.1:{p}/metrics" for p in ports])
 
 
 def scrape(endpoints: list[str]) -> list[Sample]:
