@@ -1,4 +1,4 @@
-"""The k8s plugin: `k8s setup|destroy` and examples/kuberay.
+"""The k8s plugin: `k8s setup|destroy`, examples/kuberay, and `query k8s`.
 
 What is real here and what is not: there is NO Kubernetes API server on our machines (no
 kube-apiserver, k3s, envtest or kind can be installed), so
@@ -12,12 +12,16 @@ kube-apiserver, k3s, envtest or kind can be installed), so
   credentials only in the Authorization header, no secret in any object or argv). The
   stand-in validates nothing: whether a real API server accepts the objects beyond their
   schema (admission, quota, PodSecurity) is untested.
+
+`query k8s` is tested against the real node side: containerd 2.1.9's CRI, started as
+tests/test_cri.py starts it, with sandboxes labelled as the kubelet labels them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,20 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cedana_ray.plugins.crio.client import Cri, messages
+from cedana_ray.plugins.k8s.pods import CONTAINER_NAME, POD_NAME, POD_NAMESPACE, POD_UID
 from click.testing import CliRunner
+from cri_daemons import CGROUP_PARENT
 from k8s_apiserver import StandIn, stand_in
 from test_cli import assert_one_error, cedana
+from test_cri import WHY as CRI_MISSING
+from test_cri import count, run_counter
+from test_process_criu import wait_for
 
 from cedana_ray import features
 from cedana_ray.cli.main import cli
+from cedana_ray.engine import Engine
 from cedana_ray.errors import PrerequisiteError, UsageError
 from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.requests import DumpRequest, ManageRequest
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 pytest.importorskip("kubernetes")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "k8s-test-bearer-7f3c9a"  # distinctive, so a test can look for it
+K8S_ROWS = {"Query command", "Helper command(s)", "Query handler", "Health checks"}
 KINDS = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
 
 
@@ -185,9 +198,14 @@ def test_without_the_extra_it_says_which(tmp_path: Path, home: Path) -> None:
     assert "needs the k8s extra" in assert_one_error(result, PrerequisiteError)
 
 
-def test_feature_matrix_shows_what_works(home: Path) -> None:
-    column = {row: v["k8s"] for row, v in features.compute(get_plugin_manager()).features.items()}
-    assert {row for row, status in column.items() if status == "implemented"} == {"Helper command(s)", "Health checks"}
+def test_without_a_node_cri_the_column_is_incompatible(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", f"unix://{tmp_path}/none.sock")
+    matrix = features.compute(get_plugin_manager())
+    column = {row: v["k8s"] for row, v in matrix.features.items()}
+    assert {row for row, status in column.items() if status == "incompatible"} == K8S_ROWS
+    assert any("health check node cri" in e and "none.sock" in e for e in matrix.errors["k8s"])
 
 
 # -- examples/kuberay/raycluster.yaml
@@ -248,3 +266,72 @@ def test_setup_agents_join_the_example_head_by_default(home: Path) -> None:
     meta = raycluster()["metadata"]
     (config,) = [o for o in dry_run("--namespace", meta["namespace"]) if o["kind"] == "ConfigMap"]
     assert config["data"]["RAY_ADDRESS"].startswith(f"{meta['name']}-head-svc.{meta['namespace']}.svc")
+
+
+# -- query k8s: the pods of this node, from containerd 2.1.9's CRI (real, as tests/test_cri.py starts it)
+@pytest.fixture
+def node(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Cri, str]]:
+    """The CRI of tests/test_cri.py (containerd 2.1.9, its session fixture ``cri2``) as this
+    node's CONTAINER_RUNTIME_ENDPOINT, and its counter image; containers removed afterwards."""
+    if CRI_MISSING:
+        pytest.skip(str(CRI_MISSING))
+    cri, image = request.getfixturevalue("cri2")
+    monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", cri.endpoint)
+    yield cri, image
+    for c in cri.containers():
+        cri.remove(c.id)
+
+
+def kubelet_pod(cri: Cri, image: str, namespace: str, name: str) -> tuple[str, str]:
+    """A host-network pod with a counter container, labelled as the kubelet labels them."""
+    pb = messages()
+    uid = secrets.token_hex(8)
+    labels = {POD_NAME: name, POD_NAMESPACE: namespace, POD_UID: uid}
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace),
+        labels=labels,
+        log_directory=str(Path(cri.target.removeprefix("unix://")).parent / "logs" / name),
+    )
+    config.linux.security_context.namespace_options.network = pb.NODE
+    config.linux.cgroup_parent = CGROUP_PARENT
+    pod = cri.run_pod(config)
+    container = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="counter"),
+        image=pb.ImageSpec(image=image),
+        labels={**labels, CONTAINER_NAME: "counter"},
+        log_path="counter.log",
+    )
+    container.linux.security_context.namespace_options.pid = pb.CONTAINER
+    cid = cri.create(pod, container, config)
+    cri.start(cid)
+    wait_for(lambda: count(cri, cid) >= 1, what="the counter counting")
+    return pod, cid
+
+
+@pytest.mark.criu
+def test_query_lists_the_kubelets_pods_with_their_jobs(engine: Engine, node: tuple[Cri, str]) -> None:
+    cri, image = node
+    pod, cid = kubelet_pod(cri, image, "ml", f"trainer-{secrets.token_hex(3)}")
+    run_counter(cri, image, "outsider")  # a sandbox the kubelet did not make: not a pod
+    engine.manage("crio", ManageRequest(target=cid, jid="k1"))
+    ckpt = engine.dump("k1", DumpRequest(leave_running=True)).checkpoint
+
+    pods = [p for p in engine.query("k8s") if p["sandbox"] == pod]
+    assert [p["sandbox"] for p in engine.query("k8s")] == [pod], "only the kubelet's pods"
+    ((found,),) = [p["containers"] for p in pods]
+    assert (pods[0]["namespace"], pods[0]["state"]) == ("ml", "ready")
+    assert (found["name"], found["id"], found["state"]) == ("counter", cid, "running")
+    assert (found["jid"], found["job_state"], found["last_checkpoint"]) == ("k1", "running", ckpt)
+
+    result = cedana("query", "k8s", "--local", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == engine.query("k8s")
+    table = cedana("query", "k8s", "--local").stdout
+    assert all(word in table for word in ("ml", pods[0]["name"], "counter", "k1", ckpt))
+
+
+def test_with_the_node_cri_the_column_works(node: tuple[Cri, str]) -> None:
+    matrix = features.compute(get_plugin_manager())
+    column = {row: v["k8s"] for row, v in matrix.features.items()}
+    assert {row for row, status in column.items() if status == "implemented"} == K8S_ROWS
+    assert set(column.values()) == {"implemented", "unimplemented"}

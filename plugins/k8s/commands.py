@@ -1,13 +1,16 @@
-"""``cedana-ray k8s setup|destroy``: cedana-ray's node agents on a Kubernetes cluster."""
+"""``cedana-ray k8s setup|destroy``: cedana-ray's node agents on a Kubernetes cluster; ``query k8s``."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import Any
 
 import click
+from cedana_ray.plugins.crio.client import ENDPOINT_ENV
 
+from cedana_ray.cli.options import common, engine
 from cedana_ray.cli.output import emit_json, show, table
 from cedana_ray.errors import UsageError
 
@@ -107,3 +110,22 @@ def destroy(**opts: Any) -> None:
     """Remove what `k8s setup` installed (the namespace with everything in it, the RBAC)."""
     m = manifests()
     _run("delete", list(reversed(m.objects(m.Settings(opts["namespace"])))), opts)
+
+
+@click.command("k8s")
+@click.option(
+    "--cri-endpoint",
+    metavar="URL",
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, param, value: value and os.environ.__setitem__(ENDPOINT_ENV, value),
+    help=f"The node's CRI endpoint (default: ${ENDPOINT_ENV}, else containerd's socket). With --local.",
+)
+@common
+def query(as_json: bool, local: bool) -> None:
+    """List the Kubernetes pods of this node (every node's, on a cluster), read from the
+    node's CRI, with their containers and each one's cedana-ray job, state and last checkpoint."""
+    from .pods import COLUMNS, rows
+
+    pods = engine().query("k8s")
+    show(as_json, pods, lambda: table(COLUMNS, rows(pods)))

@@ -1,0 +1,82 @@
+"""``query k8s``: the Kubernetes pods of this node, read from the node's CRI.
+
+The kubelet labels every pod sandbox it creates with the pod's name, namespace and uid
+(``io.kubernetes.pod.*``), and each container with its name in the pod
+(``io.kubernetes.container.name``): that is how the pods are told from other sandboxes of
+the runtime, without asking the API server. Each container is matched with the ``crio``
+job that holds it (the job's container id on the same endpoint), for its job id, state
+and last checkpoint. Uses the ``crio`` plugin's CRI client (the ``cri`` extra), not the
+Kubernetes client: it runs on the node, in the agent's image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cedana_ray.plugins.crio.client import Cri, messages
+
+from cedana_ray.models import Job
+from cedana_ray.pipeline import Context
+
+POD_NAME = "io.kubernetes.pod.name"
+POD_NAMESPACE = "io.kubernetes.pod.namespace"
+POD_UID = "io.kubernetes.pod.uid"
+CONTAINER_NAME = "io.kubernetes.container.name"
+CRI_TYPE = "crio"  # the job type of containers adopted through the CRI
+
+
+def _jobs_by_container(jobs: list[Job], endpoint: str) -> dict[str, Job]:
+    return {j.details["target"]: j for j in jobs if j.type == CRI_TYPE and j.details.get("endpoint") == endpoint}
+
+
+def _container(c: Any, jobs: dict[str, Job]) -> dict[str, Any]:
+    job = jobs.get(c.id)
+    return {
+        "name": c.labels.get(CONTAINER_NAME) or c.metadata.name,
+        "id": c.id,
+        "image": c.image.image,
+        "state": messages().ContainerState.Name(c.state).removeprefix("CONTAINER_").lower(),
+        "jid": job.jid if job else None,
+        "job_state": job.state.value if job else None,
+        "last_checkpoint": job.last_checkpoint if job else None,
+    }
+
+
+def _pod(p: Any, containers: list[Any], jobs: dict[str, Job]) -> dict[str, Any]:
+    return {
+        "namespace": p.labels[POD_NAMESPACE],
+        "name": p.labels[POD_NAME],
+        "uid": p.labels.get(POD_UID),
+        "sandbox": p.id,
+        "attempt": p.metadata.attempt,
+        "state": messages().PodSandboxState.Name(p.state).removeprefix("SANDBOX_").lower(),
+        "containers": [_container(c, jobs) for c in sorted(containers, key=lambda c: c.created_at)],
+    }
+
+
+def query(ctx: Context) -> list[dict[str, Any]]:
+    """The pods the kubelet made on this node's CRI endpoint, oldest first, each with its
+    containers and their cedana-ray jobs."""
+    cri = Cri.from_env()
+    jobs = _jobs_by_container(ctx.state.jobs, cri.endpoint)
+    containers = cri.containers()
+    pods = [p for p in cri.pods() if POD_NAME in p.labels and POD_NAMESPACE in p.labels]
+    return [
+        _pod(p, [c for c in containers if c.pod_sandbox_id == p.id], jobs)
+        for p in sorted(pods, key=lambda p: p.created_at)
+    ]
+
+
+def rows(pods: list[dict[str, Any]]) -> list[list[Any]]:
+    """One table row per container (a pod without any: one row of its own)."""
+    found: list[list[Any]] = []
+    for p in pods:
+        pod = [p["namespace"], p["name"], p["state"]]
+        for c in p["containers"] or [{}]:
+            found.append(
+                [*pod, c.get("name"), c.get("state"), c.get("jid"), c.get("job_state"), c.get("last_checkpoint")]
+            )
+    return found
+
+
+COLUMNS = ("namespace", "pod", "pod state", "container", "state", "jid", "job state", "last checkpoint")
