@@ -129,7 +129,8 @@ def agent_container(s: Settings, mounts: list[k.V1VolumeMount]) -> k.V1Container
         name="agent",
         image=s.image,
         command=["ray"],
-        args=["start", "--address=$(RAY_ADDRESS)", "--block", "--disable-usage-stats"],
+        # no CPUs for Ray: nothing but the agent (an actor of 0 CPUs) is placed on this Ray node
+        args=["start", "--address=$(RAY_ADDRESS)", "--num-cpus=0", "--block", "--disable-usage-stats"],
         env=[node],
         env_from=[
             k.V1EnvFromSource(config_map_ref=k.V1ConfigMapEnvSource(name=NAME)),
