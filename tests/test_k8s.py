@@ -156,6 +156,16 @@ def test_setup_creates_then_replaces_and_destroy_deletes(api: StandIn) -> None:
     assert {r["result"] for r in k8s("destroy", "--namespace", "ml")} == {"absent"}
 
 
+def test_output_prints_what_was_applied_and_destroy_dry_run_touches_nothing(api: StandIn) -> None:
+    result = CliRunner().invoke(cli, ["k8s", "setup", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["items"] == [r.body for r in api.requests if r.method == "POST"]
+    seen = len(api.requests)
+    planned = CliRunner().invoke(cli, ["k8s", "destroy", "--dry-run", "-o", "json"])
+    assert [o["kind"] for o in json.loads(planned.stdout)["items"]] == KINDS[::-1]
+    assert len(api.requests) == seen and len(api.objects) == len(KINDS), "a dry run contacts no server"
+
+
 def test_credentials_travel_only_in_the_authorization_header(api: StandIn) -> None:
     result = cedana("k8s", "setup", "--storage", "s3://ckpts/x")  # the real entry point, reading KUBECONFIG
     assert result.returncode == 0, result.stderr
