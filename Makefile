@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NSINIT := plugins/process/nsinit
 
-.PHONY: setup cc criu containers cri slurm demo test lint bench clean
+.PHONY: setup cc criu containers cri slurm demo test lint bench image clean
 
 setup: $(STAMP) $(NSINIT) criu containers cri slurm
 
@@ -51,6 +51,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/dump_restore.py
+
+# the OCI image (Containerfile) with buildah; its base: BASE=IMAGE, else a local debootstrap Debian
+image: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/build-image.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info $(NSINIT)
