@@ -97,6 +97,13 @@ def test_cluster_yaml_is_a_valid_ray_launcher_config() -> None:
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "ray stop" in command or command.startswith("source ~/cedana-ray-auth.sh && "), command
     assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands and "disabled" not in commands
+    # a venv, not the system Python (PEP 668); the shared store from cluster.env, no head-local
+    # default; Ray's own object store size (tests/test_image.py runs the setup on a bare node)
+    assert "/opt/cedana-ray/venv/bin/pip install" in commands and "python3 -m pip" not in commands
+    assert "~/.local/state/cedana-ray/cluster.env" in config["file_mounts"]
+    assert '--storage "$CEDANA_RAY_STORAGE"' in commands and "CEDANA_RAY_STORAGE:-file" not in commands
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("--object-store-memory" in command for command in starts)
 
 
 # the CLI in a process where the extras' modules cannot be imported (as in a base install)
