@@ -9,7 +9,10 @@ stopped by this script), in a throwaway ``CEDANA_RAY_HOME``:
 * migration of a process holding SIZE of memory, split into dump (freeze + checkpoint
   on the source) and restore (transfer through the store + restore on the target);
 * coordinator load: N registered jobs (``sleep``), each with a periodic policy, then
-  the time of ``jobs()`` (what ``ps`` costs) and of one monitor pass.
+  the time of ``jobs()`` (what ``ps`` costs) and of one monitor pass;
+* reservations (``run --cpus``): a run and a migration of a small job holding 0.25 CPU
+  against the same without, and Ray's own placement group of that bundle (create, wait,
+  remove) that a reservation is.
 
 Run as root::
 
@@ -39,7 +42,7 @@ from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.models import Compression
-from cedana_ray.requests import DumpRequest, RunRequest
+from cedana_ray.requests import DumpRequest, Resources, RunRequest
 
 MiB = 1 << 20
 HOLD = "import os, sys, time; b = bytearray(os.urandom(int(sys.argv[1]))); print('ready', flush=True); time.sleep(1e6)"
@@ -133,6 +136,41 @@ def coordinator_load(client: Cluster, n: int) -> dict[str, float]:
     return result
 
 
+def reservations(client: Cluster) -> dict[str, float]:
+    """What holding Ray resources adds to a run and to a migration, and Ray's own cost for it."""
+    from ray.util import placement_group, remove_placement_group
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+    held = Resources(cpus=0.25)  # three runs of it, and one to migrate, fit beside each other
+    node = client.nodes()[0].node
+
+    def raw_group() -> None:
+        group = placement_group([held.ray()], bundle_label_selector=[{NODE_ID_LABEL_KEY: node}])
+        group.wait(30)
+        remove_placement_group(group)
+
+    def run(jid: str, resources: Resources) -> None:
+        client.run("process", RunRequest(cmd=["sleep", "1e6"], jid=jid, node=node, resources=resources))
+
+    result = {
+        "run s": timed(lambda: run(f"plain-{time.monotonic_ns()}", Resources())),
+        "run --cpus s": timed(lambda: run(f"held-{time.monotonic_ns()}", held)),
+        "ray placement group s": timed(raw_group),
+    }
+    for resources, name in ((Resources(), "migrate s"), (held, "migrate --cpus s")):
+        jid = f"move-{name.split()[1]}"
+        run(jid, resources)
+        result[name] = timed(lambda jid=jid: client.migrate(jid, other_node(client, client.job(jid).node)))  # type: ignore[misc]
+    for job in client.jobs():
+        if job.state.value == "running":
+            client.kill(job.jid)
+    return result
+
+
+def other_node(client: Cluster, node: str) -> str:
+    return next(n.node for n in client.nodes() if n.node != node)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="256M,1G")
@@ -151,6 +189,7 @@ def main() -> None:
             "round_trips": round_trips(client, home, cluster.address),
             "migrations": migrations(client, args.sizes.split(",")),
             "coordinator": coordinator_load(client, args.jobs),
+            "reservations": reservations(client),
         }
     finally:
         ray.shutdown()
@@ -176,6 +215,14 @@ def show(report: dict, as_json: bool) -> None:  # type: ignore[type-arg]
         t.add_row(r["size"], r["compression"], f"{r['dump_s']:.2f}", f"{r['restore_s']:.2f}", f"{r['total_s']:.2f}")
     console.print(t)
     console.print({k: round(v, 4) for k, v in report["coordinator"].items()})
+    res = report["reservations"]
+    extra = res["run --cpus s"] - res["run s"]
+    console.print(
+        f"run --cpus {res['run --cpus s']:.3f} s vs run {res['run s']:.3f} s (+{extra:.3f} s; "
+        f"Ray's placement group alone {res['ray placement group s']:.3f} s); migrate --cpus "
+        f"{res['migrate --cpus s']:.3f} s vs migrate {res['migrate s']:.3f} s: "
+        f"{res['migrate --cpus s'] / res['migrate s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":
