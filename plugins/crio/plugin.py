@@ -266,6 +266,13 @@ def cleanup(job: Job) -> None:
         cri.remove_pod(job.details["pod"])
 
 
+# what the k8s plugin reuses to dump and restore a pod's containers (plugins/k8s/containers.py)
+container_job = _job
+pod_of = _pod_of
+free_name = _free_name
+same_pod = _same_pod
+
+
 plugin = Runtime(
     NAME,
     manage=manage,
