@@ -15,6 +15,7 @@ from typing import Any
 
 from cedana_ray.plugins.crio.client import Cri, messages
 
+from cedana_ray.errors import JobNotFound
 from cedana_ray.models import Job
 from cedana_ray.pipeline import Context
 
@@ -22,11 +23,12 @@ POD_NAME = "io.kubernetes.pod.name"
 POD_NAMESPACE = "io.kubernetes.pod.namespace"
 POD_UID = "io.kubernetes.pod.uid"
 CONTAINER_NAME = "io.kubernetes.container.name"
-CRI_TYPE = "crio"  # the job type of containers adopted through the CRI
+CRI_TYPES = ("crio", "k8s")  # the job types of containers adopted through the CRI
+READY, RUNNING = 0, 1  # runtime.v1.PodSandboxState, ContainerState
 
 
 def _jobs_by_container(jobs: list[Job], endpoint: str) -> dict[str, Job]:
-    return {j.details["target"]: j for j in jobs if j.type == CRI_TYPE and j.details.get("endpoint") == endpoint}
+    return {j.details["target"]: j for j in jobs if j.type in CRI_TYPES and j.details.get("endpoint") == endpoint}
 
 
 def _container(c: Any, jobs: dict[str, Job]) -> dict[str, Any]:
@@ -80,3 +82,18 @@ def rows(pods: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 COLUMNS = ("namespace", "pod", "pod state", "container", "state", "jid", "job state", "last checkpoint")
+
+
+def find_pod(cri: Cri, namespace: str, name: str) -> Any:
+    """The pod's sandbox on this node: the newest ready one, else the newest; refused in one
+    line where the kubelet made none of that name."""
+    found = [p for p in cri.pods() if p.labels.get(POD_NAMESPACE) == namespace and p.labels.get(POD_NAME) == name]
+    if not found:
+        raise JobNotFound(f"no pod {namespace}/{name} at the CRI endpoint {cri.endpoint}")
+    return max(found, key=lambda p: (p.state == READY, p.created_at))
+
+
+def running_containers(cri: Cri, pod: Any) -> dict[str, str]:
+    """The pod's running containers: name in the pod -> container id, oldest first."""
+    found = [c for c in cri.containers() if c.pod_sandbox_id == pod.id and c.state == RUNNING]
+    return {(c.labels.get(CONTAINER_NAME) or c.metadata.name): c.id for c in sorted(found, key=lambda c: c.created_at)}
