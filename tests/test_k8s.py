@@ -51,7 +51,11 @@ pytest.importorskip("kubernetes")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "k8s-test-bearer-7f3c9a"  # distinctive, so a test can look for it
-K8S_ROWS = {"Query command", "Helper command(s)", "Query handler", "Health checks"}
+K8S_ROWS = {
+    *("Dump command", "Restore command", "Query command", "Helper command(s)"),
+    *("Dump middleware", "Dump handler", "Restore middleware", "Restore handler", "Manage handler"),
+    *("Custom kill signal", "Custom cleanup", "Custom reaper", "Query handler", "Health checks"),
+}
 KINDS = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
 
 
