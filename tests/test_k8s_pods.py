@@ -110,7 +110,8 @@ def test_pod_dumped_to_a_checkpoint_image_and_restored_from_it(node: tuple[Cri, 
     assert manifest["annotations"][image.CHECKPOINT_NAME] == "counter"
     archive = image.download_layer(image.Ref.parse(ref), manifest, tmp_path / "checkpoint.tar")
     inspected = run_checkpointctl("inspect", str(archive))
-    assert "counter" in inspected and "containerd" in inspected and "runc" in inspected, inspected
+    assert "\ncounter\n" in inspected, inspected  # the tree's root: the container's name
+    assert "Engine: containerd" in inspected and "Runtime: io.containerd.runc.v2" in inspected, inspected
 
     log = Path(config.log_directory) / "counter" / "0.log"  # the kubelet's path, the same for the new one
     cri.remove_pod(pod)
@@ -150,6 +151,8 @@ def test_two_containers_come_back_in_one_new_sandbox(node: tuple[Cri, str]) -> N
     pod, config = kubelet_sandbox(cri, "ml", name)
     ids = {c: kubelet_container(cri, pod, config, counter_image, c) for c in ("a", "b")}
     wait_for(lambda: min(count(cri, i) for i in ids.values()) >= 10, what="both counting")
+    line = assert_one_error(cedana("dump", "k8s", f"ml/{name}", "--container", "c", "--local"), JobNotFound)
+    assert "has no running container 'c' (it has: a, b)" in line
     dumped = cedana("dump", "k8s", f"ml/{name}", "--local", "--json")
     assert dumped.returncode == 0, dumped.stderr
     rows = json.loads(dumped.stdout)
