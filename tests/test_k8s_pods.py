@@ -26,7 +26,7 @@ from test_cri import WHY as CRI_MISSING
 from test_cri import count, state
 from test_process_criu import wait_for
 
-from cedana_ray.errors import JobNotFound, NotFoundError, StateError, UsageError
+from cedana_ray.errors import JobNotFound, NotFoundError, PrerequisiteError, StateError, UsageError
 
 CHECKPOINTCTL = CONTAINERD2 / "checkpointctl"
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(bool(CRI_MISSING), reason=str(CRI_MISSING))]
@@ -153,6 +153,11 @@ def test_two_containers_come_back_in_one_new_sandbox(node: tuple[Cri, str]) -> N
     wait_for(lambda: min(count(cri, i) for i in ids.values()) >= 10, what="both counting")
     line = assert_one_error(cedana("dump", "k8s", f"ml/{name}", "--container", "c", "--local"), JobNotFound)
     assert "has no running container 'c' (it has: a, b)" in line
+    unreachable = cedana(
+        "dump", "k8s", f"ml/{name}", "--container", "a", "--export-image", "localhost:1/x:1", "--local"
+    )
+    assert "registry at http://localhost:1 is not reachable" in assert_one_error(unreachable, PrerequisiteError)
+    assert state(cri, ids["a"]) == "CONTAINER_RUNNING", "a failed export stops nothing"
     dumped = cedana("dump", "k8s", f"ml/{name}", "--local", "--json")
     assert dumped.returncode == 0, dumped.stderr
     rows = json.loads(dumped.stdout)
