@@ -158,13 +158,20 @@ def test_two_containers_come_back_in_one_new_sandbox(node: tuple[Cri, str]) -> N
     )
     assert "registry at http://localhost:1 is not reachable" in assert_one_error(unreachable, PrerequisiteError)
     assert state(cri, ids["a"]) == "CONTAINER_RUNNING", "a failed export stops nothing"
-    dumped = cedana("dump", "k8s", f"ml/{name}", "--local", "--json")
+    ref = f"{counter_image.split('/')[0]}/pair-{name}:1"
+    dumped = cedana("dump", "k8s", f"ml/{name}", "--export-image", ref, "--local", "--json")
     assert dumped.returncode == 0, dumped.stderr
     rows = json.loads(dumped.stdout)
     assert [r["container"] for r in rows] == ["a", "b"] and len({r["jid"] for r in rows}) == 2
+    assert [r["image"] for r in rows] == [f"{ref}-a", f"{ref}-b"], "one image per container, by tag"
+    for r in rows:
+        notes = image.manifest_of(image.Ref.parse(r["image"]))["annotations"]
+        assert notes[image.CHECKPOINT_NAME] == notes[image.CRIU_NAME] == r["container"]
     for i in ids.values():
         wait_for(lambda i=i: state(cri, i) == "CONTAINER_EXITED", what="the dumped containers stopping")
     cri.remove_pod(pod)
+    other = cedana("restore", "k8s", "ml/other", "--path", rows[0]["path"], "--local")
+    assert f"is of pod ml/{name}, not ml/other" in assert_one_error(other, UsageError)
 
     restored = cedana("restore", "k8s", f"ml/{name}", "--local", "--json")
     assert restored.returncode == 0, restored.stderr
