@@ -88,11 +88,11 @@ def pod_facts(ctx: Context, next_: Handler) -> Any:
 def export(archive: Path, ref: image.Ref, ctx: Context) -> str:
     """Push the archive as a checkpoint image to ``ref``; ``REF@DIGEST``."""
     d = ctx.state.details
-    crio_ = "io.kubernetes.cri-o.annotations.checkpoint."
+    cri_o = "io.kubernetes.cri-o.annotations.checkpoint."
     annotations = {
         image.CHECKPOINT_NAME: d["container_name"],
-        crio_ + "rootfsImageName": d["image"],
-        crio_ + "rootfsImageID": d["image_ref"],
+        cri_o + "rootfsImageName": d["image"],
+        cri_o + "rootfsImageID": d["image_ref"],
         image.CRIU_NAME: d["container_name"],
         "org.criu.checkpoint.pod.name": d["pod_name"],
         "org.criu.checkpoint.pod.namespace": d["namespace"],

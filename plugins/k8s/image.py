@@ -60,7 +60,8 @@ class Ref:
 
     @property
     def base(self) -> str:
-        scheme = "http" if self.host.split(":")[0] in LOCAL_HOSTS or self.host.startswith("[::1]") else "https"
+        name = "[::1]" if self.host.startswith("[::1]") else self.host.split(":")[0]
+        scheme = "http" if name in LOCAL_HOSTS else "https"
         return f"{scheme}://{self.host}/v2/{self.repo}"
 
     def __str__(self) -> str:
