@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import platform
+import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from . import criu
@@ -14,6 +18,7 @@ from .models import HealthCheck
 
 # CRIU features worth knowing about; cedana-ray never runs what the kernel lacks.
 CRIU_FEATURES = ("mem_dirty_track", "pidfd_store", "uffd-noncoop", "network_lock_nftables", "timens")
+INSTALLABLE_ARCHES = ("x86_64", "aarch64")  # what scripts/install-criu.sh installs CRIU for
 
 
 def _criu_checks(full: bool) -> list[HealthCheck]:
@@ -37,6 +42,35 @@ def _criu_checks(full: bool) -> list[HealthCheck]:
             HealthCheck(name="criu check --all", ok=res.returncode == 0, fatal=False, detail=tail[0] if tail else "")
         )
     return checks
+
+
+def _platform_checks() -> list[HealthCheck]:
+    """What CRIU needs of this machine, said where ``criu check`` alone would not say why."""
+    machine = platform.machine()
+    installable = machine in INSTALLABLE_ARCHES
+    arch = f"{machine}" + ("" if installable else ": scripts/install-criu.sh installs CRIU for x86_64 and "
+                           "aarch64 only; install CRIU >= 4.2 for it yourself (criu.org)")  # fmt: skip
+    setting = _kernel_setting("CONFIG_CHECKPOINT_RESTORE")
+    kernel = f"Linux {platform.release()}, CONFIG_CHECKPOINT_RESTORE=" + (setting or "? (no kernel config readable)")
+    missing = setting == "n"
+    if missing:
+        kernel += ": CRIU cannot work on this kernel"
+    return [
+        HealthCheck(name="architecture", ok=installable, fatal=False, detail=arch),
+        HealthCheck(name="kernel", ok=not missing, fatal=missing, detail=kernel),
+    ]
+
+
+def _kernel_setting(option: str) -> str | None:
+    """``y``, ``n`` (not set) or None (no config to read) for kernel ``option``."""
+    for path in (Path(f"/boot/config-{platform.release()}"), Path("/proc/config.gz")):
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        except OSError:
+            continue
+        found = re.search(rf"^{option}=(\w+)", raw.decode(errors="replace"), re.M)
+        return found[1] if found else "n"
+    return None
 
 
 def _state_checks(engine: Engine) -> list[HealthCheck]:
@@ -63,6 +97,7 @@ def _store_checks(engine: Engine) -> list[HealthCheck]:
 
 def run_checks(engine: Engine, full: bool = False) -> dict[str, Any]:
     groups: list[tuple[str, list[HealthCheck]]] = [
+        ("platform", _platform_checks()),
         ("criu", _criu_checks(full)),
         ("state", _state_checks(engine)),
         ("store", _store_checks(engine)),

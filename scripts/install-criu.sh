@@ -2,12 +2,18 @@
 # Install CRIU >= 4.2 into a private prefix with a `criu` wrapper on PATH.
 #
 # Debian 12's criu 3.17 fails on current kernels and 4.1 cannot dump sockets on
-# kernels >= 6.16, so we take criu 4.2 and its libraries from sid, unpack them
-# (no system libc change) and run criu through sid's own dynamic loader.
+# kernels >= 6.16, so we take criu 4.2 and its libraries from Debian sid, unpack them
+# (no system libc change) and run criu through sid's own dynamic loader. That works on
+# Debian and Ubuntu (LTS 22.04 and 24.04: Debian's archive key comes from Ubuntu's
+# debian-archive-keyring package), on x86_64 (amd64) and aarch64 (arm64). Elsewhere it
+# says what to install instead and fails.
 # Idempotent: does nothing when a working criu >= 4.2 is already installed.
 # CRIU_FROM=DIR uses a prefix unpacked elsewhere (e.g. carried to a machine that
 # reaches no package registry) instead of downloading one.
 set -euo pipefail
+
+NEEDS="cedana-ray needs CRIU >= 4.2 (criu.org; put it on PATH or set CEDANA_RAY_CRIU) and a kernel
+with CONFIG_CHECKPOINT_RESTORE (\`cedana-ray check\` runs \`criu check\`)"
 
 PREFIX=${CRIU_PREFIX:-/opt/cedana-ray/criu}
 WRAPPER=${CRIU_WRAPPER:-/usr/local/bin/criu}
@@ -22,13 +28,20 @@ criu_ok() {
   [ -n "$v" ] && printf '%s\n4.2\n' "$v" | sort -V -C -r 2>/dev/null
 }
 
+# Debian's multiarch directory and dynamic loader of this machine's architecture
+case "$(uname -m)" in
+  x86_64) TRIPLET=x86_64-linux-gnu LOADER=ld-linux-x86-64.so.2 ;;
+  aarch64) TRIPLET=aarch64-linux-gnu LOADER=ld-linux-aarch64.so.1 ;;
+  *) TRIPLET="" LOADER="" ;;
+esac
+
 write_wrapper() {
   mkdir -p "$(dirname "$WRAPPER")"
   cat >"$WRAPPER" <<WRAP
 #!/bin/sh
 # criu from Debian sid, run through its own loader (installed by cedana-ray)
-exec $1/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 \\
-  --library-path $1/usr/lib/x86_64-linux-gnu \\
+exec $1/usr/lib/$TRIPLET/$LOADER \\
+  --library-path $1/usr/lib/$TRIPLET \\
   $1/usr/sbin/criu "\$@"
 WRAP
   chmod +x "$WRAPPER"
@@ -45,6 +58,22 @@ fi
 if command -v criu >/dev/null && criu_ok "$(command -v criu)"; then
   echo "criu: $(criu --version | head -1) already installed"
   exit 0
+fi
+
+if [ -z "$TRIPLET" ]; then
+  echo "install-criu: no Debian CRIU build for $(uname -m) here (x86_64 and aarch64 only). $NEEDS" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null || ! command -v dpkg >/dev/null; then
+  echo "install-criu: this installer needs Debian or Ubuntu (apt-get, dpkg). $NEEDS" >&2
+  exit 1
+fi
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+if [ ! -f "$KEYRING" ]; then  # Ubuntu: Debian's archive key is a package of its own (universe)
+  apt-get update -qq && apt-get install -y -qq debian-archive-keyring >/dev/null || {
+    echo "install-criu: cannot install debian-archive-keyring to verify Debian's packages. $NEEDS" >&2
+    exit 1
+  }
 fi
 
 SOURCES=/etc/apt/sources.list.d/cedana-ray-sid.sources
