@@ -19,20 +19,19 @@ def _set_endpoint(ctx: click.Context, param: click.Parameter, value: str | None)
         os.environ[ENDPOINT_ENV] = value
 
 
+endpoint_option = click.option(
+    "--cri-endpoint",
+    metavar="URL",
+    expose_value=False,
+    is_eager=True,
+    callback=_set_endpoint,
+    help=f"The node's CRI endpoint (default: ${ENDPOINT_ENV}, else containerd's socket). With --local.",
+)
+
+
 def with_endpoint(command: click.Command) -> click.Command:
     """Add ``--cri-endpoint`` (default ``CONTAINER_RUNTIME_ENDPOINT``) to a shared command."""
-    command.params.insert(
-        0,
-        click.Option(
-            ["--cri-endpoint"],
-            metavar="URL",
-            expose_value=False,
-            is_eager=True,
-            callback=_set_endpoint,
-            help=f"The CRI endpoint (default: ${ENDPOINT_ENV}, else containerd's socket). With --local.",
-        ),
-    )
-    return command
+    return endpoint_option(command)
 
 
 COMMANDS = Commands(

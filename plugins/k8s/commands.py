@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from typing import Any
 
 import click
-from cedana_ray.plugins.crio.client import ENDPOINT_ENV
+from cedana_ray.plugins.crio.commands import endpoint_option
 
 from cedana_ray.cli.options import common, engine
 from cedana_ray.cli.output import emit_json, show, table
@@ -113,14 +112,7 @@ def destroy(**opts: Any) -> None:
 
 
 @click.command("k8s")
-@click.option(
-    "--cri-endpoint",
-    metavar="URL",
-    expose_value=False,
-    is_eager=True,
-    callback=lambda ctx, param, value: value and os.environ.__setitem__(ENDPOINT_ENV, value),
-    help=f"The node's CRI endpoint (default: ${ENDPOINT_ENV}, else containerd's socket). With --local.",
-)
+@endpoint_option
 @common
 def query(as_json: bool, local: bool) -> None:
     """List the Kubernetes pods of this node (every node's, on a cluster), read from the

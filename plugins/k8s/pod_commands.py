@@ -3,11 +3,11 @@ checkpointed and restored through the node's CRI (see :mod:`.containers`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
-from cedana_ray.plugins.crio.client import ENDPOINT_ENV, Cri
+from cedana_ray.plugins.crio.client import Cri
+from cedana_ray.plugins.crio.commands import endpoint_option
 
 from cedana_ray.backend import job_for
 from cedana_ray.cli.options import common, dump_options, engine, key_file_option, quiet_option
@@ -20,15 +20,6 @@ from cedana_ray.requests import DumpRequest, ManageRequest
 from .commands import DNS_LABEL
 from .image import Ref
 from .pods import find_pod, running_containers
-
-endpoint_option = click.option(
-    "--cri-endpoint",
-    metavar="URL",
-    expose_value=False,
-    is_eager=True,
-    callback=lambda ctx, param, value: value and os.environ.__setitem__(ENDPOINT_ENV, value),
-    help=f"The node's CRI endpoint (default: ${ENDPOINT_ENV}, else containerd's socket).",
-)
 
 
 def _pod(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, str]:
