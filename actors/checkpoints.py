@@ -19,7 +19,7 @@ from cedana_ray.remote import call
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
-from .reservations import release, reserve, resources_of
+from .reservations import give_back, release, reserve, resources_of
 
 MAX_LOG_CARRIED = 64 << 20
 DUMP_WAIT_S = 300.0  # an on-demand dump waits this long for a policy run or migration to end
@@ -46,7 +46,7 @@ class Checkpoints(RecordVerbs):
         self.records.dumped(result.info(), checkpointed=not request.leave_running)
         self.records.checkpointed(result, job.node)
         if not request.leave_running:  # stopped: what it held is free until it is restored
-            release(job.jid, job.node)
+            give_back(job)
         return result
 
     def restore(
@@ -89,15 +89,16 @@ class Checkpoints(RecordVerbs):
         source = existing.node if existing else None
         history = self._log_of(request.jid, source) if source != target else b""
         jid = request.jid or manifest.jid
-        reserve(jid, target, resources_of(existing))
+        needs = resources_of(existing)
+        reserve(jid, target, needs)
         try:
             result: RestoreResult = self._agent_call(target, "restore", agent_request, history, progress=progress)
         except BaseException:
-            if target != source:
+            if needs and target != source:
                 release(jid, target)
             raise
         if existing and existing.node != target:
-            release(existing.jid, existing.node)
+            give_back(existing)
             if existing.node in self.agents:
                 self._forget(existing)
         job = self.records.restored(existing, result.job, manifest.checkpoint, target)

@@ -50,7 +50,7 @@ from .checkpoints import Checkpoints
 from .migration import Migration
 from .placement import Placement
 from .policies import Policies
-from .reservations import release, reserve
+from .reservations import give_back, release, reserve
 from .store_server import STORE, StoreServer
 
 ENDED = (JobState.killed, JobState.exited, JobState.lost)
@@ -173,7 +173,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             self.registry.save_job(fresh)
             if record.state in LIVE_STATES and fresh.state in ENDED:
                 self.records.ended(fresh)
-                release(fresh.jid, fresh.node)
+                give_back(fresh)
         return fresh
 
     def job(self, jid: str) -> Job:
@@ -237,7 +237,8 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         try:
             return self._serve(node, "run", jtype, local)
         except BaseException:
-            release(jid, node)
+            if request.resources:
+                release(jid, node)
             raise
 
     def manage(self, jtype: str, request: ManageRequest) -> Job:
@@ -293,7 +294,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             raise StateError(f"job {jid} is {job.state.value}", hint=f"`cedana-ray job kill {jid}` first")
         if job.node in self.agents:
             call(self._agent(job.node).forget.remote(jid))
-        release(jid, job.node)
+        give_back(job)
         self.records.deleted(jid)
         digest = job.details.get("working_dir")
         if digest and all(j.details.get("working_dir") != digest for j in self.registry.jobs()):

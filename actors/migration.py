@@ -19,7 +19,7 @@ from cedana_ray.registry import Registry
 from cedana_ray.requests import DumpRequest, RestoreRequest
 
 from .placement import needs_gpu
-from .reservations import release, resources_of
+from .reservations import give_back, resources_of
 
 log = logging.getLogger("cedana_ray.coordinator")
 
@@ -39,7 +39,7 @@ class Migration:
                 lost = job.model_copy(update={"state": JobState.lost})
                 self.registry.save_job(lost)
                 self.records.ended(lost)
-                release(job.jid, job.node)
+                give_back(job)
                 if job.details.get("restore_on_loss") and job.last_checkpoint:
                     self._pool.submit(self._recover_logged, job.jid)
 

@@ -67,6 +67,13 @@ def _gpus_of(group: PlacementGroup, gpus: float) -> list[str]:
     return ray.get(_gpu_ids.options(num_gpus=gpus, scheduling_strategy=strategy).remote())
 
 
+def give_back(job: Job) -> None:
+    """Give back what ``job`` holds on its node, if it reserves anything at all (a job that
+    reserves nothing costs no lookup)."""
+    if "resources" in job.details:
+        release(job.jid, job.node)
+
+
 def release(jid: str, node: str) -> None:
     """Give back what job ``jid`` holds on ``node`` (nothing if it holds nothing there)."""
     with suppress(ValueError):  # no reservation by that name
