@@ -90,7 +90,6 @@ def unpack(package: Package, into: Path) -> Path:
                 if not _SAFE_NAME.match(name):
                     raise CorruptCheckpoint(f"working dir package {package.digest[:12]} holds a bad name {name!r}")
             archive.extractall(tmp)
-        tmp.chmod(0o755)  # as a checkout would be: the job may run as another user
         os.rename(tmp, target)  # atomic; another node on this machine may have won the race
     except OSError:
         if not target.is_dir():
@@ -105,10 +104,11 @@ def keep(package: Package, base: Path) -> None:
     directory = base / PACKAGES
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{package.digest}.zip"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(package.data)
-        tmp.replace(path)
+    if not path.exists():  # two runs of one package may keep it at once: each writes its own temp file
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as out:
+            out.write(package.data)
+        os.replace(tmp, path)
 
 
 def kept(digest: str | None, base: Path) -> Package | None:
