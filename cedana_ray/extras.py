@@ -16,7 +16,9 @@ Where one is missing, the feature that needs it says so in one line, naming the 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from types import ModuleType
 
 from .errors import PrerequisiteError
 
@@ -35,6 +37,15 @@ class MissingExtra(PrerequisiteError, ImportError):
 def needs(extra: str, what: str) -> str:
     """``WHAT needs the EXTRA extra: pip install 'cedana-ray[EXTRA]'``."""
     return f"{what} needs the {extra} extra: pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def load(module: str, required: str) -> ModuleType:
+    """``module``, imported where a command needs it; where its extra is missing, the
+    :class:`MissingExtra` that says ``required`` (see :func:`needs`)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(required) from exc
 
 
 def installed(module: str) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cedana_ray.errors import CedanaError, JobNotFound, PrerequisiteError, StateError, UsageError
-from cedana_ray.extras import MissingExtra, needs
+from cedana_ray.extras import MissingExtra, load, needs
 
 if TYPE_CHECKING:
     from .proto import api_pb2 as pb
@@ -59,11 +59,7 @@ def json_mapping() -> Any:
 
 def grpc_module() -> Any:
     """grpc, or our one-line error naming the extra."""
-    try:
-        import grpc
-    except ImportError as exc:
-        raise MissingExtra(REQUIRED) from exc
-    return grpc
+    return load("grpc", REQUIRED)
 
 
 def one_line(text: str) -> str:

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from cedana_ray.extras import MissingExtra, needs
+from cedana_ray.extras import load, needs
 
 REQUIRED = needs("k8s", "cedana-ray k8s")
 
 
 def manifests() -> ModuleType:
     """:mod:`.manifests`, which builds the objects with the client's models."""
-    try:
-        from . import manifests
-    except ImportError as exc:
-        raise MissingExtra(REQUIRED) from exc
-    return manifests
+    return load(f"{__package__}.manifests", REQUIRED)
 
 
 def applier() -> ModuleType:
     """:mod:`.apply`, which talks to the API server."""
-    try:
-        from . import apply
-    except ImportError as exc:
-        raise MissingExtra(REQUIRED) from exc
-    return apply
+    return load(f"{__package__}.apply", REQUIRED)

@@ -31,8 +31,9 @@ NAME = "k8s"
 
 
 def _cri() -> str:
-    v = Cri.from_env().version()
-    return f"{v.runtime_name} {v.runtime_version} at {Cri.from_env().endpoint}"
+    cri = Cri.from_env()
+    v = cri.version()
+    return f"{v.runtime_name} {v.runtime_version} at {cri.endpoint}"
 
 
 def health_checks() -> list[HealthCheck]:
