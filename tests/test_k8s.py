@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 from cedana_ray.plugins.crio.client import Cri, messages
 from cedana_ray.plugins.k8s.pods import CONTAINER_NAME, POD_NAME, POD_NAMESPACE, POD_UID
@@ -45,9 +46,6 @@ from cedana_ray.engine import Engine
 from cedana_ray.errors import PrerequisiteError, UsageError
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.requests import DumpRequest, ManageRequest
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-pytest.importorskip("kubernetes")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "k8s-test-bearer-7f3c9a"  # distinctive, so a test can look for it

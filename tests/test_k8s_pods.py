@@ -90,8 +90,7 @@ def run_checkpointctl(*args: str) -> str:
 
 
 def test_pod_dumped_to_a_checkpoint_image_and_restored_from_it(node: tuple[Cri, str], tmp_path: Path) -> None:
-    if not CHECKPOINTCTL.exists():
-        pytest.skip(f"no {CHECKPOINTCTL} (run `make setup`)")
+    assert CHECKPOINTCTL.exists(), f"no {CHECKPOINTCTL}: `make setup` installs it with the CRI"
     cri, counter_image = node
     registry = counter_image.split("/")[0]
     name = f"trainer-{secrets.token_hex(3)}"
