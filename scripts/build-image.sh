@@ -18,7 +18,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TAG=${1:-localhost/cedana-ray:latest}
 REPO=localhost/cedana-ray
-EXTRAS=${EXTRAS:-s3,gcs}
+EXTRAS=${EXTRAS:-s3,gcs,cri,k8s}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 BUILDAH=(buildah --storage-driver "${STORAGE_DRIVER:-vfs}")
 

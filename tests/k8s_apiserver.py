@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,11 @@ class StandIn:
     requests: list[Request] = field(default_factory=list)
     versions: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
+    def add(self, obj: dict[str, Any]) -> None:
+        """Store a namespaced core object (a Pod, as the kubelet and scheduler left it)."""
+        meta = obj["metadata"]
+        self.objects[f"/api/v1/namespaces/{meta['namespace']}/{obj['kind'].lower()}s/{meta['name']}"] = obj
+
     def kubeconfig(self, path: Path, token: str) -> Path:
         """A kubeconfig naming this server, with a bearer token."""
         doc = {
@@ -51,6 +57,9 @@ class StandIn:
         }
         path.write_text(json.dumps(doc))
         return path
+
+
+POD_LIST = re.compile(r"^/api/v1(/namespaces/[^/]+)?/pods$")  # every namespace's pods, or one's
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -101,9 +110,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path, _ = self._record()
+        if POD_LIST.match(path):
+            return self._answer(200, self._pods(path))
         if path not in self.state.objects:
             return self._answer(404, _status(404, "NotFound", f"{path} not found"))
         self._answer(200, self.state.objects[path])
+
+    def _pods(self, path: str) -> dict[str, Any]:
+        """The stored pods under ``path``, as the server lists them (a PodList)."""
+        prefix = "/api/v1/namespaces/" if path == "/api/v1/pods" else path.removesuffix("pods")
+        items = [o for at, o in sorted(self.state.objects.items()) if at.startswith(prefix) and o.get("kind") == "Pod"]
+        meta = {"resourceVersion": str(next(self.state.versions))}
+        return {"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": items}
 
     def do_PUT(self) -> None:
         path, body = self._record()

@@ -114,7 +114,8 @@ def test_the_image_holds_criu_and_cedana_ray_with_its_extras(node: str) -> None:
     assert re.search(r"^Version: (4\.([2-9]|\d\d)|[5-9])", version, re.M), version
     assert inside(node, "cedana-ray", "--version").stdout.startswith("cedana-ray, version ")
     errors = json.loads(inside(node, "cedana-ray", "features", "--errors", "--json").stdout)["errors"]
-    for plugin in ("storage/s3", "storage/gcs"):  # the extras are in: what is left is credentials
+    # the extras are in: what is left is credentials (storage) or a CRI endpoint (crio, k8s)
+    for plugin in ("storage/s3", "storage/gcs", "crio", "k8s"):
         assert "extra" not in " ".join(errors.get(plugin, [])), errors[plugin]
 
 

@@ -275,9 +275,13 @@ def test_kuberay_pods_run_cedana_ray_with_the_token_file() -> None:
 
 
 def test_setup_agents_join_the_example_head_by_default(home: Path) -> None:
-    meta = raycluster()["metadata"]
-    (config,) = [o for o in dry_run("--namespace", meta["namespace"]) if o["kind"] == "ConfigMap"]
+    cluster = raycluster()
+    meta = cluster["metadata"]
+    objs = dry_run("--namespace", meta["namespace"])
+    (config,) = [o for o in objs if o["kind"] == "ConfigMap"]
     assert config["data"]["RAY_ADDRESS"].startswith(f"{meta['name']}-head-svc.{meta['namespace']}.svc")
+    (account,) = [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"]
+    assert pod_templates(cluster)["head"]["spec"]["serviceAccountName"] == account, "the head may list pods"
 
 
 # -- query k8s: the pods of this node, from containerd 2.1.9's CRI (real, as tests/test_cri.py starts it)
@@ -335,11 +339,74 @@ def test_query_lists_the_kubelets_pods_with_their_jobs(engine: Engine, node: tup
     assert (found["name"], found["id"], found["state"]) == ("counter", cid, "running")
     assert (found["jid"], found["job_state"], found["last_checkpoint"]) == ("k1", "running", ckpt)
 
-    result = cedana("query", "k8s", "--local", "--json")
+    result = cedana("query", "k8s", "--local", "--no-api", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == engine.query("k8s")
-    table = cedana("query", "k8s", "--local").stdout
+    table = cedana("query", "k8s", "--local", "--no-api").stdout
     assert all(word in table for word in ("ml", pods[0]["name"], "counter", "k1", ckpt))
+
+
+def api_pod(namespace: str, name: str, uid: str, node: str, containers: dict[str, str | None]) -> dict[str, Any]:
+    """A Pod as the API server has it once scheduled: its node, and per container the id the
+    kubelet reported (``containerd://ID``), or None for one still waiting for its image."""
+    statuses = [
+        {"name": c, "image": "counter", "imageID": "", "ready": bool(cid), "restartCount": 0}
+        | ({"containerID": f"containerd://{cid}", "state": {"running": {}}} if cid else {"state": {"waiting": {}}})
+        for c, cid in containers.items()
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "uid": uid},
+        "spec": {"nodeName": node, "containers": [{"name": c, "image": "counter"} for c in containers]},
+        "status": {"phase": "Running" if all(containers.values()) else "Pending", "containerStatuses": statuses},
+    }
+
+
+@pytest.mark.criu
+def test_query_cluster_wide_joins_the_api_servers_pods_to_the_agents(
+    engine: Engine, node: tuple[Cri, str], api: StandIn
+) -> None:
+    """The API server (the stand-in) lists two pods: the kubelet's pod of this node, whose
+    container an agent holds as a job, and one on a node with no agent."""
+    cri, image = node
+    name = f"trainer-{secrets.token_hex(3)}"
+    pod, cid = kubelet_pod(cri, image, "ml", name)
+    engine.manage("crio", ManageRequest(target=cid, jid="k2"))
+    ((here,),) = [[p for p in engine.query("k8s") if p["sandbox"] == pod]]
+    api.add(api_pod("ml", name, here["uid"], "node-a", {"counter": cid}))
+    api.add(api_pod("serve", "web", "uid-web", "node-b", {"server": None}))
+
+    result = cedana("query", "k8s", "--local", "--json")  # KUBECONFIG names the API server
+    assert result.returncode == 0, result.stderr
+    found = {p["name"]: p for p in json.loads(result.stdout)}
+    assert set(found) == {name, "web"}
+    mine, web = found[name], found["web"]
+    assert (mine["node"], mine["agent"], mine["state"]) == ("node-a", "local", "running")
+    assert mine["containers"] == [
+        {"name": "counter", "id": cid, "image": "counter", "state": "running"}
+        | {"jid": "k2", "job_state": "running", "last_checkpoint": None}
+    ]
+    assert (web["node"], web["agent"], web["state"]) == ("node-b", None, "pending")
+    waiting = {"name": "server", "id": None, "image": "counter", "state": "waiting"}
+    assert web["containers"] == [waiting | {"jid": None, "job_state": None, "last_checkpoint": None}]
+    assert {r.path for r in api.requests} == {"/api/v1/pods"} and {r.authorization for r in api.requests} == {
+        f"Bearer {TOKEN}"
+    }
+
+    one = json.loads(cedana("query", "k8s", "--local", "-n", "serve", "--json").stdout)
+    assert [p["name"] for p in one] == ["web"] and api.requests[-1].path == "/api/v1/namespaces/serve/pods"
+    table = cedana("query", "k8s", "--local").stdout
+    assert all(word in table for word in ("node", "agent", "node-a", "node-b", "k2", "web", "waiting"))
+    node_only = json.loads(cedana("query", "k8s", "--local", "--no-api", "--json").stdout)
+    assert pod in {p["sandbox"] for p in node_only} and "web" not in {p["name"] for p in node_only}
+
+
+def test_query_api_unreachable_is_one_line(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with stand_in() as server:
+        kubeconfig = server.kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    line = assert_one_error(cedana("query", "k8s", "--local", "--kubeconfig", str(kubeconfig)), PrerequisiteError)
+    assert "is not reachable" in line and server.url in line
 
 
 def test_with_the_node_cri_the_column_works(node: tuple[Cri, str]) -> None:

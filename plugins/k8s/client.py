@@ -18,3 +18,8 @@ def manifests() -> ModuleType:
 def applier() -> ModuleType:
     """:mod:`.apply`, which talks to the API server."""
     return load(f"{__package__}.apply", REQUIRED)
+
+
+def api_pods() -> ModuleType:
+    """:mod:`.api_pods`, which lists the pods the API server knows."""
+    return load(f"{__package__}.api_pods", REQUIRED)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 from cedana_ray.plugins.crio.commands import endpoint_option
 
 from cedana_ray.cli.options import common, engine
-from cedana_ray.cli.output import emit_json, show, table
-from cedana_ray.errors import UsageError
+from cedana_ray.cli.output import emit_json, err_console, show, table
+from cedana_ray.errors import PrerequisiteError, UsageError
 
-from .client import applier, manifests
+from .client import api_pods, applier, manifests
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -36,6 +38,24 @@ def _storage(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     return value
 
 
+KUBECONFIG_OPTIONS = (
+    click.option("--kubeconfig", envvar="KUBECONFIG", metavar="PATH", help="Default: $KUBECONFIG, ~/.kube/config."),
+    click.option("--context", "kube_context", metavar="NAME", help="The kubeconfig's context (default: current)."),
+)
+
+
+def with_options(fn: Callable[..., Any], options: Sequence[Callable[..., Any]]) -> Callable[..., Any]:
+    """``fn`` with ``options``, listed in the order ``--help`` shows them."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def kubeconfig_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Which API server: ``--kubeconfig`` and ``--context``."""
+    return with_options(fn, KUBECONFIG_OPTIONS)
+
+
 def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What to install, where, and how to print or reach it: shared by setup and destroy."""
     options = [
@@ -48,13 +68,10 @@ def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Print the objects (yaml with --dry-run).",
         ),
         click.option("--namespace", default="cedana-ray", show_default=True, callback=_namespace, metavar="NS"),
-        click.option("--kubeconfig", envvar="KUBECONFIG", metavar="PATH", help="Default: $KUBECONFIG, ~/.kube/config."),
-        click.option("--context", "kube_context", metavar="NAME", help="The kubeconfig's context (default: current)."),
+        *KUBECONFIG_OPTIONS,
         json_option,
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return with_options(fn, options)
 
 
 def print_objects(objs: list[dict[str, Any]], fmt: str) -> None:
@@ -111,13 +128,51 @@ def destroy(**opts: Any) -> None:
     _run("delete", list(reversed(m.objects(m.Settings(opts["namespace"])))), opts)
 
 
+def _api_configured(kubeconfig: str | None) -> bool:
+    """Whether a Kubernetes API server is configured, found without importing the client
+    (it takes seconds): a kubeconfig, or the service account of the pod we run in."""
+    path = Path(kubeconfig or "~/.kube/config").expanduser()
+    return path.is_file() or "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def _node_pods() -> list[dict[str, Any]]:
+    """What the agents found on their nodes' CRI; none (said on stderr) where none could read one."""
+    try:
+        return engine().query("k8s")
+    except PrerequisiteError as exc:
+        err_console.print(f"note: no cedana-ray job is shown: {exc}", highlight=False, markup=False)
+        return []
+
+
 @click.command("k8s")
 @endpoint_option
+@click.option(
+    "--api/--no-api",
+    default=None,
+    help="List the pods the Kubernetes API server knows, cluster-wide, with the jobs the "
+    "agents found (default: when a kubeconfig or in-cluster config is found).",
+)
+@click.option("--namespace", "-n", metavar="NS", help="Only this namespace's pods (default: every namespace).")
+@kubeconfig_options
 @common
-def query(as_json: bool, local: bool) -> None:
-    """List the Kubernetes pods of this node (every node's, on a cluster), read from the
-    node's CRI, with their containers and each one's cedana-ray job, state and last checkpoint."""
-    from .pods import COLUMNS, rows
+def query(
+    api: bool | None,
+    namespace: str | None,
+    kubeconfig: str | None,
+    kube_context: str | None,
+    as_json: bool,
+    local: bool,
+) -> None:
+    """List the Kubernetes pods with their containers and each one's cedana-ray job, state and
+    last checkpoint: cluster-wide from the API server, each joined to its node's agent, or
+    (--no-api, or without an API server) as the agents read them from their nodes' CRI."""
+    from .pods import rows
 
-    pods = engine().query("k8s")
-    show(as_json, pods, lambda: table(COLUMNS, rows(pods)))
+    if api is None:
+        api = _api_configured(kubeconfig)
+    if api:
+        pods, client = api_pods(), applier().api_client(kubeconfig, kube_context)
+        found = pods.joined(pods.listed(client, namespace), _node_pods())
+    else:
+        found = [p for p in engine().query("k8s") if namespace in (None, p["namespace"])]
+    show(as_json, found, lambda: table(*rows(found)))

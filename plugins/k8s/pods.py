@@ -69,19 +69,20 @@ def query(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
-def rows(pods: list[dict[str, Any]]) -> list[list[Any]]:
-    """One table row per container (a pod without any: one row of its own)."""
+def rows(pods: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The table's columns and one row per container (a pod without any: one row of its
+    own), with the node and agent columns where the pods have them."""
+    extra = [key for key in ("node", "agent") if any(key in p for p in pods)]
     found: list[list[Any]] = []
     for p in pods:
-        pod = [p["namespace"], p["name"], p["state"]]
+        pod = [p.get(key) for key in extra] + [p["namespace"], p["name"], p["state"]]
         for c in p["containers"] or [{}]:
-            found.append(
-                [*pod, c.get("name"), c.get("state"), c.get("jid"), c.get("job_state"), c.get("last_checkpoint")]
-            )
-    return found
+            found.append([*pod, *(c.get(key) for key in CONTAINER_KEYS)])
+    return [*extra, *COLUMNS], found
 
 
 COLUMNS = ("namespace", "pod", "pod state", "container", "state", "jid", "job state", "last checkpoint")
+CONTAINER_KEYS = ("name", "state", "jid", "job_state", "last_checkpoint")
 
 
 def find_pod(cri: Cri, namespace: str, name: str) -> Any:
