@@ -36,8 +36,9 @@ from cedana_ray.backend import Progress
 from cedana_ray.crypto import KEY_BYTES, KEY_FILE, save_key, saved_key
 from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
+from cedana_ray.gateway import Gateway, token_of
 from cedana_ray.models import LIVE_STATES, Job, JobState
-from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.plugins_manager import register_storage
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
 from cedana_ray.remote import STREAMED, agent_name, call, detached, followed, streamed
@@ -68,7 +69,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         self.storage = storage
         self.signer = Signer.load(self.base / SIGNING_KEY)  # the cluster's: its agents get it too
         self.key = self._cluster_key(encrypt, key)
-        get_plugin_manager()  # the storage plugins' schemes, for the catalog's stores
+        register_storage()  # the storage plugins' schemes, for the catalog's stores
         self.registry = Registry(self.base / "coordinator.db")
         self.records = Records(self.registry, self.signer)  # the cluster's record (cedana_ray.records)
         self.agents: dict[str, Any] = {}
@@ -81,6 +82,8 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         self._recover_catalog()
         self._tick()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+        # commands reach these verbs without connecting to Ray (cedana_ray.gateway)
+        self.gateway = Gateway(self, token_of(self.base), ray.util.get_node_ip_address())
 
     def _cluster_key(self, encrypt: bool, key: bytes | None) -> bytes | None:
         """The key every checkpoint of this cluster is encrypted with (``up --encrypt``), kept
@@ -324,6 +327,7 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
             "nodes": len(self.agents),
             "started": self.started,
             "encrypted": self.key is not None,
+            "gateway": self.gateway.url,
         }
 
 

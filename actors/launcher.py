@@ -245,6 +245,7 @@ def up(
         dashboard=dashboard,
         auth_token_file=token_file,
         encrypted=info["encrypted"],
+        gateway=info["gateway"],
     )
     save_state(state)
     return state, nodes

@@ -124,7 +124,9 @@ def open_backend(address: str | None = None, *, local: bool = False) -> Backend:
     from .engine import Engine
 
     found = None if local else (address or cluster.address())
-    return cluster.Cluster(found) if found else Engine()
+    if not found:
+        return Engine()
+    return cluster.through_gateway(found) or cluster.Cluster(found)
 
 
 def job_for(backend: Backend, jtype: str, target: str) -> Job:

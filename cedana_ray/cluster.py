@@ -24,7 +24,7 @@ from .backend import VERBS, Backend
 from .config import paths
 from .errors import PrerequisiteError
 from .models import Job
-from .plugins_manager import get_plugin_manager
+from .plugins_manager import register_storage
 from .requests import ManageRequest
 
 
@@ -38,6 +38,7 @@ class ClusterState(BaseModel):
     dashboard: str | None = None
     auth_token_file: str | None = None  # the Ray auth token's file; None: Ray runs without auth
     encrypted: bool = False  # every checkpoint encrypted with the cluster's key (`up --encrypt`)
+    gateway: str | None = None  # the coordinator's gateway (cedana_ray.gateway); its token is in BASE
 
 
 def state_file() -> Path:
@@ -114,6 +115,22 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
         ) from None
 
 
+def through_gateway(addr: str) -> Backend | None:
+    """The cluster at ``addr`` through its coordinator's gateway, where ``up`` recorded one
+    here whose token we can read, and the environment does not say how to reach Ray (a Ray
+    job's, a user's own token); it connects to Ray only for what needs Ray."""
+    from .gateway import GatewayClient, read_token
+
+    state = load_state()
+    if state is None or state.address != addr or not state.gateway or auth.MODE in os.environ:
+        return None
+    try:
+        token = read_token(Path(state.base))
+    except OSError:
+        return None
+    return GatewayClient(state.gateway, token, lambda: Cluster(addr, state))
+
+
 class Cluster:
     """cedana-ray on a Ray cluster: every verb of :class:`~cedana_ray.backend.Backend` is
     the coordinator's, called with the same arguments."""
@@ -124,7 +141,7 @@ class Cluster:
         from .remote import COORDINATOR, NAMESPACE
 
         connect(addr, state)
-        get_plugin_manager()  # storage schemes, for checkpoint URLs read here
+        register_storage()  # the plugins' schemes, for checkpoint URLs read here
         self.address = addr
         try:
             self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)

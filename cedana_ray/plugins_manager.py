@@ -1,9 +1,12 @@
 """The pluggy plugin manager: loading, validation and per-type hook calls.
 
 Built-in and third-party plugins alike register through the ``cedana_ray.plugins``
-entry point group; the entry point's name is the plugin's name. A plugin that
-fails to import or whose hooks do not match their specs is not registered; the
-reason is kept for ``features --errors``.
+entry point group; the entry point's name is the plugin's name. A plugin is imported
+when it is first needed: a call for its type imports that plugin alone, a call to every
+plugin (their storage schemes, the feature matrix) imports them all. The entry points
+themselves are read once and kept in the cache (:mod:`cedana_ray.cache`). A plugin that
+fails to import or whose hooks do not match their specs is not registered; the reason is
+kept for ``features --errors``.
 
 The GPU hooks are implemented once, by the ``gpu`` plugin, for every type whose plugin
 supports GPU jobs (a ``supports_gpu`` attribute that is true, as :class:`cedana_ray.runtime.Runtime`
@@ -14,12 +17,14 @@ implementation, so that no runtime plugin needs to import the gpu plugin.
 from __future__ import annotations
 
 import functools
-from importlib.metadata import entry_points
+import importlib
+from collections.abc import Mapping
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
+from .cache import cached
 from .errors import PluginNotFound, UsageError
 from .extras import explain
 from .models import HealthCheck
@@ -32,10 +37,16 @@ GPU_HOOKS = (
 
 
 class PluginManager(pluggy.PluginManager):
-    def __init__(self) -> None:
+    def __init__(self, entries: Mapping[str, str] | None = None) -> None:
         super().__init__(hookspecs.PROJECT)
         self.add_hookspecs(hookspecs)
-        self.failures: dict[str, str] = {}  # plugin name -> why it is not registered
+        self._failures: dict[str, str] = {}  # plugin name -> why it is not registered
+        self._unloaded = dict(entries or {})  # plugin name -> entry point ("module:attr"), imported on first use
+
+    @property
+    def failures(self) -> dict[str, str]:
+        self.load_all()
+        return self._failures
 
     def register_checked(self, plugin: object, name: str) -> None:
         """Register ``plugin`` or record why it cannot be (wrong or unknown hook)."""
@@ -51,23 +62,39 @@ class PluginManager(pluggy.PluginManager):
                 self.unregister(plugin)
                 raise pluggy.PluginValidationError(plugin, f"unknown hook(s): {', '.join(unknown)}")
         except (pluggy.PluginValidationError, ValueError) as exc:
-            self.failures[name] = f"incompatible: {exc}"
+            self._failures[name] = f"incompatible: {exc}"
 
-    def load_entry_points(self) -> None:
-        for ep in entry_points(group=GROUP):
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # a plugin's import error must not break the CLI
-                missing = explain(exc, f"the {ep.name} plugin")  # an extra that is not installed
-                self.failures[ep.name] = f"not installed: {missing or f'import failed: {exc}'}"
-                continue
-            self.register_checked(plugin, ep.name)
+    def load(self, name: str) -> None:
+        """Import and register plugin ``name`` if it is installed and not yet loaded."""
+        value = self._unloaded.pop(name, None)
+        if value is None:
+            return
+        module, _, attr = value.partition(":")
+        try:
+            plugin = importlib.import_module(module)
+            plugin = getattr(plugin, attr) if attr else plugin
+        except Exception as exc:  # a plugin's import error must not break the CLI
+            missing = explain(exc, f"the {name} plugin")  # an extra that is not installed
+            self._failures[name] = f"not installed: {missing or f'import failed: {exc}'}"
+            return
+        self.register_checked(plugin, name)
+
+    def load_all(self) -> None:
+        for name in list(self._unloaded):
+            self.load(name)
+
+    def call_all(self, hook: str, **kwargs: Any) -> list[Any]:
+        """``hook`` of every installed plugin."""
+        self.load_all()
+        return getattr(self.hook, hook)(**kwargs)
 
     def plugin_names(self) -> list[str]:
+        self.load_all()
         return sorted(n for n, _ in self.list_name_plugin())
 
     def _impl(self, name: str, hook: str) -> pluggy.HookImpl | None:
         """Plugin ``name``'s own implementation of ``hook``."""
+        self.load(name)
         return next((i for i in getattr(self.hook, hook).get_hookimpls() if i.plugin_name == name), None)
 
     def _answering(self, name: str, hook: str) -> pluggy.HookImpl | None:
@@ -84,6 +111,7 @@ class PluginManager(pluggy.PluginManager):
 
     def call_for(self, name: str, hook: str, **kwargs: Any) -> Any:
         """Call ``hook`` for plugin ``name`` only; None when nothing answers it for that plugin."""
+        self.load(name)
         if self.get_plugin(name) is None:
             raise PluginNotFound(
                 f"no plugin for workload type {name!r}",
@@ -114,13 +142,27 @@ class PluginManager(pluggy.PluginManager):
         return result
 
 
+def _entry_points() -> tuple[dict[str, str], list[str]]:
+    from importlib.metadata import entry_points  # only here: it reads every installed distribution
+
+    return {ep.name: ep.value for ep in entry_points(group=GROUP)}, []
+
+
+def installed() -> dict[str, str]:
+    """The installed plugins: name -> entry point."""
+    return cached("plugins", _entry_points)
+
+
 @functools.cache
 def get_plugin_manager() -> PluginManager:
-    """The installed plugins, loaded once; their storage schemes are known to fsspec from then on."""
+    """The installed plugins, each imported when first needed."""
+    return PluginManager(installed())
+
+
+@functools.cache
+def register_storage() -> None:
+    """Make every plugin's storage schemes known to fsspec, once: before a store is opened."""
     from .store import register_schemes
 
-    pm = PluginManager()
-    pm.load_entry_points()
-    for schemes in pm.hook.cedana_checkpoint_storage():
+    for schemes in get_plugin_manager().call_all("cedana_checkpoint_storage"):
         register_schemes(schemes)
-    return pm

@@ -91,6 +91,9 @@ class CheckpointStore(StoreWriter, StoreReader):
     """
 
     def __init__(self, url: str, signer: Signer | None = None) -> None:
+        from .plugins_manager import register_storage  # here: the plugins import this module
+
+        register_storage()
         self.url = url.rstrip("/")
         self.signer = signer
         try:

@@ -25,7 +25,7 @@ from test_process_criu import COUNTER, WORKLOADS, wait_for
 from test_wait import counts_to
 
 from cedana_ray import auth
-from cedana_ray.errors import PrerequisiteError, StateError, UsageError
+from cedana_ray.errors import JobNotFound, PermissionDenied, PrerequisiteError, StateError, UsageError
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(240)]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -198,6 +198,50 @@ def test_progress_reaches_a_log_from_the_job_s_node(up: dict) -> None:
     restored = cedana("restore", "job", "prog", "--quiet", timeout=120)
     assert restored.returncode == 0 and restored.stderr == "", restored.stderr
     assert cedana("job", "kill", "prog").returncode == 0
+
+
+# -- the coordinator's gateway: commands without ray.init
+def gateway_call(up: dict, home: Path, verb: str, body: bytes, token: str | None = None) -> tuple[int, dict]:
+    """A raw call to the gateway, as anyone on the network could make one."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(up["gateway"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn.request("POST", f"/v1/{verb}", body=body, headers=headers)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_commands_go_through_the_gateway_which_wants_its_token(up: dict, home: Path) -> None:
+    token_file = Path(up["base"]) / "gateway.token"
+    assert up["gateway"].startswith("http://") and token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    assert cedana("run", "process", "--jid", "gw", "--", *COUNTER).returncode == 0
+    wait_for(lambda: "count=2" in cedana("logs", "gw").stdout, 30, "gw counting")
+    assert [j["state"] for j in cli_json("ps") if j["jid"] == "gw"] == ["running"]
+
+    assert gateway_call(up, home, "jobs", b'{"args": {}}')[0] == 401
+    assert gateway_call(up, home, "jobs", b'{"args": {}}', token="x" * len(token))[0] == 401
+    status, doc = gateway_call(up, home, "jobs", b'{"args": {}}', token=token)
+    assert status == 200 and "gw" in [j["jid"] for j in doc["result"]]
+    status, doc = gateway_call(up, home, "shutdown", b"{}", token=token)
+    assert status == 400 and doc["error"]["type"] == "UsageError"
+    status, doc = gateway_call(up, home, "job", b'{"args": {"jid": ["not", "a", "name"]}}', token=token)
+    assert status == 400 and "malformed job call" in doc["error"]["message"]
+    status, doc = gateway_call(up, home, "job", b'{"args": {"jid": "nobody"}}', token=token)
+    assert status == 200 and doc["error"]["type"] == "JobNotFound", "a job's error as it is"
+
+    # the CLI uses the gateway (with the token in the state dir) and never falls back to Ray
+    # on a refusal: with another token, it is refused
+    try:
+        token_file.write_text("y" * len(token))
+        assert "refused the token" in assert_one_error(cedana("ps"), PermissionDenied)
+    finally:
+        token_file.write_text(token)
+    assert "no job 'nobody' (`cedana-ray ps` lists" in assert_one_error(cedana("logs", "nobody"), JobNotFound)
+    assert cli_json("job", "kill", "gw")["state"] == "killed"  # type: ignore[index]
 
 
 def test_up_job_submit_ps_dump_and_down(up: dict, home: Path) -> None:

@@ -247,18 +247,12 @@ def test_import_failure_is_not_installed(pm: PluginManager) -> None:
     ],
 )
 def test_a_plugin_whose_extra_is_missing_names_it(
-    pm: PluginManager, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, extra: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, extra: str
 ) -> None:
-    from importlib.metadata import EntryPoint
-
-    from cedana_ray import plugins_manager
-
     (tmp_path / "cedana_ray_fake_extra_plugin.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
-    ep = EntryPoint(name="fake-extra", value="cedana_ray_fake_extra_plugin", group=plugins_manager.GROUP)
-    monkeypatch.setattr(plugins_manager, "entry_points", lambda group: [ep])
-    pm.load_entry_points()
+    pm = PluginManager({"fake-extra": "cedana_ray_fake_extra_plugin"})  # its entry point
     reason = pm.failures["fake-extra"]
     assert reason.startswith("not installed: ") and f"needs the {extra} extra" in reason, reason
     matrix = features.compute(pm)

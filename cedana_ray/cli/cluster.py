@@ -144,6 +144,3 @@ def drain(node: str, cancel: bool, as_json: bool) -> None:
         return
     moved = engine().drain(node)
     show(as_json, moved, lambda: table(("jid", "to", "seconds"), [[m.jid, m.target[:12], m.duration_s] for m in moved]))
-
-
-COMMANDS = (up, down, nodes, migrate, drain)

@@ -102,7 +102,7 @@ def slurm_group() -> None:
 
 def _known_scheme(url: str) -> str:
     schemes = set(fsspec.available_protocols())
-    for found in get_plugin_manager().hook.cedana_checkpoint_storage():
+    for found in get_plugin_manager().call_all("cedana_checkpoint_storage"):
         schemes |= set(found or {})
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in schemes:
@@ -207,7 +207,7 @@ def up(address: str, nodes: int, storage: str | None, timeout: float) -> None:
 @click.argument("jid")
 def follow(jid: str) -> None:
     """Print job JID's output until it ends; exit with its exit code (for the batch script)."""
-    from cedana_ray.cli.main import logs
+    from cedana_ray.cli.jobs import logs
     from cedana_ray.cli.options import engine
 
     click.get_current_context().invoke(logs, jid=jid, follow=True, as_json=False, local=False)

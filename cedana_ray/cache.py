@@ -1,0 +1,87 @@
+"""A private per-user cache of what this installation holds (its plugins, its commands), so
+that a command does not scan every installed distribution or import every plugin to start.
+
+An entry is kept with what it was built from: the interpreter, sys.path and the mtime of
+its directories (installing or removing a distribution changes its site-packages), and
+the mtime and size of each file the builder says it read. Any difference rebuilds it. A
+cache file that is not ours alone is not read: what it holds names modules to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+FORMAT = 1
+
+
+def directory() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "cedana-ray"
+
+
+def _stat(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _built_from() -> list[Any]:
+    # not the mtime of sys.path[0], the script's directory or the working directory: files
+    # come and go there, distributions are not installed there
+    return [FORMAT, __version__, sys.executable, sys.path, [_stat(p) for p in sys.path[1:]]]
+
+
+def _current(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("built_from") == _built_from()
+        and all(_stat(path) == stat for path, stat in entry.get("files", {}).items())
+    )
+
+
+def _read(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+            entry = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return entry["value"] if _current(entry) else None
+
+
+def _write(path: Path, entry: dict[str, Any]) -> None:
+    """Atomically, private; a cache that cannot be written is built again next time."""
+    import tempfile  # only here: it imports random, hashlib...
+
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+
+
+def cached(name: str, build: Callable[[], tuple[Any, Iterable[str]]]) -> Any:
+    """What ``build`` returns (a JSON value, and the files it was made from), from the cache
+    while nothing it was built from changed."""
+    path = directory() / f"{name}.json"
+    value = _read(path)
+    if value is None:
+        built_from = _built_from()  # before building: a change made meanwhile rebuilds next time
+        value, files = build()
+        _write(path, {"built_from": built_from, "files": {f: _stat(f) for f in sorted(set(files))}, "value": value})
+    return value

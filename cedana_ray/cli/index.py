@@ -1,0 +1,116 @@
+"""The command index: each command's name, short help and where it lives, so that the CLI
+lists commands (``--help``) and runs one without importing the others or any plugin. It is
+built once by importing everything (the core's command modules and every plugin) and kept
+in the cache (:mod:`cedana_ray.cache`) with the modules that define the commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import click
+
+from ..cache import cached
+
+ROOT = ""  # the root group's path: `cedana-ray ps`; the verb groups' are their names
+CORE: dict[str, tuple[str, ...]] = {  # module:attribute of the core's commands, by group
+    ROOT: (
+        *("cedana_ray.cli.jobs:ps", "cedana_ray.cli.jobs:job", "cedana_ray.cli.jobs:logs"),
+        *("cedana_ray.cli.checkpoints:checkpoint", "cedana_ray.cli.history:events", "cedana_ray.cli.workload:wait"),
+        *("cedana_ray.cli.inventory:features", "cedana_ray.cli.inventory:plugin", "cedana_ray.cli.inventory:check"),
+        *(f"cedana_ray.cli.cluster:{name}" for name in ("up", "down", "nodes", "migrate", "drain")),
+    ),
+    "dump": ("cedana_ray.cli.jobs:dump_job",),
+    "restore": ("cedana_ray.cli.jobs:restore_job",),
+    "freeze": ("cedana_ray.cli.jobs:freeze_job",),
+    "unfreeze": ("cedana_ray.cli.jobs:unfreeze_job",),
+}
+HOOKS = {  # the plugin hook that gives each group's commands
+    ROOT: "cedana_helper_commands",
+    "run": "cedana_run_command",
+    "manage": "cedana_manage_command",
+    "dump": "cedana_dump_command",
+    "restore": "cedana_restore_command",
+    "freeze": "cedana_freeze_command",
+    "unfreeze": "cedana_unfreeze_command",
+    "query": "cedana_query_command",
+}
+
+
+def _load_target(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
+
+
+def _commands(found: Any) -> Iterator[click.Command]:
+    """A hook's answer: one command, a list of them (helpers), or None."""
+    for item in found if isinstance(found, list) else [found]:
+        if isinstance(item, click.Command) and item.name:
+            yield item
+
+
+def _source(*modules: str) -> Iterable[str]:
+    for name in modules:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path:
+            yield path
+
+
+def _entry(cmd: click.Command, **where: Any) -> dict[str, Any]:
+    return {"help": cmd.get_short_help_str(limit=1 << 16), **where}
+
+
+def build() -> tuple[dict[str, Any], list[str]]:
+    """Import every command, the core's and the installed plugins', and index them."""
+    from ..plugins_manager import get_plugin_manager, installed
+
+    commands: dict[str, dict[str, Any]] = {group: {} for group in HOOKS}
+    files: set[str] = set()
+    for group, targets in CORE.items():
+        for target in targets:
+            cmd = _load_target(target)
+            commands[group][cmd.name] = _entry(cmd, target=target)
+            files.update(_source(target.partition(":")[0]))
+    pm = get_plugin_manager()
+    values = installed()
+    for name in pm.plugin_names():
+        for group, hook in HOOKS.items():
+            for cmd in _commands(pm.call_for(name, hook)):
+                commands[group].setdefault(cmd.name, _entry(cmd, plugin=name, target=values[name]))
+                files.update(_source(values[name].partition(":")[0], cmd.callback.__module__ if cmd.callback else ""))
+    return commands, sorted(files)
+
+
+_index: dict[str, Any] | None = None
+
+
+def index() -> dict[str, dict[str, Any]]:
+    """Group -> command name -> its short help and where it lives."""
+    global _index
+    if _index is None:
+        _index = cached("commands", build)
+    return _index
+
+
+def names(group: str) -> list[str]:
+    return sorted(index().get(group, {}))
+
+
+def short_help(group: str, name: str) -> str:
+    return index()[group][name]["help"]
+
+
+def load(group: str, name: str) -> click.Command | None:
+    """Command ``name`` of ``group``, importing only the module it lives in (a plugin's
+    command: that plugin)."""
+    entry = index().get(group, {}).get(name)
+    if entry is None:
+        return None
+    found = _load_target(entry["target"])
+    if "plugin" in entry:
+        found = getattr(found, HOOKS[group])()
+    return next((c for c in _commands(found) if c.name == name), None)
