@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,15 +143,25 @@ class PluginManager(pluggy.PluginManager):
         return result
 
 
-def _entry_points() -> tuple[dict[str, str], list[str]]:
+def _survey() -> tuple[dict[str, Any], list[str]]:
+    """The installed plugins' entry points and storage schemes (each scheme's class by its
+    import path), read by importing every plugin; with the plugins' modules."""
     from importlib.metadata import entry_points  # only here: it reads every installed distribution
 
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}, []
+    found = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    pm = PluginManager(found)
+    schemes = {
+        scheme: cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        for provided in pm.call_all("cedana_checkpoint_storage")
+        for scheme, cls in (provided or {}).items()
+    }
+    files = [getattr(sys.modules.get(v.partition(":")[0]), "__file__", None) for v in found.values()]
+    return {"entry_points": found, "storage": schemes}, [f for f in files if f]
 
 
 def installed() -> dict[str, str]:
     """The installed plugins: name -> entry point."""
-    return cached("plugins", _entry_points)
+    return cached("plugins", _survey)["entry_points"]
 
 
 @functools.cache
@@ -161,8 +172,9 @@ def get_plugin_manager() -> PluginManager:
 
 @functools.cache
 def register_storage() -> None:
-    """Make every plugin's storage schemes known to fsspec, once: before a store is opened."""
+    """Make every plugin's storage schemes known to fsspec, once, before a store is opened:
+    by import path, so that no plugin is imported for it (fsspec imports a class when its
+    scheme is first used)."""
     from .store import register_schemes
 
-    for schemes in get_plugin_manager().call_all("cedana_checkpoint_storage"):
-        register_schemes(schemes)
+    register_schemes(cached("plugins", _survey)["storage"])
