@@ -131,7 +131,9 @@ def main() -> int:
         parser.error("CRIU needs root")
     base = Path(tempfile.mkdtemp(prefix="cedana-bench-cli-"))
     home = base / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CEDANA_RAY_ADDRESS", auth.MODE)}
+    # bytecode cached, as an installed package has it (a development shell may forbid writing it)
+    drop = ("RAY_ADDRESS", "CEDANA_RAY_ADDRESS", auth.MODE, "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env |= {"CEDANA_RAY_HOME": str(home)}
     rows: list[Row] = []
     try:

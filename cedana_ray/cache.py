@@ -1,10 +1,11 @@
 """A private per-user cache of what this installation holds (its plugins, its commands), so
 that a command does not scan every installed distribution or import every plugin to start.
 
-An entry is kept with what it was built from: the interpreter, sys.path and the mtime of
-its directories (installing or removing a distribution changes its site-packages), and
-the mtime and size of each file the builder says it read. Any difference rebuilds it. A
-cache file that is not ours alone is not read: what it holds names modules to import.
+An entry is kept with what it was built from: the environment (sys.prefix), sys.path but its
+first entry, the mtime of those directories (installing or removing a distribution changes
+its site-packages), and the mtime and size of each file the builder says it read. Any
+difference rebuilds it. A cache file that is not ours alone is not read: what it holds
+names modules to import.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def _stat(path: str) -> list[int]:
 
 
 def _built_from() -> list[Any]:
-    # not the mtime of sys.path[0], the script's directory or the working directory: files
-    # come and go there, distributions are not installed there
-    return [FORMAT, __version__, sys.executable, sys.path, [_stat(p) for p in sys.path[1:]]]
+    # not sys.path[0], the script's directory or the working directory: it differs from one
+    # way of starting to the next (`cedana-ray`, `python -m cedana_ray.cli`) and files come
+    # and go there, while distributions are installed in the others
+    rest = sys.path[1:]
+    return [FORMAT, __version__, sys.prefix, rest, [_stat(p) for p in rest]]
 
 
 def _current(entry: Any) -> bool:

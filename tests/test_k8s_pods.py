@@ -141,6 +141,11 @@ def test_pod_dumped_to_a_checkpoint_image_and_restored_from_it(node: tuple[Cri, 
     assert len(repeats) <= 1 and all(b - a in (0, 1) for a, b in itertools.pairwise(counts)), counts
     assert counts[-1] > at
 
+    # the sandbox the restore made goes with the job's container when the job is deleted
+    for verb in ("kill", "delete"):
+        assert cedana("job", verb, back["jid"], "--local").returncode == 0
+    assert back["sandbox"] not in {p.id for p in cri.pods()}
+
 
 def test_two_containers_come_back_in_one_new_sandbox(node: tuple[Cri, str]) -> None:
     """Without an image: each container's cedana-ray checkpoint, restored through the
@@ -184,6 +189,15 @@ def test_two_containers_come_back_in_one_new_sandbox(node: tuple[Cri, str]) -> N
         at = count(cri, r["id"])
         assert at >= 10, "from the checkpoint, not from 0"
         wait_for(lambda r=r, at=at: count(cri, r["id"]) > at + 3, what=f"{r['container']} counting again")
+
+    # the sandbox goes with the last of its containers' jobs, not with the one that made it
+    first, second = sorted(back, key=lambda r: r["container"])
+    for verb in ("kill", "delete"):
+        assert cedana("job", verb, first["jid"], "--local").returncode == 0
+    assert sandbox in {p.id for p in cri.pods()} and state(cri, second["id"]) == "CONTAINER_RUNNING"
+    for verb in ("kill", "delete"):
+        assert cedana("job", verb, second["jid"], "--local").returncode == 0
+    assert sandbox not in {p.id for p in cri.pods()}
 
 
 def test_bad_input_is_one_line(node: tuple[Cri, str]) -> None:

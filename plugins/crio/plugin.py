@@ -268,6 +268,7 @@ def cleanup(job: Job) -> None:
 
 # what the k8s plugin reuses to dump and restore a pod's containers (plugins/k8s/containers.py)
 container_job = _job
+cri_of = _cri
 pod_of = _pod_of
 free_name = _free_name
 same_pod = _same_pod

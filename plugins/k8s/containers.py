@@ -32,6 +32,7 @@ from .pods import CONTAINER_NAME, POD_NAME, POD_NAMESPACE, POD_UID
 
 NAME = "k8s"
 READY = 0  # runtime.v1.PodSandboxState
+RESTORED = "io.cedana-ray.restored"  # the annotation of a sandbox a restore made (no kubelet made it)
 
 
 class PodDumpRequest(DumpRequest):
@@ -132,6 +133,7 @@ def sandbox_for(cri: Cri, config: Any) -> tuple[str, Any, bool]:
     if ready:
         return ready[-1].id, cri.pod(ready[-1].id)[1], False
     config.metadata.attempt = max([config.metadata.attempt, *(p.metadata.attempt for p in same)]) + 1
+    config.annotations[RESTORED] = "true"
     return cri.run_pod(config), config, True
 
 
@@ -175,7 +177,7 @@ def restore(ctx: Context) -> Job:
         if isinstance(exc, (JobNotFound, StateError)):
             raise RestoreError(f"restore of checkpoint {manifest.checkpoint} into pod {facts.pod_name}: {exc}") from exc
         raise
-    own = {"own_pod": new, "namespace": facts.namespace, "pod_name": facts.pod_name}
+    own = {"namespace": facts.namespace, "pod_name": facts.pod_name}
     return job.model_copy(
         update={"type": NAME, "details": {**job.details, **own, "container_name": facts.container_name}}
     )
@@ -215,3 +217,17 @@ def restore_image(cri: Cri, ref: image.Ref, namespace: str, pod_name: str) -> st
         if new:
             cri.remove_pod(pod)
         raise
+
+
+def cleanup(job: Job) -> None:
+    """Remove the container from the runtime, and its sandbox once no container is left in
+    it, where a restore made it (its siblings, restored into it, may outlive this one); the
+    kit then removes the job dir."""
+    cri, pod = crio.cri_of(job), job.details["pod"]
+    cri.remove(job.details["target"])
+    try:
+        made_here = cri.pod(pod)[0].annotations.get(RESTORED) == "true"
+    except JobNotFound:  # gone already
+        return
+    if made_here and not any(c.pod_sandbox_id == pod for c in cri.containers()):
+        cri.remove_pod(pod)

@@ -61,5 +61,5 @@ plugin = Runtime(
     ),
     health_checks=health_checks,
     reaper=crio.reaper,
-    cleanup=crio.cleanup,
+    cleanup=containers.cleanup,  # a sandbox goes with its last container
 )
