@@ -9,7 +9,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import CedanaError, UntrustedCheckpoint, UsageError
 
@@ -90,6 +99,7 @@ class Layout(StrEnum):
 
     file = "file"  # one file per image, chunks at stored offsets (local stores)
     chunks = "chunks"  # one object per chunk, uploaded and fetched in parallel (object stores)
+    cas = "cas"  # content-addressed: chunks named by their digest, shared by checkpoints (cedana_ray.chunk_store)
 
 
 class JobState(StrEnum):
@@ -181,6 +191,17 @@ class Chunk(BaseModel):
     stored_offset: int = Field(ge=0)  # in the stored object
     stored_size: int = Field(ge=0, le=2 * MAX_CHUNK)
     sha256: str = Field(pattern=_SHA256.pattern)  # of the stored bytes
+    # Layout.cas: what dedups, the sha256 of the original bytes (an HMAC of them when encrypted)
+    address: str | None = Field(default=None, pattern=_SHA256.pattern)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_address(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A manifest's signature covers its JSON form: the chunks of checkpoints made before
+        # addresses existed must serialize as they did, or their signatures stop verifying.
+        data: dict[str, Any] = handler(self)
+        if data.get("address", "") is None:
+            del data["address"]
+        return data
 
 
 class ImageFile(BaseModel):
@@ -237,6 +258,8 @@ class Manifest(BaseModel):
         for image in self.files:
             stored = 0
             for chunk in image.chunks:
+                if (chunk.address is None) == (self.layout is Layout.cas):
+                    raise ValueError(f"image {image.name}: chunk addresses belong to the cas layout alone")
                 if chunk.size > self.chunk_size:
                     raise ValueError(f"image {image.name}: a chunk is larger than chunk_size")
                 if chunk.stored_offset != (stored if stored_at_offsets else 0):

@@ -2,8 +2,13 @@
 
 Layout of checkpoint ``ID`` under a store URL::
 
-    URL/ID/data/<image file><ext>   chunks, each an independent compressed frame
     URL/ID/manifest.json            written last; without it there is no checkpoint
+    URL/.chunks/<sha256>            content-addressed chunks, shared (Layout.cas, the default)
+    URL/ID/data/<image file><ext>   or: chunks of ID alone, each an independent compressed frame
+
+The content-addressed layout (:mod:`cedana_ray.chunk_store`, :mod:`cedana_ray.chunk_gc`)
+stores a chunk once per store; the per-checkpoint layouts below stay readable and are
+still written for local uncompressed dumps (and with ``CEDANA_RAY_DEDUP=0``).
 
 On object stores (``s3://``, ``gs://``) each chunk is its own object,
 ``URL/ID/data/<image file><ext>/<index>``, so chunks are uploaded and fetched in
@@ -24,6 +29,7 @@ checkpoint costs CRIU's own write plus one read.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +37,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
+from .chunk_gc import ChunkSweeper
+from .chunk_store import ContentStore
 from .errors import (
     CedanaError,
     CheckpointError,
@@ -51,6 +59,7 @@ from .store_write import fsync_dir as fsync_dir
 
 # bytes: a larger manifest is refused unparsed (read whole: SeaweedFS refuses a range past the end)
 MAX_MANIFEST = 64 << 20
+log = logging.getLogger("cedana_ray.store")
 
 
 def register_schemes(schemes: dict[str, Any]) -> None:
@@ -83,7 +92,7 @@ def split_url(url: str) -> tuple[str, str]:
     return root, ckpt
 
 
-class CheckpointStore(StoreWriter, StoreReader):
+class CheckpointStore(StoreWriter, StoreReader, ContentStore, ChunkSweeper):
     """The checkpoints under one store URL (``file://``, ``s3://``, ...).
 
     ``signer`` signs the manifests this store writes and verifies those it reads;
@@ -172,11 +181,16 @@ class CheckpointStore(StoreWriter, StoreReader):
         return sorted(found, key=lambda m: m.created)
 
     def delete(self, ckpt: str) -> None:
-        """Remove ``ckpt``, trusted or not (a tampered checkpoint of ours goes too)."""
+        """Remove ``ckpt``, trusted or not (a tampered checkpoint of ours goes too), then
+        free the chunks that no other checkpoint uses (see :mod:`cedana_ray.chunk_gc`)."""
         with self._errors(f"deleting checkpoint {ckpt} from"):
             if not retrying(lambda: self.fs.exists(f"{self.path(ckpt)}/{MANIFEST}")):
                 raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}")
             self._remove(ckpt)
+        try:
+            self.sweep()
+        except StorageError as exc:  # the checkpoint is gone; its chunks go at a later sweep
+            log.warning("checkpoint %s deleted, its chunks not yet: %s", ckpt, exc)
 
     def discard(self, ckpt: str) -> bool:
         """Remove whatever exists of ``ckpt``, as far as the store lets us; whether all went.
@@ -186,6 +200,7 @@ class CheckpointStore(StoreWriter, StoreReader):
         """
         try:
             self._remove(ckpt, attempts=1)  # after a failure, often of the store itself: don't wait on it
+            self.end_dump(ckpt, attempts=1)  # its new chunks, if any, go at the next sweep
         except Exception as exc:
             if not is_storage_error(exc):
                 raise

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .chunk_store import ContentCipher
 from .chunking import bounded_map, sha256
 from .codec import EXTENSIONS, codec
 from .crypto import ChunkCipher, cipher_for
@@ -22,13 +23,16 @@ from .models import Chunk, Compression, ImageFile, Layout, Manifest
 from .retry import retrying
 from .store_write import DEFAULT_STREAMS, Progress
 
+Decrypt = Callable[[bytes, ImageFile, int], bytes]  # stored bytes of chunk N of an image -> compressed
+
 
 class StoreReader:
     """Fetching and verifying images (mixed into CheckpointStore: uses its fs, paths, manifests)."""
 
     def readable_in_place(self, manifest: Manifest) -> bool:
         """Whether CRIU can read ``manifest``'s images where they are stored."""
-        return self.local and manifest.compression is Compression.none and not manifest.encryption
+        plain = manifest.compression is Compression.none and not manifest.encryption
+        return self.local and manifest.layout is Layout.file and plain
 
     def link(self, manifest: Manifest, dest: Path) -> Path:
         """Links in ``dest`` to the images of an in-place checkpoint, unverified."""
@@ -60,9 +64,9 @@ class StoreReader:
         if self.readable_in_place(manifest):
             self.verify(manifest, streams, progress)
             return manifest, self.link(manifest, dest)
-        cipher = cipher_for(manifest, key)
+        decrypt = _decrypter(manifest, cipher_for(manifest, key), key)
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._each_file(manifest, dest, streams, progress, cipher)
+        self._each_file(manifest, dest, streams, progress, decrypt)
         return manifest, dest
 
     def verify(self, manifest: Manifest, streams: int = DEFAULT_STREAMS, progress: Progress | None = None) -> None:
@@ -70,12 +74,12 @@ class StoreReader:
         self._each_file(manifest, None, streams, progress, None)
 
     def _each_file(
-        self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None, cipher: ChunkCipher | None
+        self, manifest: Manifest, dest: Path | None, streams: int, progress: Progress | None, decrypt: Decrypt | None
     ) -> None:
         total, done = manifest.image_bytes, 0
         with self._errors(f"fetching checkpoint {manifest.checkpoint} from"), ThreadPoolExecutor(streams) as pool:
             for image in manifest.files:
-                self._fetch_file(pool, manifest, image, dest, streams, cipher)
+                self._fetch_file(pool, manifest, image, dest, streams, decrypt)
                 done += image.size
                 if progress:
                     progress("fetch", done, total)
@@ -85,7 +89,9 @@ class StoreReader:
         ckpt, chunk = manifest.checkpoint, image.chunks[index]
         source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[manifest.compression]}"
         try:
-            if manifest.layout is Layout.chunks:
+            if manifest.layout is Layout.cas:
+                data = retrying(lambda: self.fs.cat_file(self.chunk_path(chunk.sha256)))
+            elif manifest.layout is Layout.chunks:
                 data = retrying(lambda: self.fs.cat_file(f"{source}/{index:06d}"))
             else:
                 end = chunk.stored_offset + chunk.stored_size
@@ -103,7 +109,7 @@ class StoreReader:
         image: ImageFile,
         dest: Path | None,
         streams: int,
-        cipher: ChunkCipher | None,
+        decrypt: Decrypt | None,
     ) -> None:
         """Verify the chunks of ``image``; decrypt and decompress them into ``dest`` unless it is None."""
         _, decompress = codec(manifest.compression)
@@ -112,7 +118,7 @@ class StoreReader:
             data = self._read_chunk(manifest, image, index)
             if dest is None:
                 return image.chunks[index], b""
-            return image.chunks[index], decompress(cipher.decrypt(data, image.name, index) if cipher else data)
+            return image.chunks[index], decompress(decrypt(data, image, index) if decrypt else data)
 
         results = bounded_map(pool, one, range(len(image.chunks)), streams * 2)
         if dest is None:
@@ -131,6 +137,21 @@ class StoreReader:
             os.ftruncate(fd, image.size)
         finally:
             os.close(fd)
+
+
+def _decrypter(manifest: Manifest, cipher: ChunkCipher | None, key: bytes | None) -> Decrypt | None:
+    """How the chunks of ``manifest`` decrypt, once ``cipher_for`` accepted ``key`` for it."""
+    if cipher is None or key is None:
+        return None
+    if manifest.layout is not Layout.cas:
+        return lambda data, image, index: cipher.decrypt(data, image.name, index)
+    content = ContentCipher(key)  # a chunk is bound to its address, shared by checkpoints
+
+    def decrypt(data: bytes, image: ImageFile, index: int) -> bytes:
+        where = f"checkpoint {manifest.checkpoint}: chunk {index} of {image.name}"
+        return content.decrypt(data, image.chunks[index].address or "", where)
+
+    return decrypt
 
 
 @contextlib.contextmanager

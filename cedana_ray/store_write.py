@@ -1,6 +1,7 @@
 """Writing a checkpoint: a mixin of :class:`cedana_ray.store.CheckpointStore`.
 
-CRIU's images become chunks: hashed where they lie (a local uncompressed dump), encoded
+CRIU's images become chunks: content-addressed and shared by checkpoints (the default,
+:mod:`cedana_ray.chunk_store`), hashed where they lie (a local uncompressed dump), encoded
 into one file per image at increasing offsets (a local store), or uploaded one object
 per chunk (an object store), some of them while CRIU still writes. Everything is made
 durable (fsync) before the signed manifest is written, last.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import failpoint
+from .chunk_store import CAS_CHUNK, ContentChunks, ContentWriter
 from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, sha256
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, fingerprint
@@ -39,9 +41,12 @@ class StoreWriter:
         key: bytes | None = None,
         streams: int = DEFAULT_STREAMS,
         chunk_size: int = DEFAULT_CHUNK,
-    ) -> contextlib.AbstractContextManager[EarlyChunks | None]:
-        """While CRIU writes ``images``: hash the chunks of an in-place dump, or upload those
-        of a dump to an object store (a no-op for a local compressed store)."""
+    ) -> contextlib.AbstractContextManager[EarlyChunks | ContentChunks | None]:
+        """While CRIU writes ``images``: store the chunks of a content-addressed dump, hash
+        those of an in-place dump, or upload those of a dump to an object store (a no-op for
+        a local compressed store in the per-checkpoint layout)."""
+        if self.content_addressed(compression, key is not None):
+            return ContentChunks(images, ContentWriter(self, ckpt, compression, key), streams)
         if self._in_place(images, ckpt):
             return EarlyChunks(images, chunk_size=chunk_size, streams=streams)
         if not self.local:
@@ -70,7 +75,7 @@ class StoreWriter:
         chunk_size: int = DEFAULT_CHUNK,
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
-        prehashed: EarlyChunks | None = None,
+        prehashed: EarlyChunks | ContentChunks | None = None,
         key: bytes | None = None,
     ) -> Manifest:
         """Store the image files in ``images`` and write the manifest last.
@@ -82,24 +87,49 @@ class StoreWriter:
         """
         ckpt = manifest["checkpoint"]
         signer = self._signer()
+        cas = self.content_addressed(compression, key is not None)
         storage = {
-            "layout": Layout.file if self.local else Layout.chunks,
+            "layout": Layout.cas if cas else Layout.file if self.local else Layout.chunks,
             "encryption": ALGORITHM if key else None,
             "key_fingerprint": fingerprint(key) if key else None,
             "compression": compression,
-            "chunk_size": chunk_size,
+            "chunk_size": CAS_CHUNK if cas else chunk_size,
         }
-        cipher = ChunkCipher(key, ckpt) if key else None
         try:
             with self._errors(f"storing checkpoint {ckpt} in"):
-                files = self._store_files(images, ckpt, compression, chunk_size, streams, progress, prehashed, cipher)
+                if cas:
+                    files = self._store_content(images, ckpt, compression, streams, progress, prehashed, key)
+                else:
+                    cipher = ChunkCipher(key, ckpt) if key else None
+                    known = prehashed if isinstance(prehashed, EarlyChunks) else None
+                    files = self._store_files(images, ckpt, compression, chunk_size, streams, progress, known, cipher)
                 final = signer.sign(Manifest(**manifest, **storage, files=tuple(files)))
-                self._sync(ckpt)
+                self._sync(ckpt, cas)
                 self._write_manifest(ckpt, final)
+                if cas:
+                    self.end_dump(ckpt)
             return final
         except BaseException:
             self.discard(ckpt)
             raise
+
+    def _store_content(
+        self,
+        images: Path,
+        ckpt: str,
+        compression: Compression,
+        streams: int,
+        progress: Progress | None,
+        early: EarlyChunks | ContentChunks | None,
+        key: bytes | None,
+    ) -> list[ImageFile]:
+        """The files of a cas dump: the chunks stored during it (``early``), then the rest."""
+        if not isinstance(early, ContentChunks):
+            early = ContentChunks(images, ContentWriter(self, ckpt, compression, key), streams)
+        files = self.store_content(images, early, progress)
+        if self.local:
+            Path(self.path(ckpt)).mkdir(mode=0o700, exist_ok=True)  # to hold the manifest alone
+        return files
 
     def _store_files(
         self,
@@ -225,10 +255,10 @@ class StoreWriter:
             os.fsync(out.fileno())
         return chunks
 
-    def _sync(self, ckpt: str) -> None:
+    def _sync(self, ckpt: str, cas: bool = False) -> None:
         """Make the directories of a local checkpoint's data durable (object stores are)."""
         if self.local:
-            for folder in (f"{self.path(ckpt)}/data", self.path(ckpt)):
+            for folder in (self.path(ckpt),) if cas else (f"{self.path(ckpt)}/data", self.path(ckpt)):
                 fsync_dir(folder)
 
     def _write_manifest(self, ckpt: str, manifest: Manifest) -> None:

@@ -22,6 +22,7 @@ from servers import ACCESS_KEY, SECRET_KEY
 from test_cli import assert_one_error
 from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
 
+from cedana_ray.chunk_store import CHUNKS
 from cedana_ray.chunking import sha256
 from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
@@ -54,11 +55,10 @@ def assert_no_credentials(*texts: str) -> None:
         assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
-def pages_chunk(remote: Remote, ckpt: str) -> str:
-    """The first stored chunk of the checkpoint's largest pages image."""
-    fs = remote.raw()
-    chunks = [p for p in fs.find(f"{remote.bucket}/ckpts/{ckpt}/data") if "/pages-" in p]
-    return max(chunks, key=lambda p: fs.size(p))
+def pages_chunk(engine: Engine, remote: Remote, ckpt: str) -> tuple[str, str]:
+    """The first stored chunk of the checkpoint's largest pages image, and that image's name."""
+    image = max((f for f in engine.inspect(ckpt).files if f.name.startswith("pages-")), key=lambda f: f.size)
+    return f"{remote.bucket}/ckpts/{CHUNKS}/{image.chunks[0].sha256}", image.name
 
 
 def assert_stays_checkpointed(engine: Engine, jid: str) -> None:
@@ -81,7 +81,7 @@ def test_dump_restore_list_inspect_delete(engine: Engine, remote: Remote) -> Non
 
     assert [c.checkpoint for c in engine.checkpoints("j1")] == [result.checkpoint]
     manifest = engine.inspect(result.checkpoint)
-    assert manifest.layout is Layout.chunks and manifest.encryption is None
+    assert manifest.layout is Layout.cas and manifest.encryption is None
     assert [m.checkpoint for m in engine.store(remote.url).list()] == [result.checkpoint]
     engine.delete_checkpoint(result.checkpoint)
     assert engine.checkpoints("j1") == []
@@ -111,8 +111,7 @@ def test_encrypted_round_trip_and_wrong_key(engine: Engine, remote: Remote) -> N
 def test_corrupted_then_deleted_chunk_is_refused(engine: Engine, remote: Remote) -> None:
     start(engine, COUNTER, "count=2")
     result = engine.dump("j1", DumpRequest(storage=remote.url))
-    chunk = pages_chunk(remote, result.checkpoint)
-    image = chunk.split("/data/")[1].split("/")[0].removesuffix(".zst")
+    chunk, image = pages_chunk(engine, remote, result.checkpoint)
     fs = remote.raw()
     data = bytearray(fs.cat_file(chunk))
     data[len(data) // 2] ^= 0xFF
@@ -144,7 +143,8 @@ def test_interrupted_upload_leaves_nothing(engine: Engine, remote: Remote) -> No
         engine.dump("j1", DumpRequest(storage=remote.url, compression=Compression.none), progress=interrupt)
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
     assert engine.store(remote.url).list() == []
-    assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "the upload was removed"
+    left = [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p or "/.pending/" in p]
+    assert not left, "the upload was removed, its pending record too (its new chunks go at the next sweep)"
 
 
 def test_full_staging_disk_fails_cleanly(
@@ -156,7 +156,8 @@ def test_full_staging_disk_fails_cleanly(
         engine.dump("j1", DumpRequest(storage=remote.url))
     assert engine.job("j1").state is JobState.running and engine.checkpoints("j1") == []
     assert engine.store(remote.url).list() == []
-    assert not [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p], "early uploads were removed"
+    left = [p for p in remote.raw().find(f"{remote.bucket}/ckpts") if "/data/" in p or "/.pending/" in p]
+    assert not left, "early uploads were removed, the pending record too"
     assert list(small_disk.rglob("*")) == [small_disk / f"cedana-ray-{os.geteuid()}"], "the staging area was cleaned up"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from test_process_criu import wait_for
 
+from cedana_ray.chunk_store import DEDUP_ENV
 from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, bounded_map, hash_in_place, sha256
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
@@ -49,6 +50,13 @@ def manifest_fields(ckpt: str) -> dict[str, Any]:
         "criu_version": "4.2",
         "criu": CriuOptions(),
     }
+
+
+@pytest.fixture(autouse=True)
+def per_checkpoint_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the per-checkpoint layouts (``file``, ``chunks``), which stay
+    readable and are still written on request; tests/test_incremental.py tests ``cas``."""
+    monkeypatch.setenv(DEDUP_ENV, "0")
 
 
 @pytest.fixture

@@ -1,0 +1,262 @@
+"""Content-addressed chunks (``Layout.cas``): stored once per store, shared by checkpoints.
+
+Layout under a store URL::
+
+    URL/.chunks/<sha256 of the stored bytes>   one object per distinct chunk, never rewritten
+    URL/.pending/<ID>                          a dump of ID under way (see chunk_gc)
+    URL/ID/manifest.json                       lists every chunk of ID, reused or new
+
+Images are cut at content-defined page boundaries (:mod:`cedana_ray.cdc`). Each chunk has an
+*address*, the sha256 of its original bytes (with a key: an HMAC of them under a key derived
+from it, so equal plaintext dedups without the store learning plaintext hashes). A dump first
+reads the manifests of the store made with the same compression and key: a chunk whose
+address one of them lists is referenced, not compressed nor uploaded again. A new chunk is
+compressed, encrypted (AES-256-GCM, with a nonce derived from the bytes it encrypts, so equal
+chunks encrypt equally and still never share a nonce with other bytes) and stored under the
+sha256 of what is stored: the name is the content, so a write can only ever put the same bytes
+there again, and a reader checks what it got against the name the signed manifest gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .cdc import MAX_SIZE, Cutter
+from .chunking import bounded_map, sha256
+from .codec import codec
+from .crypto import NONCE_BYTES, fingerprint
+from .errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint, UsageError
+from .models import Chunk, Compression, ImageFile, Layout, Manifest
+from .retry import retrying
+
+if TYPE_CHECKING:
+    from .store import CheckpointStore
+
+CHUNKS = ".chunks"  # checkpoint ids never start with '.': no checkpoint can be named so
+CAS_CHUNK = MAX_SIZE  # what a cas manifest's chunk_size says: the largest chunk it may hold
+DEDUP_ENV = "CEDANA_RAY_DEDUP"  # "0" or "off": new checkpoints use the per-checkpoint layouts
+
+
+def dedup_enabled() -> bool:
+    return os.environ.get(DEDUP_ENV, "1").lower() not in ("0", "off", "no", "false")
+
+
+class ContentCipher:
+    """Keyed addresses and deterministic AES-256-GCM for the chunks of one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        # separate keys, derived one-way: an address reveals nothing usable about the others
+        self._address_key = hmac.digest(key, b"cedana-ray chunk address", "sha256")
+        self._nonce_key = hmac.digest(key, b"cedana-ray chunk nonce", "sha256")
+
+    def address(self, raw: bytes) -> str:
+        return hmac.digest(self._address_key, raw, "sha256").hex()
+
+    def encrypt(self, data: bytes, address: str) -> bytes:
+        # The nonce is a MAC of the exact bytes encrypted: equal chunks give equal objects
+        # (dedup), and two different messages never share a nonce (GCM's one requirement).
+        nonce = hmac.digest(self._nonce_key, data, "sha256")[:NONCE_BYTES]
+        return nonce + self._aead.encrypt(nonce, data, address.encode())
+
+    def decrypt(self, data: bytes, address: str, where: str) -> bytes:
+        try:
+            return self._aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], address.encode())
+        except InvalidTag as exc:
+            raise CorruptCheckpoint(f"{where} does not decrypt with the given key") from exc
+
+
+class ContentWriter:
+    """Stores the chunks of one dump: referenced when the store has them, else written."""
+
+    def __init__(self, store: CheckpointStore, ckpt: str, compression: Compression, key: bytes | None) -> None:
+        self.store, self.ckpt, self.compression = store, ckpt, compression
+        self.cipher = ContentCipher(key) if key else None
+        self._compress, _ = codec(compression)
+        self.written = 0  # chunks this dump stored (the rest were in the store already)
+        self.written_bytes = 0
+        with store._errors(f"storing checkpoint {ckpt} in"):
+            try:
+                store.begin_dump(ckpt)  # before reading what to reuse: a sweep now leaves it alone
+            except FileNotFoundError as exc:  # S3 says so of a missing bucket
+                store._require_bucket(exc)
+                raise
+            store.wait_for_sweeps()
+            self.index = store.chunk_index(compression, fingerprint(key) if key else None)
+        self._lock = threading.Lock()
+
+    def address(self, raw: bytes) -> str:
+        return self.cipher.address(raw) if self.cipher else hashlib.sha256(raw).hexdigest()
+
+    def put(self, path: Path, off: int, size: int) -> Chunk:
+        """The chunk of ``path`` at ``off``: its known twin, or encoded and stored now."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+        address = self.address(raw)
+        if (known := self.index.get(address)) is not None:
+            return known.model_copy(update={"offset": off, "size": size})
+        data = self._compress(raw)
+        if self.cipher:
+            data = self.cipher.encrypt(data, address)
+        digest = sha256(data)
+        self.store.put_chunk(digest, data)
+        chunk = Chunk(offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=digest, address=address)
+        with self._lock:
+            self.index[address] = chunk  # a chunk that repeats in this dump is stored once too
+            self.written += 1
+            self.written_bytes += len(data)
+        return chunk
+
+
+class ContentChunks:
+    """Cuts image files into content-defined chunks and stores them while CRIU writes them.
+
+    Like :class:`cedana_ray.chunking.EarlyChunks`: a chunk wholly below a file's current
+    size is final (CRIU writes each image sequentially); :meth:`finish` stores the rest.
+    """
+
+    def __init__(self, images: Path, writer: ContentWriter, streams: int) -> None:
+        self.images, self.writer, self.streams = images, writer, streams
+        self.cutters: dict[str, Cutter] = {}
+        self.chunks: dict[str, list[Chunk]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="content-chunks", daemon=True)
+
+    def __enter__(self) -> ContentChunks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with ThreadPoolExecutor(self.streams) as pool:
+            while not self._stop.wait(0.01):
+                for path in sorted(self.images.iterdir()):
+                    try:
+                        self._catch_up(pool, path, final=False)
+                    except Exception:  # finish() starts this file over, and reports the error
+                        self.cutters.pop(path.name, None)
+                        self.chunks.pop(path.name, None)
+                        return
+
+    def _catch_up(self, pool: ThreadPoolExecutor, path: Path, final: bool) -> None:
+        cutter = self.cutters.setdefault(path.name, Cutter())
+        done = self.chunks.setdefault(path.name, [])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            spans = cutter.cuts(fd, os.fstat(fd).st_size, final)
+        finally:
+            os.close(fd)
+        done.extend(bounded_map(pool, lambda span: self.writer.put(path, *span), spans, self.streams * 2))
+
+    def finish(self, pool: ThreadPoolExecutor, path: Path) -> ImageFile:
+        """Every chunk of the complete file ``path``, stored."""
+        self._catch_up(pool, path, final=True)
+        return ImageFile(name=path.name, size=path.stat().st_size, chunks=tuple(self.chunks[path.name]))
+
+
+class ContentStore:
+    """The chunk objects of a store (mixed into CheckpointStore: uses its fs, root, paths)."""
+
+    def chunk_path(self: CheckpointStore, digest: str) -> str:
+        return f"{self.root}/{CHUNKS}/{digest}"
+
+    def content_addressed(self: CheckpointStore, compression: Compression, encrypted: bool) -> bool:
+        """Whether a new checkpoint goes to the cas layout. Not a local uncompressed one in
+        the clear: CRIU writes those straight into the store and a restore reads them where
+        they lie, which a copy into chunk files would only slow down."""
+        in_place = self.local and compression is Compression.none and not encrypted
+        return dedup_enabled() and not in_place
+
+    def put_chunk(self: CheckpointStore, digest: str, data: bytes) -> None:
+        """Store ``data`` as chunk ``digest``: whole or not at all, even across a crash."""
+        target = self.chunk_path(digest)
+        if not self.local:  # a PUT is atomic; the server checks our digest where it can
+            checksum = getattr(self.fs, "put_checksum", lambda digest: {})
+            retrying(lambda: self.fs.pipe_file(target, data, **checksum(digest)))
+            return
+        folder = Path(target).parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{digest}-{secrets.token_hex(4)}"  # swept if a crash leaves it
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)  # the same bytes as any chunk already there: it is their name
+
+    def chunk_index(self: CheckpointStore, compression: Compression, key_fingerprint: str | None) -> dict[str, Chunk]:
+        """The chunks of this store's trusted cas checkpoints that a dump with ``compression``
+        and a key of ``key_fingerprint`` may reuse, by address."""
+        index: dict[str, Chunk] = {}
+        for manifest in self.manifests_here():
+            if (manifest.layout, manifest.compression, manifest.key_fingerprint) == (
+                Layout.cas,
+                compression,
+                key_fingerprint,
+            ):
+                index.update((c.address, c) for f in manifest.files for c in f.chunks if c.address)
+        return index
+
+    def manifests_here(self: CheckpointStore, trusted: bool = True) -> list[Manifest]:
+        """The manifests in this store, read in parallel: those that verify (``trusted``), or
+        every one that parses (a sweep must not free what an untrusted checkpoint uses)."""
+        with self._errors("listing"):
+            try:
+                entries = retrying(lambda: self.fs.ls(self.root, detail=False, refresh=True))
+            except FileNotFoundError as exc:
+                self._require_bucket(exc)
+                return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        with ThreadPoolExecutor(8) as pool:
+            found = pool.map(lambda name: self._manifest_or_none(name, trusted), names)
+            return [m for m in found if m is not None]
+
+    def _manifest_or_none(self: CheckpointStore, name: str, trusted: bool) -> Manifest | None:
+        if name.startswith("."):
+            return None  # our own folders (.chunks, .pending, .sweeps)
+        try:
+            return self.manifest(name, verify=trusted)
+        except (CheckpointNotFound, CheckpointError, UsageError):
+            return None
+
+    def store_content(
+        self: CheckpointStore,
+        images: Path,
+        chunks: ContentChunks,
+        progress: Callable[[str, int, int], None] | None,
+    ) -> list[ImageFile]:
+        """The image files of a cas dump, their chunks stored (most of them, often, already)."""
+        from . import failpoint  # the crash tests stop here
+
+        names = sorted(p.name for p in images.iterdir() if p.is_file())
+        total, done, files = sum((images / n).stat().st_size for n in names), 0, []
+        with ThreadPoolExecutor(chunks.streams) as pool:
+            for name in names:
+                files.append(chunks.finish(pool, images / name))
+                failpoint.reached("dump:store")
+                done += files[-1].size
+                if progress:
+                    progress("store", done, total)
+        if self.local:
+            with contextlib.suppress(FileNotFoundError):  # no chunk was new: none was written
+                from .store_write import fsync_dir
+
+                fsync_dir(f"{self.root}/{CHUNKS}")
+        return files
