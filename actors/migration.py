@@ -79,13 +79,14 @@ class Migration:
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
         move = self._move_frozen if freezes and not needs_gpu(job) else self._move_stopped
         with self.records.noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
-            dumped, restored, dump_s = move(job, target, request, start, progress)
+            dumped, restored, dump_s, downtime_s = move(job, target, request, start, progress)
         moved = self.registry.job(job.jid).model_copy(
             update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}
         )
         self.registry.save_job(moved)
         total = time.perf_counter() - start
-        self.records.note(job.jid, kind, source=job.node, target=target, duration_s=round(total, 6))
+        times = {"duration_s": round(total, 6), "downtime_s": round(downtime_s, 6)}
+        self.records.note(job.jid, kind, source=job.node, target=target, **times)
         return MigrateResult(
             jid=job.jid,
             source=job.node,
@@ -93,16 +94,18 @@ class Migration:
             checkpoint=dumped.checkpoint,
             dump_s=round(dump_s, 6),
             restore_s=round(total - dump_s, 6),
-            duration_s=round(total, 6),
+            **times,
             job=moved,
         )
 
     def _move_frozen(
         self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
-    ) -> tuple[DumpResult, Job, float]:
+    ) -> tuple[DumpResult, Job, float, float]:
         """Freeze, dump leaving it running, restore frozen on the target, resume there: the source
-        stays frozen meanwhile and resumes if anything fails."""
+        stays frozen meanwhile and resumes if anything fails. Its downtime runs from the
+        freeze (or the dump, for a job already frozen) to the resume on the target."""
         was_frozen = job.state is JobState.frozen
+        stopped = time.perf_counter()
         if not was_frozen:
             self._serve(job.node, "freeze", job.jid)
         try:
@@ -115,18 +118,20 @@ class Migration:
             raise
         if not was_frozen:
             self._serve(target, "unfreeze", job.jid)
-        return dumped, restored, dump_s
+        return dumped, restored, dump_s, time.perf_counter() - stopped
 
     def _move_stopped(
         self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
-    ) -> tuple[DumpResult, Job, float]:
+    ) -> tuple[DumpResult, Job, float, float]:
         """For job types that cannot freeze (the CRI has no pause): dump and stop, restore on the
         target, or on the source again if that fails. It runs until its checkpoint is stored,
-        and the restored job goes on from the checkpoint."""
+        and the restored job goes on from the checkpoint: its downtime runs from the dump's
+        start to the restore's end."""
         dumped = self._dump(job, request.model_copy(update={"leave_running": False}), progress)
         dump_s = time.perf_counter() - start
         try:
-            return dumped, self._restore_dumped(target, job, dumped, progress), dump_s
+            restored = self._restore_dumped(target, job, dumped, progress)
+            return dumped, restored, dump_s, time.perf_counter() - start
         except CedanaError:
             self._restore_dumped(job.node, job, dumped)
             raise

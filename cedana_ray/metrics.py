@@ -52,6 +52,7 @@ class Series:
     restored_bytes: Counter
     migrations: Counter
     migration_seconds: Histogram
+    downtime_seconds: Histogram
     failures: Counter
     checkpoint_age: Gauge
 
@@ -74,7 +75,13 @@ def _make() -> Series:
         migrations=Counter("cedana_migrations", "Jobs moved to another node", ("plugin", "kind", "source", "target")),
         migration_seconds=Histogram(
             "cedana_migration_duration_seconds",
-            "Time a migration took (the job is frozen)",
+            "Time a migration took, from the migrate call to its answer",
+            DURATION_BUCKETS,
+            ("plugin", "kind"),
+        ),
+        downtime_seconds=Histogram(
+            "cedana_migration_downtime_seconds",
+            "Time a migrated job ran nowhere: from its freeze (or stop) to its resume on the target",
             DURATION_BUCKETS,
             ("plugin", "kind"),
         ),
@@ -181,6 +188,8 @@ def noted(records: Records, jid: str, kind: EventKind, detail: dict[str, Any]) -
     moved = {"plugin": plugin, "kind": kind.value, "source": detail["source"], "target": detail["target"]}
     series.migrations.inc(1, moved)
     series.migration_seconds.observe(detail["duration_s"], {"plugin": plugin, "kind": kind.value})
+    if "downtime_s" in detail:  # not in events from before it was measured
+        series.downtime_seconds.observe(detail["downtime_s"], {"plugin": plugin, "kind": kind.value})
 
 
 @_quietly

@@ -369,6 +369,7 @@ class MigrateResult(BaseModel):
     dump_s: float
     restore_s: float
     duration_s: float
+    downtime_s: float  # from the job's freeze (or stop) on the source to its resume on the target
     job: Job
 
 

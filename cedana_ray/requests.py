@@ -11,7 +11,7 @@ from .crypto import KEY_BYTES
 from .environment import workload_env
 from .errors import UsageError
 from .models import Compression, CriuOptions, Manifest, Metadata, Name
-from .store import DEFAULT_STREAMS
+from .store_write import DEFAULT_STREAMS  # not .store: fsspec is slow to import
 from .working_dir import Package
 
 

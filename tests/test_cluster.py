@@ -319,6 +319,7 @@ def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     moved = client.migrate(jid, target[:8])
     assert (moved.source, moved.target, moved.jid) == (source, target, jid)
     assert moved.dump_s > 0 and moved.restore_s > 0
+    assert 0 < moved.downtime_s < moved.duration_s, "frozen from the freeze to the resume, inside the call"
     job = client.job(jid)
     assert job.node == target and job.state is JobState.running and job.last_checkpoint == moved.checkpoint
     assert_continuous(client, jid, last(client, jid))
@@ -331,6 +332,7 @@ def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     ]
     assert history[0].detail["node"] == source and history[2].detail == {"checkpoint": moved.checkpoint, "node": target}
     assert (history[3].detail["source"], history[3].detail["target"]) == (source, target)
+    assert history[3].detail["downtime_s"] == moved.downtime_s
     client.kill(jid)
 
 

@@ -108,6 +108,7 @@ def test_a_dump_a_failure_and_a_migration_are_scraped_with_their_values(exported
     moves = {"plugin": "process", "kind": "migrated", "source": source, "target": target}
     assert total(samples, "ray_cedana_migrations_total", **moves) == 1
     assert buckets(samples, "ray_cedana_migration_duration_seconds") == counted([moved.duration_s], DURATION_BUCKETS)
+    assert buckets(samples, "ray_cedana_migration_downtime_seconds") == counted([moved.downtime_s], DURATION_BUCKETS)
     error = type(refused.value).__name__
     assert total(samples, "ray_cedana_failures_total", stage="dump", error=error) == 1
 

@@ -125,7 +125,7 @@ def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: 
     def human() -> None:
         console.print(
             f"job {jid} moved {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
-            f" (dump {result.dump_s:.2f} s, restore {result.restore_s:.2f} s)",
+            f" (dump {result.dump_s:.2f} s, restore {result.restore_s:.2f} s; down {result.downtime_s:.2f} s)",
             highlight=False,
         )
 

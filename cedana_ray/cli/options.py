@@ -15,7 +15,7 @@ from ..crypto import KEY_ENV, load_key
 from ..errors import UsageError
 from ..models import Compression, CriuOptions, Metadata
 from ..requests import DumpRequest, RestoreRequest
-from ..store import DEFAULT_STREAMS
+from ..store_write import DEFAULT_STREAMS
 from .output import QUIET
 
 F = Callable[..., Any]
