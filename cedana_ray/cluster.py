@@ -117,12 +117,12 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
 
 def through_gateway(addr: str) -> Backend | None:
     """The cluster at ``addr`` through its coordinator's gateway, where ``up`` recorded one
-    here whose token we can read, and the environment does not say how to reach Ray (a Ray
-    job's, a user's own token); it connects to Ray only for what needs Ray."""
+    here whose token we can read, and the environment does not name a Ray token of its own
+    (a Ray job's, a user's: ``RAY_AUTH_MODE=token``); it connects to Ray only for what needs Ray."""
     from .gateway import GatewayClient, read_token
 
     state = load_state()
-    if state is None or state.address != addr or not state.gateway or auth.MODE in os.environ:
+    if state is None or state.address != addr or not state.gateway or os.environ.get(auth.MODE) == "token":
         return None
     try:
         token = read_token(Path(state.base))
