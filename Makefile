@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NSINIT := plugins/process/nsinit
 
-.PHONY: setup cc criu containers cri slurm demo test lint bench image clean
+.PHONY: setup cc criu containers cri slurm qemu demo test lint bench image clean
 
-setup: $(STAMP) $(NSINIT) criu containers cri slurm
+setup: $(STAMP) $(NSINIT) criu containers cri slurm qemu
 
 # the package builds a small C program, the process plugin's namespace init (setup.py)
 cc:
@@ -37,6 +37,9 @@ cri: criu
 
 slurm:
 	@bash scripts/install-slurm.sh
+
+qemu:
+	@bash scripts/install-qemu.sh
 
 demo: setup
 	$(BIN)/python scripts/demo.py

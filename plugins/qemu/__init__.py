@@ -1,0 +1,1 @@
+"""The ``qemu`` plugin: virtual machines under QEMU, checkpointed through QEMU's migration."""

@@ -1,0 +1,248 @@
+"""The ``qemu`` plugin: virtual machines run by QEMU, checkpointed through QEMU's own
+migration, not CRIU.
+
+Why migration and not CRIU: QEMU knows its devices and the guest's RAM, and writes both as
+a migration stream that any QEMU of the same machine type loads (``-incoming``); CRIU would
+have to restore the emulator process itself, with its threads, its accelerator's state and
+its file descriptors. A dump stops the guest (QMP ``stop``), migrates it into a file in the
+checkpoint's image dir, beside copies of its kernel and initrd, and the core stores that dir
+like any checkpoint (chunks, sha256, signed manifest). Until the checkpoint is stored the VM
+stays paused, not gone: a failed dump resumes it (QMP ``cont``, a rollback); once stored the
+core stops it with SIGTERM, on which QEMU quits as on QMP ``quit``. A restore starts QEMU with
+the same machine, ``-S -incoming`` from the state file, waits for the state to load, then
+``cont``: the guest goes on where it stopped.
+
+Each VM runs under a supervisor (``watch.py``) whose job log is the guest's serial console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from cedana_ray.errors import DumpError, RestoreError, UsageError
+from cedana_ray.models import AbsolutePath, Job, JobState
+from cedana_ray.pipeline import Context
+from cedana_ray.requests import RunRequest
+from cedana_ray.runtime import Runtime
+from cedana_ray.spawn import LOG, LaunchError, launch, started_at
+
+from . import commands, guest, watch
+from .guest import INITRD, KERNEL, QMP_SOCKET, STATE, Vm
+from .qmp import Qmp, QmpError
+
+NAME = "qemu"
+LIVE = (JobState.running, JobState.frozen)
+
+
+class QemuRunRequest(RunRequest):
+    """``run qemu``: the guest's kernel and initrd (``cmd`` only describes the VM)."""
+
+    kernel: AbsolutePath
+    initrd: AbsolutePath | None = None
+    vm: Vm
+
+
+class RestoreFacts(BaseModel):
+    """What a VM checkpoint's details must hold to be restored."""
+
+    vm: Vm
+    frozen: bool = False
+
+
+def _job_dir(job: Job) -> Path:
+    assert job.log, f"qemu job {job.jid} has no log"  # every VM job has one, beside its QMP socket
+    return Path(job.log).parent
+
+
+def _qmp(job: Job) -> Qmp:
+    return Qmp(_job_dir(job) / QMP_SOCKET)
+
+
+def _place(job_dir: Path, kernel: Path, initrd: Path | None) -> None:
+    """The VM's own copies of its boot files in its job dir: a dump stores them with the
+    state (QEMU's ROMs must match it on restore) whatever becomes of the originals."""
+    shutil.copyfile(kernel, job_dir / KERNEL)
+    if initrd:
+        shutil.copyfile(initrd, job_dir / INITRD)
+
+
+def _start(ctx: Context, vm: Vm, incoming: Path | None = None) -> dict[str, Any]:
+    """QEMU under its supervisor, in the job dir; its reply once QMP listens."""
+    job_dir: Path = ctx.state.job_dir
+    (job_dir / QMP_SOCKET).unlink(missing_ok=True)  # a dead QEMU's socket would look ready
+    spec = {"argv": guest.argv(vm, job_dir, incoming), "cwd": str(job_dir), "qmp": QMP_SOCKET}
+    return launch(spec, job_dir, watch)
+
+
+@contextlib.contextmanager
+def _killed_on_failure(pid: int) -> Iterator[None]:
+    """A QEMU that started but whose job is not made must not run on unseen."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+
+
+def _job(ctx: Context, reply: dict[str, Any], vm: Vm, state: JobState, command: list[str]) -> Job:
+    details = {"started": started_at(reply), "target": ctx.state.jid, "vm": vm.model_dump()}
+    log = str(ctx.state.job_dir / LOG)
+    return Job(jid=ctx.state.jid, type=NAME, pid=reply["pid"], state=state, command=command, log=log, details=details)
+
+
+def run(ctx: Context) -> Job:
+    """Boot the VM under QEMU; the machine type recorded as the versioned one it is."""
+    req: QemuRunRequest = ctx.request
+    guest.require_accel(req.vm.accel)
+    kernel = guest.require_file(Path(req.kernel), "--kernel")
+    initrd = guest.require_file(Path(req.initrd), "--initrd") if req.initrd else None
+    _place(ctx.state.job_dir, kernel, initrd)
+    try:
+        reply = _start(ctx, req.vm)
+    except LaunchError as exc:
+        raise UsageError(f"QEMU could not start the VM: {exc}") from exc
+    with _killed_on_failure(reply["pid"]):
+        vm = req.vm.model_copy(update={"machine": _machine(ctx.state.job_dir, req.vm.machine)})
+    return _job(ctx, reply, vm, JobState.running, req.cmd)
+
+
+def _machine(job_dir: Path, alias: str) -> str:
+    """The versioned machine type the new QEMU runs (QEMU may also have exited at once: a
+    kernel it cannot load)."""
+    try:
+        with Qmp(job_dir / QMP_SOCKET) as qmp:
+            return qmp.machine(alias) or alias
+    except QmpError as exc:
+        raise UsageError(f"QEMU could not start the VM: {_last_line(job_dir / LOG) or exc}") from exc
+
+
+def dump(ctx: Context) -> None:
+    """Stop the guest and migrate it into the image dir; resumed if the dump fails, and
+    after it with ``--leave-running``."""
+    job: Job = ctx.job
+    images: Path = ctx.state.images
+    vm = Vm.model_validate(job.details["vm"])
+    frozen = job.state is JobState.frozen
+    ctx.state.details = {"vm": vm.model_dump(), "frozen": frozen, "qemu": guest.version()}
+    for name in (KERNEL, INITRD) if vm.initrd else (KERNEL,):
+        shutil.copyfile(_job_dir(job) / name, images / name)
+    try:
+        with _qmp(job) as qmp:
+            qmp.execute("stop")
+            if not frozen:
+                ctx.state.rollback.append(lambda: _resume(job))
+            qmp.migrate_to_file(images / STATE)
+            if ctx.request.leave_running and not frozen:
+                qmp.execute("cont")
+    except QmpError as exc:
+        raise DumpError(f"dump of VM {job.jid} failed: {exc}") from exc
+
+
+def _resume(job: Job) -> None:
+    with _qmp(job) as qmp:
+        qmp.execute("cont")
+
+
+def restore(ctx: Context) -> Job:
+    """A new QEMU of the same machine loads the state, then the guest goes on (or stays
+    paused, if it was frozen when dumped)."""
+    manifest = ctx.state.manifest
+    facts = manifest.facts(RestoreFacts)
+    images: Path = ctx.state.images
+    guest.require_accel(facts.vm.accel)
+    missing = [n for n in (STATE, KERNEL, *((INITRD,) if facts.vm.initrd else ())) if not (images / n).exists()]
+    if missing:
+        raise RestoreError(f"checkpoint {manifest.checkpoint} has no {', '.join(missing)}: not a VM checkpoint")
+    if ctx.state.leave_stopped:
+        # The core verifies in-place images while the restore reads them, then resumes the
+        # job with SIGCONT, which does not resume a guest: verify before QEMU reads anything.
+        ctx.state.store.verify(manifest)
+    _place(ctx.state.job_dir, images / KERNEL, images / INITRD if facts.vm.initrd else None)
+    try:
+        reply = _start(ctx, facts.vm, incoming=images / STATE)
+    except LaunchError as exc:
+        raise RestoreError(f"QEMU could not restore checkpoint {manifest.checkpoint}: {exc}") from exc
+    with _killed_on_failure(reply["pid"]):
+        _load(ctx, facts.frozen)
+    state = JobState.frozen if facts.frozen else JobState.running
+    return _job(ctx, reply, facts.vm, state, ctx.state.command)
+
+
+def _load(ctx: Context, frozen: bool) -> None:
+    """Wait for the incoming state to load (QEMU reads it before the handler's images go),
+    then resume the guest unless it was frozen."""
+    try:
+        with Qmp(ctx.state.job_dir / QMP_SOCKET) as qmp:
+            qmp.wait_migration()
+            if not frozen:
+                qmp.execute("cont")
+    except QmpError as exc:
+        said = _last_line(ctx.state.job_dir / LOG) or exc
+        raise RestoreError(f"restore of checkpoint {ctx.state.manifest.checkpoint} failed: {said}") from exc
+
+
+def _last_line(log: Path) -> str:
+    """QEMU's last word in the job log (its errors go there), if it was one of its own."""
+    with contextlib.suppress(OSError):
+        lines = log.read_text(errors="replace")[-4096:].splitlines()
+        own = [line for line in lines if line.startswith(("qemu-system", "qemu:"))]
+        return own[-1] if own else ""
+    return ""
+
+
+def freeze(ctx: Context) -> None:
+    with _qmp(ctx.job) as qmp:
+        qmp.execute("stop")
+
+
+def unfreeze(ctx: Context) -> None:
+    with _qmp(ctx.job) as qmp:
+        qmp.execute("cont")
+
+
+def query(ctx: Context) -> list[dict[str, Any]]:
+    """The VM jobs of this node, with what QEMU says of each live one (QMP ``query-status``)."""
+    return [_row(job) for job in ctx.request]
+
+
+def _row(job: Job) -> dict[str, Any]:
+    vm = job.details.get("vm", {})
+    status = None
+    if job.state in LIVE:
+        try:
+            with _qmp(job) as qmp:
+                status = qmp.status()
+        except QmpError:
+            status = "unreachable"
+    row = {"jid": job.jid, "state": job.state.value, "pid": job.pid, "status": status}
+    return {**row, **{k: vm.get(k) for k in ("memory", "cpus", "accel", "machine")}}
+
+
+def cleanup(job: Job) -> None:
+    """QMP ``quit`` if QEMU still answers (the kit then removes the job dir: socket, boot files, log)."""
+    with contextlib.suppress(QmpError), _qmp(job) as qmp:
+        qmp.execute("quit")
+
+
+plugin = Runtime(
+    NAME,
+    run=run,
+    dump=dump,
+    restore=restore,
+    freeze=freeze,
+    unfreeze=unfreeze,
+    query=query,
+    commands=commands.COMMANDS,
+    health_checks=guest.health_checks,
+    kill_signal=signal.SIGTERM,  # QEMU quits on it as on QMP `quit`; a paused guest too
+    cleanup=cleanup,
+)

@@ -1,0 +1,64 @@
+"""The supervisor of one QEMU (standard library and :mod:`cedana_ray.supervisor` only).
+
+Started by the qemu plugin through the shared launcher (:mod:`cedana_ray.spawn`):
+:func:`begin`, in the launcher's fork, starts QEMU in the job dir with the guest's serial
+console (QEMU's stdout) on a pipe it owns and QEMU's own messages (stderr) appended to the
+job log, and replies ``{"pid": QEMU, "start_ticks": T}`` once QEMU listens on its QMP socket,
+which is when the plugin can talk to it; or the error QEMU wrote if it exited first. The fork
+then execs this script (:func:`main`): it copies the console into the job log, reaps QEMU and
+records its exit code for the shared reaper.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from cedana_ray.supervisor import read_spec, start_ticks, supervise
+
+READY_TIMEOUT_S = 60.0  # QEMU opens its QMP socket before the guest runs: seconds even on a busy node
+READY_POLL_S = 0.02
+
+
+def _last_line(log: str, fallback: str) -> str:
+    try:
+        with open(log, errors="replace") as f:
+            lines = [line.strip() for line in f.read()[-4096:].splitlines() if line.strip()]
+    except OSError:
+        return fallback
+    return lines[-1] if lines else fallback
+
+
+def wait_ready(proc: subprocess.Popen[bytes], qmp: str, log: str) -> None:
+    """Return once QEMU listens on ``qmp``; raise with QEMU's last word if it exited instead."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not os.path.exists(qmp):
+        if proc.poll() is not None:
+            raise RuntimeError(_last_line(log, f"QEMU exited with status {proc.returncode}"))
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"QEMU did not open its QMP socket in {READY_TIMEOUT_S:.0f} s")
+        time.sleep(READY_POLL_S)
+
+
+def begin(spec: dict) -> tuple[dict, dict]:
+    """The launcher's first half (in its fork): QEMU runs; the reply, and what :func:`main` keeps."""
+    r, w = os.pipe()
+    log = os.open(spec["log"], os.O_WRONLY | os.O_APPEND)
+    with open(os.devnull, "rb") as null:
+        proc = subprocess.Popen(spec["argv"], cwd=spec["cwd"], stdin=null, stdout=w, stderr=log, env=spec["env"])
+    os.close(w)
+    os.close(log)
+    wait_ready(proc, os.path.join(spec["cwd"], spec["qmp"]), spec["log"])
+    return {"pid": proc.pid, "start_ticks": start_ticks(proc.pid)}, {"pid": proc.pid, "out": r, "fds": [r]}
+
+
+def main() -> None:
+    spec = read_spec(sys.argv[2])
+    supervise(spec, spec["kept"]["pid"], spec["kept"]["out"])
+
+
+if __name__ == "__main__":
+    main()

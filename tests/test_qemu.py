@@ -1,0 +1,179 @@
+"""The qemu plugin with real QEMU under TCG: a small guest (scripts/build-vm-guest.sh) that
+counts on its serial console with a running checksum, run, dumped, restored, cloned, frozen,
+queried; and its error paths through the CLI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from cedana_ray.plugins.qemu import guest
+from cedana_ray.plugins.qemu.plugin import QemuRunRequest
+from test_cli import assert_one_error, cedana
+from test_process_criu import wait_for
+
+from cedana_ray.config import Paths
+from cedana_ray.engine import Engine
+from cedana_ray.errors import UsageError
+from cedana_ray.features import compute
+from cedana_ray.models import Compression, JobState
+from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.requests import DumpRequest, RestoreRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+MISSING = None if shutil.which(guest.QEMU) else f"{guest.QEMU} not installed: `make setup` installs it"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+LINE = re.compile(r"count=(\d+) sum=(\d+) boot=(\w+)")
+MODULUS = 1_000_000_007  # the guest's checksum: sum = (sum * 31 + count) mod this
+BOOT_TIMEOUT_S = 90.0  # a kernel boot under TCG, on a busy 2-core machine
+
+
+@pytest.fixture(scope="session")
+def vm_guest() -> Path:
+    """The guest's kernel and initramfs, built once and cached by content hash across runs."""
+    out = Path(tempfile.gettempdir()) / "cedana-ray-vm-guest"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "build-vm-guest.sh"), str(out)], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    return out
+
+
+@pytest.fixture
+def engine(home: Path) -> Engine:
+    return Engine(Paths(home))
+
+
+def boot(engine: Engine, vm_guest: Path, jid: str = "vm") -> str:
+    vm = guest.Vm(memory="128M", initrd=True)  # the Debian kernel does not boot in less than ~96M
+    kernel, initrd = str(vm_guest / "vmlinuz"), str(vm_guest / "initrd.cpio.gz")
+    engine.run("qemu", QemuRunRequest(cmd=["qemu"], jid=jid, kernel=kernel, initrd=initrd, vm=vm))
+    wait_for(lambda: len(counts(engine, jid)) >= 3, BOOT_TIMEOUT_S, f"{jid} to count")
+    return jid
+
+
+def counts(engine: Engine, jid: str) -> list[tuple[int, int, str]]:
+    """(count, sum, boot id) of every line the guest printed so far."""
+    text = Path(engine.log_path(jid)).read_text(errors="replace")
+    return [(int(m[1]), int(m[2]), m[3]) for m in LINE.finditer(text)]
+
+
+def last(engine: Engine, jid: str) -> int:
+    return counts(engine, jid)[-1][0]
+
+
+def counted_past(engine: Engine, jid: str, past: int) -> int:
+    """Wait until the guest counted 3 past ``past``; its count then."""
+    return wait_for(lambda: last(engine, jid) >= past + 3 and last(engine, jid), 60, f"{jid} past {past}")  # type: ignore[return-value]
+
+
+def assert_unbroken(lines: list[tuple[int, int, str]], start: tuple[int, int] = (0, 0)) -> None:
+    """One boot, counting on by one from ``start`` (count, sum), each sum what the one
+    before it gives: nothing lost, repeated or restarted."""
+    count, total = start
+    assert len({boot for _, _, boot in lines}) == 1, "the guest rebooted"
+    for n, s, _ in lines:
+        assert (n, s) == (count + 1, (total * 31 + count + 1) % MODULUS), f"after count={count}: {n} {s}"
+        count, total = n, s
+
+
+def gone(pid: int | None) -> bool:
+    return pid is None or not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_dump_stops_restore_goes_on(engine: Engine, vm_guest: Path) -> None:
+    jid = boot(engine, vm_guest)
+    pid = engine.job(jid).pid
+    engine.dump(jid, DumpRequest())
+    assert engine.job(jid).state is JobState.checkpointed
+    assert gone(pid)
+    dumped = last(engine, jid)
+
+    restored = engine.restore(RestoreRequest(), jid=jid).job
+    assert restored.state is JobState.running and restored.pid != pid
+    counted_past(engine, jid, dumped)
+    assert_unbroken(counts(engine, jid))  # one log: before the dump, then after the restore
+
+
+def test_leave_running_goes_on_and_its_clone_from_the_dump(engine: Engine, vm_guest: Path) -> None:
+    jid = boot(engine, vm_guest)
+    before = last(engine, jid)
+    ckpt = engine.dump(jid, DumpRequest(leave_running=True)).checkpoint
+    assert engine.job(jid).state is JobState.running
+    after = last(engine, jid)
+    counted_past(engine, jid, after)
+
+    engine.restore(RestoreRequest(checkpoint=ckpt, jid="clone"))
+    clone = counts(engine, "clone") or wait_for(lambda: counts(engine, "clone"), 60, "the clone to count")
+    first = clone[0][0]  # type: ignore[index]
+    assert before < first <= after + 1  # from where the original was when dumped
+    original = {n: (s, boot) for n, s, boot in counts(engine, jid)}
+    assert_unbroken(counts(engine, "clone"), (first - 1, original[first - 1][0]))
+    assert counts(engine, "clone")[0][2] == original[first][1]  # the same boot, not a new one
+    assert_unbroken(counts(engine, jid))
+
+
+def test_freeze_unfreeze_and_a_frozen_dump(engine: Engine, vm_guest: Path) -> None:
+    jid = boot(engine, vm_guest)
+    engine.freeze(jid)
+    assert engine.query("qemu")[0]["status"] == "paused"
+    frozen_at = last(engine, jid)
+    time.sleep(1.0)  # five counts, were it counting
+    assert last(engine, jid) == frozen_at
+    engine.unfreeze(jid)
+    assert engine.query("qemu")[0]["status"] == "running"
+    counted_past(engine, jid, frozen_at)
+
+    # frozen when dumped, frozen when restored; from an uncompressed checkpoint, which the
+    # core verifies while the restore reads it
+    engine.freeze(jid)
+    engine.dump(jid, DumpRequest(compression=Compression.none))
+    dumped = last(engine, jid)
+    assert engine.restore(RestoreRequest(), jid=jid).job.state is JobState.frozen
+    time.sleep(1.0)
+    assert last(engine, jid) == dumped
+    engine.unfreeze(jid)
+    counted_past(engine, jid, dumped)
+    assert_unbroken(counts(engine, jid))
+
+
+def test_health_and_features() -> None:
+    pm = get_plugin_manager()
+    checks = {c.name: c for c in pm.call_for("qemu", "cedana_health_checks")}
+    assert checks["qemu"].ok and checks["qemu"].detail.startswith("QEMU ")
+    assert checks["accelerator"].ok  # TCG at least, whatever KVM is
+    matrix = compute(pm)
+    for row in ("Run handler (serverless)", "Dump handler", "Restore handler", "Freeze handler", "Query handler"):
+        assert matrix.features[row]["qemu"] == "implemented", row
+
+
+# -- errors, one line each, before anything starts
+
+
+def test_missing_kernel(home: Path) -> None:
+    line = assert_one_error(cedana("run", "qemu", "--kernel", str(home / "nope")), UsageError)
+    assert "--kernel" in line and "no such readable file" in line
+
+
+def test_a_kernel_qemu_refuses(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "vmlinuz").write_text("not a kernel\n")
+    line = assert_one_error(cedana("run", "qemu", "--kernel", str(tmp_path / "vmlinuz")), UsageError)
+    assert "QEMU could not start the VM: qemu: invalid kernel header" in line
+    assert "qemu" not in cedana("ps").stdout  # no job was made
+
+
+@pytest.mark.skipif(guest.kvm_unusable() is None, reason="KVM is usable here")
+def test_kvm_refused_where_unusable(home: Path, vm_guest: Path) -> None:
+    line = assert_one_error(cedana("run", "qemu", "--kernel", str(vm_guest / "vmlinuz"), "--kvm"), UsageError)
+    assert "--kvm: KVM is unusable here" in line
+
+
+def test_vm_checkpoint_is_no_process(engine: Engine, vm_guest: Path) -> None:
+    jid = boot(engine, vm_guest)
+    path = engine.dump(jid, DumpRequest()).path
+    line = assert_one_error(cedana("restore", "process", "--path", path, "--jid", "p"), UsageError)
+    assert "is of a qemu job, not process" in line
