@@ -24,7 +24,7 @@ from cedana_ray.errors import UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
-from cedana_ray.requests import DumpRequest, RestoreRequest
+from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = None if shutil.which(guest.QEMU) else f"{guest.QEMU} not installed: `make setup` installs it"
@@ -172,8 +172,13 @@ def test_kvm_refused_where_unusable(home: Path, vm_guest: Path) -> None:
     assert "--kvm: KVM is unusable here" in line
 
 
-def test_vm_checkpoint_is_no_process(engine: Engine, vm_guest: Path) -> None:
+def test_vm_and_process_checkpoints_do_not_mix(engine: Engine, vm_guest: Path) -> None:
     jid = boot(engine, vm_guest)
     path = engine.dump(jid, DumpRequest()).path
     line = assert_one_error(cedana("restore", "process", "--path", path, "--jid", "p"), UsageError)
     assert "is of a qemu job, not process" in line
+
+    engine.run("process", RunRequest(cmd=["sleep", "600"], jid="sleeper"))
+    path = engine.dump("sleeper", DumpRequest()).path
+    line = assert_one_error(cedana("restore", "qemu", "--path", path, "--jid", "v"), UsageError)
+    assert "is of a process job, not qemu" in line
