@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -18,6 +19,7 @@ from cedana_ray.plugins.qemu.plugin import QemuRunRequest
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
+from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import UsageError
@@ -48,18 +50,25 @@ def engine(home: Path) -> Engine:
     return Engine(Paths(home))
 
 
-def boot(engine: Engine, vm_guest: Path, jid: str = "vm") -> str:
+def counter_vm(vm_guest: Path, jid: str) -> QemuRunRequest:
     vm = guest.Vm(memory="128M", initrd=True)  # the Debian kernel does not boot in less than ~96M
     kernel, initrd = str(vm_guest / "vmlinuz"), str(vm_guest / "initrd.cpio.gz")
-    engine.run("qemu", QemuRunRequest(cmd=["qemu"], jid=jid, kernel=kernel, initrd=initrd, vm=vm))
+    return QemuRunRequest(cmd=["qemu"], jid=jid, kernel=kernel, initrd=initrd, vm=vm)
+
+
+def boot(engine: Engine, vm_guest: Path, jid: str = "vm") -> str:
+    engine.run("qemu", counter_vm(vm_guest, jid))
     wait_for(lambda: len(counts(engine, jid)) >= 3, BOOT_TIMEOUT_S, f"{jid} to count")
     return jid
 
 
-def counts(engine: Engine, jid: str) -> list[tuple[int, int, str]]:
-    """(count, sum, boot id) of every line the guest printed so far."""
-    text = Path(engine.log_path(jid)).read_text(errors="replace")
+def parse(text: str) -> list[tuple[int, int, str]]:
+    """(count, sum, boot id) of every line the guest printed."""
     return [(int(m[1]), int(m[2]), m[3]) for m in LINE.finditer(text)]
+
+
+def counts(engine: Engine, jid: str) -> list[tuple[int, int, str]]:
+    return parse(Path(engine.log_path(jid)).read_text(errors="replace"))
 
 
 def last(engine: Engine, jid: str) -> int:
@@ -182,3 +191,34 @@ def test_vm_and_process_checkpoints_do_not_mix(engine: Engine, vm_guest: Path) -
     path = engine.dump("sleeper", DumpRequest()).path
     line = assert_one_error(cedana("restore", "qemu", "--path", path, "--jid", "v"), UsageError)
     assert "is of a process job, not qemu" in line
+
+
+# -- a cluster
+
+
+@pytest.fixture(scope="module")
+def vm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Two raylets on this machine with cedana-ray up (test_cluster's); its address."""
+    from test_cluster import NODE_ARGS, cedana_cluster
+
+    with cedana_cluster(tmp_path_factory.mktemp("vm-cluster"), [NODE_ARGS, NODE_ARGS]) as cluster:
+        yield cluster.address
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Path) -> None:
+    """Frozen (QMP stop) on its node, dumped, restored frozen on the other, resumed there."""
+    client = Cluster(vm_cluster)
+    job = client.run("qemu", counter_vm(vm_guest, "vm-mig"))
+    log = lambda: parse(client.read_log("vm-mig", 0, 1 << 24).decode(errors="replace"))  # noqa: E731
+    wait_for(lambda: len(log()) >= 3, BOOT_TIMEOUT_S, "the VM to count")
+    ready = lambda: [n.node for n in client.nodes() if n.node != job.node and "qemu" in n.types and not n.error]  # noqa: E731
+    target = wait_for(ready, 60, "another node for VMs")[0]  # type: ignore[index]
+
+    moved = client.migrate("vm-mig", target)
+    assert moved.job.node == target and client.job("vm-mig").state is JobState.running
+    at = log()[-1][0]
+    wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on its new node")
+    assert_unbroken(log())
+    client.kill("vm-mig")
