@@ -3,6 +3,7 @@
 # scripts/install-qemu.sh unpacked) and DIR/initrd.cpio.gz, an initramfs of busybox-static
 # whose /init counts on the serial console, once per ~0.2 s:
 #   count=N sum=S boot=B
+# (with fill=N on the kernel command line, after holding N MiB of random bytes in RAM)
 # S is a running checksum (S = (S*31 + N) mod 1000000007, from 0), which only an unbroken
 # run produces; B is a random id drawn at boot, so a rebooted guest shows a new one while a
 # restored one keeps it. Nothing is downloaded here. The output is cached by the hash of
@@ -40,6 +41,18 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 boot=$(cut -c1-8 /proc/sys/kernel/random/uuid)
+# fill=N on the kernel command line: N MiB of random bytes held in RAM first (bench/vm.py)
+# (in a tmpfs of its own: the initramfs' root is a tmpfs of half the RAM)
+for arg in $(cat /proc/cmdline); do
+  case $arg in fill=*)
+    mkdir -p /fill && mount -t tmpfs -o size=95% fill /fill
+    if dd if=/dev/urandom of=/fill/data bs=1M count="${arg#fill=}" 2>/dev/null; then
+      echo "filled=${arg#fill=}"
+    else
+      echo "fill failed"
+    fi ;;
+  esac
+done
 count=0
 sum=0
 while :; do

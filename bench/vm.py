@@ -1,0 +1,213 @@
+"""Dump and restore of a VM: cedana-ray's ``qemu`` plugin against QEMU's own migration by hand.
+
+The guest of ``scripts/build-vm-guest.sh`` with ``--memory`` of RAM (512M), of which ``--fill``
+MiB (384) hold random bytes, counts on its console under TCG. It is checkpointed and restored
+``--repeat`` times (3) each way:
+
+* ``raw``: QMP ``stop``, ``migrate`` to ``exec:cat > FILE`` (the throttle lifted, as ours),
+  ``quit``; then a new QEMU with ``-S -incoming "exec:cat FILE"``, until the state loaded, and
+  ``cont``: what the plugin does, without the store;
+* ``ours none`` and ``ours zstd``: :class:`cedana_ray.engine.Engine` ``dump`` then ``restore``
+  of a ``qemu`` job in a throwaway ``CEDANA_RAY_HOME`` (chunks, sha256, manifest, fsync).
+
+After each restore the guest must count on from where it stopped. Prints the median times, the
+sizes and ours/raw ratios::
+
+    .venv/bin/python bench/vm.py [--memory 512M] [--fill 384] [--repeat 3] [--json]
+
+Everything lives under one temporary directory, removed at the end; every QEMU started here
+is killed by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cedana_ray.plugins.qemu import guest
+from cedana_ray.plugins.qemu.plugin import QemuRunRequest
+from cedana_ray.plugins.qemu.qmp import Qmp
+from rich.console import Console
+from rich.table import Table
+
+from cedana_ray.config import Paths
+from cedana_ray.engine import Engine
+from cedana_ray.models import Compression
+from cedana_ray.requests import DumpRequest, RestoreRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+COUNT = re.compile(rb"count=(\d+) ")
+BOOT_TIMEOUT_S = 300.0  # a kernel boot and the fill under TCG on a busy machine
+started: list[int] = []  # every QEMU of ours: killed at the end
+
+
+@dataclass
+class Result:
+    mode: str
+    dump_s: list[float] = field(default_factory=list)
+    restore_s: list[float] = field(default_factory=list)
+    state_bytes: int = 0  # what QEMU wrote (raw) or the images (ours)
+    stored_bytes: int = 0
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench/vm.py: timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def last_count(log: Path) -> int:
+    found = COUNT.findall(log.read_bytes())
+    return int(found[-1]) if found else 0
+
+
+def counting_past(log: Path, past: int) -> None:
+    wait_for(lambda: last_count(log) >= past + 2, BOOT_TIMEOUT_S, f"the guest to count past {past} ({log})")
+
+
+def build_guest(base: Path) -> Path:
+    out = Path(tempfile.gettempdir()) / "cedana-ray-vm-guest"  # shared with tests/test_qemu.py: cached
+    subprocess.run(["bash", str(ROOT / "scripts" / "build-vm-guest.sh"), str(out)], check=True, stdout=sys.stderr)
+    return out
+
+
+def vm_of(args: argparse.Namespace) -> guest.Vm:
+    return guest.Vm(memory=args.memory, initrd=True, append=f"{guest.DEFAULT_APPEND} fill={args.fill}")
+
+
+# -- raw
+
+
+def raw_start(vm: guest.Vm, folder: Path, log: Path, incoming: Path | None = None) -> subprocess.Popen[bytes]:
+    (folder / guest.QMP_SOCKET).unlink(missing_ok=True)
+    with open(log, "ab") as out, open(os.devnull, "rb") as null:
+        proc = subprocess.Popen(guest.argv(vm, folder, incoming), cwd=folder, stdin=null, stdout=out, stderr=out)
+    started.append(proc.pid)
+    wait_for(lambda: (folder / guest.QMP_SOCKET).exists(), 60, "QEMU's QMP socket")
+    return proc
+
+
+def raw(args: argparse.Namespace, files: Path, base: Path) -> Result:
+    folder, log, state = base / "raw", base / "raw" / "log", base / "raw-state"
+    folder.mkdir()
+    for name, source in ((guest.KERNEL, "vmlinuz"), (guest.INITRD, "initrd.cpio.gz")):
+        shutil.copyfile(files / source, folder / name)
+    vm, result = vm_of(args), Result("raw")
+    proc = raw_start(vm, folder, log)
+    counting_past(log, 0)
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        with Qmp(folder / guest.QMP_SOCKET) as qmp:
+            qmp.execute("stop")
+            qmp.migrate_to_file(state)
+            qmp.execute("quit")
+        proc.wait()
+        result.dump_s.append(time.perf_counter() - t)
+        at = last_count(log)
+        t = time.perf_counter()
+        proc = raw_start(vm, folder, log, incoming=state)
+        with Qmp(folder / guest.QMP_SOCKET) as qmp:
+            qmp.wait_migration()
+            qmp.execute("cont")
+        result.restore_s.append(time.perf_counter() - t)
+        counting_past(log, at)
+    result.state_bytes = result.stored_bytes = state.stat().st_size
+    proc.kill()
+    return result
+
+
+# -- ours
+
+
+def ours(args: argparse.Namespace, files: Path, base: Path, compression: Compression) -> Result:
+    home = base / f"home-{compression.value}"
+    os.environ["CEDANA_RAY_HOME"] = str(home)
+    engine, result = Engine(Paths(home)), Result(f"ours {compression.value}")
+    kernel, initrd = str(files / "vmlinuz"), str(files / "initrd.cpio.gz")
+    request = QemuRunRequest(cmd=["qemu"], jid="vm", kernel=kernel, initrd=initrd, vm=vm_of(args))
+    started.append(engine.run("qemu", request).pid or 0)
+    log = Path(engine.log_path("vm"))
+    counting_past(log, 0)
+    for _ in range(args.repeat):
+        dumped = engine.dump("vm", DumpRequest(compression=compression))
+        result.dump_s.append(dumped.duration_s)
+        at = last_count(log)
+        restored = engine.restore(RestoreRequest(), jid="vm")
+        started.append(restored.job.pid or 0)
+        result.restore_s.append(restored.duration_s)
+        counting_past(log, at)
+        result.state_bytes, result.stored_bytes = dumped.image_bytes, dumped.size_bytes
+    engine.kill("vm")
+    return result
+
+
+# -- output
+
+
+def table(results: list[Result], args: argparse.Namespace) -> Table:
+    raw_dump, raw_restore = (statistics.median(getattr(results[0], f)) for f in ("dump_s", "restore_s"))
+    out = Table(title=f"VM dump/restore, {args.memory} guest, {args.fill} MiB random, TCG, median of {args.repeat}")
+    for column in ("mode", "dump s", "restore s", "dump / raw", "restore / raw", "state MiB", "stored MiB"):
+        out.add_column(column, justify="left" if column == "mode" else "right")
+    for r in results:
+        dump, restore = statistics.median(r.dump_s), statistics.median(r.restore_s)
+        out.add_row(
+            r.mode,
+            f"{dump:.2f}",
+            f"{restore:.2f}",
+            f"{dump / raw_dump:.2f}",
+            f"{restore / raw_restore:.2f}",
+            f"{r.state_bytes / MiB:.0f}",
+            f"{r.stored_bytes / MiB:.0f}",
+        )
+    return out
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="cedana-ray-bench-vm-"))
+    try:
+        yield base
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", default="512M")
+    parser.add_argument("--fill", type=int, default=384, help="MiB of random bytes the guest holds")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with scratch() as base:
+        files = build_guest(base)
+        results = [raw(args, files, base)]
+        results += [ours(args, files, base, c) for c in (Compression.none, Compression.zstd)]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        Console().print(table(results, args))
+
+
+if __name__ == "__main__":
+    main()
