@@ -4,6 +4,7 @@ queried; and its error paths through the CLI."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -183,7 +184,9 @@ def test_kvm_refused_where_unusable(home: Path, vm_guest: Path) -> None:
 
 def test_vm_and_process_checkpoints_do_not_mix(engine: Engine, vm_guest: Path) -> None:
     jid = boot(engine, vm_guest)
-    path = engine.dump(jid, DumpRequest()).path
+    dumped = cedana("dump", "qemu", jid, "--json")  # the kit's command: a VM is named by its job id
+    assert dumped.returncode == 0, dumped.stderr
+    path = json.loads(dumped.stdout)["path"]
     line = assert_one_error(cedana("restore", "process", "--path", path, "--jid", "p"), UsageError)
     assert "is of a qemu job, not process" in line
 
