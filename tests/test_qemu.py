@@ -23,11 +23,12 @@ from test_process_criu import wait_for
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import UsageError
+from cedana_ray.errors import StorageError, UsageError
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.store import CheckpointStore
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = None if shutil.which(guest.QEMU) else f"{guest.QEMU} not installed: `make setup` installs it"
@@ -149,6 +150,40 @@ def test_freeze_unfreeze_and_a_frozen_dump(engine: Engine, vm_guest: Path) -> No
     engine.unfreeze(jid)
     counted_past(engine, jid, dumped)
     assert_unbroken(counts(engine, jid))
+
+
+def test_a_failed_dump_resumes_the_vm(engine: Engine, vm_guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store fails after QEMU wrote the state (a fake failure: the store's commit raises);
+    the dump's rollback resumes the guest, which QEMU had paused."""
+    jid = boot(engine, vm_guest)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StorageError("disk full (injected)")
+
+    monkeypatch.setattr(CheckpointStore, "commit", full)
+    with pytest.raises(StorageError):
+        engine.dump(jid, DumpRequest())
+    assert engine.job(jid).state is JobState.running
+    assert engine.query("qemu")[0]["status"] == "running"
+    counted_past(engine, jid, last(engine, jid))
+    assert_unbroken(counts(engine, jid))
+
+
+def test_checkpoint_policy_of_a_vm(engine: Engine, vm_guest: Path) -> None:
+    """``--checkpoint-every 2s --keep 2``: checkpoints leave the guest counting."""
+    request = counter_vm(vm_guest, "vm").model_copy(update={"checkpoint_every": 2.0, "keep": 2})
+    engine.run("qemu", request)
+    seen: set[str] = set()
+
+    def three_made() -> bool:
+        seen.update(c.checkpoint for c in engine.checkpoints("vm"))
+        return len(seen) >= 3
+
+    wait_for(three_made, BOOT_TIMEOUT_S, "three policy checkpoints")
+    assert len(engine.checkpoints("vm")) <= 2  # --keep 2 pruned the rest
+    assert engine.job("vm").state is JobState.running
+    counted_past(engine, "vm", last(engine, "vm"))
+    assert_unbroken(counts(engine, "vm"))
 
 
 def test_health_and_features() -> None:
