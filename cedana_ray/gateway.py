@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hmac
 import http.client
+import importlib
 import inspect
 import json
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretBytes, TypeAdapter, ValidationError
+from pydantic import BaseModel, SecretBytes, TypeAdapter, ValidationError
 
 from . import errors
 from .backend import VERBS, Backend
@@ -77,6 +78,36 @@ def dumps(hint: Any, value: Any) -> bytes:
 
 def loads(hint: Any, raw: Any) -> Any:
     return _adapter(hint).validate_python(raw)
+
+
+def _models_in(hint: Any) -> list[type[BaseModel]]:
+    return [t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and issubclass(t, BaseModel)]
+
+
+def dump_arg(hint: Any, value: Any) -> Any:
+    """An argument, as sent: a request of a plugin's own subclass (``RuncRunRequest``) with its
+    class named, so that its own fields arrive (the hint's type would drop them)."""
+    if isinstance(value, BaseModel) and type(value) not in _models_in(hint):
+        cls = type(value)
+        return {"$model": f"{cls.__module__}:{cls.__qualname__}", "value": value.model_dump()}
+    return _adapter(hint).dump_python(value)
+
+
+def load_arg(hint: Any, raw: Any) -> Any:
+    """An argument, as received: a named class only where it is a subclass of the hint's, in
+    cedana-ray or an installed plugin's package (a caller names no other code to import)."""
+    if not (isinstance(raw, dict) and raw.keys() == {"$model", "value"}):
+        return loads(hint, raw)
+    module, _, name = str(raw["$model"]).partition(":")
+    from .plugins_manager import installed
+
+    packages = {"cedana_ray", *(v.split(".")[0].split(":")[0] for v in installed().values())}
+    if module.split(".")[0] not in packages:
+        raise ValueError(f"{module} is not cedana-ray's nor a plugin's")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and any(issubclass(cls, base) for base in _models_in(hint))):
+        raise ValueError(f"{raw['$model']} is not a {hint}")
+    return cls.model_validate(raw["value"])
 
 
 def _error_doc(exc: CedanaError) -> dict[str, Any]:
@@ -141,8 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(400, _error_doc(UsageError(f"no such call: {self.path}")))
         try:
             body = json.loads(self.rfile.read(size), object_hook=_decode)
-            named = {k: loads(_hints(verb)[k], v) for k, v in body["args"].items() if k != "progress"}
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            named = {k: load_arg(_hints(verb)[k], v) for k, v in body["args"].items() if k != "progress"}
+        except (ValueError, KeyError, TypeError, ValidationError, ImportError) as exc:
             return self._answer(400, _error_doc(UsageError(f"a malformed {verb} call: {exc}")))
         call = functools.partial(getattr(self.target, verb), **named)
         if body.get("progress"):
@@ -216,7 +247,7 @@ class GatewayClient:
         progress = bound.pop("progress", None)
         named = {k: v for k, v in bound.items() if k != "self"}
         hints = _hints(verb)
-        args_doc = {k: _adapter(hints[k]).dump_python(v) for k, v in named.items()}
+        args_doc = {k: dump_arg(hints[k], v) for k, v in named.items()}
         body = json.dumps({"args": args_doc, "progress": progress is not None}, default=_encode).encode()
         try:
             conn = self._connect(verb, body)
