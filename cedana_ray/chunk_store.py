@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import failpoint
 from .cdc import MAX_SIZE, Cutter
 from .chunking import bounded_map, sha256
 from .codec import codec
@@ -243,8 +244,6 @@ class ContentStore:
         progress: Callable[[str, int, int], None] | None,
     ) -> list[ImageFile]:
         """The image files of a cas dump, their chunks stored (most of them, often, already)."""
-        from . import failpoint  # the crash tests stop here
-
         names = sorted(p.name for p in images.iterdir() if p.is_file())
         total, done, files = sum((images / n).stat().st_size for n in names), 0, []
         with ThreadPoolExecutor(chunks.streams) as pool:
@@ -256,7 +255,7 @@ class ContentStore:
                     progress("store", done, total)
         if self.local:
             with contextlib.suppress(FileNotFoundError):  # no chunk was new: none was written
-                from .store_write import fsync_dir
+                from .store_write import fsync_dir  # here: store_write imports this module
 
                 fsync_dir(f"{self.root}/{CHUNKS}")
         return files
