@@ -31,6 +31,7 @@ from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, UntrustedCheckpoint, UsageError
 from cedana_ray.failpoint import ENV as FAILPOINT
 from cedana_ray.models import Compression, JobState, Layout, Manifest
+from cedana_ray.policy import prune
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import MANIFEST, CheckpointStore
 
@@ -430,3 +431,18 @@ def test_an_old_layout_checkpoint_restores_and_the_next_dump_is_content_addresse
     wait_for(lambda: last_count(engine, "j1") > at + 2, what="counting after restoring the old layout")
     new = engine.dump("j1", DumpRequest(storage=url, leave_running=True))
     assert engine.store(url).manifest(new.checkpoint).layout is Layout.cas
+
+
+@pytest.mark.criu
+def test_keep_k_frees_the_chunks_only_pruned_checkpoints_used(engine: Engine, store_url: str) -> None:
+    run_churn(engine, 32)
+    made = []
+    for _ in range(3):
+        os.kill(engine.job("j1").pid or 0, 10)  # each checkpoint differs from the one before
+        made.append(engine.dump("j1", DumpRequest(storage=store_url, leave_running=True)).checkpoint)
+    store = engine.store(store_url)
+    everything = set(store._chunk_objects())
+    prune(engine, "j1", keep=1)  # what `--checkpoint-every ... --keep 1` runs after each dump
+    assert [m.checkpoint for m in store.list()] == made[-1:]
+    kept = stored(store.manifest(made[-1]))
+    assert set(store._chunk_objects()) == kept and kept < everything
