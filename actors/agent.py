@@ -87,14 +87,16 @@ class NodeAgent:
         )
 
     def _types(self) -> list[str]:
-        """The job types this node can restore, from the plugins' health; cached, since
-        health checks (CRIU, daemons, endpoints) take a while and rarely change."""
+        """The job types this node can restore (a process's, or a virtual machine's), from the
+        plugins' health; cached, since health checks (CRIU, daemons, endpoints) take a while
+        and rarely change."""
         from cedana_ray.features import Status, compute
 
         now = time.monotonic()
         if now - self._types_at > TYPES_TTL_S:
-            runnable = compute(self.engine.pm).features.get("Restore handler", {})
-            self._known_types = sorted(p for p, s in runnable.items() if s == Status.implemented)
+            features = compute(self.engine.pm).features
+            rows = (features.get("Restore handler", {}), features.get("Restore VM handler", {}))
+            self._known_types = sorted({p for row in rows for p, s in row.items() if s == Status.implemented})
             self._types_at = now
         return self._known_types
 

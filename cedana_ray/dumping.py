@@ -2,6 +2,10 @@
 
     locked > require_live > finish_dump > commit > <plugin> > <gpu> > criu_dump | <plugin handler>
 
+and, for a virtual machine's type (one with a VM handler), the VM pipeline, without CRIU:
+
+    locked > require_live > finish_dump > commit > <plugin's VM middleware> > <plugin's VM handler>
+
 A mixin of the engine: it uses the engine's registry, plugins, stores and locks.
 """
 
@@ -102,7 +106,7 @@ class DumpChain:
                     "type": job.type,
                     "node": job.node,
                     "created": utcnow(),
-                    "criu_version": criu.version(),
+                    "criu_version": "" if ctx.state.vm else criu.version(),
                     "criu": req.criu,
                     "parent": job.last_checkpoint,
                     "details": {**ctx.state.details, "command": job.command},
@@ -144,13 +148,17 @@ class DumpChain:
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
         """Checkpoint job ``jid`` into the store."""
         job = self.job(jid)
-        criu.version()
         if not request.encrypt and (key := self.key_of(jid)):  # however the dump was asked for
             request = request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
-        handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
         chain = [self.locked, self.require_live, self.finish_dump, self.commit]
-        chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
-        ctx = Context(request, DumpState(jid), job=job, progress=progress)
+        if vm := self.pm.call_for(job.type, "cedana_dump_vm_handler"):  # a VM: no CRIU, no GPU
+            handler = vm
+            chain += self._middleware(job.type, "cedana_dump_vm_middleware")
+        else:
+            criu.version()
+            handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
+            chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
+        ctx = Context(request, DumpState(jid, vm=vm is not None), job=job, progress=progress)
         start = time.perf_counter()
         with self.records.noting_failure(jid, "dump"):
             result: DumpResult = Pipeline(handler).with_(*chain)(ctx)

@@ -1,5 +1,5 @@
 """Every hook a cedana-ray plugin can implement: one per feature row that a pipeline serves
-(the VM rows and "Run handler" have none; see :mod:`cedana_ray.features`).
+(the "Run handler" row has none; see :mod:`cedana_ray.features`).
 
 A plugin is registered under its name (``process``, ``runc``, ``storage/s3``...);
 that name is the workload type it serves. Per-type hooks are called only on the
@@ -93,6 +93,17 @@ def cedana_dump_handler() -> Handler:
 
 
 @hookspec(firstresult=True)
+def cedana_dump_vm_middleware() -> list[Middleware]:
+    """Middleware of a virtual machine's dump (the VM pipeline: no CRIU, no GPU middleware)."""
+
+
+@hookspec(firstresult=True)
+def cedana_dump_vm_handler() -> Handler:
+    """Dumps a virtual machine's state into ``ctx.state.images``: for a VM type, the dump's
+    final step instead of CRIU (or a dump handler)."""
+
+
+@hookspec(firstresult=True)
 def cedana_restore_middleware() -> list[Middleware]:
     """Middleware run around the core restore chain."""
 
@@ -107,6 +118,17 @@ def cedana_restore_handler() -> Handler:
     """Restores the workload from the local image dir in ``ctx.state.images``;
     returns the restored :class:`Job`. When ``ctx.state.leave_stopped`` is set, the
     restored tree must be left stopped: the core resumes it once the images are verified."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_vm_middleware() -> list[Middleware]:
+    """Middleware of a virtual machine's restore."""
+
+
+@hookspec(firstresult=True)
+def cedana_restore_vm_handler() -> Handler:
+    """Restores a virtual machine from ``ctx.state.images``; returns the restored :class:`Job`.
+    For a VM type, the restore's final step; ``ctx.state.leave_stopped`` as for a restore handler."""
 
 
 @hookspec(firstresult=True)

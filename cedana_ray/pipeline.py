@@ -40,9 +40,11 @@ class RunState:
 
 @dataclass
 class DumpState:
-    """A dump's: the middleware of ``cedana_dump_middleware`` and the GPU, and the handler."""
+    """A dump's: the middleware of ``cedana_dump_middleware`` and the GPU (or, of a virtual
+    machine, of ``cedana_dump_vm_middleware``), and the handler."""
 
     jid: str
+    vm: bool = False  # a virtual machine's dump: its VM handler, not CRIU, writes the images
     lock: int = -1  # the job's lock: CRIU inherits it (core: ``locked``)
     images: Path = Path()  # where the images go (core: ``commit``)
     work: Path = Path()  # CRIU's work dir, its logs (core: ``commit``)

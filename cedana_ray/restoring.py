@@ -97,7 +97,9 @@ class RestoreChain:
         if request.key is None and (key := self.key_of(manifest.jid)):
             request = request.model_copy(update={"key": SecretBytes(key)})
         cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
-        criu.version()
+        vm = self.pm.call_for(manifest.type, "cedana_restore_vm_handler")  # a VM: no CRIU, no GPU
+        if vm is None:
+            criu.version()
         if jtype and manifest.type != jtype:
             raise UsageError(f"checkpoint {ckpt} is of a {manifest.type} job, not {jtype}")
         if request.gpu_map and not manifest.details.get("gpu"):
@@ -106,14 +108,18 @@ class RestoreChain:
         job_dir = self.paths.job_dir(target)
         job_dir.mkdir(parents=True, exist_ok=True)
         chain = [self.locked, self.replace_dead, self.fetch]
-        chain += self._middleware(
-            manifest.type,
-            "cedana_restore_middleware",
-            "cedana_gpu_interception_restore",
-            "cedana_gpu_tracing_restore",
-            "cedana_restore_middleware_late",
-        )
-        handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
+        if vm is not None:
+            handler = vm
+            chain += self._middleware(manifest.type, "cedana_restore_vm_middleware")
+        else:
+            handler = self._handler(manifest.type, "cedana_restore_handler", "restore")
+            chain += self._middleware(
+                manifest.type,
+                "cedana_restore_middleware",
+                "cedana_gpu_interception_restore",
+                "cedana_gpu_tracing_restore",
+                "cedana_restore_middleware_late",
+            )
         state = RestoreState(
             jid=target,
             job_dir=job_dir,

@@ -167,6 +167,10 @@ class Runtime:
     freeze: Handler | None = None
     unfreeze: Handler | None = None
     query: Handler | None = None
+    dump_vm: Handler | None = None  # a virtual machine's type: its dump and restore, instead of
+    restore_vm: Handler | None = None  # dump and restore (no CRIU; see docs/vms.md)
+    dump_vm_middleware: Sequence[Middleware] = ()
+    restore_vm_middleware: Sequence[Middleware] = ()
     run_middleware: Sequence[Middleware] = ()
     run_middleware_late: Sequence[Middleware] = ()
     dump_middleware: Sequence[Middleware] = ()
@@ -185,6 +189,10 @@ class Runtime:
         for name, fn in self._hooks().items():
             object.__setattr__(self, name, hookimpl(fn))
 
+    def _handles(self, verb: str) -> bool:
+        """Whether this type has ``verb``'s handler (a VM's dump and restore are its VM handlers)."""
+        return getattr(self, verb) is not None or getattr(self, f"{verb}_vm", None) is not None
+
     def _hooks(self) -> dict[str, Callable[..., Any]]:
         """Hook name -> implementation, for what this runtime states."""
         values: dict[str, Any] = {
@@ -192,6 +200,10 @@ class Runtime:
             "cedana_manage_handler": self.manage,
             "cedana_dump_handler": self.dump,
             "cedana_restore_handler": self.restore,
+            "cedana_dump_vm_handler": self.dump_vm,
+            "cedana_restore_vm_handler": self.restore_vm,
+            "cedana_dump_vm_middleware": list(self.dump_vm_middleware) or None,
+            "cedana_restore_vm_middleware": list(self.restore_vm_middleware) or None,
             "cedana_freeze_handler": self.freeze,
             "cedana_unfreeze_handler": self.unfreeze,
             "cedana_query_handler": self.query,
@@ -203,7 +215,7 @@ class Runtime:
             "cedana_helper_commands": list(self.commands.helpers) or None,
             **self.hooks,
         }
-        verbs = self.commands.verbs(lambda verb: getattr(self, verb) is not None)
+        verbs = self.commands.verbs(self._handles)
         values |= {f"cedana_{verb}_command": self.commands.build(self.name, verb) for verb in verbs}
         hooks = {name: _returning(value) for name, value in values.items() if value is not None}
         if self.health_checks:
@@ -215,7 +227,7 @@ class Runtime:
     def _job_hooks(self) -> dict[str, Callable[..., Any]]:
         """Kill signal, reaper and cleanup: those stated, else, for a type that starts
         workloads, the shared ones."""
-        starts = self.run is not None or self.restore is not None
+        starts = self.run is not None or self._handles("restore")
         kill = self.kill_signal or (signal.SIGKILL if starts else None)
         reaper = self.reaper or (reap_recorded if starts else None)
         hooks: dict[str, Callable[..., Any]] = {}

@@ -27,8 +27,8 @@ from cedana_ray.requests import RunRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = [row[0] for row in ROWS if row]
-# rows of cedana-features.txt that no pipeline serves yet: no plugin can implement them
-HOOKLESS = ["Dump VM middleware", "Dump VM handler", "Restore VM middleware", "Restore VM handler", "Run handler"]
+# rows of cedana-features.txt that no pipeline serves: no plugin can implement them
+HOOKLESS = ["Run handler"]
 HOOK_OF = {row[0]: row[1] for row in ROWS if row}
 STATUSES = {"implemented", "unimplemented", "not installed", "incompatible"}
 

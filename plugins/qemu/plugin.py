@@ -236,8 +236,8 @@ def cleanup(job: Job) -> None:
 plugin = Runtime(
     NAME,
     run=run,
-    dump=dump,
-    restore=restore,
+    dump_vm=dump,  # the VM pipeline: QEMU's migration, no CRIU
+    restore_vm=restore,
     freeze=freeze,
     unfreeze=unfreeze,
     query=query,
