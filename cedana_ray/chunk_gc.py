@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -45,6 +46,8 @@ PENDING = ".pending"
 SWEEPS = ".sweeps"
 GRACE_ENV = "CEDANA_RAY_CHUNK_GRACE_S"
 GRACE_S = 60.0
+SWEEP_EVERY_ENV = "CEDANA_RAY_SWEEP_EVERY_S"
+SWEEP_EVERY_S = 300.0  # a delete sweeps at most this often per store and process: a sweep reads every manifest
 PENDING_STALE_S = 6 * 3600.0  # older: a dump that died where recovery never ran (its node gone)
 SWEEP_STALE_S = 600.0  # older: a sweep that died; a live one stops deleting at half this
 SWEEP_WAIT_POLL_S = 0.2
@@ -54,6 +57,19 @@ log = logging.getLogger("cedana_ray.chunk_gc")
 
 def grace_s() -> float:
     return float(os.environ.get(GRACE_ENV, GRACE_S))
+
+
+_swept_at: dict[str, float] = {}  # store URL -> when this process last swept it after a delete
+
+
+def sweep_due(url: str) -> bool:
+    """Whether a delete in ``url`` should sweep now (and counts as its sweep): keep-K deletes
+    one checkpoint per policy dump, and a sweep per delete would read every manifest each time."""
+    now, every = time.monotonic(), float(os.environ.get(SWEEP_EVERY_ENV, SWEEP_EVERY_S))
+    if now - _swept_at.get(url, -math.inf) < every:
+        return False
+    _swept_at[url] = now
+    return True
 
 
 class ChunkSweeper:

@@ -9,12 +9,13 @@ Layout under a store URL::
 Images are cut at content-defined page boundaries (:mod:`cedana_ray.cdc`). Each chunk has an
 *address*, the sha256 of its original bytes (with a key: an HMAC of them under a key derived
 from it, so equal plaintext dedups without the store learning plaintext hashes). A dump first
-reads the manifests of the store made with the same compression and key: a chunk whose
-address one of them lists is referenced, not compressed nor uploaded again. A new chunk is
-compressed, encrypted (AES-256-GCM, with a nonce derived from the bytes it encrypts, so equal
-chunks encrypt equally and still never share a nonce with other bytes) and stored under the
-sha256 of what is stored: the name is the content, so a write can only ever put the same bytes
-there again, and a reader checks what it got against the name the signed manifest gives.
+reads the manifest of its parent (the job's last checkpoint) where it is in the same store,
+made with the same compression and key: a chunk whose address it lists is referenced, not
+compressed nor uploaded again. A new chunk is compressed, encrypted (AES-256-GCM, with a nonce
+derived from the bytes it encrypts, so equal chunks encrypt equally and still never share a
+nonce with other bytes) and stored under the sha256 of what is stored: the name is the
+content, so a write can only ever put the same bytes there again, and a reader checks what it
+got against the name the signed manifest gives.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class ContentCipher:
 class ContentWriter:
     """Stores the chunks of one dump: referenced when the store has them, else written."""
 
-    def __init__(self, store: CheckpointStore, ckpt: str, compression: Compression, key: bytes | None) -> None:
+    def __init__(
+        self, store: CheckpointStore, ckpt: str, compression: Compression, key: bytes | None, parent: str | None
+    ) -> None:
         self.store, self.ckpt, self.compression = store, ckpt, compression
         self.cipher = ContentCipher(key) if key else None
         self._compress, _ = codec(compression)
@@ -95,7 +98,7 @@ class ContentWriter:
                 store._require_bucket(exc)
                 raise
             store.wait_for_sweeps()
-            self.index = store.chunk_index(compression, fingerprint(key) if key else None)
+            self.index = store.chunk_index(parent, compression, fingerprint(key) if key else None)
         self._lock = threading.Lock()
 
     def address(self, raw: bytes) -> str:
@@ -202,18 +205,23 @@ class ContentStore:
             os.fsync(f.fileno())
         os.replace(tmp, target)  # the same bytes as any chunk already there: it is their name
 
-    def chunk_index(self: CheckpointStore, compression: Compression, key_fingerprint: str | None) -> dict[str, Chunk]:
-        """The chunks of this store's trusted cas checkpoints that a dump with ``compression``
-        and a key of ``key_fingerprint`` may reuse, by address."""
-        index: dict[str, Chunk] = {}
-        for manifest in self.manifests_here():
-            if (manifest.layout, manifest.compression, manifest.key_fingerprint) == (
-                Layout.cas,
-                compression,
-                key_fingerprint,
-            ):
-                index.update((c.address, c) for f in manifest.files for c in f.chunks if c.address)
-        return index
+    def chunk_index(
+        self: CheckpointStore, parent: str | None, compression: Compression, key_fingerprint: str | None
+    ) -> dict[str, Chunk]:
+        """The chunks a dump with ``compression`` and a key of ``key_fingerprint`` may reuse,
+        by address: those of its ``parent`` (the job's last checkpoint), where that is a
+        trusted cas checkpoint of this store made alike. The parent lists every chunk of the
+        job's last state, reused or new, so one manifest is read whatever the store holds."""
+        if parent is None:
+            return {}
+        try:
+            manifest = self.manifest(parent)
+        except (CheckpointNotFound, CheckpointError, UsageError):  # elsewhere, deleted, or not ours
+            return {}
+        made = (manifest.layout, manifest.compression, manifest.key_fingerprint)
+        if made != (Layout.cas, compression, key_fingerprint):
+            return {}
+        return {c.address: c for f in manifest.files for c in f.chunks if c.address}
 
     def manifests_here(self: CheckpointStore, trusted: bool = True) -> list[Manifest]:
         """The manifests in this store, read in parallel: those that verify (``trusted``), or

@@ -94,7 +94,9 @@ class DumpChain:
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
         ctx.state.images, ctx.state.work = images, work
         try:
-            early = store.early_chunks(images, ckpt, req.compression, req.encryption_key(), req.streams)
+            early = store.early_chunks(
+                images, ckpt, req.compression, req.encryption_key(), req.streams, parent=job.last_checkpoint
+            )
             with early as prehashed:
                 next_(ctx)
             ctx.report("store")

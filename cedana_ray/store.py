@@ -37,7 +37,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
-from .chunk_gc import ChunkSweeper
+from .chunk_gc import ChunkSweeper, sweep_due
 from .chunk_store import ContentStore
 from .errors import (
     CedanaError,
@@ -187,6 +187,8 @@ class CheckpointStore(StoreWriter, StoreReader, ContentStore, ChunkSweeper):
             if not retrying(lambda: self.fs.exists(f"{self.path(ckpt)}/{MANIFEST}")):
                 raise CheckpointNotFound(f"no checkpoint {ckpt!r} in {self.url}")
             self._remove(ckpt)
+        if not sweep_due(self.url):
+            return
         try:
             self.sweep()
         except StorageError as exc:  # the checkpoint is gone; its chunks go at a later sweep

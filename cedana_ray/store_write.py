@@ -41,12 +41,14 @@ class StoreWriter:
         key: bytes | None = None,
         streams: int = DEFAULT_STREAMS,
         chunk_size: int = DEFAULT_CHUNK,
+        parent: str | None = None,
     ) -> contextlib.AbstractContextManager[EarlyChunks | ContentChunks | None]:
-        """While CRIU writes ``images``: store the chunks of a content-addressed dump, hash
-        those of an in-place dump, or upload those of a dump to an object store (a no-op for
-        a local compressed store in the per-checkpoint layout)."""
+        """While CRIU writes ``images``: store the chunks of a content-addressed dump (those
+        its ``parent`` checkpoint lists are reused), hash those of an in-place dump, or upload
+        those of a dump to an object store (a no-op for a local compressed store in the
+        per-checkpoint layout)."""
         if self.content_addressed(compression, key is not None):
-            return ContentChunks(images, ContentWriter(self, ckpt, compression, key), streams)
+            return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams)
         if self._in_place(images, ckpt):
             return EarlyChunks(images, chunk_size=chunk_size, streams=streams)
         if not self.local:
@@ -98,7 +100,10 @@ class StoreWriter:
         try:
             with self._errors(f"storing checkpoint {ckpt} in"):
                 if cas:
-                    files = self._store_content(images, ckpt, compression, streams, progress, prehashed, key)
+                    early = prehashed or ContentChunks(
+                        images, ContentWriter(self, ckpt, compression, key, manifest.get("parent")), streams
+                    )
+                    files = self._store_content(images, ckpt, progress, early)
                 else:
                     cipher = ChunkCipher(key, ckpt) if key else None
                     known = prehashed if isinstance(prehashed, EarlyChunks) else None
@@ -114,18 +119,10 @@ class StoreWriter:
             raise
 
     def _store_content(
-        self,
-        images: Path,
-        ckpt: str,
-        compression: Compression,
-        streams: int,
-        progress: Progress | None,
-        early: EarlyChunks | ContentChunks | None,
-        key: bytes | None,
+        self, images: Path, ckpt: str, progress: Progress | None, early: EarlyChunks | ContentChunks
     ) -> list[ImageFile]:
         """The files of a cas dump: the chunks stored during it (``early``), then the rest."""
-        if not isinstance(early, ContentChunks):
-            early = ContentChunks(images, ContentWriter(self, ckpt, compression, key), streams)
+        assert isinstance(early, ContentChunks), "a cas dump's early chunks are content chunks"
         files = self.store_content(images, early, progress)
         if self.local:
             Path(self.path(ckpt)).mkdir(mode=0o700, exist_ok=True)  # to hold the manifest alone

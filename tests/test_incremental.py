@@ -24,7 +24,7 @@ from test_process_criu import COUNTER, WORKLOADS, last_count, wait_for
 from test_store import SIGNER, manifest_fields
 
 from cedana_ray.cdc import MAX_SIZE, MIN_SIZE, PAGE, Cutter, spans_of
-from cedana_ray.chunk_gc import GRACE_ENV, PENDING, SWEEPS
+from cedana_ray.chunk_gc import GRACE_ENV, PENDING, SWEEP_EVERY_ENV, SWEEPS
 from cedana_ray.chunk_store import CHUNKS, DEDUP_ENV
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
@@ -110,6 +110,7 @@ class Place:
 @pytest.fixture(params=["file", "s3"])
 def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Place]:
     monkeypatch.setenv(GRACE_ENV, "0")  # the grace period is tested on its own
+    monkeypatch.setenv(SWEEP_EVERY_ENV, "0")  # so is how often a delete sweeps
     if request.param == "file":
         root = tmp_path / "store"
         store = CheckpointStore(f"file://{root}", SIGNER)
@@ -146,12 +147,19 @@ def changed(images: dict[str, bytes], at: int, size: int) -> dict[str, bytes]:
 
 
 def commit(
-    store: CheckpointStore, staging: Path, ckpt: str, images: dict[str, bytes], key: bytes | None = None
+    store: CheckpointStore,
+    staging: Path,
+    ckpt: str,
+    images: dict[str, bytes],
+    key: bytes | None = None,
+    parent: str | None = None,
 ) -> Manifest:
+    """Checkpoint ``ckpt`` of ``images``, after ``parent`` (the job's last checkpoint: what it may reuse)."""
     folder = store.dump_dir(ckpt, Compression.zstd, staging, encrypted=key is not None)
     for name, data in images.items():
         (folder / name).write_bytes(data)
-    return store.commit(folder, manifest_fields(ckpt), compression=Compression.zstd, streams=2, key=key)
+    fields = manifest_fields(ckpt) | {"parent": parent}
+    return store.commit(folder, fields, compression=Compression.zstd, streams=2, key=key)
 
 
 def fetched(store: CheckpointStore, ckpt: str, dest: Path, key: bytes | None = None) -> dict[str, bytes]:
@@ -180,7 +188,7 @@ def test_a_second_checkpoint_writes_only_new_chunks(place: Place, staging: Path,
     before = place.objects()
     time.sleep(1.1)  # S3's LastModified has whole seconds: a rewrite would show
     second = changed(first, 10 * MiB, 2 * MiB)  # about 10% of the pages
-    m2 = commit(place.store, staging, "c2", second)
+    m2 = commit(place.store, staging, "c2", second, parent="c1")
     after = place.objects()
     new = {c.sha256 for f in m2.files for c in f.chunks if c.address not in addresses(m1)}
     assert set(after) - set(before) == new and 1 <= len(new) <= 3
@@ -197,7 +205,7 @@ def test_a_second_checkpoint_writes_only_new_chunks(place: Place, staging: Path,
 def test_delete_frees_only_chunks_nobody_uses(place: Place, staging: Path, tmp_path: Path) -> None:
     first = images_of()
     m1 = commit(place.store, staging, "c1", first)
-    m2 = commit(place.store, staging, "c2", second := changed(first, 4 * MiB, 3 * MiB))
+    m2 = commit(place.store, staging, "c2", second := changed(first, 4 * MiB, 3 * MiB), parent="c1")
     assert stored(m1) - stored(m2) and stored(m1) & stored(m2)
     place.store.delete("c1")
     assert set(place.objects()) == stored(m2)
@@ -209,9 +217,9 @@ def test_delete_frees_only_chunks_nobody_uses(place: Place, staging: Path, tmp_p
 def test_a_sweep_during_a_dump_frees_none_of_its_chunks(place: Place, staging: Path, tmp_path: Path) -> None:
     first = images_of()
     m1 = commit(place.store, staging, "c1", first)
-    commit(place.store, staging, "c2", changed(first, 8 * MiB, 4 * MiB))
+    commit(place.store, staging, "c2", changed(first, 8 * MiB, 4 * MiB), parent="c1")
     folder = place.store.dump_dir("c3", Compression.zstd, staging)
-    with place.store.early_chunks(folder, "c3", Compression.zstd, None, 2) as early:  # reads c1 and c2
+    with place.store.early_chunks(folder, "c3", Compression.zstd, None, 2, parent="c1") as early:
         for name, data in first.items():  # c3 is c1 again: it reuses chunks only c1 has
             (folder / name).write_bytes(data)
         objects = place.objects()
@@ -286,7 +294,7 @@ def test_encrypted_chunks_dedup_under_keyed_addresses(place: Place, staging: Pat
     first = images_of()
     m1 = commit(place.store, staging, "c1", first, key=KEY)
     second = changed(first, 12 * MiB, 2 * MiB)
-    m2 = commit(place.store, staging, "c2", second, key=KEY)
+    m2 = commit(place.store, staging, "c2", second, key=KEY, parent="c1")
     assert m2.encryption == "aes-256-gcm" and 1 <= len(stored(m2) - stored(m1)) <= 3
     plain = {hashlib.sha256(first["pages-1.img"][c.offset : c.offset + c.size]).hexdigest() for c in m1.files[2].chunks}
     raw_manifest = place.store.fs.cat_file(f"{place.store.path('c1')}/{MANIFEST}").decode()
@@ -294,7 +302,7 @@ def test_encrypted_chunks_dedup_under_keyed_addresses(place: Place, staging: Pat
     assert fetched(place.store, "c2", tmp_path / "r2", key=KEY) == second
     with pytest.raises(UsageError, match="wrong key"):
         place.store.fetch("c2", tmp_path / "r3", key=bytes(32))
-    m3 = commit(place.store, staging, "c3", first)  # the same images in the clear share nothing with them
+    m3 = commit(place.store, staging, "c3", first, parent="c1")  # in the clear: it shares nothing with them
     assert not stored(m3) & (stored(m1) | stored(m2))
     place.store.delete("c1")
     assert fetched(place.store, "c2", tmp_path / "r4", key=KEY) == second
@@ -318,7 +326,7 @@ def test_checkpoints_of_the_per_checkpoint_layouts_stay_readable(
     m_old = commit(place.store, staging, "old", old)
     monkeypatch.delenv(DEDUP_ENV)
     assert m_old.layout in (Layout.file, Layout.chunks) and place.objects() == {}
-    m_new = commit(place.store, staging, "new", old)
+    m_new = commit(place.store, staging, "new", old, parent="old")  # an old layout: nothing to reuse
     assert m_new.layout is Layout.cas
     assert fetched(place.store, "old", tmp_path / "r1") == old
     place.store.delete("new")
@@ -348,6 +356,7 @@ CHURN = WORKLOADS / "churn.py"
 @pytest.fixture(params=["file", "s3"])
 def store_url(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(GRACE_ENV, "0")
+    monkeypatch.setenv(SWEEP_EVERY_ENV, "0")
     if request.param == "file":
         return f"file://{home / 'ckpts'}"
     servers: dict[str, Server] = request.getfixturevalue("servers")
@@ -398,6 +407,7 @@ def test_a_dump_killed_before_its_manifest_leaves_the_last_checkpoint_restorable
     home: Path, monkeypatch: pytest.MonkeyPatch, own_staging: Path
 ) -> None:
     monkeypatch.setenv(GRACE_ENV, "0")
+    monkeypatch.setenv(SWEEP_EVERY_ENV, "0")
     assert cedana("run", "process", "--jid", "c1", "--local", "--", *COUNTER).returncode == 0
     engine = Engine(Paths(home))
     wait_for(lambda: last_count(engine, "c1") >= 2, what="counting")
@@ -446,3 +456,15 @@ def test_keep_k_frees_the_chunks_only_pruned_checkpoints_used(engine: Engine, st
     assert [m.checkpoint for m in store.list()] == made[-1:]
     kept = stored(store.manifest(made[-1]))
     assert set(store._chunk_objects()) == kept and kept < everything
+
+
+def test_deletes_sweep_at_most_once_a_period(place: Place, staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep-K deletes one checkpoint per dump; each sweep reads every manifest of the store."""
+    monkeypatch.setenv(SWEEP_EVERY_ENV, "3600")
+    for ckpt in ("c1", "c2", "c3"):
+        commit(place.store, staging, ckpt, images_of(4 * MiB))
+    place.store.delete("c1")  # this process's first delete in the store sweeps
+    left = place.objects()
+    place.store.delete("c2")  # within the period: its chunks stay until a sweep
+    assert place.objects() == left
+    assert place.store.sweep() > 0 and len(place.objects()) < len(left)
