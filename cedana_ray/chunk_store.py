@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import failpoint
 from .cdc import MAX_SIZE, Cutter
-from .chunking import bounded_map, sha256
+from .chunking import WhileCriuWrites, bounded_map, sha256
 from .codec import codec
 from .crypto import NONCE_BYTES, fingerprint
 from .errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint, UsageError
@@ -127,40 +127,22 @@ class ContentWriter:
         return chunk
 
 
-class ContentChunks:
-    """Cuts image files into content-defined chunks and stores them while CRIU writes them.
-
-    Like :class:`cedana_ray.chunking.EarlyChunks`: a chunk wholly below a file's current
-    size is final (CRIU writes each image sequentially); :meth:`finish` stores the rest.
-    """
+class ContentChunks(WhileCriuWrites):
+    """Cuts image files into content-defined chunks and stores them while CRIU writes them;
+    :meth:`finish` stores the rest of a file once it is complete."""
 
     def __init__(self, images: Path, writer: ContentWriter, streams: int) -> None:
-        self.images, self.writer, self.streams = images, writer, streams
+        super().__init__(images, streams)
+        self.writer = writer
         self.cutters: dict[str, Cutter] = {}
-        self.chunks: dict[str, list[Chunk]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="content-chunks", daemon=True)
 
-    def __enter__(self) -> ContentChunks:
-        self._thread.start()
-        return self
+    def _failed(self, path: Path) -> bool:
+        """finish() starts this file over, and reports the error."""
+        self.cutters.pop(path.name, None)
+        self.chunks.pop(path.name, None)
+        return True
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        with ThreadPoolExecutor(self.streams) as pool:
-            while not self._stop.wait(0.01):
-                for path in sorted(self.images.iterdir()):
-                    try:
-                        self._catch_up(pool, path, final=False)
-                    except Exception:  # finish() starts this file over, and reports the error
-                        self.cutters.pop(path.name, None)
-                        self.chunks.pop(path.name, None)
-                        return
-
-    def _catch_up(self, pool: ThreadPoolExecutor, path: Path, final: bool) -> None:
+    def _catch_up(self, pool: ThreadPoolExecutor, path: Path, final: bool = False) -> None:
         cutter = self.cutters.setdefault(path.name, Cutter())
         done = self.chunks.setdefault(path.name, [])
         fd = os.open(path, os.O_RDONLY)

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .models import Chunk
 
@@ -56,27 +56,20 @@ def hash_in_place(path: Path, index: int, off: int, size: int) -> Chunk:
         os.close(fd)
 
 
-class EarlyChunks:
-    """Processes the full chunks of image files while CRIU is still writing them.
+class WhileCriuWrites:
+    """Works on the chunks of image files in a thread while CRIU writes them: CRIU writes
+    each file sequentially, so a chunk wholly below a file's current size is final. What to
+    do with a file's new chunks is the subclass's ``_catch_up``; what a failure undoes, its
+    ``_failed`` (true: stop here, the commit redoes what is missing and reports the error)."""
 
-    CRIU writes each image file sequentially, so a chunk wholly below a file's current
-    size is final. In-place dumps have those chunks hashed, dumps to an object store
-    have them encoded and uploaded (``process``); commit() then handles only what is
-    left, and the work overlaps with CRIU instead of following it.
-    """
-
-    def __init__(
-        self, images: Path, process: ChunkFn = hash_in_place, chunk_size: int = DEFAULT_CHUNK, streams: int = 1
-    ) -> None:
+    def __init__(self, images: Path, streams: int) -> None:
         self.images = images
-        self.process = process
-        self.chunk_size = chunk_size
         self.streams = streams
         self.chunks: dict[str, list[Chunk]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="early-chunks", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> EarlyChunks:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -90,8 +83,29 @@ class EarlyChunks:
                 for path in sorted(self.images.iterdir()):
                     try:
                         self._catch_up(pool, path)
-                    except Exception:  # commit() redoes what is missing here, and reports the error
-                        return
+                    except Exception:
+                        if self._failed(path):
+                            return
+
+    def _catch_up(self, pool: ThreadPoolExecutor, path: Path) -> None:
+        raise NotImplementedError
+
+    def _failed(self, path: Path) -> bool:
+        return True
+
+
+class EarlyChunks(WhileCriuWrites):
+    """Processes the full fixed-size chunks of image files while CRIU is still writing them:
+    in-place dumps have them hashed, dumps to an object store have them encoded and
+    uploaded (``process``); commit() then handles only what is left, and the work overlaps
+    with CRIU instead of following it."""
+
+    def __init__(
+        self, images: Path, process: ChunkFn = hash_in_place, chunk_size: int = DEFAULT_CHUNK, streams: int = 1
+    ) -> None:
+        super().__init__(images, streams)
+        self.process = process
+        self.chunk_size = chunk_size
 
     def _catch_up(self, pool: ThreadPoolExecutor, path: Path) -> None:
         done = self.chunks.setdefault(path.name, [])
