@@ -389,6 +389,27 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def listed(parser: argparse.ArgumentParser, text: str, known: set[str], what: str) -> list[str]:
+    """A comma-separated option's items, each one of ``known``."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if unknown := set(items) - known:
+        parser.error(f"unknown {what}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return items
+
+
+def bench_home(parser: argparse.ArgumentParser, prefix: str) -> Path:
+    """A throwaway directory whose ``home`` is CEDANA_RAY_HOME, once root and CRIU are there;
+    SIGTERM interrupts the run (its cleanup runs)."""
+    if os.geteuid() != 0:
+        parser.error("CRIU needs root")
+    criu.version()
+    interrupt_on_sigterm()
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["CEDANA_RAY_HOME"] = str(base / "home")
+    os.environ.pop("CEDANA_RAY_STORAGE", None)
+    return base
+
+
 def bench_size(size: int, repeat: int, base: Path, engine: Engine, procs: Procs) -> list[Row]:
     rows = []
     for run in range(1, repeat + 1):

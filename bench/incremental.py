@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the servers the tests use
 
-from dump_restore import err, gone, human, interrupt_on_sigterm, kill_jobs, parse_size, room_for, timed, wait_until
+from dump_restore import bench_home, err, gone, human, kill_jobs, listed, parse_size, room_for, timed, wait_until
 from servers import ACCESS_KEY, SECRET_KEY, SeaweedS3, Server
 
 from cedana_ray import criu
@@ -178,16 +177,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="restores of each checkpoint; the best counts")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
-    size, stores = parse_size(args.size), [s.strip() for s in args.stores.split(",") if s.strip()]
-    if unknown := set(stores) - {"file", "s3"}:
-        parser.error(f"unknown store(s): {', '.join(sorted(unknown))} (known: file, s3)")
-    if os.geteuid() != 0:
-        parser.error("CRIU needs root")
-    criu.version()
-    interrupt_on_sigterm()
-    base = Path(tempfile.mkdtemp(prefix="cedana-bench-incremental-"))
-    os.environ["CEDANA_RAY_HOME"] = str(base / "home")
-    os.environ.pop("CEDANA_RAY_STORAGE", None)
+    size, stores = parse_size(args.size), listed(parser, args.stores, {"file", "s3"}, "store(s)")
+    base = bench_home(parser, "cedana-bench-incremental-")
     rows: list[Row] = []
     try:
         if reason := room_for(3 * size, base):  # two checkpoints, and the server's copy

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,11 +37,12 @@ from cedana_ray.plugins._gcsfs import gcsfs
 from dump_restore import (
     WORKLOAD,
     MiB,
+    bench_home,
     err,
     gone,
     human,
-    interrupt_on_sigterm,
     kill_jobs,
+    listed,
     parse_size,
     room_for,
     timed,
@@ -225,17 +225,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if unknown := set(backends) - {"s3", "gs", "cedana"}:
-        parser.error(f"unknown backend(s): {', '.join(sorted(unknown))} (known: s3, gs, cedana)")
-    if os.geteuid() != 0:
-        parser.error("CRIU needs root")
-    criu.version()
-    interrupt_on_sigterm()
-
-    base = Path(tempfile.mkdtemp(prefix="cedana-bench-storage-"))
-    os.environ["CEDANA_RAY_HOME"] = str(base / "home")
-    os.environ.pop("CEDANA_RAY_STORAGE", None)
+    backends = listed(parser, args.backends, {"s3", "gs", "cedana"}, "backend(s)")
+    base = bench_home(parser, "cedana-bench-storage-")
     rows: list[Row] = []
     try:
         engine = Engine(Paths(base / "home"))
