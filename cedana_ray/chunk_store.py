@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 CHUNKS = ".chunks"  # checkpoint ids never start with '.': no checkpoint can be named so
 CAS_CHUNK = MAX_SIZE  # what a cas manifest's chunk_size says: the largest chunk it may hold
+ANCESTORS = 4  # of a dump's parents, how far back one whose chunks it may reuse is looked for
 DEDUP_ENV = "CEDANA_RAY_DEDUP"  # "0" or "off": new checkpoints use the per-checkpoint layouts
 
 
@@ -191,19 +192,25 @@ class ContentStore:
         self: CheckpointStore, parent: str | None, compression: Compression, key_fingerprint: str | None
     ) -> dict[str, Chunk]:
         """The chunks a dump with ``compression`` and a key of ``key_fingerprint`` may reuse,
-        by address: those of its ``parent`` (the job's last checkpoint), where that is a
-        trusted cas checkpoint of this store made alike. The parent lists every chunk of the
-        job's last state, reused or new, so one manifest is read whatever the store holds."""
-        if parent is None:
-            return {}
-        try:
-            manifest = self.manifest(parent)
-        except (CheckpointNotFound, CheckpointError, UsageError):  # elsewhere, deleted, or not ours
-            return {}
-        made = (manifest.layout, manifest.compression, manifest.key_fingerprint)
-        if made != (Layout.cas, compression, key_fingerprint):
-            return {}
-        return {c.address: c for f in manifest.files for c in f.chunks if c.address}
+        by address: those of its ``parent`` (the job's last checkpoint), or of the nearest of
+        that one's own parents, that is a trusted cas checkpoint of this store made alike. It
+        lists every chunk of the job's state then, reused or new, so a dump reads a few
+        manifests whatever the store holds."""
+        for _ in range(ANCESTORS):
+            if parent is None:
+                break
+            try:
+                manifest = self.manifest(parent)
+            except (CheckpointNotFound, CheckpointError, UsageError):  # elsewhere, deleted, or not ours
+                break
+            if (manifest.layout, manifest.compression, manifest.key_fingerprint) == (
+                Layout.cas,
+                compression,
+                key_fingerprint,
+            ):
+                return {c.address: c for f in manifest.files for c in f.chunks if c.address}
+            parent = manifest.parent
+        return {}
 
     def manifests_here(self: CheckpointStore, trusted: bool = True) -> list[Manifest]:
         """The manifests in this store, read in parallel: those that verify (``trusted``), or

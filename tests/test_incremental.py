@@ -468,3 +468,19 @@ def test_deletes_sweep_at_most_once_a_period(place: Place, staging: Path, monkey
     place.store.delete("c2")  # within the period: its chunks stay until a sweep
     assert place.objects() == left
     assert place.store.sweep() > 0 and len(place.objects()) < len(left)
+
+
+def test_a_dump_reuses_the_nearest_cas_ancestor(
+    place: Place, staging: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its parent in another layout (a dump with CEDANA_RAY_DEDUP=0 between): the chunks of
+    the parent's own parent are reused."""
+    first = images_of()
+    m1 = commit(place.store, staging, "c1", first)
+    monkeypatch.setenv(DEDUP_ENV, "0")
+    assert commit(place.store, staging, "c2", first, parent="c1").layout is not Layout.cas
+    monkeypatch.delenv(DEDUP_ENV)
+    before = set(place.objects())
+    m3 = commit(place.store, staging, "c3", third := changed(first, 6 * MiB, 2 * MiB), parent="c2")
+    assert 1 <= len(set(place.objects()) - before) <= 3 and len(stored(m3) & stored(m1)) >= 2
+    assert fetched(place.store, "c3", tmp_path / "r3") == third
