@@ -38,7 +38,7 @@ from cedana_ray.engine import new_id
 from cedana_ray.errors import CedanaError, NotFoundError, PrerequisiteError, StateError, Unreachable, UsageError
 from cedana_ray.gateway import Gateway, token_of
 from cedana_ray.models import LIVE_STATES, Job, JobState
-from cedana_ray.plugins_manager import register_storage
+from cedana_ray.plugins_manager import GPU, register_storage
 from cedana_ray.records import Records, require_state
 from cedana_ray.registry import Registry
 from cedana_ray.remote import STREAMED, agent_name, call, detached, followed, streamed
@@ -49,7 +49,7 @@ from cedana_ray.signing import Signer
 from .agent import NodeAgent
 from .checkpoints import Checkpoints
 from .migration import Migration
-from .placement import Placement
+from .placement import Placement, gpus_by_node
 from .policies import Policies
 from .reservations import give_back, release, reserve
 from .store_server import STORE, StoreServer
@@ -308,15 +308,23 @@ class Coordinator(Placement, Checkpoints, Migration, Policies):
         return self._serve(self.registry.job(jid).node, "read_log", jid, offset, limit)
 
     def query(self, jtype: str) -> list[dict[str, Any]]:
-        """Every node's answer; a node that lacks what the query needs (a driver, a
-        daemon) is left out, and the query fails only when no node could answer."""
+        """Every node's answer, asked of all at once (``query gpu``: of the nodes with GPUs,
+        as Ray counts them); a node that lacks what the query needs (a driver, a daemon) is
+        left out, and the query fails only when no node could answer."""
+        agents = sorted(self.agents.items())
+        if jtype == GPU:  # `ps` asks on every call: a node without a GPU has nothing to say
+            gpus = gpus_by_node()
+            agents = [(node, agent) for node, agent in agents if gpus.get(node)]
+            if not agents:
+                raise PrerequisiteError("no node of the cluster has a GPU, as Ray counts them")
+        pending = [(node, agent.serve.remote("query", jtype)) for node, agent in agents]
         rows, missing = [], []
-        for node, agent in sorted(self.agents.items()):
+        for node, ref in pending:
             try:
-                rows += [{**r, "node": node} for r in call(agent.serve.remote("query", jtype))]
+                rows += [{**r, "node": node} for r in call(ref)]
             except PrerequisiteError as exc:
                 missing.append(exc)
-        if missing and len(missing) == len(self.agents):
+        if missing and len(missing) == len(pending):
             raise missing[0]
         return rows
 

@@ -28,7 +28,7 @@ class Placement:
 
     def nodes(self) -> list[NodeStatus]:
         found = []
-        gpus = _gpus()
+        gpus = gpus_by_node()
         for node in sorted(self.agents):
             try:
                 status = call(self._agent(node).status.remote(), timeout=30)
@@ -61,7 +61,7 @@ class Placement:
         if node is not None:
             chosen = self.resolve_node(node)
             status = call(self._agent(chosen).status.remote(), timeout=30)
-            if jtype not in status.types or (gpu and not _gpus().get(chosen)):
+            if jtype not in status.types or (gpu and not gpus_by_node().get(chosen)):
                 raise PrerequisiteError(
                     f"node {chosen[:12]} cannot run a {what}", hint="`cedana-ray nodes` shows what each can run"
                 )
@@ -87,7 +87,7 @@ def named(name: str, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return exact or [n for n in nodes if n["NodeID"].startswith(name)]
 
 
-def _gpus() -> dict[str, float]:
+def gpus_by_node() -> dict[str, float]:
     """Each alive node's GPUs, as Ray counts them (detected, or declared with ``--num-gpus``)."""
     return {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]}
 
