@@ -21,6 +21,7 @@ from conftest import kill_jobs
 from test_cli import assert_one_error, cedana
 from test_process_criu import COUNTER, last_count, start, wait_for
 
+from cedana_ray.chunk_store import DEDUP_ENV
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import PermissionDenied, UntrustedCheckpoint
@@ -32,6 +33,14 @@ from cedana_ray.store import MANIFEST, CheckpointStore
 
 pytestmark = [pytest.mark.criu, pytest.mark.usefixtures("own_staging")]
 Body = dict[str, Any]
+
+
+@pytest.fixture(autouse=True)
+def per_checkpoint_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoints crafted here are copies of a per-checkpoint layout's files (``data``):
+    the refusals of crafted cas manifests (chunks missing or corrupted, addresses changed)
+    are tested in tests/test_incremental.py."""
+    monkeypatch.setenv(DEDUP_ENV, "0")
 
 
 @pytest.fixture
