@@ -70,10 +70,8 @@ class PluginManager(pluggy.PluginManager):
         value = self._unloaded.pop(name, None)
         if value is None:
             return
-        module, _, attr = value.partition(":")
         try:
-            plugin = importlib.import_module(module)
-            plugin = getattr(plugin, attr) if attr else plugin
+            plugin = resolve(value)
         except Exception as exc:  # a plugin's import error must not break the CLI
             missing = explain(exc, f"the {name} plugin")  # an extra that is not installed
             self._failures[name] = f"not installed: {missing or f'import failed: {exc}'}"
@@ -141,6 +139,13 @@ class PluginManager(pluggy.PluginManager):
         if result is None:
             raise UsageError(f"{name} does not support {what}")
         return result
+
+
+def resolve(value: str) -> Any:
+    """What an entry point's value (``module`` or ``module:attr``) names, imported."""
+    module, _, attr = value.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attr) if attr else found
 
 
 def _survey() -> tuple[dict[str, Any], list[str]]:

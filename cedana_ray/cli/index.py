@@ -6,7 +6,7 @@ in the cache (:mod:`cedana_ray.cache`) with the modules that define the commands
 
 from __future__ import annotations
 
-import importlib
+import functools
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -40,12 +40,6 @@ HOOKS = {  # the plugin hook that gives each group's commands
 }
 
 
-def _load_target(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    loaded = importlib.import_module(module)
-    return getattr(loaded, attr) if attr else loaded
-
-
 def _commands(found: Any) -> Iterator[click.Command]:
     """A hook's answer: one command, a list of them (helpers), or None."""
     for item in found if isinstance(found, list) else [found]:
@@ -66,13 +60,13 @@ def _entry(cmd: click.Command, **where: Any) -> dict[str, Any]:
 
 def build() -> tuple[dict[str, Any], list[str]]:
     """Import every command, the core's and the installed plugins', and index them."""
-    from ..plugins_manager import get_plugin_manager, installed
+    from ..plugins_manager import get_plugin_manager, installed, resolve
 
     commands: dict[str, dict[str, Any]] = {group: {} for group in HOOKS}
     files: set[str] = set()
     for group, targets in CORE.items():
         for target in targets:
-            cmd = _load_target(target)
+            cmd = resolve(target)
             commands[group][cmd.name] = _entry(cmd, target=target)
             files.update(_source(target.partition(":")[0]))
     pm = get_plugin_manager()
@@ -85,15 +79,10 @@ def build() -> tuple[dict[str, Any], list[str]]:
     return commands, sorted(files)
 
 
-_index: dict[str, Any] | None = None
-
-
+@functools.cache
 def index() -> dict[str, dict[str, Any]]:
     """Group -> command name -> its short help and where it lives."""
-    global _index
-    if _index is None:
-        _index = cached("commands", build)
-    return _index
+    return cached("commands", build)
 
 
 def names(group: str) -> list[str]:
@@ -110,7 +99,9 @@ def load(group: str, name: str) -> click.Command | None:
     entry = index().get(group, {}).get(name)
     if entry is None:
         return None
-    found = _load_target(entry["target"])
+    from ..plugins_manager import resolve  # here: importing it costs what --help saves
+
+    found = resolve(entry["target"])
     if "plugin" in entry:
         found = getattr(found, HOOKS[group])()
     return next((c for c in _commands(found) if c.name == name), None)
