@@ -5,12 +5,16 @@ incompressible, half zeros) is checkpointed and restored three ways:
 
 * ``raw``: ``criu dump`` / ``criu restore --restore-detached`` by hand, on the same
   kind of tree (PID 1 of its own PID namespace, in its own session);
-* ``ours none`` and ``ours zstd``: :class:`cedana_ray.engine.Engine` ``dump`` then
-  ``restore``, in a throwaway ``CEDANA_RAY_HOME``.
+* ``ours none``, ``ours zstd`` (``--compressions``, also ``lz4``):
+  :class:`cedana_ray.engine.Engine` ``dump`` then ``restore``, in a throwaway
+  ``CEDANA_RAY_HOME``.
 
 Run as root::
 
-    .venv/bin/python bench/dump_restore.py [--sizes 256M,1G,4G] [--repeat N] [--json]
+    .venv/bin/python bench/dump_restore.py [--sizes 256M,1G,4G] [--repeat N] [--compressions none,lz4,zstd] [--json]
+
+Images (raw and ours) go under ``$TMPDIR`` (default ``/tmp``): ``TMPDIR=/dev/shm`` puts
+them in memory, where CRIU writes at memory speed and only our own work is left to show.
 
 Everything lives under one temporary directory, removed at the end; every process
 started here is killed by PID, even on Ctrl-C.
@@ -49,7 +53,7 @@ from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 GiB = 1 << 30
 MiB = 1 << 20
 UNITS = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}
-MODES = ("raw", "ours none", "ours zstd")
+COMPRESSIONS = ("none", "zstd")  # ours, besides raw CRIU
 
 # argv: SIZE [MARKER]. Fills SIZE bytes in 64 MiB pieces, alternating one random
 # block (each 4 KiB page stamped with its own index, so no two pages are equal) and
@@ -410,11 +414,12 @@ def bench_home(parser: argparse.ArgumentParser, prefix: str) -> Path:
     return base
 
 
-def bench_size(size: int, repeat: int, base: Path, engine: Engine, procs: Procs) -> list[Row]:
+def bench_size(size: int, repeat: int, base: Path, engine: Engine, procs: Procs, compressions: list[str]) -> list[Row]:
     rows = []
+    modes = ["raw", *(f"ours {c}" for c in compressions)]
     for run in range(1, repeat + 1):
-        shift = (run - 1) % len(MODES)  # rotate the order: no mode always runs first (cold memory, cache)
-        for mode in MODES[shift:] + MODES[:shift]:
+        shift = (run - 1) % len(modes)  # rotate the order: no mode always runs first (cold memory, cache)
+        for mode in modes[shift:] + modes[:shift]:
             err.print(f"[dim]{human(size)} {mode} #{run} ...[/]")
             if mode == "raw":
                 row = bench_raw(size, run, base, procs)
@@ -429,8 +434,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256M,1G,4G", help="comma-separated workload sizes (default 256M,1G,4G)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each mode per size (default 1)")
+    parser.add_argument(
+        "--compressions", default=",".join(COMPRESSIONS), help="ours, comma-separated (default none,zstd; also lz4)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
+    compressions = listed(parser, args.compressions, {c.value for c in Compression}, "compression")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if os.geteuid() != 0:
         parser.error("CRIU needs root")
@@ -452,7 +461,7 @@ def main() -> int:
                 err.print(f"[yellow]skipping {human(size)}: {reason}[/]")
                 skips.append(Skip(size, reason))
                 continue
-            rows += bench_size(size, args.repeat, base, engine, procs)
+            rows += bench_size(size, args.repeat, base, engine, procs, compressions)
     except KeyboardInterrupt:
         err.print("[red]interrupted: cleaning up[/]")
         return 130
