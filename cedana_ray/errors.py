@@ -19,6 +19,7 @@ fsspec and SQLite are translated at the boundary (``raise ... from exc``)::
      |    +-- RestoreError              CRIU restore failed
      |    +-- CorruptCheckpoint         checksum mismatch, truncated or missing chunk
      |    +-- UntrustedCheckpoint       unsigned or altered manifest, a field that could escape
+     |    +-- MigrationError            a live migration's stream failed (the job runs on where it was)
      +-- StorageError (8)               unknown scheme, missing backend, full disk
 """
 
@@ -97,6 +98,10 @@ class CorruptCheckpoint(CheckpointError):
 
 class UntrustedCheckpoint(CheckpointError):
     """A checkpoint that is not ours to restore: unsigned, altered, or crafted to escape."""
+
+
+class MigrationError(CheckpointError):
+    """A live migration failed: the hypervisor's stream, or the target's side of it."""
 
 
 class StorageError(CedanaError):

@@ -31,6 +31,7 @@ ROWS: tuple[tuple[str, str | None] | None, ...] = (
     ("Restore VM handler", "cedana_restore_vm_handler"),
     ("Freeze handler", "cedana_freeze_handler"),
     ("Unfreeze handler", "cedana_unfreeze_handler"),
+    ("Live migration", "cedana_live_migration"),
     None,
     ("Run handler", None),  # one run handler serves both modes: see docs/plugins.md
     ("Run handler (serverless)", "cedana_run_handler_serverless"),

@@ -32,6 +32,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from .live import LiveMigrator
     from .models import HealthCheck, Job
     from .pipeline import Handler, Middleware
 
@@ -139,6 +140,13 @@ def cedana_freeze_handler() -> Handler:
 @hookspec(firstresult=True)
 def cedana_unfreeze_handler() -> Handler:
     """Resumes the whole workload of ``ctx.job``."""
+
+
+@hookspec(firstresult=True)
+def cedana_live_migration() -> LiveMigrator:
+    """A VM type's live migration between nodes by its hypervisor's own pre-copy migration
+    (``migrate --live``): a :class:`~cedana_ray.live.LiveMigrator`, whose methods each node's
+    agent calls on its side (see :mod:`cedana_ray.live`). Types without it refuse ``--live``."""
 
 
 @hookspec(firstresult=True)

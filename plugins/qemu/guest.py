@@ -26,6 +26,7 @@ QEMU = "qemu-system-x86_64"
 KVM = Path("/dev/kvm")
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"  # panic=-1 with -no-reboot: a dead guest ends the job
 QMP_SOCKET, STATE, KERNEL, INITRD = "qmp.sock", "vm.state", "vmlinuz", "initrd"  # in the job dir and images
+HOLD = "console.hold"  # while it exists, a live migration's target holds its console back (watch.py)
 _MEMORY = re.compile(r"^[1-9]\d*[MG]$")
 _MACHINE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -105,10 +106,12 @@ def require_file(path: Path, what: str) -> Path:
     return path.resolve()
 
 
-def argv(vm: Vm, files: Path, incoming: Path | None = None) -> list[str]:
+def argv(vm: Vm, files: Path, incoming: Path | None = None, *, defer: bool = False, paused: bool = False) -> list[str]:
     """QEMU's command line for ``vm``, with its kernel and initrd in ``files`` (the job dir)
     and its QMP socket there, relative (QEMU runs in the job dir: the path's length is then
-    no limit); ``incoming``: a state file to restore, the VM left paused once loaded."""
+    no limit); ``incoming``: a state file to restore, the VM left paused once loaded;
+    ``defer``: a live migration's target, whose stream's address QMP ``migrate-incoming``
+    gives, the guest running once it loaded unless ``paused``."""
     args = [binary(), "-machine", vm.machine, "-accel", vm.accel, "-m", vm.memory, "-smp", str(vm.cpus)]
     args += ["-kernel", str(files / KERNEL), "-append", vm.append]
     if vm.initrd:
@@ -118,6 +121,8 @@ def argv(vm: Vm, files: Path, incoming: Path | None = None) -> list[str]:
     args += ["-no-reboot", "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
     if incoming:
         args += ["-S", "-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+    elif defer:
+        args += [*(["-S"] if paused else []), "-incoming", "defer"]
     return args
 
 

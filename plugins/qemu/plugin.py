@@ -35,7 +35,8 @@ from cedana_ray.runtime import Runtime
 from cedana_ray.spawn import LOG, LaunchError, launch, started_at
 
 from . import commands, guest, watch
-from .guest import INITRD, KERNEL, QMP_SOCKET, STATE, Vm
+from .guest import HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
+from .live import QemuLive
 from .qmp import Qmp, QmpError
 
 NAME = "qemu"
@@ -76,9 +77,17 @@ def _place(job_dir: Path, kernel: Path, initrd: Path | None) -> None:
 
 def _start(ctx: Context, vm: Vm, incoming: Path | None = None) -> dict[str, Any]:
     """QEMU under its supervisor, in the job dir; its reply once QMP listens."""
-    job_dir: Path = ctx.state.job_dir
+    return start_in(ctx.state.job_dir, guest.argv(vm, ctx.state.job_dir, incoming))
+
+
+def start_in(job_dir: Path, argv: list[str], hold: bool = False) -> dict[str, Any]:
+    """QEMU run with ``argv`` under its supervisor in ``job_dir``; with ``hold``, its console
+    held back until the file :data:`~.guest.HOLD` there is removed (a live migration's target)."""
     (job_dir / QMP_SOCKET).unlink(missing_ok=True)  # a dead QEMU's socket would look ready
-    spec = {"argv": guest.argv(vm, job_dir, incoming), "cwd": str(job_dir), "qmp": QMP_SOCKET}
+    spec = {"argv": argv, "cwd": str(job_dir), "qmp": QMP_SOCKET}
+    if hold:
+        (job_dir / HOLD).touch()
+        spec["hold"] = HOLD
     return launch(spec, job_dir, watch)
 
 
@@ -94,9 +103,14 @@ def _killed_on_failure(pid: int) -> Iterator[None]:
 
 
 def _job(ctx: Context, reply: dict[str, Any], vm: Vm, state: JobState, command: list[str]) -> Job:
-    details = {"started": started_at(reply), "target": ctx.state.jid, "vm": vm.model_dump()}
-    log = str(ctx.state.job_dir / LOG)
-    return Job(jid=ctx.state.jid, type=NAME, pid=reply["pid"], state=state, command=command, log=log, details=details)
+    return job_of(ctx.state.jid, ctx.state.job_dir, reply, vm, state, command)
+
+
+def job_of(jid: str, job_dir: Path, reply: dict[str, Any], vm: Vm, state: JobState, command: list[str]) -> Job:
+    """The job of the QEMU that ``reply`` (its supervisor's) describes, in ``job_dir``."""
+    details = {"started": started_at(reply), "target": jid, "vm": vm.model_dump()}
+    log = str(job_dir / LOG)
+    return Job(jid=jid, type=NAME, pid=reply["pid"], state=state, command=command, log=log, details=details)
 
 
 def run(ctx: Context) -> Job:
@@ -245,4 +259,5 @@ plugin = Runtime(
     health_checks=guest.health_checks,
     kill_signal=signal.SIGTERM,  # QEMU quits on it as on QMP `quit`; a paused guest too
     cleanup=cleanup,
+    hooks={"cedana_live_migration": QemuLive()},  # migrate --live: QEMU's pre-copy migration (live.py)
 )

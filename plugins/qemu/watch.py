@@ -55,8 +55,26 @@ def begin(spec: dict) -> tuple[dict, dict]:
     return {"pid": proc.pid, "start_ticks": start_ticks(proc.pid)}, {"pid": proc.pid, "out": r, "fds": [r]}
 
 
+def hold(path: str, pid: int) -> None:
+    """A live migration's target: the guest's console waits in its pipe until the job's log
+    so far is in the job log (the plugin then removes ``path``), or QEMU is gone."""
+    while os.path.exists(path) and not _ended(pid):
+        time.sleep(READY_POLL_S)
+
+
+def _ended(pid: int) -> bool:
+    """Whether our child ``pid`` exited (a zombie until :func:`supervise` reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def main() -> None:
     spec = read_spec(sys.argv[2])
+    if spec.get("hold"):
+        hold(os.path.join(spec["cwd"], spec["hold"]), spec["kept"]["pid"])
     supervise(spec, spec["kept"]["pid"], spec["kept"]["out"])
 
 
