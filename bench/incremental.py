@@ -81,10 +81,10 @@ class Row:
 
 def chunk_bytes(store: CheckpointStore) -> int:
     try:
-        entries = store.fs.ls(f"{store.root}/{CHUNKS}", detail=True, refresh=True)
+        entries = store.fs.find(f"{store.root}/{CHUNKS}", detail=True)  # every digest's folder
     except FileNotFoundError:
         return 0
-    return sum(int(e.get("size", 0)) for e in entries)
+    return sum(int(e.get("size", 0)) for e in entries.values() if e.get("type") != "directory")
 
 
 def printed(engine: Engine, jid: str, word: str) -> None:

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec.asyn
 
-from .chunk_store import CHUNKS
-from .models import Layout
+from .chunk_store import CHUNKS, chunk_name
+from .models import Digest, Layout
 from .retry import ATTEMPTS, retrying
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class ChunkSweeper:
             return 0
         chunks = self._chunk_objects()
         manifests = [m for m in self.manifests_here(trusted=False) if m.layout is Layout.cas]
-        used = {c.sha256 for m in manifests for f in m.files for c in f.chunks}
+        used = {chunk_name(c.digest, m.digest) for m in manifests for f in m.files for c in f.chunks}
         if self._live_records(PENDING, PENDING_STALE_S):  # a dump began while we marked
             return 0
         now = time.time()
@@ -134,12 +134,19 @@ class ChunkSweeper:
                 retrying(lambda path=path: self.fs.rm(path))
 
     def _chunk_objects(self: CheckpointStore) -> dict[str, float | None]:
-        """Chunk object name -> its age's start (Unix time; None where the store keeps none)."""
-        try:
-            entries = retrying(lambda: self.fs.ls(f"{self.root}/{CHUNKS}", detail=True, refresh=True))
-        except FileNotFoundError:
-            return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: _mtime(e) for e in entries if e.get("type") != "directory"}
+        """Chunk object name under ``.chunks`` (see ``chunk_name``) -> its age's start (Unix
+        time; None where the store keeps none); every digest's folder."""
+        found: dict[str, float | None] = {}
+        for folder in (chunk_name("", algorithm) for algorithm in Digest):
+            try:
+                path = f"{self.root}/{CHUNKS}/{folder}".rstrip("/")
+                entries = retrying(lambda path=path: self.fs.ls(path, detail=True, refresh=True))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.get("type") != "directory":
+                    found[folder + e["name"].rstrip("/").rsplit("/", 1)[-1]] = _mtime(e)
+        return found
 
     def _put_record(self: CheckpointStore, folder: str, name: str) -> None:
         data = json.dumps({"at": time.time()}).encode()

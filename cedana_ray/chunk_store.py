@@ -2,26 +2,34 @@
 
 Layout under a store URL::
 
-    URL/.chunks/<sha256 of the stored bytes>   one object per distinct chunk, never rewritten
+    URL/.chunks/blake3/<digest>                one object per distinct chunk, never rewritten,
+                                               named by the BLAKE3 of the stored bytes
+    URL/.chunks/<digest>                       the same, sha256, of checkpoints made before BLAKE3
     URL/.pending/<ID>                          a dump of ID under way (see chunk_gc)
     URL/ID/manifest.json                       lists every chunk of ID, reused or new
 
 Images are cut at content-defined page boundaries (:mod:`cedana_ray.cdc`). Each chunk has an
-*address*, the sha256 of its original bytes (with a key: an HMAC of them under a key derived
+*address*, the hash of its original bytes (with a key: a keyed hash of them under a key derived
 from it, so equal plaintext dedups without the store learning plaintext hashes). A dump first
 reads the manifest of its parent (the job's last checkpoint) where it is in the same store,
-made with the same compression and key: a chunk whose address it lists is referenced, not
+made with the same compression, key and digest: a chunk whose address it lists is referenced, not
 compressed nor uploaded again. A new chunk is compressed, encrypted (AES-256-GCM, with a nonce
 derived from the bytes it encrypts, so equal chunks encrypt equally and still never share a
-nonce with other bytes) and stored under the sha256 of what is stored: the name is the
+nonce with other bytes) and stored under the hash of what is stored: the name is the
 content, so a write can only ever put the same bytes there again, and a reader checks what it
 got against the name the signed manifest gives.
+
+The hash is the manifest's ``digest``: BLAKE3 for new checkpoints (plain, or keyed with the
+derived key for addresses and nonces), sha256 (and HMAC-SHA256) for those made before, which
+stay readable. BLAKE3 chunks lie in a folder of their own, ``.chunks/blake3``: sweeps of
+versions that predate it free only the top-level objects that no manifest they can parse
+lists, and cannot parse a BLAKE3 manifest. A dump reuses only the chunks of a parent with its
+own digest, so the first BLAKE3 dump after a sha256 one stores all of its chunks again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
 import secrets
@@ -31,16 +39,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import failpoint
 from .cdc import MAX_SIZE, Cutter
-from .chunking import WhileCriuWrites, bounded_map, sha256
+from .chunking import WhileCriuWrites, bounded_map, hash_chunk
 from .codec import codec
 from .crypto import NONCE_BYTES, fingerprint
 from .errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint, UsageError
-from .models import Chunk, Compression, ImageFile, Layout, Manifest
+from .models import Chunk, Compression, Digest, ImageFile, Layout, Manifest
 from .retry import retrying
 
 if TYPE_CHECKING:
@@ -56,22 +65,33 @@ def dedup_enabled() -> bool:
     return os.environ.get(DEDUP_ENV, "1").lower() not in ("0", "off", "no", "false")
 
 
+def chunk_name(digest: str, algorithm: Digest) -> str:
+    """Where under ``.chunks`` the chunk stored as ``digest`` lies (see the module docstring)."""
+    return digest if algorithm is Digest.sha256 else f"{algorithm.value}/{digest}"
+
+
 class ContentCipher:
     """Keyed addresses and deterministic AES-256-GCM for the chunks of one key."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, algorithm: Digest = Digest.blake3) -> None:
         self._aead = AESGCM(key)
         # separate keys, derived one-way: an address reveals nothing usable about the others
-        self._address_key = hmac.digest(key, b"cedana-ray chunk address", "sha256")
-        self._nonce_key = hmac.digest(key, b"cedana-ray chunk nonce", "sha256")
+        address_key = hmac.digest(key, b"cedana-ray chunk address", "sha256")
+        nonce_key = hmac.digest(key, b"cedana-ray chunk nonce", "sha256")
+        if algorithm is Digest.sha256:  # as checkpoints made before BLAKE3 were
+            self._address = lambda raw: hmac.digest(address_key, raw, "sha256")
+            self._nonce = lambda data: hmac.digest(nonce_key, data, "sha256")
+        else:  # keyed BLAKE3 is a PRF as HMAC-SHA256 is, at several times its speed
+            self._address = lambda raw: blake3.blake3(raw, key=address_key).digest()
+            self._nonce = lambda data: blake3.blake3(data, key=nonce_key).digest()
 
     def address(self, raw: bytes) -> str:
-        return hmac.digest(self._address_key, raw, "sha256").hex()
+        return self._address(raw).hex()
 
     def encrypt(self, data: bytes, address: str) -> bytes:
         # The nonce is a MAC of the exact bytes encrypted: equal chunks give equal objects
         # (dedup), and two different messages never share a nonce (GCM's one requirement).
-        nonce = hmac.digest(self._nonce_key, data, "sha256")[:NONCE_BYTES]
+        nonce = self._nonce(data)[:NONCE_BYTES]
         return nonce + self._aead.encrypt(nonce, data, address.encode())
 
     def decrypt(self, data: bytes, address: str, where: str) -> bytes:
@@ -87,8 +107,8 @@ class ContentWriter:
     def __init__(
         self, store: CheckpointStore, ckpt: str, compression: Compression, key: bytes | None, parent: str | None
     ) -> None:
-        self.store, self.ckpt, self.compression = store, ckpt, compression
-        self.cipher = ContentCipher(key) if key else None
+        self.store, self.ckpt, self.compression, self.algorithm = store, ckpt, compression, store.digest
+        self.cipher = ContentCipher(key, self.algorithm) if key else None
         self._compress, _ = codec(compression)
         self.written = 0  # chunks this dump stored (the rest were in the store already)
         self.written_bytes = 0
@@ -99,11 +119,11 @@ class ContentWriter:
                 store._require_bucket(exc)
                 raise
             store.wait_for_sweeps()
-            self.index = store.chunk_index(parent, compression, fingerprint(key) if key else None)
+            self.index = store.chunk_index(parent, compression, fingerprint(key) if key else None, self.algorithm)
         self._lock = threading.Lock()
 
     def address(self, raw: bytes) -> str:
-        return self.cipher.address(raw) if self.cipher else hashlib.sha256(raw).hexdigest()
+        return self.cipher.address(raw) if self.cipher else hash_chunk(raw, self.algorithm)
 
     def put(self, path: Path, off: int, size: int) -> Chunk:
         """The chunk of ``path`` at ``off``: its known twin, or encoded and stored now."""
@@ -118,9 +138,12 @@ class ContentWriter:
         data = self._compress(raw)
         if self.cipher:
             data = self.cipher.encrypt(data, address)
-        digest = sha256(data)
-        self.store.put_chunk(digest, data)
-        chunk = Chunk(offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=digest, address=address)
+        # stored as read (no codec, no key): its address is the hash of the stored bytes
+        digest = address if data is raw else hash_chunk(data, self.algorithm)
+        self.store.put_chunk(digest, data, self.algorithm)
+        chunk = Chunk.hashed(
+            self.algorithm, digest, offset=off, size=size, stored_offset=0, stored_size=len(data), address=address
+        )
         with self._lock:
             self.index[address] = chunk  # a chunk that repeats in this dump is stored once too
             self.written += 1
@@ -162,8 +185,8 @@ class ContentChunks(WhileCriuWrites):
 class ContentStore:
     """The chunk objects of a store (mixed into CheckpointStore: uses its fs, root, paths)."""
 
-    def chunk_path(self: CheckpointStore, digest: str) -> str:
-        return f"{self.root}/{CHUNKS}/{digest}"
+    def chunk_path(self: CheckpointStore, digest: str, algorithm: Digest) -> str:
+        return f"{self.root}/{CHUNKS}/{chunk_name(digest, algorithm)}"
 
     def content_addressed(self: CheckpointStore, compression: Compression, encrypted: bool) -> bool:
         """Whether a new checkpoint goes to the cas layout. Not a local uncompressed one in
@@ -172,12 +195,14 @@ class ContentStore:
         in_place = self.local and compression is Compression.none and not encrypted
         return dedup_enabled() and not in_place
 
-    def put_chunk(self: CheckpointStore, digest: str, data: bytes) -> None:
-        """Store ``data`` as chunk ``digest``: whole or not at all, even across a crash."""
-        target = self.chunk_path(digest)
-        if not self.local:  # a PUT is atomic; the server checks our digest where it can
-            checksum = getattr(self.fs, "put_checksum", lambda digest: {})
-            retrying(lambda: self.fs.pipe_file(target, data, **checksum(digest)))
+    def put_chunk(self: CheckpointStore, digest: str, data: bytes, algorithm: Digest) -> None:
+        """Store ``data`` as chunk ``digest`` (its hash under ``algorithm``): whole or not at
+        all, even across a crash."""
+        target = self.chunk_path(digest, algorithm)
+        if not self.local:  # a PUT is atomic; the server checks a checksum where it can
+            checksum = getattr(self.fs, "put_checksum", lambda data, sha256=None: {})
+            sha256 = digest if algorithm is Digest.sha256 else None
+            retrying(lambda: self.fs.pipe_file(target, data, **checksum(data, sha256)))
             return
         folder = Path(target).parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -189,13 +214,17 @@ class ContentStore:
         os.replace(tmp, target)  # the same bytes as any chunk already there: it is their name
 
     def chunk_index(
-        self: CheckpointStore, parent: str | None, compression: Compression, key_fingerprint: str | None
+        self: CheckpointStore,
+        parent: str | None,
+        compression: Compression,
+        key_fingerprint: str | None,
+        algorithm: Digest = Digest.blake3,
     ) -> dict[str, Chunk]:
-        """The chunks a dump with ``compression`` and a key of ``key_fingerprint`` may reuse,
-        by address: those of its ``parent`` (the job's last checkpoint), or of the nearest of
-        that one's own parents, that is a trusted cas checkpoint of this store made alike. It
-        lists every chunk of the job's state then, reused or new, so a dump reads a few
-        manifests whatever the store holds."""
+        """The chunks a dump with ``compression``, a key of ``key_fingerprint`` and chunk
+        digests by ``algorithm`` may reuse, by address: those of its ``parent`` (the job's
+        last checkpoint), or of the nearest of that one's own parents, that is a trusted cas
+        checkpoint of this store made alike. It lists every chunk of the job's state then,
+        reused or new, so a dump reads a few manifests whatever the store holds."""
         for _ in range(ANCESTORS):
             if parent is None:
                 break
@@ -203,10 +232,11 @@ class ContentStore:
                 manifest = self.manifest(parent)
             except (CheckpointNotFound, CheckpointError, UsageError):  # elsewhere, deleted, or not ours
                 break
-            if (manifest.layout, manifest.compression, manifest.key_fingerprint) == (
+            if (manifest.layout, manifest.compression, manifest.key_fingerprint, manifest.digest) == (
                 Layout.cas,
                 compression,
                 key_fingerprint,
+                algorithm,
             ):
                 return {c.address: c for f in manifest.files for c in f.chunks if c.address}
             parent = manifest.parent
@@ -251,8 +281,10 @@ class ContentStore:
                 if progress:
                     progress("store", done, total)
         if self.local:
-            with contextlib.suppress(FileNotFoundError):  # no chunk was new: none was written
-                from .store_write import fsync_dir  # here: store_write imports this module
+            from .store_write import fsync_dir  # here: store_write imports this module
 
-                fsync_dir(f"{self.root}/{CHUNKS}")
+            # the new chunks' folder, and the one that lists it (made by this dump, maybe)
+            for folder in dict.fromkeys((self.chunk_path("", self.digest).rstrip("/"), f"{self.root}/{CHUNKS}")):
+                with contextlib.suppress(FileNotFoundError):  # no chunk was new: none was written
+                    fsync_dir(folder)
         return files

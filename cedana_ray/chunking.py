@@ -12,21 +12,30 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from .models import Chunk
+import blake3
+
+from .models import Chunk, Digest
 
 DEFAULT_CHUNK = 8 << 20
+DIGEST = Digest.blake3  # what new checkpoints hash their chunks with
 T = TypeVar("T")
+_HASHES: dict[Digest, Callable[[bytes], str]] = {
+    # BLAKE3 releases the GIL and runs several GB/s per core, sha256 (SHA-NI) under 2
+    Digest.blake3: lambda data: blake3.blake3(data).hexdigest(),
+    Digest.sha256: lambda data: hashlib.sha256(data).hexdigest(),
+}
 # Memory images hold many all-zero chunks (buffers allocated and cleared, never filled);
-# comparing with zeros runs at memory speed, some 30x faster than hashing them.
+# comparing with zeros runs at memory speed, many times faster than hashing them.
 _ZEROS = bytes(DEFAULT_CHUNK)
-_ZEROS_SHA256 = hashlib.sha256(_ZEROS).hexdigest()
+_ZERO_DIGESTS = {algorithm: digest(_ZEROS) for algorithm, digest in _HASHES.items()}
 
 
-def sha256(data: bytes) -> str:
-    """The hex sha256 of ``data``; a full chunk of zeros takes its precomputed digest."""
+def hash_chunk(data: bytes, algorithm: Digest = DIGEST) -> str:
+    """The hex digest of ``data`` under ``algorithm``; a full chunk of zeros takes its
+    precomputed one."""
     if len(data) == DEFAULT_CHUNK and data == _ZEROS:
-        return _ZEROS_SHA256
-    return hashlib.sha256(data).hexdigest()
+        return _ZERO_DIGESTS[algorithm]
+    return _HASHES[algorithm](data)
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[Any], window: int) -> Iterator[T]:
@@ -43,17 +52,25 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[
 ChunkFn = Callable[[Path, int, int, int], Chunk]  # (image file, index, offset, size) -> its Chunk
 
 
-def chunk_in_place(fd: int, off: int, size: int) -> Chunk:
-    digest = sha256(os.pread(fd, size, off))
-    return Chunk(offset=off, size=size, stored_offset=off, stored_size=size, sha256=digest)
+def chunk_in_place(fd: int, off: int, size: int, algorithm: Digest = DIGEST) -> Chunk:
+    digest = hash_chunk(os.pread(fd, size, off), algorithm)
+    return Chunk.hashed(algorithm, digest, offset=off, size=size, stored_offset=off, stored_size=size)
 
 
-def hash_in_place(path: Path, index: int, off: int, size: int) -> Chunk:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return chunk_in_place(fd, off, size)
-    finally:
-        os.close(fd)
+def in_place_hasher(algorithm: Digest = DIGEST) -> ChunkFn:
+    """Hashes a chunk of an image file where it lies, with ``algorithm``."""
+
+    def hash_in_place(path: Path, index: int, off: int, size: int) -> Chunk:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return chunk_in_place(fd, off, size, algorithm)
+        finally:
+            os.close(fd)
+
+    return hash_in_place
+
+
+hash_in_place = in_place_hasher()
 
 
 class WhileCriuWrites:

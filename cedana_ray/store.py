@@ -3,7 +3,7 @@
 Layout of checkpoint ``ID`` under a store URL::
 
     URL/ID/manifest.json            written last; without it there is no checkpoint
-    URL/.chunks/<sha256>            content-addressed chunks, shared (Layout.cas, the default)
+    URL/.chunks/blake3/<digest>     content-addressed chunks, shared (Layout.cas, the default)
     URL/ID/data/<image file><ext>   or: chunks of ID alone, each an independent compressed frame
 
 The content-addressed layout (:mod:`cedana_ray.chunk_store`, :mod:`cedana_ray.chunk_gc`)
@@ -13,8 +13,9 @@ still written for local uncompressed dumps (and with ``CEDANA_RAY_DEDUP=0``).
 On object stores (``s3://``, ``gs://``) each chunk is its own object,
 ``URL/ID/data/<image file><ext>/<index>``, so chunks are uploaded and fetched in
 parallel and a failed request is retried alone (see :mod:`cedana_ray.retry`).
-Chunks may be encrypted (:mod:`cedana_ray.crypto`); sha256 is of the stored bytes,
-so integrity is checked without the key. The manifest is signed (:mod:`cedana_ray.signing`)
+Chunks may be encrypted (:mod:`cedana_ray.crypto`); their digest (BLAKE3; sha256 in
+checkpoints made before it, still read) is of the stored bytes, so integrity is checked
+without the key. The manifest is signed (:mod:`cedana_ray.signing`)
 and every field of it is checked before use: a store is untrusted, and what a manifest
 names is only ever created inside the directory it is restored into.
 
@@ -39,6 +40,7 @@ from pydantic import ValidationError
 
 from .chunk_gc import ChunkSweeper, sweep_due
 from .chunk_store import ContentStore
+from .chunking import DIGEST
 from .errors import (
     CedanaError,
     CheckpointError,
@@ -48,7 +50,7 @@ from .errors import (
     UsageError,
 )
 from .extras import missing_in
-from .models import Manifest, check_name, untrusted
+from .models import Digest, Manifest, check_name, untrusted
 from .retry import ATTEMPTS, describe, is_storage_error, retrying
 from .signing import Signer
 from .store_read import StoreReader
@@ -97,14 +99,16 @@ class CheckpointStore(StoreWriter, StoreReader, ContentStore, ChunkSweeper):
 
     ``signer`` signs the manifests this store writes and verifies those it reads;
     without one the store holds no checkpoint for us: it can only be removed from.
+    ``digest`` hashes the chunks of the checkpoints it writes (any is read).
     """
 
-    def __init__(self, url: str, signer: Signer | None = None) -> None:
+    def __init__(self, url: str, signer: Signer | None = None, digest: Digest = DIGEST) -> None:
         from .plugins_manager import register_storage  # here: the plugins import this module
 
         register_storage()
         self.url = url.rstrip("/")
         self.signer = signer
+        self.digest = digest
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ValueError, ImportError) as exc:

@@ -1,6 +1,7 @@
 """Reading a checkpoint back: a mixin of :class:`cedana_ray.store.CheckpointStore`.
 
-Every chunk is checked against its manifest's sha256 before it is used, then decrypted
+Every chunk is checked against its manifest's digest (BLAKE3, or sha256 for checkpoints made
+before it) before it is used, then decrypted
 and decompressed into the restore's own staging directory, where every file is created
 relative to the directory's descriptor (``O_NOFOLLOW | O_EXCL``, 0600); an uncompressed
 local checkpoint is linked and verified in place instead.
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .chunk_store import ContentCipher
-from .chunking import bounded_map, sha256
+from .chunking import bounded_map, hash_chunk
 from .codec import EXTENSIONS, codec
 from .crypto import ChunkCipher, cipher_for
 from .errors import CorruptCheckpoint
@@ -70,7 +71,7 @@ class StoreReader:
         return manifest, dest
 
     def verify(self, manifest: Manifest, streams: int = DEFAULT_STREAMS, progress: Progress | None = None) -> None:
-        """Check every chunk's sha256; raises :class:`CorruptCheckpoint` naming the first bad one."""
+        """Check every chunk's digest; raises :class:`CorruptCheckpoint` naming the first bad one."""
         self._each_file(manifest, None, streams, progress, None)
 
     def _each_file(
@@ -85,12 +86,12 @@ class StoreReader:
                     progress("fetch", done, total)
 
     def _read_chunk(self, manifest: Manifest, image: ImageFile, index: int) -> bytes:
-        """The stored bytes of chunk ``index`` of ``image``, checked against its sha256."""
+        """The stored bytes of chunk ``index`` of ``image``, checked against its digest."""
         ckpt, chunk = manifest.checkpoint, image.chunks[index]
         source = f"{self.path(ckpt)}/data/{image.name}{EXTENSIONS[manifest.compression]}"
         try:
             if manifest.layout is Layout.cas:
-                data = retrying(lambda: self.fs.cat_file(self.chunk_path(chunk.sha256)))
+                data = retrying(lambda: self.fs.cat_file(self.chunk_path(chunk.digest, manifest.digest)))
             elif manifest.layout is Layout.chunks:
                 data = retrying(lambda: self.fs.cat_file(f"{source}/{index:06d}"))
             else:
@@ -98,8 +99,9 @@ class StoreReader:
                 data = retrying(lambda: self.fs.cat_file(source, chunk.stored_offset, end))
         except FileNotFoundError as exc:
             raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is missing") from exc
-        if len(data) != chunk.stored_size or sha256(data) != chunk.sha256:
-            raise CorruptCheckpoint(f"checkpoint {ckpt}: chunk {index} of {image.name} is corrupted (sha256 mismatch)")
+        if len(data) != chunk.stored_size or hash_chunk(data, manifest.digest) != chunk.digest:
+            where = f"checkpoint {ckpt}: chunk {index} of {image.name}"
+            raise CorruptCheckpoint(f"{where} is corrupted ({manifest.digest} mismatch)")
         return data
 
     def _fetch_file(

@@ -18,10 +18,10 @@ from typing import Any
 
 from . import failpoint
 from .chunk_store import CAS_CHUNK, ContentChunks, ContentWriter
-from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, sha256
+from .chunking import DEFAULT_CHUNK, ChunkFn, EarlyChunks, bounded_map, chunk_in_place, hash_chunk, in_place_hasher
 from .codec import EXTENSIONS, codec
 from .crypto import ALGORITHM, ChunkCipher, fingerprint
-from .models import Chunk, Compression, ImageFile, Layout, Manifest
+from .models import Chunk, Compression, Digest, ImageFile, Layout, Manifest
 from .retry import retrying
 
 MANIFEST = "manifest.json"
@@ -50,7 +50,7 @@ class StoreWriter:
         if self.content_addressed(compression, key is not None):
             return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams)
         if self._in_place(images, ckpt):
-            return EarlyChunks(images, chunk_size=chunk_size, streams=streams)
+            return EarlyChunks(images, in_place_hasher(self.digest), chunk_size, streams)
         if not self.local:
             cipher = ChunkCipher(key, ckpt) if key else None
             return EarlyChunks(images, self._uploader(ckpt, compression, cipher), chunk_size, streams)
@@ -96,6 +96,7 @@ class StoreWriter:
             "key_fingerprint": fingerprint(key) if key else None,
             "compression": compression,
             "chunk_size": CAS_CHUNK if cas else chunk_size,
+            "digest": self.digest,
         }
         try:
             with self._errors(f"storing checkpoint {ckpt} in"):
@@ -140,6 +141,8 @@ class StoreWriter:
         cipher: ChunkCipher | None,
     ) -> list[ImageFile]:
         known = prehashed.chunks if prehashed and prehashed.chunk_size == chunk_size else {}
+        if any(getattr(c, self.digest.value) is None for chunks in known.values() for c in chunks):
+            known = {}  # hashed otherwise than this store hashes: hash again
         in_place = self._in_place(images, ckpt)
         names = sorted(p.name for p in images.iterdir() if p.is_file())
         total = sum((images / n).stat().st_size for n in names)
@@ -172,7 +175,7 @@ class StoreWriter:
         rest = [span for span in self._chunks(path, chunk_size) if span[0] >= len(known) * chunk_size]
         fd = os.open(path, os.O_RDONLY)
         try:
-            hashed = bounded_map(pool, lambda span: chunk_in_place(fd, *span), rest, streams * 2)
+            hashed = bounded_map(pool, lambda span: chunk_in_place(fd, *span, self.digest), rest, streams * 2)
             chunks = (*known, *hashed)
             os.fsync(fd)  # what CRIU wrote is the checkpoint itself
         finally:
@@ -191,9 +194,12 @@ class StoreWriter:
         """Encode one chunk of an image file and store it as its own object."""
         encode = _encoder(compression, cipher)
         ext = EXTENSIONS[compression]
-        # A backend that can send our digest along (S3's checksum header) skips hashing the
+        # A backend that can send a checksum along (S3's checksum header) skips hashing the
         # chunk again in its client, which does it on fsspec's one event-loop thread.
-        checksum: Callable[[str], dict[str, str]] = getattr(self.fs, "put_checksum", lambda digest: {})
+        checksum: Callable[[bytes, str | None], dict[str, str]] = getattr(
+            self.fs, "put_checksum", lambda data, sha256=None: {}
+        )
+        algorithm = self.digest
 
         def upload(path: Path, index: int, off: int, size: int) -> Chunk:
             fd = os.open(path, os.O_RDONLY)
@@ -201,10 +207,11 @@ class StoreWriter:
                 data = encode(path.name, index, os.pread(fd, size, off))
             finally:
                 os.close(fd)
-            digest = sha256(data)
+            digest = hash_chunk(data, algorithm)
             target = f"{self.path(ckpt)}/data/{path.name}{ext}/{index:06d}"
-            retrying(lambda: self.fs.pipe_file(target, data, **checksum(digest)))
-            return Chunk(offset=off, size=size, stored_offset=0, stored_size=len(data), sha256=digest)
+            sha256 = digest if algorithm is Digest.sha256 else None
+            retrying(lambda: self.fs.pipe_file(target, data, **checksum(data, sha256)))
+            return Chunk.hashed(algorithm, digest, offset=off, size=size, stored_offset=0, stored_size=len(data))
 
         return upload
 
@@ -245,8 +252,9 @@ class StoreWriter:
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
             for (off, size), data in bounded_map(pool, one, enumerate(spans), streams * 2):
                 out.write(data)
-                digest = sha256(data)
-                chunks.append(Chunk(offset=off, size=size, stored_offset=stored, stored_size=len(data), sha256=digest))
+                digest = hash_chunk(data, self.digest)
+                fields = {"offset": off, "size": size, "stored_offset": stored, "stored_size": len(data)}
+                chunks.append(Chunk.hashed(self.digest, digest, **fields))
                 stored += len(data)
             out.flush()
             os.fsync(out.fileno())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Any
 
 from cedana_ray.extras import MissingExtra, needs
@@ -32,16 +33,22 @@ class S3Store(S3FileSystem):
             "retries": {"max_attempts": 1, "mode": "standard"},
             "connect_timeout": 5,
             "max_pool_connections": max(64, 2 * DEFAULT_STREAMS),  # one per stream at --streams 64
-            # Chunks carry a signed sha256 checksum header instead (put_checksum), which the
-            # server verifies: the same integrity as a signed payload, without botocore
-            # hashing every byte again on fsspec's single event-loop thread (plain-HTTP
-            # endpoints always sign payloads otherwise). Other writes get botocore's CRC32.
+            # Chunks carry a signed checksum header instead (put_checksum), which the
+            # server verifies, without botocore hashing every byte again on fsspec's single
+            # event-loop thread (plain-HTTP endpoints always sign payloads otherwise): a
+            # sha256 one for checkpoints hashed so, a CRC32 for BLAKE3 ones (S3 knows no
+            # BLAKE3), whose stored bytes every read checks against the signed manifest.
+            # Other writes get botocore's CRC32.
             "s3": {"payload_signing_enabled": False},
         }
         kwargs["config_kwargs"] = {**config, **kwargs.get("config_kwargs", {})}
         super().__init__(*args, **kwargs)
 
     @staticmethod
-    def put_checksum(sha256_hex: str) -> dict[str, str]:
-        """The put_object argument that has S3 check a chunk against our digest."""
-        return {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256_hex)).decode()}
+    def put_checksum(data: bytes, sha256: str | None = None) -> dict[str, str]:
+        """The put_object argument that has S3 check chunk ``data``: against its ``sha256``
+        where we have it (a checkpoint hashed so), else a CRC32 of it computed here, on the
+        caller's thread (S3 has no BLAKE3 checksum)."""
+        if sha256 is not None:
+            return {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode()}
+        return {"ChecksumCRC32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()}

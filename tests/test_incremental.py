@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import pytest
 from conftest import Remote, _remote
 from servers import Server
@@ -25,12 +26,12 @@ from test_store import SIGNER, manifest_fields
 
 from cedana_ray.cdc import MAX_SIZE, MIN_SIZE, PAGE, Cutter, spans_of
 from cedana_ray.chunk_gc import GRACE_ENV, PENDING, SWEEP_EVERY_ENV, SWEEPS
-from cedana_ray.chunk_store import CHUNKS, DEDUP_ENV
+from cedana_ray.chunk_store import CHUNKS, DEDUP_ENV, chunk_name
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, UntrustedCheckpoint, UsageError
 from cedana_ray.failpoint import ENV as FAILPOINT
-from cedana_ray.models import Compression, JobState, Layout, Manifest
+from cedana_ray.models import Compression, Digest, JobState, Layout, Manifest
 from cedana_ray.policy import prune
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import MANIFEST, CheckpointStore
@@ -100,7 +101,8 @@ def test_cutting_a_growing_file_gives_the_chunks_of_the_whole(tmp_path: Path) ->
 # -- the store, on file:// and S3
 @dataclass
 class Place:
-    """A cas store and a raw view of its chunk objects: name -> how it was last written."""
+    """A cas store and a raw view of its chunk objects: name (as ``chunk_name`` gives it,
+    under ``.chunks``) -> how it was last written."""
 
     store: CheckpointStore
     objects: Callable[[], dict[str, tuple[int, object]]]
@@ -119,7 +121,10 @@ def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
             folder = root / CHUNKS
             if not folder.exists():
                 return {}
-            return {p.name: (p.stat().st_size, (p.stat().st_ino, p.stat().st_mtime_ns)) for p in folder.iterdir()}
+            files = (p for p in folder.rglob("*") if p.is_file())
+            return {
+                str(p.relative_to(folder)): (p.stat().st_size, (p.stat().st_ino, p.stat().st_mtime_ns)) for p in files
+            }
 
         yield Place(store, local, lambda name: root / CHUNKS / name)
         return
@@ -130,9 +135,10 @@ def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     raw = remote.raw()
 
     def s3() -> dict[str, tuple[int, object]]:
-        found = raw.find(f"{remote.bucket}/ckpts/{CHUNKS}", detail=True)
+        folder = f"{remote.bucket}/ckpts/{CHUNKS}/"
+        found = raw.find(folder, detail=True)
         files = {p: e for p, e in found.items() if e.get("type") == "file"}
-        return {p.rsplit("/", 1)[-1]: (e["size"], e["LastModified"]) for p, e in files.items()}
+        return {p.removeprefix(folder): (e["size"], e["LastModified"]) for p, e in files.items()}
 
     yield Place(CheckpointStore(remote.url, SIGNER), s3, lambda name: f"{remote.bucket}/ckpts/{CHUNKS}/{name}")
 
@@ -168,7 +174,8 @@ def fetched(store: CheckpointStore, ckpt: str, dest: Path, key: bytes | None = N
 
 
 def stored(manifest: Manifest) -> set[str]:
-    return {c.sha256 for f in manifest.files for c in f.chunks}
+    """The chunk objects ``manifest`` uses, by name under ``.chunks``."""
+    return {chunk_name(c.digest, manifest.digest) for f in manifest.files for c in f.chunks}
 
 
 def addresses(manifest: Manifest) -> set[str]:
@@ -190,13 +197,14 @@ def test_a_second_checkpoint_writes_only_new_chunks(place: Place, staging: Path,
     second = changed(first, 10 * MiB, 2 * MiB)  # about 10% of the pages
     m2 = commit(place.store, staging, "c2", second, parent="c1")
     after = place.objects()
-    new = {c.sha256 for f in m2.files for c in f.chunks if c.address not in addresses(m1)}
+    new = {chunk_name(c.digest, m2.digest) for f in m2.files for c in f.chunks if c.address not in addresses(m1)}
     assert set(after) - set(before) == new and 1 <= len(new) <= 3
     assert {name: after[name] for name in before} == before, "no chunk already stored was written again"
     pages = next(f for f in m2.files if f.name == "pages-1.img")
     for c in pages.chunks:  # new: the chunks holding the change, or right after it (its cut may move)
-        assert (c.sha256 in new) <= (c.offset + c.size > 10 * MiB and c.offset < 12 * MiB + MAX_SIZE)
-        assert (c.sha256 in new) >= (10 * MiB <= c.offset < 12 * MiB or c.offset < 10 * MiB < c.offset + c.size)
+        is_new = chunk_name(c.digest, m2.digest) in new
+        assert is_new <= (c.offset + c.size > 10 * MiB and c.offset < 12 * MiB + MAX_SIZE)
+        assert is_new >= (10 * MiB <= c.offset < 12 * MiB or c.offset < 10 * MiB < c.offset + c.size)
     assert m2.size_bytes >= 24 * MiB, "a manifest lists every chunk of its checkpoint, reused or new"
     assert fetched(place.store, "c2", tmp_path / "r2") == second
     assert fetched(place.store, "c1", tmp_path / "r1") == first
@@ -279,7 +287,7 @@ def test_a_corrupted_or_missing_chunk_is_refused(place: Place, staging: Path, tm
     m1 = commit(place.store, staging, "c1", images_of())
     image = next(f for f in m1.files if f.name == "pages-1.img")
     index, chunk = 1, image.chunks[1]
-    fs, path = place.store.fs, str(place.raw_chunk(chunk.sha256))
+    fs, path = place.store.fs, str(place.raw_chunk(chunk_name(chunk.digest, m1.digest)))
     data = bytearray(fs.cat_file(path))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(path, bytes(data))
@@ -296,7 +304,8 @@ def test_encrypted_chunks_dedup_under_keyed_addresses(place: Place, staging: Pat
     second = changed(first, 12 * MiB, 2 * MiB)
     m2 = commit(place.store, staging, "c2", second, key=KEY, parent="c1")
     assert m2.encryption == "aes-256-gcm" and 1 <= len(stored(m2) - stored(m1)) <= 3
-    plain = {hashlib.sha256(first["pages-1.img"][c.offset : c.offset + c.size]).hexdigest() for c in m1.files[2].chunks}
+    pieces = [first["pages-1.img"][c.offset : c.offset + c.size] for c in m1.files[2].chunks]
+    plain = {h(p).hexdigest() for p in pieces for h in (hashlib.sha256, blake3.blake3)}
     raw_manifest = place.store.fs.cat_file(f"{place.store.path('c1')}/{MANIFEST}").decode()
     assert m1.files[2].name == "pages-1.img" and not any(h in raw_manifest for h in plain), "no plaintext hash"
     assert fetched(place.store, "c2", tmp_path / "r2", key=KEY) == second
@@ -331,6 +340,37 @@ def test_checkpoints_of_the_per_checkpoint_layouts_stay_readable(
     assert fetched(place.store, "old", tmp_path / "r1") == old
     place.store.delete("new")
     assert place.objects() == {} and fetched(place.store, "old", tmp_path / "r2") == old
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+def test_sha256_checkpoints_stay_readable_and_keep_their_chunks(
+    place: Place, staging: Path, tmp_path: Path, key: bytes | None
+) -> None:
+    """cas checkpoints made before BLAKE3 (written here the old way: a store that hashes with
+    sha256) keep their chunks at the top of .chunks; BLAKE3 ones, in .chunks/blake3, do not
+    reuse them (the first BLAKE3 dump stores everything again), and sweeps keep both."""
+    first, second = images_of(), changed(images_of(), 0, 2 * MiB)
+    old_store = CheckpointStore(place.store.url, SIGNER, digest=Digest.sha256)
+    m1 = commit(old_store, staging, "c1", first, key=key)
+    assert m1.digest is Digest.sha256 and all("/" not in name for name in stored(m1))
+    m2 = commit(place.store, staging, "c2", second, key=key, parent="c1")
+    assert m2.digest is Digest.blake3 and all(name.startswith("blake3/") for name in stored(m2))
+    assert not addresses(m1) & addresses(m2), "no reuse across digests"
+    assert set(place.objects()) == stored(m1) | stored(m2)
+    assert place.store.sweep() == 0, "every chunk is in use"
+    assert fetched(place.store, "c1", tmp_path / "r1", key=key) == first
+    place.store.delete("c2")
+    assert set(place.objects()) == stored(m1), "the sha256 chunks stay while c1 uses them"
+    assert fetched(place.store, "c1", tmp_path / "r2", key=key) == first
+    m3 = commit(place.store, staging, "c3", first, key=key, parent="c1")
+    place.store.delete("c1")
+    assert set(place.objects()) == stored(m3) and fetched(place.store, "c3", tmp_path / "r3", key=key) == first
+    m4 = commit(old_store, staging, "c4", first, key=key)
+    chunk = m4.files[2].chunks[1]
+    path = str(place.raw_chunk(chunk_name(chunk.digest, m4.digest)))
+    place.store.fs.pipe_file(path, b"x" * chunk.stored_size)
+    with pytest.raises(CorruptCheckpoint, match=r"chunk 1 of pages-1\.img is corrupted \(sha256 mismatch\)"):
+        place.store.fetch("c4", tmp_path / "r4", key=key)
 
 
 def test_young_chunks_outlive_a_sweep(place: Place, staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -396,9 +436,10 @@ def test_a_process_dumped_twice_uploads_only_what_changed(engine: Engine, store_
     wait_for(lambda: f"check {digest}" in log.read_text().splitlines()[lines:], what="the restored memory")
     assert engine.job("j1").state is JobState.running
     assert new == stored(m2) - stored(m1), "only chunks the store lacked were written"
-    new_bytes = sum(c.stored_size for f in m2.files for c in f.chunks if c.sha256 in new)
+    is_new = {c: chunk_name(c.digest, m2.digest) in new for f in m2.files for c in f.chunks}
+    new_bytes = sum(c.stored_size for c in is_new if is_new[c])
     # 10% of the buffer changed, plus the chunks around it and the interpreter's own: 20-30% here
-    where = [(f.name, [(c.offset >> 20, c.size >> 10, c.sha256 in new) for c in f.chunks]) for f in m2.files]
+    where = [(f.name, [(c.offset >> 20, c.size >> 10, is_new[c]) for c in f.chunks]) for f in m2.files]
     assert new_bytes <= 0.35 * m2.size_bytes, f"{new_bytes} of {m2.size_bytes} bytes new: {where}"
 
 

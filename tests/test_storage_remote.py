@@ -22,12 +22,12 @@ from servers import ACCESS_KEY, SECRET_KEY
 from test_cli import assert_one_error
 from test_process_criu import COUNTER, WORKLOADS, counts_of, last_count, log_lines, wait_for
 
-from cedana_ray.chunk_store import CHUNKS
-from cedana_ray.chunking import sha256
+from cedana_ray.chunk_store import CHUNKS, chunk_name
+from cedana_ray.chunking import hash_chunk
 from cedana_ray.crypto import fingerprint
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CorruptCheckpoint, DumpError, StorageError, UsageError
-from cedana_ray.models import Compression, JobState, Layout
+from cedana_ray.models import Compression, Digest, JobState, Layout
 from cedana_ray.policy import prune
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.retry import retrying
@@ -57,8 +57,9 @@ def assert_no_credentials(*texts: str) -> None:
 
 def pages_chunk(engine: Engine, remote: Remote, ckpt: str) -> tuple[str, str]:
     """The first stored chunk of the checkpoint's largest pages image, and that image's name."""
-    image = max((f for f in engine.inspect(ckpt).files if f.name.startswith("pages-")), key=lambda f: f.size)
-    return f"{remote.bucket}/ckpts/{CHUNKS}/{image.chunks[0].sha256}", image.name
+    manifest = engine.inspect(ckpt)
+    image = max((f for f in manifest.files if f.name.startswith("pages-")), key=lambda f: f.size)
+    return f"{remote.bucket}/ckpts/{CHUNKS}/{chunk_name(image.chunks[0].digest, manifest.digest)}", image.name
 
 
 def assert_stays_checkpointed(engine: Engine, jid: str) -> None:
@@ -282,14 +283,17 @@ def test_cli_json_never_shows_credentials(engine: Engine, remote: Remote, tmp_pa
 
 
 @pytest.mark.parametrize("remote", ["s3"], indirect=True)
-def test_s3_checks_each_chunk_against_our_sha256(remote: Remote) -> None:
-    """Chunks go up unsigned, with our digest in the signed checksum header: the server refuses
-    bytes that do not match it, as a signed payload would be refused."""
+@pytest.mark.parametrize("digest", [Digest.sha256, Digest.blake3])
+def test_s3_checks_each_chunk_against_our_checksum(remote: Remote, digest: Digest) -> None:
+    """Chunks go up unsigned, with a checksum in the signed checksum header (our sha256 where
+    the checkpoint is hashed so, else a CRC32: S3 knows no BLAKE3): the server refuses bytes
+    that do not match it, as a signed payload would be refused."""
     fs = CheckpointStore(remote.url).fs
-    digest = sha256(b"chunk")
-    fs.pipe_file(f"{remote.bucket}/good", b"chunk", **fs.put_checksum(digest))
+    checksum = fs.put_checksum(b"chunk", hash_chunk(b"chunk", digest) if digest is Digest.sha256 else None)
+    assert list(checksum) == ["ChecksumSHA256" if digest is Digest.sha256 else "ChecksumCRC32"]
+    fs.pipe_file(f"{remote.bucket}/good", b"chunk", **checksum)
     with pytest.raises(OSError):
-        fs.pipe_file(f"{remote.bucket}/bad", b"chunk, altered on the way", **fs.put_checksum(digest))
+        fs.pipe_file(f"{remote.bucket}/bad", b"chunk, altered on the way", **checksum)
     assert remote.raw().cat_file(f"{remote.bucket}/good") == b"chunk"
     assert not remote.raw().exists(f"{remote.bucket}/bad")
 

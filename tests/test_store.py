@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import threading
@@ -13,14 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from test_process_criu import wait_for
 
 from cedana_ray.chunk_store import DEDUP_ENV
-from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, bounded_map, hash_in_place, sha256
+from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, bounded_map, hash_chunk, hash_in_place
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
-from cedana_ray.models import Compression, CriuOptions, Manifest
+from cedana_ray.models import Compression, CriuOptions, Digest, Manifest
 from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore
 
@@ -110,7 +112,7 @@ def test_commit_fetch_round_trip(
 @pytest.mark.parametrize("compression", list(Compression))
 def test_manifest_describes_the_files(store: CheckpointStore, staging: Path, compression: Compression) -> None:
     manifest, contents, _ = commit(store, staging, "ckpt-1", compression)
-    assert manifest.compression is compression
+    assert manifest.compression is compression and manifest.digest is Digest.blake3
     assert manifest.chunk_size == CHUNK
     assert {f.name: f.size for f in manifest.files} == {n: len(d) for n, d in contents.items()}
     assert manifest.image_bytes == sum(SIZES.values())
@@ -124,7 +126,7 @@ def test_manifest_describes_the_files(store: CheckpointStore, staging: Path, com
             assert chunk.size == min(CHUNK, image.size - offset)
             piece = stored[chunk.stored_offset : chunk.stored_offset + chunk.stored_size]
             assert len(piece) == chunk.stored_size
-            assert hashlib.sha256(piece).hexdigest() == chunk.sha256
+            assert blake3.blake3(piece).hexdigest() == chunk.blake3 and chunk.sha256 is None
             offset += chunk.size
             stored_offset += chunk.stored_size
         assert offset == image.size
@@ -218,8 +220,9 @@ def test_corrupt_chunk_is_named(
     ],
     ids=["zeros", "last-byte-set", "first-byte-set", "short-zeros", "long-zeros", "empty", "random"],
 )
-def test_sha256_shortcut_for_zero_chunks_is_exact(data: bytes) -> None:
-    assert sha256(data) == hashlib.sha256(data).hexdigest()
+def test_zero_chunk_shortcut_is_exact(data: bytes) -> None:
+    assert hash_chunk(data, Digest.sha256) == hashlib.sha256(data).hexdigest()
+    assert hash_chunk(data, Digest.blake3) == hash_chunk(data) == blake3.blake3(data).hexdigest()
 
 
 def test_corrupt_zero_chunk_is_named(store: CheckpointStore, staging: Path, tmp_path: Path) -> None:
@@ -228,10 +231,42 @@ def test_corrupt_zero_chunk_is_named(store: CheckpointStore, staging: Path, tmp_
     (images / "pages-1.img").write_bytes(os.urandom(DEFAULT_CHUNK) + bytes(2 * DEFAULT_CHUNK))
     manifest = store.commit(images, manifest_fields("ckpt-1"), compression=Compression.none)
     chunk = manifest.files[0].chunks[1]
-    assert chunk.sha256 == hashlib.sha256(bytes(DEFAULT_CHUNK)).hexdigest()
+    assert chunk.blake3 == blake3.blake3(bytes(DEFAULT_CHUNK)).hexdigest()
     flip_byte(stored_file(store, "ckpt-1", "pages-1.img", Compression.none), chunk.stored_offset + 4096)
     with pytest.raises(CorruptCheckpoint, match=r"chunk 1 of pages-1\.img"):
         store.fetch("ckpt-1", tmp_path / "out")
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_a_sha256_checkpoint_made_before_blake3_stays_readable(
+    store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression
+) -> None:
+    """Checkpoints made before BLAKE3 list sha256 digests. Written here the old way (by a
+    store that hashes with sha256), today's store reads, verifies and refuses them as before."""
+    old = CheckpointStore(store.url, SIGNER, digest=Digest.sha256)
+    manifest, contents, _ = commit(old, staging, "old", compression)
+    raw = json.loads((Path(store.path("old")) / MANIFEST).read_text())
+    assert "digest" not in raw, "a sha256 manifest has the form of before (what its signature covers)"
+    keys = {frozenset(c) for f in raw["files"] for c in f["chunks"]}
+    assert keys == {frozenset({"offset", "size", "stored_offset", "stored_size", "sha256"})}
+    read, restored = store.fetch("old", tmp_path / "out")
+    assert read == manifest and read.digest is Digest.sha256
+    assert {p.name: p.read_bytes() for p in restored.iterdir()} == contents
+    chunk = next(f for f in manifest.files if f.name == "pages-1.img").chunks[1]
+    assert (
+        chunk.sha256
+        == hashlib.sha256(
+            stored_file(store, "old", "pages-1.img", compression).read_bytes()[
+                chunk.stored_offset : chunk.stored_offset + chunk.stored_size
+            ]
+        ).hexdigest()
+    )
+    flip_byte(stored_file(store, "old", "pages-1.img", compression), chunk.stored_offset + 1)
+    with pytest.raises(CorruptCheckpoint, match=r"chunk 1 of pages-1\.img is corrupted \(sha256 mismatch\)"):
+        store.fetch("old", tmp_path / "out2")
+    commit(store, staging, "new", compression)
+    raw = json.loads((Path(store.path("new")) / MANIFEST).read_text())
+    assert raw["digest"] == "blake3" and all("sha256" not in c for f in raw["files"] for c in f["chunks"])
 
 
 @pytest.mark.parametrize("compression", list(Compression))

@@ -84,7 +84,10 @@ CRAFTED: list[tuple[str, Callable[[Body], object], str]] = [
     ("huge chunk_size", lambda b: b.update(chunk_size=1 << 40), "chunk_size"),
     ("negative stored size", lambda b: first_file(b)["chunks"][0].update(stored_size=-5), "stored_size"),
     ("misplaced stored chunk", lambda b: first_file(b)["chunks"][0].update(stored_offset=7), "wrong offset"),
-    ("bad digest", lambda b: first_file(b)["chunks"][0].update(sha256="../../x"), "sha256"),
+    ("bad digest", lambda b: first_file(b)["chunks"][0].update(blake3="../../x"), "blake3"),
+    ("two digests", lambda b: first_file(b)["chunks"][0].update(sha256="0" * 64), "exactly one digest"),
+    ("unknown digest", lambda b: b.update(digest="md5"), "digest: Input should be 'sha256' or 'blake3'"),
+    ("digest the chunks lack", lambda b: b.pop("digest"), "lacks the manifest's sha256 digest"),
     ("newline in a CRIU option", lambda b: b["criu"].update(external=["mnt[]:m\naction-script /x"]), "line break"),
     ("dot-dot job id", lambda b: b.update(jid="../../etc"), "invalid name"),
     ("another checkpoint's manifest", lambda b: b.update(checkpoint="j1-other"), "names another checkpoint"),
@@ -132,8 +135,9 @@ def tamper(store: CheckpointStore, manifest: Manifest, change: Callable[[Body], 
         (lambda b: b.update(created=(datetime.now(UTC) + timedelta(days=365)).isoformat()), "altered"),
         (lambda b: b["details"].update(command=["sh", "-c", "evil"]), "altered"),
         (lambda b: b["criu"].update(tcp_established=True), "altered"),
+        (lambda b: first_file(b)["chunks"][0].update(blake3="0" * 64), "altered"),
     ],
-    ids=["unsigned", "dated in the future", "details changed", "CRIU options changed"],
+    ids=["unsigned", "dated in the future", "details changed", "CRIU options changed", "chunk digest changed"],
 )
 def test_an_unsigned_or_altered_manifest_is_refused(
     dumped: tuple[CheckpointStore, Manifest], home: Path, change: Callable[[Body], object], says: str

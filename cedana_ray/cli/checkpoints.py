@@ -39,9 +39,10 @@ def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
     m = engine().inspect(ckpt)
 
     def human() -> None:
+        storage = f"compression {m.compression.value}, digest {m.digest.value}"
         console.print(
             f"[bold]{m.checkpoint}[/] of job {m.jid} ({m.type}) on {m.node}, {m.created:%Y-%m-%d %H:%M:%S}"
-            f"\n  criu {m.criu_version}, compression {m.compression.value}, parent {m.parent or '-'}"
+            f"\n  criu {m.criu_version}, {storage}, parent {m.parent or '-'}"
             + (f"\n  metadata {escape(_labels(m.metadata))}" if m.metadata else ""),
             highlight=False,
         )
