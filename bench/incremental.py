@@ -40,6 +40,7 @@ from cedana_ray import criu
 from cedana_ray.chunk_store import CHUNKS, DEDUP_ENV
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
+from cedana_ray.models import Compression
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 from cedana_ray.store import CheckpointStore
 
@@ -103,7 +104,9 @@ def restore_timed(engine: Engine, jid: str, ckpt: str) -> float:
 
 def dump_timed(engine: Engine, jid: str, url: str, leave_running: bool = True) -> tuple[float, str]:
     with timed() as dump_s:
-        result = engine.dump(jid, DumpRequest(storage=url, leave_running=leave_running))
+        # zstd: a local store's default (none) is not content-addressed; the same on every store
+        request = DumpRequest(storage=url, leave_running=leave_running, compression=Compression.zstd)
+        result = engine.dump(jid, request)
     return dump_s[0], result.checkpoint
 
 

@@ -163,7 +163,7 @@ def dump(
     *,
     leave_running: bool = False,
     storage: str | None = None,
-    compression: str = "zstd",
+    compression: str | None = None,
     criu: CriuOptions | None = None,
     encrypt: bool = False,
     key: bytes | None = None,
@@ -173,13 +173,15 @@ def dump(
 ) -> DumpResult:
     """Checkpoint job ``jid``; without ``leave_running`` the job stops once it is stored.
     ``encrypt`` with ``key`` (a job run with ``encrypt``, or a key configured, is always encrypted);
-    ``streams`` as ``--streams``; ``metadata`` labels the checkpoint (``{"step": 1200}``);
+    ``compression`` (``"none"``, ``"lz4"``, ``"zstd"``, ``"gzip"``), where None the store's default:
+    none on local disk, zstd on a remote store; ``streams`` as ``--streams``; ``metadata``
+    labels the checkpoint (``{"step": 1200}``);
     ``progress(stage, done, total)`` is told each stage and, while data moves, its bytes
     (from the job's node, on a cluster)."""
     request = DumpRequest(
         leave_running=leave_running,
         storage=storage,
-        compression=Compression(compression),
+        compression=Compression(compression) if compression else None,
         criu=criu or CriuOptions(),
         encrypt=encrypt,
         key=key if encrypt else None,

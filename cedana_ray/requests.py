@@ -110,7 +110,8 @@ class ManageRequest(BaseModel):
 class DumpRequest(BaseModel):
     leave_running: bool = False
     storage: str | None = None  # store URL; default: CEDANA_RAY_STORAGE or the state dir
-    compression: Compression = Compression.zstd
+    # None: the store's default (none on local disk, zstd where bytes cross a network)
+    compression: Compression | None = None
     streams: int = Field(DEFAULT_STREAMS, ge=1, le=64)
     criu: CriuOptions = CriuOptions()
     encrypt: bool = False  # AES-256-GCM per chunk, with ``key``

@@ -33,11 +33,20 @@ Encoder = Callable[[int, tuple[int, int]], bytes]  # (chunk index, (offset, size
 class StoreWriter:
     """Committing images and manifests (mixed into CheckpointStore: uses its fs, paths, signer)."""
 
+    def compression_for(self, compression: Compression | None) -> Compression:
+        """``compression``, or where None this store's default: none on local disk (CRIU
+        writes straight into the store and a restore reads the images where they lie: no
+        codec is as fast), zstd where the bytes cross a network (fewer bytes than lz4's,
+        and faster made on incompressible pages)."""
+        if compression is not None:
+            return compression
+        return Compression.none if self.local else Compression.zstd
+
     def early_chunks(
         self,
         images: Path,
         ckpt: str,
-        compression: Compression = Compression.none,
+        compression: Compression | None = None,
         key: bytes | None = None,
         streams: int = DEFAULT_STREAMS,
         chunk_size: int = DEFAULT_CHUNK,
@@ -46,7 +55,8 @@ class StoreWriter:
         """While CRIU writes ``images``: store the chunks of a content-addressed dump (those
         its ``parent`` checkpoint lists are reused), hash those of an in-place dump, or upload
         those of a dump to an object store (a no-op for a local compressed store in the
-        per-checkpoint layout)."""
+        per-checkpoint layout). ``compression`` None: this store's default."""
+        compression = self.compression_for(compression)
         if self.content_addressed(compression, key is not None):
             return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams)
         if self._in_place(images, ckpt):
@@ -60,8 +70,9 @@ class StoreWriter:
         """Whether ``images`` are the stored data of ``ckpt`` (local, uncompressed)."""
         return self.local and images == Path(self.path(ckpt)) / "data"
 
-    def dump_dir(self, ckpt: str, compression: Compression, staging: Path, encrypted: bool = False) -> Path:
+    def dump_dir(self, ckpt: str, compression: Compression | None, staging: Path, encrypted: bool = False) -> Path:
         """Where CRIU should write the images of ``ckpt``: in place, or in ``staging``."""
+        compression = self.compression_for(compression)
         in_place = self.local and compression is Compression.none and not encrypted
         target = Path(self.path(ckpt)) / "data" if in_place else staging / ckpt
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -73,7 +84,7 @@ class StoreWriter:
         images: Path,
         manifest: dict[str, Any],
         *,
-        compression: Compression,
+        compression: Compression | None,
         chunk_size: int = DEFAULT_CHUNK,
         streams: int = DEFAULT_STREAMS,
         progress: Progress | None = None,
@@ -84,9 +95,10 @@ class StoreWriter:
 
         ``manifest`` holds every manifest field but ``files``, ``compression``,
         ``chunk_size`` and the storage ones; ``prehashed`` the chunks already hashed or
-        uploaded during the dump; ``key`` encrypts every chunk. On any failure nothing that
-        lists as a checkpoint is left.
+        uploaded during the dump; ``key`` encrypts every chunk; ``compression`` None: this
+        store's default. On any failure nothing that lists as a checkpoint is left.
         """
+        compression = self.compression_for(compression)
         ckpt = manifest["checkpoint"]
         signer = self._signer()
         cas = self.content_addressed(compression, key is not None)

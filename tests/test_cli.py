@@ -264,6 +264,11 @@ def test_progress_without_a_terminal_is_a_line_per_stage(home: Path) -> None:
     assert dumped.stdout.startswith("checkpoint p1-")
     for quiet in ("--quiet", "--json"):
         assert cedana("dump", "job", "p1", "--leave-running", quiet).stderr == ""
+    made = [
+        cedana("dump", "job", "p1", "--leave-running", *extra, "--json") for extra in ((), ("--compression", "lz4"))
+    ]
+    inspected = [cedana("checkpoint", "inspect", json.loads(m.stdout)["checkpoint"], "--json") for m in made]
+    assert [json.loads(i.stdout)["compression"] for i in inspected] == ["none", "lz4"], "local default; asked wins"
     assert cedana("job", "kill", "p1").returncode == 0
     restored = cedana("restore", "job", "p1", "-q")
     assert restored.returncode == 0 and restored.stderr == "", restored.stderr

@@ -418,7 +418,8 @@ def run_churn(engine: Engine, mib: int) -> str:
 def test_a_process_dumped_twice_uploads_only_what_changed(engine: Engine, store_url: str, encrypt: bool) -> None:
     run_churn(engine, 128)
     key = {"encrypt": True, "key": KEY} if encrypt else {}
-    first = engine.dump("j1", DumpRequest(storage=store_url, leave_running=True, **key))
+    zstd = Compression.zstd  # a local store's default (none) is not content-addressed
+    first = engine.dump("j1", DumpRequest(storage=store_url, leave_running=True, compression=zstd, **key))
     store = engine.store(store_url)
     objects = set(store._chunk_objects())
     m1 = store.manifest(first.checkpoint)
@@ -428,7 +429,7 @@ def test_a_process_dumped_twice_uploads_only_what_changed(engine: Engine, store_
     wait_for(lambda: "changed " in log.read_text(), what="the workload to change its memory")
     time.sleep(0.5)  # a signal the init forwards may arrive twice: the span is the same, the digest the last
     digest = log.read_text().split("changed ")[-1].split()[0]
-    second = engine.dump("j1", DumpRequest(storage=store_url, **key))
+    second = engine.dump("j1", DumpRequest(storage=store_url, compression=zstd, **key))
     lines = len(log.read_text().splitlines())
     m2 = store.manifest(second.checkpoint)
     new = set(store._chunk_objects()) - objects
@@ -452,9 +453,10 @@ def test_a_dump_killed_before_its_manifest_leaves_the_last_checkpoint_restorable
     assert cedana("run", "process", "--jid", "c1", "--local", "--", *COUNTER).returncode == 0
     engine = Engine(Paths(home))
     wait_for(lambda: last_count(engine, "c1") >= 2, what="counting")
-    first = json.loads(cedana("dump", "job", "c1", "--local", "--leave-running", "--json").stdout)["checkpoint"]
+    zstd = ("--compression", "zstd")  # a local store's default (none) is not content-addressed
+    first = json.loads(cedana("dump", "job", "c1", "--local", "--leave-running", *zstd, "--json").stdout)["checkpoint"]
     monkeypatch.setenv(FAILPOINT, "dump:store")
-    killed = cedana("dump", "job", "c1", "--local")
+    killed = cedana("dump", "job", "c1", "--local", *zstd)
     monkeypatch.delenv(FAILPOINT)
     assert killed.returncode == -9, killed.stderr
     wait_for(lambda: cedana("ps", "--local").returncode == 0 and engine.job("c1").state is JobState.running)
@@ -480,7 +482,7 @@ def test_an_old_layout_checkpoint_restores_and_the_next_dump_is_content_addresse
     at = last_count(engine, "j1")
     engine.restore(RestoreRequest(), jid="j1")
     wait_for(lambda: last_count(engine, "j1") > at + 2, what="counting after restoring the old layout")
-    new = engine.dump("j1", DumpRequest(storage=url, leave_running=True))
+    new = engine.dump("j1", DumpRequest(storage=url, leave_running=True, compression=Compression.zstd))
     assert engine.store(url).manifest(new.checkpoint).layout is Layout.cas
 
 
@@ -490,7 +492,8 @@ def test_keep_k_frees_the_chunks_only_pruned_checkpoints_used(engine: Engine, st
     made = []
     for _ in range(3):
         os.kill(engine.job("j1").pid or 0, 10)  # each checkpoint differs from the one before
-        made.append(engine.dump("j1", DumpRequest(storage=store_url, leave_running=True)).checkpoint)
+        request = DumpRequest(storage=store_url, leave_running=True, compression=Compression.zstd)
+        made.append(engine.dump("j1", request).checkpoint)
     store = engine.store(store_url)
     everything = set(store._chunk_objects())
     prune(engine, "j1", keep=1)  # what `--checkpoint-every ... --keep 1` runs after each dump

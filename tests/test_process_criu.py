@@ -72,9 +72,10 @@ def test_counter_survives_dump_kill_restore(engine: Engine) -> None:
     counts = counts_of(engine, "j1")
     assert counts == list(range(len(counts))), "counting went on without a restart or a gap"
     assert result.timings and "criu_dump" in result.timings
+    assert engine.inspect(result.checkpoint).compression is Compression.none, "a local store's default"
 
 
-@pytest.mark.parametrize("compression", [c for c in Compression if c is not Compression.zstd])
+@pytest.mark.parametrize("compression", [c for c in Compression if c is not Compression.none])  # none: above
 def test_every_compression_restores(engine: Engine, compression: Compression) -> None:
     start(engine, COUNTER, ready="count=2")
     engine.dump("j1", DumpRequest(compression=compression))

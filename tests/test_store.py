@@ -269,6 +269,18 @@ def test_a_sha256_checkpoint_made_before_blake3_stays_readable(
     assert raw["digest"] == "blake3" and all("sha256" not in c for f in raw["files"] for c in f["chunks"])
 
 
+def test_a_dump_without_compression_gets_its_stores_default(store: CheckpointStore, staging: Path) -> None:
+    """None on local disk (CRIU writes into the store, a restore reads in place), zstd where
+    bytes cross a network; an explicit compression always wins."""
+    assert store.compression_for(None) is Compression.none
+    assert CheckpointStore("memory://bucket/ckpts", SIGNER).compression_for(None) is Compression.zstd
+    assert all(store.compression_for(c) is c for c in Compression)
+    images = store.dump_dir("ckpt-1", None, staging)
+    assert images == Path(store.path("ckpt-1")) / "data", "CRIU writes straight into the store"
+    write_images(images)
+    assert store.commit(images, manifest_fields("ckpt-1"), compression=None).compression is Compression.none
+
+
 @pytest.mark.parametrize("compression", list(Compression))
 def test_truncated_file_is_corrupt(
     store: CheckpointStore, staging: Path, tmp_path: Path, compression: Compression

@@ -63,9 +63,7 @@ def dump_options(fn: F) -> F:
         click.option(
             "--compression",
             type=click.Choice([c.value for c in Compression]),
-            default="zstd",
-            show_default=True,
-            help="Compression of image chunks.",
+            help="Compression of image chunks [default: none on a local store, zstd on a remote one].",
         ),
         click.option(
             "--streams",
@@ -104,7 +102,7 @@ def dump_options(fn: F) -> F:
         kw["request"] = DumpRequest(
             leave_running=kw.pop("leave_running"),
             storage=kw.pop("storage"),
-            compression=Compression(kw.pop("compression")),
+            compression=Compression(c) if (c := kw.pop("compression")) else None,
             streams=kw.pop("streams"),
             criu=criu,
             encrypt=encrypt,
