@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import socket
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -108,10 +109,19 @@ class Qmp:
     def migrate_to_file(self, path: Path) -> dict[str, Any]:
         """Write the VM's device and RAM state into ``path`` (QEMU 7.2 has no ``file:``
         migration: ``exec:`` runs the shell line with the stream on its stdin); the final
-        ``query-migrate``."""
+        ``query-migrate``. A failed write says why as ``cat`` did (QEMU only sees a broken pipe)."""
+        fd, name = tempfile.mkstemp(prefix="cedana-ray-qemu-", suffix=".err")  # not beside it: that disk may be full
+        os.close(fd)
+        errors = Path(name)
         self.execute("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
-        self.execute("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
-        return self.wait_migration()
+        self.execute("migrate", uri=f"exec:cat > {shlex.quote(str(path))} 2> {shlex.quote(str(errors))}")
+        try:
+            return self.wait_migration()
+        except QmpError as exc:
+            said = errors.read_text(errors="replace").strip().splitlines() if errors.exists() else []
+            raise QmpError(f"{exc}: {said[-1]}" if said else str(exc)) from exc
+        finally:
+            errors.unlink(missing_ok=True)
 
     def wait_migration(self, timeout: float = MIGRATE_TIMEOUT_S) -> dict[str, Any]:
         """Poll ``query-migrate`` until the migration (out, or incoming) completed; raises
