@@ -32,6 +32,8 @@ from cedana_ray.requests import RestoreRequest
 from cedana_ray.signing import Signer
 from cedana_ray.working_dir import unpack
 
+from .live_migration import LiveAgent
+
 DRAIN_DEADLINE_S = 60.0
 TYPES_TTL_S = 60.0
 log = logging.getLogger("cedana_ray.agent")
@@ -41,7 +43,7 @@ def node_home(base: str | Path, node_id: str) -> Path:
     return Path(base) / "nodes" / node_id
 
 
-class NodeAgent:
+class NodeAgent(LiveAgent):  # its side of live migrations: live_migration.py
     def __init__(self, node_id: str, base: str, signer: Signer, key: bytes | None = None) -> None:
         os.umask(0o077)  # the node's jobs, logs and images hold process memory: ours alone
         home = node_home(base, node_id)

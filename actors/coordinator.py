@@ -11,8 +11,8 @@ checkpoint policies.
 
 This module holds the Coordinator's state, its monitor and the jobs; the rest it
 inherits: placement (``placement.py``), dump, restore and the catalog
-(``checkpoints.py``), migration, node loss and drain (``migration.py``) and the
-checkpoint policies (``policies.py``).
+(``checkpoints.py``), migration, node loss and drain (``migration.py``), live migration
+(``live_migration.py``) and the checkpoint policies (``policies.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from cedana_ray.signing import Signer
 
 from .agent import NodeAgent
 from .checkpoints import Checkpoints
+from .live_migration import LiveMigration
 from .migration import Migration
 from .placement import Placement, gpus_by_node
 from .policies import Policies
@@ -60,7 +61,7 @@ RECOVER_PERIOD_S = 10.0  # how often the store is searched for checkpoints the c
 log = logging.getLogger("cedana_ray.coordinator")
 
 
-class Coordinator(Placement, Checkpoints, Migration, Policies):
+class Coordinator(Placement, Checkpoints, Migration, LiveMigration, Policies):
     def __init__(self, base: str, storage: str, encrypt: bool = False, key: bytes | None = None) -> None:
         os.umask(0o077)  # the registry and the cluster's signing key are ours alone
         self.base = Path(base)

@@ -44,7 +44,12 @@ class Migration:
                     self._pool.submit(self._recover_logged, job.jid)
 
     def migrate(
-        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+        self,
+        jid: str,
+        node: str,
+        request: DumpRequest | None = None,
+        progress: Progress | None = None,
+        live: bool = False,
     ) -> MigrateResult:
         """Move a live job to ``node``: freeze, dump, restore there, resume; the job keeps its id.
 
@@ -54,12 +59,16 @@ class Migration:
         dumped and stopped, and restored on its source again if the target fails.
         """
         record = self.registry.job(jid)
+        if live:  # by the VM's hypervisor, while it runs: see live_migration.py
+            self._require_live(record)
         # bad input fails fast, even while busy
         target = self._place(record.type, node, gpu=needs_gpu(record), needs=resources_of(record))
         with self._claim(jid):
             job = self._live(jid)
             if target == job.node:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
+            if live:
+                return self._migrate_live(job, target)
             return self._migrate(job, target, request or self._migration_request(job), progress=progress)
 
     def _migration_request(self, job: Job) -> DumpRequest:

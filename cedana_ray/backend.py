@@ -98,9 +98,15 @@ class Backend(Protocol):
 
     # -- the cluster (local mode refuses these)
     def migrate(
-        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+        self,
+        jid: str,
+        node: str,
+        request: DumpRequest | None = None,
+        progress: Progress | None = None,
+        live: bool = False,
     ) -> MigrateResult:
-        """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): it keeps its id."""
+        """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): it keeps its id.
+        ``live``: a VM, by its hypervisor's own pre-copy migration while it runs (no checkpoint)."""
         ...
 
     def drain(self, node: str) -> list[MigrateResult]:

@@ -282,7 +282,12 @@ class Engine(DumpChain, RestoreChain, RecordVerbs):
 
     # -- the cluster's verbs: none without one
     def migrate(
-        self, jid: str, node: str, request: DumpRequest | None = None, progress: Progress | None = None
+        self,
+        jid: str,
+        node: str,
+        request: DumpRequest | None = None,
+        progress: Progress | None = None,
+        live: bool = False,
     ) -> MigrateResult:
         raise UsageError("migration needs a cluster", hint="on one machine, `dump job` then `restore job`")
 
