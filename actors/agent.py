@@ -25,17 +25,20 @@ from cedana_ray.backend import VERBS, Progress
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CedanaError, JobNotFound, UsageError
-from cedana_ray.models import LIVE_STATES, NodeStatus, RestoreResult
+from cedana_ray.handoff import Receiver
+from cedana_ray.models import LIVE_STATES, DumpResult, Manifest, NodeStatus, RestoreResult
 from cedana_ray.proctree import signal_tree
 from cedana_ray.remote import COORDINATOR, NAMESPACE, call, streamed
-from cedana_ray.requests import RestoreRequest
+from cedana_ray.requests import DumpRequest, RestoreRequest
 from cedana_ray.signing import Signer
+from cedana_ray.staging import remove_tree, staging_area
 from cedana_ray.working_dir import unpack
 
 from .live_migration import LiveAgent
 
 DRAIN_DEADLINE_S = 60.0
 TYPES_TTL_S = 60.0
+HANDOFF_WAIT_S = 120.0  # for the images to be down once the source says it sent them all
 log = logging.getLogger("cedana_ray.agent")
 
 
@@ -54,6 +57,7 @@ class NodeAgent(LiveAgent):  # its side of live migrations: live_migration.py
         address = ray.get_runtime_context().gcs_address
         self._known_types: list[str] = []
         self._types_at = -TYPES_TTL_S
+        self._handoffs: dict[str, Receiver] = {}
         self.engine = Engine(Paths(home, Path(base)), node=node_id, cluster_address=address, signer=signer, key=key)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -110,18 +114,68 @@ class NodeAgent(LiveAgent):  # its side of live migrations: live_migration.py
 
     def restore(self, request: RestoreRequest, history: bytes = b"", progress: Progress | None = None) -> RestoreResult:
         """Restore a checkpoint here; ``history`` is the job's output so far on its previous node."""
-        if request.working_dir:  # CRIU restores the job's working directory by its path
+        self._arrive(request, history)
+        return self.engine.restore(request, progress=progress)
+
+    def _arrive(self, request: RestoreRequest, history: bytes) -> None:
+        """What a job coming from another node needs here before its restore: its working
+        directory, which CRIU restores by its path, and its output so far, which it appends to."""
+        if request.working_dir:
             unpack(request.working_dir, self.engine.paths.working_dirs)
         if history and request.jid:
             log = self.engine.paths.job_dir(request.jid) / "log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_bytes(history)  # the restored job appends to it
-        return self.engine.restore(request, progress=progress)
+            log.write_bytes(history)
+
+    # -- direct migration: the images straight from the source node to the target (cedana_ray.handoff)
+    def handoff_bytes(self, jid: str) -> int:
+        return self.engine.handoff_bytes(jid)
+
+    def handoff_receive(self, hid: str, key: bytes, nbytes: int) -> tuple[str, int]:
+        """Listen for the images of handoff ``hid``, sent with ``key``; the address to send them to."""
+        import ray
+
+        dest = staging_area(self.engine.paths.staging, nbytes) / "images"
+        dest.mkdir(mode=0o700)
+        self._handoffs[hid] = receiver = Receiver(dest, key, ray.util.get_node_ip_address())
+        return receiver.address
+
+    def handoff_send(
+        self, jid: str, request: DumpRequest, address: tuple[str, int], key: bytes, progress: Progress | None = None
+    ) -> Manifest:
+        return self.engine.hand_off(jid, request, address, key, progress)
+
+    def handoff_restore(
+        self, request: RestoreRequest, history: bytes, hid: str, progress: Progress | None = None
+    ) -> RestoreResult:
+        """Restore the job whose images arrived for handoff ``hid``, once they all did."""
+        images = self._handoffs[hid].wait(HANDOFF_WAIT_S)
+        self._arrive(request, history)
+        return self.engine.restore_received(request, images, progress)
+
+    def handoff_store(self, hid: str, manifest: Manifest, request: DumpRequest) -> DumpResult:
+        """Keep what arrived for handoff ``hid`` as the restored job's checkpoint."""
+        try:
+            return self.engine.store_received(self._handoffs[hid].dest, manifest, request)
+        except CedanaError:
+            self.engine.forget_received(manifest)
+            raise
+        finally:
+            self.handoff_discard(hid)
+
+    def handoff_discard(self, hid: str, manifest: Manifest | None = None) -> None:
+        """Drop handoff ``hid``: stop listening, remove what arrived (with ``manifest``: the
+        job restored from it has no checkpoint of it)."""
+        if receiver := self._handoffs.pop(hid, None):
+            receiver.close()
+            remove_tree(receiver.dest.parent)
+        if manifest is not None:
+            self.engine.forget_received(manifest)
 
     def stream(self, method: str, *args: Any) -> Iterator[Any]:
-        """``serve`` or ``restore``, with its progress streamed to the caller as it comes
-        (:func:`cedana_ray.remote.streamed`)."""
-        if method not in ("serve", "restore"):
+        """``serve``, ``restore`` or a handoff's send and restore, with its progress streamed
+        to the caller as it comes (:func:`cedana_ray.remote.streamed`)."""
+        if method not in ("serve", "restore", "handoff_send", "handoff_restore"):
             raise UsageError(f"no such method: {method!r}")
         fn = getattr(self, method)
         yield from streamed(lambda progress: fn(*args, progress=progress))

@@ -81,7 +81,10 @@ class Checkpoints(RecordVerbs):
         path: str,
         request: RestoreRequest,
         progress: Progress | None = None,
+        via: tuple[Any, ...] = ("restore",),
     ) -> RestoreResult:
+        """Restore on ``target`` through the agent's method ``via[0]`` (with ``via[1:]`` after
+        its request and the job's output so far): ``restore`` reads the checkpoint at ``path``."""
         # the manifest read here goes along: the agent verifies it, but does not read it again
         package = working_dir.kept(existing.details.get("working_dir") if existing else None, self.base)
         update = {"path": path, "checkpoint": None, "manifest": manifest, "working_dir": package}
@@ -92,7 +95,8 @@ class Checkpoints(RecordVerbs):
         needs = resources_of(existing)
         reserve(jid, target, needs)
         try:
-            result: RestoreResult = self._agent_call(target, "restore", agent_request, history, progress=progress)
+            method, *more = via
+            result: RestoreResult = self._agent_call(target, method, agent_request, history, *more, progress=progress)
         except BaseException:
             if needs and target != source:
                 release(jid, target)

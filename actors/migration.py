@@ -7,27 +7,52 @@ Mixed into the :class:`~cedana_ray.actors.coordinator.Coordinator`, whose state 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
 
 from cedana_ray.backend import Progress
 from cedana_ray.errors import CedanaError, UsageError
-from cedana_ray.models import LIVE_STATES, Compression, DumpResult, EventKind, Job, JobState, MigrateResult
+from cedana_ray.handoff import new_key
+from cedana_ray.models import LIVE_STATES, Compression, DumpResult, EventKind, Job, JobState, Manifest, MigrateResult
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.records import Records
 from cedana_ray.registry import Registry
-from cedana_ray.requests import DumpRequest, RestoreRequest
+from cedana_ray.remote import call
+from cedana_ray.requests import DumpRequest, MigrateRequest, RestoreRequest
 
-from .placement import needs_gpu
+from .placement import needs_gpu, one_machine
 from .reservations import give_back, resources_of
 
 log = logging.getLogger("cedana_ray.coordinator")
+
+
+def through_store_by_default(url: str, in_place: bool, one_machine: bool) -> bool:
+    """Whether a migration's images go through the store unless asked otherwise: only where
+    that copies nothing, both nodes on one machine with a local store that CRIU writes into
+    and restores from in place (uncompressed, unencrypted). Anywhere else, sending them
+    straight to the target copies them once, where the store would twice."""
+    return url.startswith("file://") and in_place and one_machine
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What moving a job did: the checkpoint it kept (if any), the job on its target, when."""
+
+    kept: DumpResult | None
+    job: Job
+    dump_s: float
+    downtime_s: float  # from the job's freeze (or stop) on the source to its resume on the target
+    route: str = "store"  # or "direct": the images went from node to node
 
 
 class Migration:
     registry: Registry
     records: Records
     storage: str
+    key: bytes | None
     draining: dict[str, float]
     _busy: set[str]
     _pool: ThreadPoolExecutor
@@ -51,10 +76,12 @@ class Migration:
         progress: Progress | None = None,
         live: bool = False,
     ) -> MigrateResult:
-        """Move a live job to ``node``: freeze, dump, restore there, resume; the job keeps its id.
+        """Move a live job to ``node``: freeze, dump straight to the target, restore there,
+        resume, then keep the images as a checkpoint; the job keeps its id.
 
         The source stays frozen while the target restores, and resumes if anything fails,
-        so a failed migration leaves the job running where it was. A job that cannot
+        so a failed migration leaves the job running where it was. ``through_store``: the
+        images pass through the store instead. A job that cannot
         freeze, or a GPU job (the CUDA driver checkpoints a process only while it runs), is
         dumped and stopped, and restored on its source again if the target fails.
         """
@@ -69,47 +96,116 @@ class Migration:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
             if live:
                 return self._migrate_live(job, target)
-            return self._migrate(job, target, request or self._migration_request(job), progress=progress)
+            return self._migrate(job, target, self._migration_request(job, request), progress=progress)
 
-    def _migration_request(self, job: Job) -> DumpRequest:
-        """Uncompressed to a local store (compressing costs more than writing), lz4 to a remote one."""
-        url = job.details.get("storage") or self.storage
-        return DumpRequest(compression=Compression.none if url.startswith("file://") else Compression.lz4)
+    def _migration_request(self, job: Job, asked: DumpRequest | None = None) -> MigrateRequest:
+        """``asked``, compressed as it says, else not at all to a local store (compressing costs
+        more than writing) and with lz4 to a remote one."""
+        options = dict(asked) if asked else {}
+        if asked is None or "compression" not in asked.model_fields_set:
+            url = options.get("storage") or job.details.get("storage") or self.storage
+            options["compression"] = Compression.none if url.startswith("file://") else Compression.lz4
+        return MigrateRequest(**options)
 
     def _migrate(
         self,
         job: Job,
         target: str,
-        request: DumpRequest,
+        request: MigrateRequest,
         kind: EventKind = EventKind.migrated,
         progress: Progress | None = None,
     ) -> MigrateResult:
         start = time.perf_counter()
         freezes = get_plugin_manager().call_for(job.type, "cedana_freeze_handler") is not None
-        move = self._move_frozen if freezes and not needs_gpu(job) else self._move_stopped
+        if not freezes or needs_gpu(job):
+            move = self._move_stopped
+        else:
+            move = self._move_frozen if self._through_store(job, target, request) else self._move_direct
         with self.records.noting_failure(job.jid, "drain" if kind is EventKind.drained else "migration"):
-            dumped, restored, dump_s, downtime_s = move(job, target, request, start, progress)
+            done = move(job, target, request, start, progress)
         moved = self.registry.job(job.jid).model_copy(
-            update={"node": target, "state": job.state, "pid": restored.pid, "log": restored.log}
+            update={"node": target, "state": job.state, "pid": done.job.pid, "log": done.job.log}
         )
         self.registry.save_job(moved)
         total = time.perf_counter() - start
-        times = {"duration_s": round(total, 6), "downtime_s": round(downtime_s, 6)}
-        self.records.note(job.jid, kind, source=job.node, target=target, **times)
+        times = {"duration_s": round(total, 6), "downtime_s": round(done.downtime_s, 6)}
+        self.records.note(job.jid, kind, source=job.node, target=target, route=done.route, **times)
         return MigrateResult(
             jid=job.jid,
             source=job.node,
             target=target,
-            checkpoint=dumped.checkpoint,
-            dump_s=round(dump_s, 6),
-            restore_s=round(total - dump_s, 6),
+            checkpoint=done.kept.checkpoint if done.kept else None,
+            route=done.route,
+            dump_s=round(done.dump_s, 6),
+            restore_s=round(total - done.dump_s, 6),
             **times,
             job=moved,
         )
 
+    def _through_store(self, job: Job, target: str, request: MigrateRequest) -> bool:
+        if request.through_store is not None:
+            return request.through_store
+        in_place = request.compression is Compression.none and not (request.encrypt or self.key)
+        url = request.storage or job.details.get("storage") or self.storage
+        return through_store_by_default(url, in_place, one_machine(job.node, target))
+
+    def _move_direct(
+        self, job: Job, target: str, request: MigrateRequest, start: float, progress: Progress | None
+    ) -> Moved:
+        """Freeze, send the images straight to the target (:mod:`cedana_ray.handoff`), restore
+        there, resume there; then keep them as a checkpoint, from the target, while the job
+        runs. The source stays frozen meanwhile and resumes if anything fails; its downtime
+        runs from the freeze to the resume on the target."""
+        store = (request.storage or job.details.get("storage") or self.storage).rstrip("/")
+        request = request.model_copy(update={"storage": store})
+        nbytes = call(self._agent(job.node).handoff_bytes.remote(job.jid))
+        hid, key = secrets.token_hex(8), new_key()
+        receiver = self._agent(target)
+        address = call(receiver.handoff_receive.remote(hid, key, nbytes))
+        was_frozen = job.state is JobState.frozen
+        stopped = time.perf_counter()
+        try:
+            if not was_frozen:
+                self._serve(job.node, "freeze", job.jid)
+            sending = (job.jid, request, address, key)
+            sent: Manifest = self._agent_call(job.node, "handoff_send", *sending, progress=progress)
+            dump_s = time.perf_counter() - start
+            via = ("handoff_restore", hid)
+            url = f"{store}/{sent.checkpoint}"
+            restored = self._restore_on(target, job, sent, url, RestoreRequest(jid=job.jid), progress, via).job
+        except BaseException:
+            with suppress(CedanaError):
+                call(receiver.handoff_discard.remote(hid))
+            if not was_frozen:
+                self._serve(job.node, "unfreeze", job.jid)
+            raise
+        if not was_frozen:
+            self._serve(target, "unfreeze", job.jid)
+        downtime_s = time.perf_counter() - stopped
+        return Moved(self._keep(target, hid, sent, request), restored, dump_s, downtime_s, route="direct")
+
+    def _keep(self, node: str, hid: str, sent: Manifest, request: MigrateRequest) -> DumpResult | None:
+        """Store what a handoff sent as the job's checkpoint, from ``node`` where it now runs;
+        unless asked not to, or if that fails: the job runs on, its last checkpoint as before."""
+        agent = self._agent(node)
+        kept: DumpResult | None = None
+        try:
+            if request.store:
+                kept = call(agent.handoff_store.remote(hid, sent, request))
+            else:
+                call(agent.handoff_discard.remote(hid, sent))
+        except CedanaError as exc:
+            log.warning("job %s runs on node %s, but its checkpoint was not kept: %s", sent.jid, node[:12], exc)
+        if kept is None:
+            self.registry.update_job(sent.jid, last_checkpoint=sent.parent)
+            return None
+        self.records.dumped(kept.info())
+        self.records.checkpointed(kept, node)
+        return kept
+
     def _move_frozen(
         self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
-    ) -> tuple[DumpResult, Job, float, float]:
+    ) -> Moved:
         """Freeze, dump leaving it running, restore frozen on the target, resume there: the source
         stays frozen meanwhile and resumes if anything fails. Its downtime runs from the
         freeze (or the dump, for a job already frozen) to the resume on the target."""
@@ -127,11 +223,11 @@ class Migration:
             raise
         if not was_frozen:
             self._serve(target, "unfreeze", job.jid)
-        return dumped, restored, dump_s, time.perf_counter() - stopped
+        return Moved(dumped, restored, dump_s, time.perf_counter() - stopped)
 
     def _move_stopped(
         self, job: Job, target: str, request: DumpRequest, start: float, progress: Progress | None
-    ) -> tuple[DumpResult, Job, float, float]:
+    ) -> Moved:
         """For job types that cannot freeze (the CRI has no pause): dump and stop, restore on the
         target, or on the source again if that fails. It runs until its checkpoint is stored,
         and the restored job goes on from the checkpoint: its downtime runs from the dump's
@@ -140,7 +236,7 @@ class Migration:
         dump_s = time.perf_counter() - start
         try:
             restored = self._restore_dumped(target, job, dumped, progress)
-            return dumped, restored, dump_s, time.perf_counter() - start
+            return Moved(dumped, restored, dump_s, time.perf_counter() - start)
         except CedanaError:
             self._restore_dumped(job.node, job, dumped)
             raise

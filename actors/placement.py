@@ -87,6 +87,11 @@ def named(name: str, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return exact or [n for n in nodes if n["NodeID"].startswith(name)]
 
 
+def one_machine(*nodes: str) -> bool:
+    """Whether the nodes (Ray node ids) are on one machine: they have one IP."""
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] in nodes}) == 1
+
+
 def gpus_by_node() -> dict[str, float]:
     """Each alive node's GPUs, as Ray counts them (detected, or declared with ``--num-gpus``)."""
     return {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]}

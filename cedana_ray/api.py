@@ -35,7 +35,7 @@ from .models import (
     NodeStatus,
     RestoreResult,
 )
-from .requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
+from .requests import DumpRequest, ManageRequest, MigrateRequest, Resources, RestoreRequest, RunRequest
 from .store import DEFAULT_STREAMS
 from .working_dir import caller_cwd, pack
 
@@ -212,10 +212,23 @@ def restore(
     return result.model_copy(update={"job": _handle(result.job)})
 
 
-def migrate(jid: str, node: str, *, progress: Progress | None = None) -> MigrateResult:
-    """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix): dump there, restore
-    here, same id; ``progress`` as :func:`dump`'s, through both."""
-    return _engine().migrate(jid, node, progress=progress)
+def migrate(
+    jid: str,
+    node: str,
+    *,
+    store: bool = True,
+    through_store: bool | None = None,
+    live: bool = False,
+    progress: Progress | None = None,
+) -> MigrateResult:
+    """Move job ``jid`` to ``node`` (a hostname, an IP or an id prefix), same id: its images go
+    straight there, or through the store (``through_store``; by default whichever copies less),
+    and are kept as its checkpoint once it runs there unless ``store`` is false; ``progress``
+    as :func:`dump`'s, through both.
+    ``live``: a VM job, moved by its hypervisor's own pre-copy migration while it runs, with
+    no checkpoint (``downtime_s`` is the hypervisor's figure; see docs/vms.md)."""
+    request = MigrateRequest(store=store, through_store=through_store)
+    return _engine().migrate(jid, node, request, progress=progress, live=live)
 
 
 def freeze(jid: str) -> JobHandle:

@@ -20,7 +20,7 @@ from pydantic import SecretBytes
 
 from . import criu, failpoint, recovery
 from .errors import CedanaError, StateError
-from .models import DumpResult, Job, JobState, utcnow
+from .models import DumpResult, Job, JobState, Manifest, utcnow
 from .pipeline import Context, DumpState, Handler, Pipeline
 from .proctree import alive, signal_tree, tree_rss
 from .requests import DumpRequest
@@ -29,9 +29,42 @@ from .staging import remove_tree, staging_area
 
 if TYPE_CHECKING:
     from .backend import Progress
+    from .store import CheckpointStore
 
 STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
 STOP_POLL_S = 0.02
+
+
+MANIFEST_FIELDS = (
+    "checkpoint",
+    "jid",
+    "type",
+    "node",
+    "created",
+    "criu_version",
+    "criu",
+    "parent",
+    "details",
+    "metadata",
+)
+
+
+def checkpoint_name(jid: str) -> str:
+    return f"{jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def dumped(store: CheckpointStore, manifest: Manifest) -> DumpResult:
+    """What a dump into ``store`` that wrote ``manifest`` returns (its duration: the caller's)."""
+    return DumpResult(
+        jid=manifest.jid,
+        checkpoint=manifest.checkpoint,
+        path=store.url_of(manifest.checkpoint),
+        size_bytes=manifest.size_bytes,
+        image_bytes=manifest.image_bytes,
+        created=manifest.created,
+        metadata=manifest.metadata,
+        duration_s=0.0,
+    )
 
 
 class DumpChain:
@@ -46,11 +79,11 @@ class DumpChain:
         ctx.job = self._live(ctx.job.jid)
         return next_(ctx)
 
-    def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
-        """Stop the job once its checkpoint is stored; resume it if anything failed."""
+    def resume_on_failure(self, ctx: Context, next_: Handler) -> Any:
+        """Whatever fails below, the job goes on as it was."""
         job: Job = ctx.job
         try:
-            result = next_(ctx)
+            return next_(ctx)
         except BaseException as exc:
             if job.state is JobState.running and job.pid is not None:
                 signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
@@ -61,6 +94,11 @@ class DumpChain:
                     exc.add_note(f"while resuming the job: {undo_error}")
             self.registry.update_job(job.jid, details=recovery.CLEARED)
             raise
+
+    def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
+        """Stop the job once its checkpoint is stored; resume it if anything failed."""
+        job: Job = ctx.job
+        result: DumpResult = self.resume_on_failure(ctx, next_)
         failpoint.reached("dump:committed")
         self.records.dumped(result.info(), checkpointed=not ctx.request.leave_running)
         try:
@@ -88,7 +126,7 @@ class DumpChain:
         req: DumpRequest = ctx.request
         job: Job = ctx.job
         store = self.store(req.storage or job.details.get("storage") or self.paths.storage)
-        ckpt = f"{job.jid}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        ckpt = checkpoint_name(job.jid)
         work = staging_area(self.paths.staging, tree_rss(job.pid))
         self.registry.update_job(job.jid, details=recovery.mark(ckpt, store.url))
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
@@ -102,18 +140,7 @@ class DumpChain:
             ctx.report("store")
             manifest = store.commit(
                 images,
-                {
-                    "checkpoint": ckpt,
-                    "jid": job.jid,
-                    "type": job.type,
-                    "node": job.node,
-                    "created": utcnow(),
-                    "criu_version": "" if ctx.state.vm else criu.version(),
-                    "criu": req.criu,
-                    "parent": job.last_checkpoint,
-                    "details": {**ctx.state.details, "command": job.command},
-                    "metadata": req.metadata,
-                },
+                self._manifest_fields(ctx, ckpt),
                 compression=req.compression,
                 streams=req.streams,
                 progress=ctx.progress,
@@ -125,16 +152,23 @@ class DumpChain:
             raise
         finally:
             remove_tree(work)  # CRIU's logs, and the images when they were staged
-        return DumpResult(
-            jid=job.jid,
-            checkpoint=ckpt,
-            path=store.url_of(ckpt),
-            size_bytes=manifest.size_bytes,
-            image_bytes=manifest.image_bytes,
-            created=manifest.created,
-            metadata=manifest.metadata,
-            duration_s=0.0,
-        )
+        return dumped(store, manifest)
+
+    def _manifest_fields(self, ctx: Context, ckpt: str) -> dict[str, Any]:
+        """The fields of the manifest of ``ckpt`` that do not depend on its storage (MANIFEST_FIELDS)."""
+        job: Job = ctx.job
+        return {
+            "checkpoint": ckpt,
+            "jid": job.jid,
+            "type": job.type,
+            "node": job.node,
+            "created": utcnow(),
+            "criu_version": "" if ctx.state.vm else criu.version(),
+            "criu": ctx.request.criu,
+            "parent": job.last_checkpoint,
+            "details": {**ctx.state.details, "command": job.command},
+            "metadata": ctx.request.metadata,
+        }
 
     def criu_dump(self, ctx: Context) -> None:
         criu.dump(
@@ -150,20 +184,29 @@ class DumpChain:
     def dump(self, jid: str, request: DumpRequest, progress: Progress | None = None) -> DumpResult:
         """Checkpoint job ``jid`` into the store."""
         job = self.job(jid)
-        if not request.encrypt and (key := self.key_of(jid)):  # however the dump was asked for
-            request = request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
-        chain = [self.locked, self.require_live, self.finish_dump, self.commit]
-        if vm := self.pm.call_for(job.type, "cedana_dump_vm_handler"):  # a VM: no CRIU, no GPU
-            handler = vm
-            chain += self._middleware(job.type, "cedana_dump_vm_middleware")
-        else:
-            criu.version()
-            handler = self.pm.call_for(job.type, "cedana_dump_handler") or self.criu_dump
-            chain += self._middleware(job.type, "cedana_dump_middleware", "cedana_gpu_interception")
-        ctx = Context(request, DumpState(jid, vm=vm is not None), job=job, progress=progress)
+        request = self._with_job_key(jid, request)
+        ctx = Context(request, DumpState(jid), job=job, progress=progress)
+        pipeline = self._dump_pipeline(ctx, [self.locked, self.require_live, self.finish_dump, self.commit])
         start = time.perf_counter()
         with self.records.noting_failure(jid, "dump"):
-            result: DumpResult = Pipeline(handler).with_(*chain)(ctx)
+            result: DumpResult = pipeline(ctx)
         result = result.model_copy(update={"duration_s": round(time.perf_counter() - start, 6), "timings": ctx.timings})
         self.records.checkpointed(result, self.node)
         return result
+
+    def _with_job_key(self, jid: str, request: DumpRequest) -> DumpRequest:
+        """An encrypted job's dumps are encrypted, however they were asked for."""
+        if not request.encrypt and (key := self.key_of(jid)):
+            return request.model_copy(update={"encrypt": True, "key": SecretBytes(key)})
+        return request
+
+    def _dump_pipeline(self, ctx: Context, core: list[Any]) -> Pipeline:
+        """The ``core`` middleware, then the job type's; the VM pipeline for a virtual machine's."""
+        jtype = ctx.job.type
+        if vm := self.pm.call_for(jtype, "cedana_dump_vm_handler"):  # a VM: no CRIU, no GPU
+            ctx.state.vm = True
+            return Pipeline(vm).with_(*core, *self._middleware(jtype, "cedana_dump_vm_middleware"))
+        criu.version()
+        handler = self.pm.call_for(jtype, "cedana_dump_handler") or self.criu_dump
+        middleware = self._middleware(jtype, "cedana_dump_middleware", "cedana_gpu_interception")
+        return Pipeline(handler).with_(*core, *middleware)

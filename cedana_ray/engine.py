@@ -26,6 +26,7 @@ from .config import Paths, paths
 from .crypto import KEY_ENV, KEY_FILE, load_key, save_key, saved_key
 from .dumping import DumpChain
 from .errors import JobNotFound, StateError, UsageError
+from .handover import Handover
 from .models import LIVE_STATES, Job, JobState, MigrateResult, NodeStatus
 from .pipeline import Context, Handler, Middleware, Pipeline, QueryState, RunState
 from .plugins_manager import PluginManager, get_plugin_manager
@@ -46,7 +47,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-class Engine(DumpChain, RestoreChain, RecordVerbs):
+class Engine(DumpChain, RestoreChain, Handover, RecordVerbs):
     """cedana-ray on one machine, without a cluster (``--local``)."""
 
     def __init__(

@@ -23,7 +23,8 @@ import secrets
 import socket
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
 
@@ -44,6 +45,8 @@ ACCEPT_TIMEOUT_S = 60.0  # for the source to connect: it does so right after the
 HELLO_TIMEOUT_S = 5.0  # for a connection to prove itself: a silent one does not hold the port
 RECV_TIMEOUT_S = 300.0  # between frames: CRIU may take a while over a large non-memory image
 ACK = b"cedana-ray handoff received"
+WRITES_IN_FLIGHT = 4  # frames received but not yet written: memory held, at most this many chunks
+SOCKET_BUFFER = 4 << 20
 _NAME = re.compile(r"^[A-Za-z0-9._+-]{1,255}$")
 
 
@@ -79,6 +82,7 @@ class Receiver:
         self.dest = dest
         self._key = key
         self._server = socket.create_server((host, 0))
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self._server.settimeout(ACCEPT_TIMEOUT_S)
         self.address = (host, self._server.getsockname()[1])
         self._done = threading.Event()
@@ -135,31 +139,37 @@ class Receiver:
         return AESGCM(_derived(self._key, b"session", challenge))
 
     def _receive(self, conn: socket.socket, cipher: AESGCM) -> None:
+        """Frames until the file list, each written by a thread while the next one arrives."""
         header = bytearray(HEADER.size)
-        buffer = bytearray(255 + MAX_SEALED)
         files: dict[str, int] = {}
+        writes: deque[Future[int]] = deque()
         try:
-            for expected in range(1 << 62):
-                _recv_exactly(conn, memoryview(header))
-                seq, name_len, offset, sealed = HEADER.unpack(header)
-                if seq != expected or name_len > 255 or not TAG_BYTES <= sealed <= MAX_SEALED:
-                    raise HandoffError(f"frame {expected}: out of order or oversized")
-                body = memoryview(buffer)[: name_len + sealed]
-                _recv_exactly(conn, body)
-                name = bytes(body[:name_len])
-                try:
-                    data = cipher.decrypt(_nonce(seq), body[name_len:], bytes(header) + name)
-                except InvalidTag:
-                    raise HandoffError(f"frame {seq} does not authenticate") from None
-                if not name:
-                    self._check_complete(files, data)
-                    return
-                fd = files.get(file := _file_name(name))
-                if fd is None:
-                    if len(files) >= MAX_FILES:
-                        raise HandoffError("too many image files")
-                    fd = files[file] = self._create(file)
-                os.pwrite(fd, data, offset)
+            with ThreadPoolExecutor(1, thread_name_prefix="handoff-writer") as writer:
+                for expected in range(1 << 62):
+                    _recv_exactly(conn, memoryview(header))
+                    seq, name_len, offset, sealed = HEADER.unpack(header)
+                    if seq != expected or name_len > 255 or not TAG_BYTES <= sealed <= MAX_SEALED:
+                        raise HandoffError(f"frame {expected}: out of order or oversized")
+                    body = bytearray(name_len + sealed)
+                    _recv_exactly(conn, memoryview(body))
+                    name = bytes(body[:name_len])
+                    try:
+                        data = cipher.decrypt(_nonce(seq), memoryview(body)[name_len:], bytes(header) + name)
+                    except InvalidTag:
+                        raise HandoffError(f"frame {seq} does not authenticate") from None
+                    if not name:
+                        for write in writes:
+                            write.result()
+                        self._check_complete(files, data)
+                        return
+                    fd = files.get(file := _file_name(name))
+                    if fd is None:
+                        if len(files) >= MAX_FILES:
+                            raise HandoffError("too many image files")
+                        fd = files[file] = self._create(file)
+                    writes.append(writer.submit(os.pwrite, fd, data, offset))
+                    if len(writes) > WRITES_IN_FLIGHT:
+                        writes.popleft().result()
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -201,6 +211,7 @@ class Sender(WhileCriuWrites):
         self._seq = 0
         self._bytes = 0
         self._conn = socket.create_connection(address, timeout=HELLO_TIMEOUT_S)
+        self._conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         try:
             challenge = bytearray(32)
             _recv_exactly(self._conn, memoryview(challenge))

@@ -403,7 +403,10 @@ class MigrateResult(BaseModel):
     jid: str
     source: str
     target: str
-    checkpoint: str
+    checkpoint: str | None  # the checkpoint kept of the migration, if one was (``migrate --no-store``: none)
+    # how the job went: its images "direct" from node to node, or through the "store"; or
+    # "live", by its hypervisor's own migration while it ran (a VM; no checkpoint)
+    route: str = "store"
     dump_s: float
     restore_s: float
     duration_s: float

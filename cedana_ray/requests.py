@@ -129,6 +129,15 @@ class DumpRequest(BaseModel):
         return self.key.get_secret_value() if self.encrypt and self.key else None
 
 
+class MigrateRequest(DumpRequest):
+    """A migration's: its checkpoint's options, and how the job's images travel."""
+
+    store: bool = True  # keep the images as a checkpoint, from the target, once the job runs there
+    # dump into the store and restore from it (True), or send the images straight to the target
+    # (False); None: whichever copies less (cedana_ray.actors.migration.through_store_by_default)
+    through_store: bool | None = None
+
+
 class RestoreRequest(BaseModel):
     checkpoint: str | None = None  # id in the catalog; default: the job's last
     path: str | None = None  # or a checkpoint URL

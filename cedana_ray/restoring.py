@@ -19,7 +19,7 @@ from . import criu
 from .crypto import KEY_FILE, cipher_for, save_key, saved_key
 from .errors import UsageError
 from .models import Job, Manifest, RestoreResult
-from .pipeline import Context, Handler, Pipeline, RestoreState
+from .pipeline import Context, Handler, Middleware, Pipeline, RestoreState
 from .proctree import signal_tree
 from .records import replaceable
 from .requests import RestoreRequest
@@ -97,6 +97,20 @@ class RestoreChain:
         if request.key is None and (key := self.key_of(manifest.jid)):
             request = request.model_copy(update={"key": SecretBytes(key)})
         cipher_for(manifest, request.decryption_key())  # a wrong, missing or refused key fails here, not mid-restore
+        return self._restore(manifest, store, request, self.fetch, jid, jtype, progress)
+
+    def _restore(
+        self,
+        manifest: Manifest,
+        store: CheckpointStore,
+        request: RestoreRequest,
+        fetch: Middleware,
+        jid: str | None = None,
+        jtype: str | None = None,
+        progress: Progress | None = None,
+    ) -> RestoreResult:
+        """Restore ``manifest``'s checkpoint, its images laid out by ``fetch``."""
+        ckpt = manifest.checkpoint
         vm = self.pm.call_for(manifest.type, "cedana_restore_vm_handler")  # a VM: no CRIU, no GPU
         if vm is None:
             criu.version()
@@ -107,7 +121,7 @@ class RestoreChain:
         target = request.jid or jid or manifest.jid
         job_dir = self.paths.job_dir(target)
         job_dir.mkdir(parents=True, exist_ok=True)
-        chain = [self.locked, self.replace_dead, self.fetch]
+        chain = [self.locked, self.replace_dead, fetch]
         if vm is not None:
             handler = vm
             chain += self._middleware(manifest.type, "cedana_restore_vm_middleware")

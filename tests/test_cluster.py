@@ -27,6 +27,7 @@ import psutil
 import pytest
 import ray
 from cedana_ray.actors import launcher
+from cedana_ray.actors.migration import through_store_by_default
 from cedana_ray.actors.placement import named
 from cedana_ray.actors.store_server import STORE
 from cedana_ray.plugins.containerd.client import Ctr
@@ -55,7 +56,7 @@ from cedana_ray.errors import CedanaError, JobNotFound, NotFoundError, Prerequis
 from cedana_ray.follow import follow
 from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.remote import COORDINATOR, NAMESPACE, agent_name, call
-from cedana_ray.requests import DumpRequest, ManageRequest, Resources, RestoreRequest, RunRequest
+from cedana_ray.requests import DumpRequest, ManageRequest, MigrateRequest, Resources, RestoreRequest, RunRequest
 from cedana_ray.signing import KEY_FILE as SIGNING_KEY
 from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore, split_url
@@ -247,7 +248,7 @@ def test_progress_comes_from_the_node_as_it_happens(client: Cluster) -> None:
     seen.clear()
     client.migrate(jid, other(client.job(jid).node), progress=progress)
     stages = {stage for _, stage, _, _ in seen}
-    assert {"criu_dump", "store", "fetch"} <= stages, stages
+    assert {"criu_dump", "send", "received"} <= stages, stages
     with pytest.raises(JobNotFound):
         client.dump("c-nope", DumpRequest(), progress=progress)
     client.kill(jid)
@@ -316,8 +317,9 @@ def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     jid = run_counter(client, "c-migrate")
     source = client.job(jid).node
     target = other(source)
+    before = {c.checkpoint for c in client.checkpoints(jid)}
     moved = client.migrate(jid, target[:8])
-    assert (moved.source, moved.target, moved.jid) == (source, target, jid)
+    assert (moved.source, moved.target, moved.jid, moved.route) == (source, target, jid, "direct")
     assert moved.dump_s > 0 and moved.restore_s > 0
     assert 0 < moved.downtime_s < moved.duration_s, "frozen from the freeze to the resume, inside the call"
     job = client.job(jid)
@@ -326,13 +328,44 @@ def test_migration_keeps_the_id_and_the_state(client: Cluster) -> None:
     history = client.events(jid)
     assert [e.kind for e in history] == [
         EventKind.started,
-        EventKind.checkpointed,
-        EventKind.restored,
+        EventKind.restored,  # from the images sent straight to the target
+        EventKind.checkpointed,  # the same images, kept from the target once the job ran there
         EventKind.migrated,
     ]
-    assert history[0].detail["node"] == source and history[2].detail == {"checkpoint": moved.checkpoint, "node": target}
+    assert history[0].detail["node"] == source and history[1].detail == {"checkpoint": moved.checkpoint, "node": target}
+    assert history[2].detail["node"] == target and history[2].detail["checkpoint"] == moved.checkpoint
     assert (history[3].detail["source"], history[3].detail["target"]) == (source, target)
-    assert history[3].detail["downtime_s"] == moved.downtime_s
+    assert history[3].detail["downtime_s"] == moved.downtime_s and history[3].detail["route"] == "direct"
+    [kept] = [c for c in client.checkpoints(jid) if c.checkpoint not in before]
+    assert kept.checkpoint == moved.checkpoint and client.inspect(kept.checkpoint).node == source
+    client.kill(jid)
+
+
+def test_images_go_through_the_store_by_default_only_where_that_copies_nothing() -> None:
+    """An encrypted cluster's (this one's) in-place store would copy: its migrations go direct."""
+    assert through_store_by_default("file:///ckpts", in_place=True, one_machine=True)
+    assert not through_store_by_default("file:///ckpts", in_place=True, one_machine=False)
+    assert not through_store_by_default("file:///ckpts", in_place=False, one_machine=True)
+    assert not through_store_by_default("s3://bucket/ckpts", in_place=True, one_machine=True)
+
+
+def test_a_migration_through_the_store_or_keeping_nothing(client: Cluster) -> None:
+    """``through_store``: dumped into the store, restored from it; ``store=False``: the images
+    go straight to the target and are not kept, the job's last checkpoint stays its last."""
+    jid = run_counter(client, "c-routes")
+    first = client.dump(jid, DumpRequest(leave_running=True)).checkpoint
+    moved = client.migrate(jid, other(client.job(jid).node), MigrateRequest(through_store=True))
+    assert moved.route == "store" and client.job(jid).last_checkpoint == moved.checkpoint != first
+    assert_continuous(client, jid, last(client, jid))
+    kept = [c.checkpoint for c in client.checkpoints(jid)]
+    moved = client.migrate(jid, other(client.job(jid).node), MigrateRequest(store=False, through_store=False))
+    assert (moved.route, moved.checkpoint) == ("direct", None)
+    assert [c.checkpoint for c in client.checkpoints(jid)] == kept
+    job = client.job(jid)
+    assert job.last_checkpoint == kept[-1] and job.state is JobState.running
+    assert_continuous(client, jid, last(client, jid))
+    client.kill(jid)
+    assert client.restore(RestoreRequest(), jid=jid).checkpoint == kept[-1], "its last kept checkpoint restores"
     client.kill(jid)
 
 

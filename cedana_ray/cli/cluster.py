@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..crypto import load_key
+from ..errors import UsageError
 from ..models import Compression, NodeStatus
-from ..requests import DumpRequest
+from ..requests import MigrateRequest
 from .options import common, engine, key_file_option, quiet_option
 from .output import console, human_size, progress, show, table
 
@@ -114,15 +117,54 @@ def _nodes_table(found: list[NodeStatus]) -> None:
     type=click.Choice([c.value for c in Compression]),
     help="Compression of the migration checkpoint (default: none on a file:// store, lz4 elsewhere).",
 )
+@click.option(
+    "--store/--no-store",
+    default=True,
+    help="Keep the images as the job's checkpoint once it runs on the target (default), or not.",
+)
+@click.option(
+    "--through-store/--direct",
+    default=None,
+    help="Dump into the store and restore from it, or send the images straight to the target"
+    " (default: whichever copies less: through a local store when both nodes are on one machine).",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="A VM job: moved by its hypervisor's own pre-copy migration while it runs, no checkpoint"
+    " (QEMU's TLS-authenticated migration; only its last copy pauses the guest).",
+)
 @quiet_option
 @common
-def migrate(jid: str, node: str, compression: str | None, as_json: bool, local: bool) -> None:
-    """Move job JID to another node (freeze, dump, restore there); it keeps its id."""
-    request = DumpRequest(compression=Compression(compression)) if compression else None
-    with progress(not as_json) as bar:
-        result = engine().migrate(jid, node, request, progress=bar)
+def migrate(
+    jid: str,
+    node: str,
+    compression: str | None,
+    store: bool,
+    through_store: bool | None,
+    live: bool,
+    as_json: bool,
+    local: bool,
+) -> None:
+    """Move job JID to another node: freeze it, send its images straight there, restore, resume;
+    it keeps its id."""
+    options: dict[str, Any] = {"store": store, "through_store": through_store}
+    if compression:  # else the coordinator's choice for the job's store
+        options["compression"] = Compression(compression)
+    if live and (compression or through_store or not store):
+        raise UsageError("--live sends no images: --compression, --through-store and --no-store do not apply")
+    request = MigrateRequest(**options)
+    with progress(not as_json and not live) as bar:  # a live migration reports no progress
+        result = engine().migrate(jid, node, request, progress=bar, live=live)
 
     def human() -> None:
+        if result.route == "live":
+            console.print(
+                f"job {jid} moved live {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
+                f" (QEMU's downtime {result.downtime_s * 1000:.0f} ms)",
+                highlight=False,
+            )
+            return
         console.print(
             f"job {jid} moved {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
             f" (dump {result.dump_s:.2f} s, restore {result.restore_s:.2f} s; down {result.downtime_s:.2f} s)",
