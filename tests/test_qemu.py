@@ -4,18 +4,21 @@ queried; and its error paths through the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from cedana_ray.plugins.qemu import guest
+from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV
 from cedana_ray.plugins.qemu.plugin import QemuRunRequest
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
@@ -23,10 +26,11 @@ from test_process_criu import wait_for
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import DumpError, StorageError, UsageError
+from cedana_ray.errors import CedanaError, DumpError, StorageError, UsageError
 from cedana_ray.features import compute
-from cedana_ray.models import Compression, JobState
+from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
+from cedana_ray.remote import call
 from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +194,7 @@ def test_health_and_features() -> None:
     assert checks["accelerator"].ok  # TCG at least, whatever KVM is
     matrix = compute(pm)
     rows = ("Run handler (serverless)", "Dump VM handler", "Restore VM handler", "Freeze handler", "Query handler")
+    rows += ("Live migration",)
     for row in rows:
         assert matrix.features[row]["qemu"] == "implemented", row
 
@@ -237,7 +242,10 @@ def vm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Two raylets on this machine with cedana-ray up (test_cluster's); its address."""
     from test_cluster import NODE_ARGS, cedana_cluster
 
-    with cedana_cluster(tmp_path_factory.mktemp("vm-cluster"), [NODE_ARGS, NODE_ARGS]) as cluster:
+    # a live migration's stream throttled to 16 MiB/s (the guest's ~70 MB take ~4 s): long
+    # enough to kill its target midway
+    env = {BANDWIDTH_ENV: str(16 << 20)}
+    with cedana_cluster(tmp_path_factory.mktemp("vm-cluster"), [NODE_ARGS, NODE_ARGS], env) as cluster:
         yield cluster.address
 
 
@@ -258,3 +266,102 @@ def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Pa
     wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on its new node")
     assert_unbroken(log())
     client.kill("vm-mig")
+
+
+def start_counting(
+    client: Cluster, vm_guest: Path, jid: str
+) -> tuple[Job, Callable[[], list[tuple[int, int, str]]], str]:
+    """A counter VM running on a node of the cluster; its job, its log's lines, another node for VMs."""
+    job = client.run("qemu", counter_vm(vm_guest, jid))
+    log = lambda: parse(client.read_log(jid, 0, 1 << 24).decode(errors="replace"))  # noqa: E731
+    wait_for(lambda: len(log()) >= 3, BOOT_TIMEOUT_S, "the VM to count")
+    ready = lambda: [n.node for n in client.nodes() if n.node != job.node and "qemu" in n.types and not n.error]  # noqa: E731
+    return job, log, wait_for(ready, 60, "another node for VMs")[0]  # type: ignore[index]
+
+
+def qemus_under(folder: Path) -> list[psutil.Process]:
+    """The QEMUs running in a job dir under ``folder`` (a node's home)."""
+    found = []
+    for p in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["name"] == "qemu-system-x86_64" and Path(p.cwd()).is_relative_to(folder):
+                found.append(p)
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_vm_migrates_live_between_raylets(vm_cluster: str, vm_guest: Path) -> None:
+    """`migrate --live --json`: QEMU's pre-copy migration over TLS; the guest counts on
+    there, nothing lost; QEMU's downtime reported; the source's QEMU gone."""
+    client = Cluster(vm_cluster)
+    job, log, target = start_counting(client, vm_guest, "vm-live")
+    moved = cedana("migrate", "vm-live", "--to", target, "--live", "--json", timeout=120)
+    assert moved.returncode == 0, moved.stderr
+    result = json.loads(moved.stdout)
+    assert result["route"] == "live" and result["checkpoint"] is None
+    assert result["target"] == target and result["job"]["node"] == target
+    assert 0 <= result["downtime_s"] < 2.0  # QEMU's, in ms: it aims at 300 ms for the last copy
+    assert result["downtime_s"] < result["duration_s"]
+    assert gone(job.pid)  # the source's QEMU, paused for good, quit
+    assert client.job("vm-live").state is JobState.running and client.job("vm-live").pid != job.pid
+    at = log()[-1][0]
+    wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on its new node")
+    assert_unbroken(log())  # its log carried over, the console's lines in order
+    migrated = [e for e in client.events("vm-live") if e.kind is EventKind.migrated][-1]
+    assert migrated.detail["route"] == "live" and migrated.detail["downtime_s"] == result["downtime_s"]
+    assert not any(client.checkpoints("vm-live"))  # no checkpoint in between
+
+    back = client.migrate("vm-live", job.node, live=True)  # its QEMU, once a target, now a source
+    assert back.route == "live" and back.job.node == job.node
+    at = log()[-1][0]
+    wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting back on its first node")
+    assert_unbroken(log())
+    client.kill("vm-live")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_failed_live_migration_leaves_the_vm_running_on_its_source(vm_cluster: str, vm_guest: Path) -> None:
+    """The target's QEMU killed midway: the migration fails, the guest runs on where it was,
+    nothing of it is left on the target."""
+    client = Cluster(vm_cluster)
+    job, log, target = start_counting(client, vm_guest, "vm-live-fail")
+    target_home = Path(call(client.coordinator.info.remote())["base"]) / "nodes" / target
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            client.migrate("vm-live-fail", target, live=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    migrating = threading.Thread(target=migrate)
+    migrating.start()
+    waiting = wait_for(lambda: qemus_under(target_home), 60, "the target's QEMU")[0]  # type: ignore[index]
+    time.sleep(1.5)  # into the stream, which takes ~4 s
+    waiting.kill()
+    migrating.join(120)
+    assert errors and isinstance(errors[0], CedanaError), errors
+    now = client.job("vm-live-fail")
+    assert now.node == job.node and now.pid == job.pid and now.state is JobState.running
+    at = log()[-1][0]
+    wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on where it was")
+    assert_unbroken(log())
+    assert not (target_home / "jobs" / "vm-live-fail").exists()
+    assert not qemus_under(target_home)
+    client.kill("vm-live-fail")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_live_migration_is_for_vm_jobs(vm_cluster: str) -> None:
+    client = Cluster(vm_cluster)
+    job = client.run("process", RunRequest(cmd=["sleep", "600"], jid="not-a-vm"))
+    other = next(n.node for n in client.nodes() if n.node != job.node)
+    line = assert_one_error(cedana("migrate", "not-a-vm", "--to", other, "--live"), UsageError)
+    assert "job not-a-vm is a process job: only VM jobs (qemu) migrate live" in line
+    assert client.job("not-a-vm").node == job.node
+    line = assert_one_error(cedana("migrate", "not-a-vm", "--to", other, "--live", "--through-store"), UsageError)
+    assert "--live sends no images" in line
+    client.kill("not-a-vm")
