@@ -29,6 +29,11 @@ from .reservations import give_back, resources_of
 log = logging.getLogger("cedana_ray.coordinator")
 
 
+def _as_migration(request: DumpRequest | None) -> MigrateRequest:
+    """A migration's request; a dump's options (the API's older form) become one's."""
+    return request if isinstance(request, MigrateRequest) else MigrateRequest(**dict(request or {}))
+
+
 def through_store_by_default(url: str, in_place: bool, one_machine: bool) -> bool:
     """Whether a migration's images go through the store unless asked otherwise: only where
     that copies nothing, both nodes on one machine with a local store that CRIU writes into
@@ -96,16 +101,7 @@ class Migration:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
             if live:
                 return self._migrate_live(job, target)
-            return self._migrate(job, target, self._migration_request(job, request), progress=progress)
-
-    def _migration_request(self, job: Job, asked: DumpRequest | None = None) -> MigrateRequest:
-        """``asked``, compressed as it says, else not at all to a local store (compressing costs
-        more than writing) and with lz4 to a remote one."""
-        options = dict(asked) if asked else {}
-        if asked is None or "compression" not in asked.model_fields_set:
-            url = options.get("storage") or job.details.get("storage") or self.storage
-            options["compression"] = Compression.none if url.startswith("file://") else Compression.lz4
-        return MigrateRequest(**options)
+            return self._migrate(job, target, _as_migration(request), progress=progress)
 
     def _migrate(
         self,
@@ -145,7 +141,8 @@ class Migration:
     def _through_store(self, job: Job, target: str, request: MigrateRequest) -> bool:
         if request.through_store is not None:
             return request.through_store
-        in_place = request.compression is Compression.none and not (request.encrypt or self.key)
+        # what the store does by default on local disk: uncompressed, straight into the store
+        in_place = request.compression in (None, Compression.none) and not (request.encrypt or self.key)
         url = request.storage or job.details.get("storage") or self.storage
         return through_store_by_default(url, in_place, one_machine(job.node, target))
 
@@ -261,7 +258,7 @@ class Migration:
             if job.node == node and job.state in LIVE_STATES:
                 with self._claim(job.jid):
                     target = self._place(job.type, exclude=node, gpu=needs_gpu(job), needs=resources_of(job))
-                    moved.append(self._migrate(job, target, self._migration_request(job), EventKind.drained))
+                    moved.append(self._migrate(job, target, MigrateRequest(), EventKind.drained))
         return moved
 
     def undrain(self, node: str) -> str:

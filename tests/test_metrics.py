@@ -25,7 +25,7 @@ from cedana_ray.cluster import Cluster
 from cedana_ray.errors import CedanaError
 from cedana_ray.metrics import DURATION_BUCKETS, STALL_BUCKETS
 from cedana_ray.models import EventKind
-from cedana_ray.requests import DumpRequest
+from cedana_ray.requests import DumpRequest, MigrateRequest
 
 pytestmark = [pytest.mark.criu, pytest.mark.ray, pytest.mark.timeout(150)]
 REPORT_INTERVAL_MS = 1000  # how often Ray's workers report to the metrics agent (Ray's default: 10 s)
@@ -87,7 +87,7 @@ def test_a_dump_a_failure_and_a_migration_are_scraped_with_their_values(exported
         client.dump(jid, DumpRequest(leave_running=True, storage="nowhere://x"))
     dumped = client.dump(jid, DumpRequest(leave_running=True))
     target = other(source)
-    moved = client.migrate(jid, target)
+    moved = client.migrate(jid, target, MigrateRequest(through_store=False))  # as between machines
     sizes = {c.checkpoint: c.size_bytes for c in client.checkpoints(jid)}
     assert set(sizes) == {dumped.checkpoint, moved.checkpoint}
 

@@ -115,7 +115,7 @@ def _nodes_table(found: list[NodeStatus]) -> None:
 @click.option(
     "--compression",
     type=click.Choice([c.value for c in Compression]),
-    help="Compression of the migration checkpoint (default: none on a file:// store, lz4 elsewhere).",
+    help="Compression of the migration checkpoint [default: the store's: none on local disk, zstd on a remote one].",
 )
 @click.option(
     "--store/--no-store",
