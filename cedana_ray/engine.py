@@ -7,6 +7,8 @@ The core chains wrap each type's plugin middleware and handler:
 * restore: locked > replace_dead > fetch > <plugin> > <gpu> > <plugin late> > <plugin handler>
   (:mod:`cedana_ray.restoring`)
 * run:     <plugin> > <plugin late> > <plugin handler>, under the job's lock
+* a direct migration's two halves, the dump chain ending in ``send`` on the source and the
+  restore chain with ``received`` for ``fetch`` on the target (:mod:`cedana_ray.handover`)
 """
 
 from __future__ import annotations
