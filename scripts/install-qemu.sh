@@ -4,6 +4,8 @@
 # kernel for guests. The kernel package is only downloaded and unpacked into
 # $QEMU_KERNEL_DIR (default /opt/cedana-ray/qemu-kernel), never installed: installing it
 # would make it a boot candidate of this host and run its postinst (initramfs, bootloader).
+# Its vmlinuz is kept, and the modules a guest needs to see a virtio disk (run qemu --disk):
+# Debian builds virtio and virtio_blk as modules, so the test guest's initramfs carries them.
 # Idempotent: installs only what is missing. Waits for the dpkg lock instead of failing,
 # since other installs may run on the same machine.
 set -euo pipefail
@@ -14,7 +16,9 @@ fail() { echo "install-qemu: $*" >&2; exit 1; }
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || missing+=(busybox-static)
-have_kernel() { [ -e "$KERNEL_DIR/vmlinuz" ]; }
+# the virtio disk's modules, in the order they load (each after what it depends on)
+MODULES="virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk"
+have_kernel() { [ -e "$KERNEL_DIR/vmlinuz" ] && [ -e "$KERNEL_DIR/modules/virtio_blk.ko" ]; }
 
 if [ ${#missing[@]} -eq 0 ] && have_kernel; then
   echo "qemu: $(qemu-system-x86_64 --version | head -1), busybox-static, kernel $(cat "$KERNEL_DIR/version") already installed"
@@ -40,8 +44,15 @@ if ! have_kernel; then
   dpkg-deb -x "$tmp"/"$pkg"_*.deb "$tmp/root" || fail "cannot unpack $pkg"
   vmlinuz=$(ls "$tmp"/root/boot/vmlinuz-* 2>/dev/null | head -1)
   [ -n "$vmlinuz" ] || fail "$pkg holds no /boot/vmlinuz-*"
-  mkdir -p "$KERNEL_DIR"
+  version=$(basename "$vmlinuz" | sed 's/^vmlinuz-//')
+  mkdir -p "$KERNEL_DIR/modules"
+  for m in $MODULES; do
+    ko="$tmp/root/lib/modules/$version/kernel/drivers/$m.ko"
+    [ -e "$ko" ] || fail "$pkg has no $m.ko"
+    cp "$ko" "$KERNEL_DIR/modules/"
+  done
+  echo "$MODULES" | tr ' ' '\n' | sed 's,.*/,,' >"$KERNEL_DIR/modules/order"
   cp "$vmlinuz" "$KERNEL_DIR/vmlinuz.tmp" && mv "$KERNEL_DIR/vmlinuz.tmp" "$KERNEL_DIR/vmlinuz"
-  basename "$vmlinuz" | sed 's/^vmlinuz-//' >"$KERNEL_DIR/version"
+  echo "$version" >"$KERNEL_DIR/version"
   echo "qemu: guest kernel $(cat "$KERNEL_DIR/version") in $KERNEL_DIR (from $pkg, not installed on the host)"
 fi
