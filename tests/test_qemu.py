@@ -5,6 +5,7 @@ queried; and its error paths through the CLI."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from cedana_ray.plugins.qemu import guest
-from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV
+from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV, QemuLive
 from cedana_ray.plugins.qemu.plugin import QemuRunRequest
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
@@ -187,6 +188,59 @@ def test_checkpoint_policy_of_a_vm(engine: Engine, vm_guest: Path) -> None:
     wait_for(lambda: len(engine.checkpoints("vm")) == 2, BOOT_TIMEOUT_S, "--keep 2 pruning the rest")
 
 
+def disk_image(path: Path) -> Path:
+    """A 4 MiB raw disk whose first sector holds a marker line, the rest zeros."""
+    with open(path, "wb") as f:
+        f.write(b"marker=cedana\n")
+        f.truncate(4 << 20)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def disk_lines(image: Path, upto: int) -> list[tuple[int, int, str]]:
+    """The count lines the guest wrote to sectors 1..upto of its disk (count N in sector N)."""
+    data = image.read_bytes()
+    return parse(b"".join(data[n * 512 : (n + 1) * 512] for n in range(1, upto + 1)).decode(errors="replace"))
+
+
+def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_path: Path) -> None:
+    """The guest writes each count's line to its disk before printing it. A leave-running
+    dump, then a dump that stops it, then a restore: every line printed before the dump is on
+    the restored disk, the guest goes on writing, and the user's image was never written."""
+    image = disk_image(tmp_path / "disk.img")
+    digest = sha256(image)
+    jid = "vm-disk"
+    engine.run("qemu", counter_vm(vm_guest, jid).model_copy(update={"disk": str(image)}))
+    wait_for(lambda: len(counts(engine, jid)) >= 3, BOOT_TIMEOUT_S, f"{jid} to count")
+    assert "disk: marker=cedana" in Path(engine.log_path(jid)).read_text(errors="replace")
+
+    engine.dump(jid, DumpRequest(leave_running=True))  # the guest's disk writable again after it
+    counted_past(engine, jid, last(engine, jid))
+    result = engine.dump(jid, DumpRequest())
+    dumped = last(engine, jid)
+    assert engine.inspect(result.checkpoint).details["vm"]["disk"] == "raw"
+
+    restored = engine.restore(RestoreRequest(), jid=jid).job
+    now = counted_past(engine, jid, dumped)
+    lines = counts(engine, jid)
+    assert_unbroken(lines)
+    disk = Path(engine.log_path(jid)).parent / guest.DISK
+    assert disk_lines(disk, now) == lines[:now]  # on the disk: before the dump, and since
+    assert restored.details["vm"]["disk"] == "raw"
+    assert sha256(image) == digest
+
+
+def test_a_vm_with_a_disk_does_not_migrate_live() -> None:
+    vm = guest.Vm(memory="128M", initrd=True, disk="raw")
+    details = {"vm": vm.model_dump()}
+    job = Job(jid="vm-disk", type="qemu", state=JobState.running, log="/nonexistent/log", details=details)
+    with pytest.raises(UsageError, match="VM vm-disk has a disk: it does not migrate live"):
+        QemuLive().outgoing(job)
+
+
 def test_health_and_features() -> None:
     pm = get_plugin_manager()
     checks = {c.name: c for c in pm.call_for("qemu", "cedana_health_checks")}
@@ -218,6 +272,22 @@ def test_a_kernel_qemu_refuses(home: Path, tmp_path: Path) -> None:
 def test_kvm_refused_where_unusable(home: Path, vm_guest: Path) -> None:
     line = assert_one_error(cedana("run", "qemu", "--kernel", str(vm_guest / "vmlinuz"), "--kvm"), UsageError)
     assert "--kvm: KVM is unusable here" in line
+
+
+def test_a_disk_that_is_not_a_readable_file(home: Path, vm_guest: Path, tmp_path: Path) -> None:
+    kernel = str(vm_guest / "vmlinuz")
+    for bad in (tmp_path / "nope.img", tmp_path):  # missing, a directory
+        line = assert_one_error(cedana("run", "qemu", "--kernel", kernel, "--disk", str(bad)), UsageError)
+        assert f"--disk {bad}: no such readable file" in line
+    backed = tmp_path / "backed.qcow2"  # a qcow2 header whose backing_file_offset is set
+    backed.write_bytes(guest.QCOW2_MAGIC + (3).to_bytes(4, "big") + (512).to_bytes(8, "big") + bytes(496))
+    line = assert_one_error(cedana("run", "qemu", "--kernel", kernel, "--disk", str(backed)), UsageError)
+    assert "a qcow2 with a backing file is not supported" in line
+    assert "qemu" not in cedana("ps").stdout  # no job was made
+    standalone = tmp_path / "plain.qcow2"
+    standalone.write_bytes(guest.QCOW2_MAGIC + (3).to_bytes(4, "big") + bytes(504))
+    assert guest.require_disk(standalone)[1] == "qcow2"
+    assert guest.require_disk(disk_image(tmp_path / "raw.img"))[1] == "raw"
 
 
 def test_vm_and_process_checkpoints_do_not_mix(engine: Engine, vm_guest: Path) -> None:

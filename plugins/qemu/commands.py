@@ -24,6 +24,11 @@ def _file(value: str | None, what: str) -> str | None:
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
 @click.option("--kernel", required=True, metavar="FILE", help="The guest's kernel (a bzImage, vmlinuz).")
 @click.option("--initrd", metavar="FILE", help="Its initramfs.")
+@click.option(
+    "--disk",
+    metavar="IMG",
+    help="A disk image (raw, or qcow2 without a backing file), a virtio disk; the VM writes its own copy.",
+)
 @click.option("--memory", default="256M", show_default=True, metavar="SIZE", help="Guest RAM: 128M, 2G.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Virtual CPUs.")
 @click.option(
@@ -39,6 +44,7 @@ def _file(value: str | None, what: str) -> str | None:
 def run(
     kernel: str,
     initrd: str | None,
+    disk: str | None,
     memory: str,
     cpus: int,
     tcg: bool,
@@ -56,18 +62,21 @@ def run(
     KERNEL ARGS replace the default kernel command line, console=ttyS0 panic=-1 quiet
     (keep console=ttyS0 to see the guest's output).
     """
-    from .guest import DEFAULT_APPEND, QEMU, Vm
+    from .guest import DEFAULT_APPEND, QEMU, Vm, require_disk
     from .plugin import QemuRunRequest
 
     kernel_file, initrd_file = _file(kernel, "--kernel"), _file(initrd, "--initrd")
     vm = Vm(memory=memory, cpus=cpus, accel="tcg" if tcg else "kvm", append=" ".join(append) or DEFAULT_APPEND)
-    vm = vm.model_copy(update={"initrd": initrd_file is not None})
+    disk_file, fmt = require_disk(Path(disk)) if disk else (None, None)
+    vm = vm.model_copy(update={"initrd": initrd_file is not None, "disk": fmt})
     cmd = [QEMU, "-kernel", str(kernel_file), *(["-initrd", initrd_file] if initrd_file else [])]
+    cmd += ["-drive", str(disk_file)] if disk_file else []
     request = QemuRunRequest(
         cmd=[*cmd, "-m", vm.memory, "-append", vm.append],
         jid=jid,
         kernel=kernel_file,
         initrd=initrd_file,
+        disk=disk_file,
         vm=vm,
         checkpoint_every=every,
         keep=keep,

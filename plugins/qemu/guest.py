@@ -26,6 +26,8 @@ QEMU = "qemu-system-x86_64"
 KVM = Path("/dev/kvm")
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"  # panic=-1 with -no-reboot: a dead guest ends the job
 QMP_SOCKET, STATE, KERNEL, INITRD = "qmp.sock", "vm.state", "vmlinuz", "initrd"  # in the job dir and images
+DISK = "disk"  # the VM's own copy of its --disk, in the job dir and images
+QCOW2_MAGIC = b"QFI\xfb"
 HOLD = "console.hold"  # while it exists, a live migration's target holds its console back (watch.py)
 _MEMORY = re.compile(r"^[1-9]\d*[MG]$")
 _MACHINE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -54,6 +56,7 @@ class Vm(BaseModel):
     accel: Literal["tcg", "kvm"] = "tcg"
     append: OneLine = DEFAULT_APPEND
     initrd: bool = False  # whether it boots with an initrd (the file lives beside the kernel)
+    disk: Literal["raw", "qcow2"] | None = None  # its disk's format, if it has one (a virtio disk)
     # the versioned machine type (pc-i440fx-7.2) that `pc` was when it started: a restore on a
     # newer QEMU must recreate the same machine for the state to load
     machine: Annotated[str, AfterValidator(_machine)] = "pc"
@@ -106,8 +109,21 @@ def require_file(path: Path, what: str) -> Path:
     return path.resolve()
 
 
+def require_disk(path: Path) -> tuple[Path, Literal["raw", "qcow2"]]:
+    """``--disk``: a readable file, resolved, and its format (qcow2 by its magic, else raw);
+    a qcow2 with a backing file is refused (its copy would still read the user's file)."""
+    path = require_file(path, "--disk")
+    with open(path, "rb") as f:
+        header = f.read(16)
+    if not header.startswith(QCOW2_MAGIC):
+        return path, "raw"
+    if int.from_bytes(header[8:16], "big"):  # backing_file_offset
+        raise UsageError(f"--disk {path}: a qcow2 with a backing file is not supported", hint="give a standalone image")
+    return path, "qcow2"
+
+
 def argv(vm: Vm, files: Path, incoming: Path | None = None, *, defer: bool = False, paused: bool = False) -> list[str]:
-    """QEMU's command line for ``vm``, with its kernel and initrd in ``files`` (the job dir)
+    """QEMU's command line for ``vm``, with its kernel, initrd and disk in ``files`` (the job dir)
     and its QMP socket there, relative (QEMU runs in the job dir: the path's length is then
     no limit); ``incoming``: a state file to restore, the VM left paused once loaded;
     ``defer``: a live migration's target, whose stream's address QMP ``migrate-incoming``
@@ -116,6 +132,8 @@ def argv(vm: Vm, files: Path, incoming: Path | None = None, *, defer: bool = Fal
     args += ["-kernel", str(files / KERNEL), "-append", vm.append]
     if vm.initrd:
         args += ["-initrd", str(files / INITRD)]
+    if vm.disk:  # QEMU's option syntax: a comma in the path is written twice
+        args += ["-drive", f"file={str(files / DISK).replace(',', ',,')},format={vm.disk},if=virtio"]
     # no default devices (NIC, VGA, floppy): less to migrate; the serial console is the job's output
     args += ["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none"]
     args += ["-no-reboot", "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]

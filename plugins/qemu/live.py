@@ -18,7 +18,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from cedana_ray.errors import MigrationError, PrerequisiteError
+from cedana_ray.errors import MigrationError, PrerequisiteError, UsageError
 from cedana_ray.live import Incoming, Sent
 from cedana_ray.models import Job, JobState
 from cedana_ray.spawn import LOG, LaunchError
@@ -75,6 +75,11 @@ class QemuLive:
 
     def outgoing(self, job: Job) -> dict[str, bytes]:
         vm = Vm.model_validate(job.details["vm"])
+        if vm.disk:  # QEMU would need shared storage or its block migration, which we do not drive
+            raise UsageError(
+                f"VM {job.jid} has a disk: it does not migrate live",
+                hint="migrate it without --live: its checkpoint carries the disk",
+            )
         names = (KERNEL, INITRD) if vm.initrd else (KERNEL,)
         return {name: (_dir(job) / name).read_bytes() for name in names}
 

@@ -5,8 +5,10 @@ Why migration and not CRIU: QEMU knows its devices and the guest's RAM, and writ
 a migration stream that any QEMU of the same machine type loads (``-incoming``); CRIU would
 have to restore the emulator process itself, with its threads, its accelerator's state and
 its file descriptors. A dump stops the guest (QMP ``stop``), migrates it into a file in the
-checkpoint's image dir, beside copies of its kernel and initrd, and the core stores that dir
-like any checkpoint (chunks, sha256, signed manifest). Until the checkpoint is stored the VM
+checkpoint's image dir, beside copies of its kernel and initrd, and of its disk if it has one
+(copied once the migration completed: QEMU flushed it, and the guest cannot write while
+paused), and the core stores that dir like any checkpoint (chunks, checksums, signed manifest;
+a disk's unchanged chunks are stored once across checkpoints). Until the checkpoint is stored the VM
 stays paused, not gone: a failed dump resumes it (QMP ``cont``, a rollback); once stored the
 core stops it with SIGTERM, on which QEMU quits as on QMP ``quit``. A restore starts QEMU with
 the same machine, ``-S -incoming`` from the state file, waits for the state to load, then
@@ -21,13 +23,14 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from cedana_ray.errors import DumpError, RestoreError, UsageError
+from cedana_ray.errors import DumpError, RestoreError, StorageError, UsageError
 from cedana_ray.models import AbsolutePath, Job, JobState
 from cedana_ray.pipeline import Context
 from cedana_ray.requests import RunRequest
@@ -35,7 +38,7 @@ from cedana_ray.runtime import Runtime
 from cedana_ray.spawn import LOG, LaunchError, launch, started_at
 
 from . import commands, guest, watch
-from .guest import HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
+from .guest import DISK, HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
 from .live import QemuLive
 from .qmp import Qmp, QmpError
 
@@ -44,10 +47,12 @@ LIVE = (JobState.running, JobState.frozen)
 
 
 class QemuRunRequest(RunRequest):
-    """``run qemu``: the guest's kernel and initrd (``cmd`` only describes the VM)."""
+    """``run qemu``: the guest's kernel, initrd and disk (``cmd`` only describes the VM); the
+    disk's format is detected at run, whatever ``vm.disk`` says."""
 
     kernel: AbsolutePath
     initrd: AbsolutePath | None = None
+    disk: AbsolutePath | None = None
     vm: Vm
 
 
@@ -73,6 +78,24 @@ def _place(job_dir: Path, kernel: Path, initrd: Path | None) -> None:
     shutil.copyfile(kernel, job_dir / KERNEL)
     if initrd:
         shutil.copyfile(initrd, job_dir / INITRD)
+
+
+def copy_disk(source: Path, dest: Path) -> None:
+    """A disk image copied, by reflink where the filesystem shares blocks (instant, no space
+    taken), holes kept; raises OSError with cp's own words (No space left on device)."""
+    try:
+        subprocess.run(
+            ["cp", "--reflink=auto", "--sparse=always", "--", str(source), str(dest)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=3600,
+        )
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or "").strip().splitlines()
+        raise OSError(said[-1] if said else f"cp exited {exc.returncode}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"copying {source} took over {exc.timeout:.0f} s") from exc
 
 
 def _start(ctx: Context, vm: Vm, incoming: Path | None = None) -> dict[str, Any]:
@@ -119,13 +142,20 @@ def run(ctx: Context) -> Job:
     guest.require_accel(req.vm.accel)
     kernel = guest.require_file(Path(req.kernel), "--kernel")
     initrd = guest.require_file(Path(req.initrd), "--initrd") if req.initrd else None
+    disk, fmt = guest.require_disk(Path(req.disk)) if req.disk else (None, None)
     _place(ctx.state.job_dir, kernel, initrd)
+    if disk:  # the VM writes its own copy, never the user's file
+        try:
+            copy_disk(disk, ctx.state.job_dir / DISK)
+        except OSError as exc:
+            raise StorageError(f"--disk {disk}: cannot copy it into the job dir: {exc}") from exc
+    vm = req.vm.model_copy(update={"disk": fmt})
     try:
-        reply = _start(ctx, req.vm)
+        reply = _start(ctx, vm)
     except LaunchError as exc:
         raise UsageError(f"QEMU could not start the VM: {exc}") from exc
     with _killed_on_failure(reply["pid"]):
-        vm = req.vm.model_copy(update={"machine": _machine(ctx.state.job_dir, req.vm.machine)})
+        vm = vm.model_copy(update={"machine": _machine(ctx.state.job_dir, vm.machine)})
     return _job(ctx, reply, vm, JobState.running, req.cmd)
 
 
@@ -155,10 +185,19 @@ def dump(ctx: Context) -> None:
             if not frozen:
                 ctx.state.rollback.append(lambda: _resume(job))
             qmp.migrate_to_file(images / STATE)
+            if vm.disk:  # flushed by QEMU as the migration completed; the guest is paused
+                _copy_disk_into(job, images)
             if ctx.request.leave_running and not frozen:
                 qmp.execute("cont")
     except QmpError as exc:
         raise DumpError(f"dump of VM {job.jid} failed: {exc}") from exc
+
+
+def _copy_disk_into(job: Job, images: Path) -> None:
+    try:
+        copy_disk(_job_dir(job) / DISK, images / DISK)
+    except OSError as exc:
+        raise DumpError(f"dump of VM {job.jid} failed: its disk: {exc}") from exc
 
 
 def _resume(job: Job) -> None:
@@ -173,7 +212,8 @@ def restore(ctx: Context) -> Job:
     facts = manifest.facts(RestoreFacts)
     images: Path = ctx.state.images
     guest.require_accel(facts.vm.accel)
-    missing = [n for n in (STATE, KERNEL, *((INITRD,) if facts.vm.initrd else ())) if not (images / n).exists()]
+    wanted = (STATE, KERNEL, *((INITRD,) if facts.vm.initrd else ()), *((DISK,) if facts.vm.disk else ()))
+    missing = [n for n in wanted if not (images / n).exists()]
     if missing:
         raise RestoreError(f"checkpoint {manifest.checkpoint} has no {', '.join(missing)}: not a VM checkpoint")
     if ctx.state.leave_stopped:
@@ -181,6 +221,11 @@ def restore(ctx: Context) -> Job:
         # job with SIGCONT, which does not resume a guest: verify before QEMU reads anything.
         ctx.state.store.verify(manifest)
     _place(ctx.state.job_dir, images / KERNEL, images / INITRD if facts.vm.initrd else None)
+    if facts.vm.disk:  # its own copy: the images may be the store's files themselves
+        try:
+            copy_disk(images / DISK, ctx.state.job_dir / DISK)
+        except OSError as exc:
+            raise RestoreError(f"restore of checkpoint {manifest.checkpoint} failed: its disk: {exc}") from exc
     try:
         reply = _start(ctx, facts.vm, incoming=images / STATE)
     except LaunchError as exc:
