@@ -32,7 +32,7 @@ from cedana_ray.features import compute
 from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.remote import call
-from cedana_ray.requests import DumpRequest, RestoreRequest, RunRequest
+from cedana_ray.requests import DumpRequest, MigrateRequest, RestoreRequest, RunRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow]
@@ -321,21 +321,37 @@ def vm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Path) -> None:
-    """Frozen (QMP stop) on its node, dumped, restored frozen on the other, resumed there."""
+@pytest.mark.parametrize("through_store", [True, False], ids=["through-the-store", "direct"])
+def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Path, through_store: bool) -> None:
+    """Frozen (QMP stop) on its node, dumped (through the store, or its images sent straight to
+    the other node), restored frozen on the other, resumed there; the checkpoint kept."""
     client = Cluster(vm_cluster)
-    job = client.run("qemu", counter_vm(vm_guest, "vm-mig"))
-    log = lambda: parse(client.read_log("vm-mig", 0, 1 << 24).decode(errors="replace"))  # noqa: E731
-    wait_for(lambda: len(log()) >= 3, BOOT_TIMEOUT_S, "the VM to count")
-    ready = lambda: [n.node for n in client.nodes() if n.node != job.node and "qemu" in n.types and not n.error]  # noqa: E731
-    target = wait_for(ready, 60, "another node for VMs")[0]  # type: ignore[index]
-
-    moved = client.migrate("vm-mig", target)
-    assert moved.job.node == target and client.job("vm-mig").state is JobState.running
+    jid = f"vm-mig-{through_store}".lower()  # a killed job keeps its name
+    _, log, target = start_counting(client, vm_guest, jid)
+    moved = client.migrate(jid, target, MigrateRequest(through_store=through_store))
+    assert moved.route == ("store" if through_store else "direct") and moved.checkpoint
+    assert moved.job.node == target and client.job(jid).state is JobState.running
+    assert client.job(jid).last_checkpoint == moved.checkpoint
     at = log()[-1][0]
     wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on its new node")
     assert_unbroken(log())
-    client.kill("vm-mig")
+    client.kill(jid)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_draining_node_moves_its_vm(vm_cluster: str, vm_guest: Path) -> None:
+    client = Cluster(vm_cluster)
+    job, log, target = start_counting(client, vm_guest, "vm-drain")
+    try:
+        [moved] = [m for m in client.drain(job.node) if m.jid == "vm-drain"]
+        assert moved.target == target and client.job("vm-drain").node == target
+        at = log()[-1][0]
+        wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on its new node")
+        assert_unbroken(log())
+    finally:
+        client.undrain(job.node)
+        client.kill("vm-drain")
 
 
 def start_counting(
