@@ -88,6 +88,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait()
 
 
+# Each bucket takes a volume of its own, and by default SeaweedFS allows only as many volumes as
+# free GiB on the disk: on a machine with little free space a test session runs out of buckets.
+# Volumes are sparse files, so a fixed, generous count costs only what is written.
+MAX_VOLUMES = 1000
+
+
 class SeaweedS3(Server):
     """``weed mini`` serving S3 with credentials enforced and no bucket created on the fly."""
 
@@ -108,7 +114,7 @@ class SeaweedS3(Server):
         return [
             weed, f"-logdir={self.root}", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            "-s3.autoCreateBucket=false", *ports,
+            "-s3.autoCreateBucket=false", f"-volume.max={MAX_VOLUMES}", *ports,
         ]  # fmt: skip
 
     def env(self) -> dict[str, str]:
