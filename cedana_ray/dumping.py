@@ -85,8 +85,11 @@ class DumpChain:
         try:
             return next_(ctx)
         except BaseException as exc:
-            if job.state is JobState.running and job.pid is not None:
-                signal_tree(job.pid, signal.SIGCONT)  # CRIU left the tree stopped
+            if job.state is JobState.running:
+                try:
+                    self.resume_stopped(job)
+                except CedanaError as resume_error:
+                    exc.add_note(f"while resuming the job: {resume_error}")
             for undo in ctx.state.rollback:  # e.g. give a CUDA job its GPU back
                 try:
                     undo()
@@ -94,6 +97,14 @@ class DumpChain:
                     exc.add_note(f"while resuming the job: {undo_error}")
             self.registry.update_job(job.jid, details=recovery.CLEARED)
             raise
+
+    def resume_stopped(self, job: Job) -> None:
+        """Let a running job that a dump stopped go on: its type's ``cedana_resume`` (a VM's
+        QMP ``cont``), else SIGCONT to the tree CRIU left stopped."""
+        if self.pm.implements(job.type, "cedana_resume"):
+            self.pm.call_for(job.type, "cedana_resume", job=job)
+        elif job.pid is not None:
+            signal_tree(job.pid, signal.SIGCONT)
 
     def finish_dump(self, ctx: Context, next_: Handler) -> DumpResult:
         """Stop the job once its checkpoint is stored; resume it if anything failed."""

@@ -40,6 +40,7 @@ ROWS: tuple[tuple[str, str | None] | None, ...] = (
     ("Manage handler", "cedana_manage_handler"),
     ("Custom kill signal", "cedana_kill_signal"),
     ("Custom stop check", "cedana_stopped"),
+    ("Custom resume", "cedana_resume"),
     ("Custom cleanup", "cedana_cleanup"),
     ("Custom reaper", "cedana_reaper"),
     None,

@@ -183,6 +183,12 @@ def cedana_stopped(job: Job) -> bool:
 
 
 @hookspec(firstresult=True)
+def cedana_resume(job: Job) -> None:
+    """Lets ``job``'s workload go on after a dump stopped it and then failed or died (QEMU:
+    QMP ``cont``). Without this hook, SIGCONT to its process tree, which CRIU leaves stopped."""
+
+
+@hookspec(firstresult=True)
 def cedana_cleanup(job: Job) -> None:
     """Removes what the workload left behind once it is gone (`job delete`)."""
 

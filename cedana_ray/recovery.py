@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,6 @@ import psutil
 
 from .errors import CheckpointError, CheckpointNotFound, StateError
 from .models import CheckpointInfo, Job, JobState, Manifest
-from .proctree import signal_tree
 from .staging import staging_bases
 
 if TYPE_CHECKING:
@@ -61,8 +59,8 @@ def _finish_dead_dump(engine: Engine, job: Job) -> None:
         engine.records.dumped(CheckpointInfo.of(manifest, f"{pending['store']}/{manifest.checkpoint}"))
     if job.state is JobState.checkpointed and manifest is not None:
         engine.stop(job)  # recorded as checkpointed, then the dump died before stopping it
-    elif job.state is JobState.running and job.pid is not None:
-        signal_tree(job.pid, signal.SIGCONT)  # CRIU left it stopped for a commit that never came
+    elif job.state is JobState.running:
+        engine.resume_stopped(job)  # stopped for a commit that never came
     engine.registry.update_job(job.jid, details=CLEARED)
     log.warning(
         "job %s: finished a dump that died (checkpoint %s %s)",

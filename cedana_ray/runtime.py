@@ -180,6 +180,7 @@ class Runtime:
     health_checks: Callable[[], list[HealthCheck]] | None = None
     kill_signal: int | None = None  # default SIGKILL for a type that starts workloads
     stopped: Callable[[Job], bool] | None = None
+    resume: Callable[[Job], None] | None = None  # default: SIGCONT to the tree CRIU left stopped
     reaper: Callable[[Job], int | None] | None = None  # default: reap_recorded
     cleanup: Callable[[Job], None] | None = None  # what the runtime holds; the job dir goes after it
     supports_gpu: bool = False  # read by the plugin manager: its jobs get the gpu plugin's middleware
@@ -222,6 +223,8 @@ class Runtime:
             hooks["cedana_health_checks"] = _calling(self.health_checks)
         if self.stopped:
             hooks["cedana_stopped"] = _of_job(self.stopped)
+        if self.resume:
+            hooks["cedana_resume"] = _of_job(self.resume)
         return hooks | self._job_hooks()
 
     def _job_hooks(self) -> dict[str, Callable[..., Any]]:

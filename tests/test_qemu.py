@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CedanaError, DumpError, StorageError, UsageError
+from cedana_ray.failpoint import ENV as FAILPOINT
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
@@ -166,6 +168,24 @@ def test_a_failed_dump_resumes_the_vm(engine: Engine, vm_guest: Path, small_disk
     assert engine.query("qemu")[0]["status"] == "running"
     counted_past(engine, jid, last(engine, jid))
     assert_unbroken(counts(engine, jid))
+
+
+def test_a_dump_killed_after_it_paused_the_vm_resumes_it(
+    engine: Engine, vm_guest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dumping process dies (SIGKILL) once the checkpoint is stored, before it stops the
+    VM: the next command keeps the checkpoint and lets the paused guest go on."""
+    jid = boot(engine, vm_guest)
+    monkeypatch.setenv(FAILPOINT, "dump:committed")
+    killed = cedana("dump", "job", jid, "--local")
+    monkeypatch.delenv(FAILPOINT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ps = json.loads(cedana("ps", "--local", "--json").stdout)
+    assert [j["state"] for j in ps if j["jid"] == jid] == ["running"]
+    assert engine.query("qemu")[0]["status"] == "running"
+    counted_past(engine, jid, last(engine, jid))
+    assert_unbroken(counts(engine, jid))
+    assert len(engine.checkpoints(jid)) == 1
 
 
 def test_checkpoint_policy_of_a_vm(engine: Engine, vm_guest: Path) -> None:

@@ -9,7 +9,8 @@ checkpoint's image dir, beside copies of its kernel and initrd, and of its disk 
 (copied once the migration completed: QEMU flushed it, and the guest cannot write while
 paused), and the core stores that dir like any checkpoint (chunks, checksums, signed manifest;
 a disk's unchanged chunks are stored once across checkpoints). Until the checkpoint is stored the VM
-stays paused, not gone: a failed dump resumes it (QMP ``cont``, a rollback); once stored the
+stays paused, not gone: a failed dump resumes it (QMP ``cont``, its ``resume``), as does the
+next command after a dump that died (:mod:`cedana_ray.recovery`); once stored the
 core stops it with SIGTERM, on which QEMU quits as on QMP ``quit``. A restore starts QEMU with
 the same machine, ``-S -incoming`` from the state file, waits for the state to load, then
 ``cont``: the guest goes on where it stopped.
@@ -181,9 +182,7 @@ def dump(ctx: Context) -> None:
         shutil.copyfile(_job_dir(job) / name, images / name)
     try:
         with _qmp(job) as qmp:
-            qmp.execute("stop")
-            if not frozen:
-                ctx.state.rollback.append(lambda: _resume(job))
+            qmp.execute("stop")  # a failed dump resumes it: resume=_resume below
             qmp.migrate_to_file(images / STATE)
             if vm.disk:  # flushed by QEMU as the migration completed; the guest is paused
                 _copy_disk_into(job, images)
@@ -302,6 +301,7 @@ plugin = Runtime(
     query=query,
     commands=commands.COMMANDS,
     health_checks=guest.health_checks,
+    resume=_resume,
     kill_signal=signal.SIGTERM,  # QEMU quits on it as on QMP `quit`; a paused guest too
     cleanup=cleanup,
     hooks={"cedana_live_migration": QemuLive()},  # migrate --live: QEMU's pre-copy migration (live.py)
