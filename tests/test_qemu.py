@@ -22,6 +22,7 @@ import pytest
 from cedana_ray.plugins.qemu import guest
 from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV, QemuLive
 from cedana_ray.plugins.qemu.plugin import QemuRunRequest
+from ray.cluster_utils import Cluster as RayCluster
 from test_cli import assert_one_error, cedana
 from test_process_criu import wait_for
 
@@ -328,24 +329,24 @@ def test_vm_and_process_checkpoints_do_not_mix(engine: Engine, vm_guest: Path) -
 
 
 @pytest.fixture(scope="module")
-def vm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Two raylets on this machine with cedana-ray up (test_cluster's); its address."""
+def vm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """Two raylets on this machine with cedana-ray up (test_cluster's)."""
     from test_cluster import NODE_ARGS, cedana_cluster
 
     # a live migration's stream throttled to 16 MiB/s (the guest's ~70 MB take ~4 s): long
     # enough to kill its target midway
     env = {BANDWIDTH_ENV: str(16 << 20)}
     with cedana_cluster(tmp_path_factory.mktemp("vm-cluster"), [NODE_ARGS, NODE_ARGS], env) as cluster:
-        yield cluster.address
+        yield cluster
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("through_store", [True, False], ids=["through-the-store", "direct"])
-def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Path, through_store: bool) -> None:
+def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: RayCluster, vm_guest: Path, through_store: bool) -> None:
     """Frozen (QMP stop) on its node, dumped (through the store, or its images sent straight to
     the other node), restored frozen on the other, resumed there; the checkpoint kept."""
-    client = Cluster(vm_cluster)
+    client = Cluster(vm_cluster.address)
     jid = f"vm-mig-{through_store}".lower()  # a killed job keeps its name
     _, log, target = start_counting(client, vm_guest, jid)
     moved = client.migrate(jid, target, MigrateRequest(through_store=through_store))
@@ -360,8 +361,8 @@ def test_a_vm_migrates_between_raylets_and_goes_on(vm_cluster: str, vm_guest: Pa
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_draining_node_moves_its_vm(vm_cluster: str, vm_guest: Path) -> None:
-    client = Cluster(vm_cluster)
+def test_a_draining_node_moves_its_vm(vm_cluster: RayCluster, vm_guest: Path) -> None:
+    client = Cluster(vm_cluster.address)
     job, log, target = start_counting(client, vm_guest, "vm-drain")
     try:
         [moved] = [m for m in client.drain(job.node) if m.jid == "vm-drain"]
@@ -397,10 +398,10 @@ def qemus_under(folder: Path) -> list[psutil.Process]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_vm_migrates_live_between_raylets(vm_cluster: str, vm_guest: Path) -> None:
+def test_a_vm_migrates_live_between_raylets(vm_cluster: RayCluster, vm_guest: Path) -> None:
     """`migrate --live --json`: QEMU's pre-copy migration over TLS; the guest counts on
     there, nothing lost; QEMU's downtime reported; the source's QEMU gone."""
-    client = Cluster(vm_cluster)
+    client = Cluster(vm_cluster.address)
     job, log, target = start_counting(client, vm_guest, "vm-live")
     moved = cedana("migrate", "vm-live", "--to", target, "--live", "--json", timeout=120)
     assert moved.returncode == 0, moved.stderr
@@ -428,10 +429,10 @@ def test_a_vm_migrates_live_between_raylets(vm_cluster: str, vm_guest: Path) -> 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_failed_live_migration_leaves_the_vm_running_on_its_source(vm_cluster: str, vm_guest: Path) -> None:
+def test_a_failed_live_migration_leaves_the_vm_running_on_its_source(vm_cluster: RayCluster, vm_guest: Path) -> None:
     """The target's QEMU killed midway: the migration fails, the guest runs on where it was,
     nothing of it is left on the target."""
-    client = Cluster(vm_cluster)
+    client = Cluster(vm_cluster.address)
     job, log, target = start_counting(client, vm_guest, "vm-live-fail")
     target_home = Path(call(client.coordinator.info.remote())["base"]) / "nodes" / target
     errors: list[BaseException] = []
@@ -461,8 +462,8 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_its_source(vm_cluster:
 
 @pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_live_migration_is_for_vm_jobs(vm_cluster: str) -> None:
-    client = Cluster(vm_cluster)
+def test_live_migration_is_for_vm_jobs(vm_cluster: RayCluster) -> None:
+    client = Cluster(vm_cluster.address)
     job = client.run("process", RunRequest(cmd=["sleep", "600"], jid="not-a-vm"))
     other = next(n.node for n in client.nodes() if n.node != job.node)
     line = assert_one_error(cedana("migrate", "not-a-vm", "--to", other, "--live"), UsageError)
@@ -471,3 +472,42 @@ def test_live_migration_is_for_vm_jobs(vm_cluster: str) -> None:
     line = assert_one_error(cedana("migrate", "not-a-vm", "--to", other, "--live", "--through-store"), UsageError)
     assert "--live sends no images" in line
     client.kill("not-a-vm")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_vm_on_a_lost_node_is_restored_elsewhere(vm_cluster: RayCluster, vm_guest: Path) -> None:
+    """``restore_on_loss``: its node gone, QEMU with it, the VM comes back on another node from
+    its last checkpoint and counts on from where that left it, in the same boot."""
+    from test_cluster import NODE_ARGS
+
+    client = Cluster(vm_cluster.address)
+    victim = vm_cluster.add_node(**NODE_ARGS).node_id
+    ready = lambda: any(n.node == victim and "qemu" in n.types and not n.error for n in client.nodes())  # noqa: E731
+    wait_for(ready, 60, "the new node's agent")
+    request = counter_vm(vm_guest, "vm-lost").model_copy(update={"node": victim, "restore_on_loss": True})
+    job = client.run("qemu", request)
+    log = lambda: parse(client.read_log("vm-lost", 0, 1 << 24).decode(errors="replace"))  # noqa: E731
+    wait_for(lambda: len(log()) >= 3, BOOT_TIMEOUT_S, "the VM to count")
+    before = log()[-1][0]
+    client.dump("vm-lost", DumpRequest(leave_running=True))
+    wait_for(lambda: log()[-1][0] >= before + 3, 60, "the VM counting after its checkpoint")
+    original = {n: (total, boot) for n, total, boot in log()}
+    psutil.Process(job.pid).kill()  # the machine goes down with its node
+    vm_cluster.remove_node(next(n for n in vm_cluster.worker_nodes if n.node_id == victim))
+
+    def restored() -> bool:
+        now = client.job("vm-lost")
+        return now.state is JobState.running and now.node != victim
+
+    wait_for(restored, 120, "the VM restored on another node")
+    wait_for(lambda: len(log()) >= 3, 60, "the VM counting there, in a log of its own")
+    lines = log()
+    first = lines[0][0]
+    assert before < first <= max(original), "it resumed from its checkpoint, taken after `before`"
+    assert_unbroken(lines, (first - 1, original[first - 1][0]))
+    assert lines[0][2] == original[first][1], "the same boot, not a new one"
+    lost, back = client.events("vm-lost")[-2:]
+    assert (lost.kind, lost.detail["node"]) == (EventKind.lost, victim)
+    assert back.kind is EventKind.restored and back.detail["node"] != victim
+    client.kill("vm-lost")
