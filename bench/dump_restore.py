@@ -16,6 +16,11 @@ Run as root::
 Images (raw and ours) go under ``$TMPDIR`` (default ``/tmp``): ``TMPDIR=/dev/shm`` puts
 them in memory, where CRIU writes at memory speed and only our own work is left to show.
 
+Before each round the script prints how fast this machine faults in fresh memory
+(:func:`first_touch`): CRIU writes its images into fresh page cache and a restore fills a
+fresh process, so that rate bounds raw CRIU and us alike. On a VM whose host backs guest
+memory lazily it varies from run to run, and with it every time here.
+
 Everything lives under one temporary directory, removed at the end; every process
 started here is killed by PID, even on Ctrl-C.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -418,6 +424,7 @@ def bench_size(size: int, repeat: int, base: Path, engine: Engine, procs: Procs,
     rows = []
     modes = ["raw", *(f"ours {c}" for c in compressions)]
     for run in range(1, repeat + 1):
+        print_first_touch()
         shift = (run - 1) % len(modes)  # rotate the order: no mode always runs first (cold memory, cache)
         for mode in modes[shift:] + modes[:shift]:
             err.print(f"[dim]{human(size)} {mode} #{run} ...[/]")
@@ -428,6 +435,25 @@ def bench_size(size: int, repeat: int, base: Path, engine: Engine, procs: Procs,
             err.print(f"[dim]  dump {row.dump_s:.2f}s restore {row.restore_s:.2f}s[/]")
             rows.append(row)
     return rows
+
+
+def first_touch(nbytes: int = GiB) -> tuple[float, float]:
+    """Seconds per GiB to write ``nbytes`` of fresh anonymous memory, and to write it again."""
+    piece = b"\1" * (64 * MiB)
+    rates = []
+    with mmap.mmap(-1, nbytes) as memory:
+        for _ in range(2):
+            memory.seek(0)
+            start = time.perf_counter()
+            while memory.tell() < nbytes:
+                memory.write(piece[: nbytes - memory.tell()])
+            rates.append((time.perf_counter() - start) * GiB / nbytes)
+    return rates[0], rates[1]
+
+
+def print_first_touch() -> None:
+    fresh, again = first_touch()
+    err.print(f"[dim]fresh memory: {fresh:.2f} s/GiB to fault in and write, {again:.2f} s/GiB to write again[/]")
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import ray
 from cedana_ray.actors import launcher
-from dump_restore import WORKLOAD, Procs, bench_home, bench_raw, human, parse_size, room_for
+from dump_restore import WORKLOAD, Procs, bench_home, bench_raw, human, parse_size, print_first_touch, room_for
 from ray.cluster_utils import Cluster as RayCluster
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +63,7 @@ def bench_size(client: Cluster, size: int, repeat: int, base: Path, procs: Procs
     rows: list[dict[str, object]] = []
     try:
         for run in range(1, repeat + 1):
+            print_first_touch()
             raw = bench_raw(size, run, base, procs)
             rows.append({"size": size, "route": "raw", "run": run, "downtime_s": raw.dump_s + raw.restore_s})
             err.print(f"[dim]{human(size)} #{run} raw: dump {raw.dump_s:.2f}s + restore {raw.restore_s:.2f}s[/]")
