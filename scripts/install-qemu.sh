@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the qemu plugin and its tests use: QEMU (Debian's qemu-system-x86, 7.2 on
-# bookworm, without recommends), busybox-static (the test guest's userland) and a Debian
-# kernel for guests. The kernel package is only downloaded and unpacked into
+# bookworm, without recommends, and qemu-utils' qemu-img), busybox-static (the test guest's
+# userland) and a Debian kernel for guests. The kernel package is only downloaded and unpacked into
 # $QEMU_KERNEL_DIR (default /opt/cedana-ray/qemu-kernel), never installed: installing it
 # would make it a boot candidate of this host and run its postinst (initramfs, bootloader).
 # Its vmlinuz is kept, and the modules a guest needs to see a virtio disk (run qemu --disk):
@@ -15,13 +15,14 @@ fail() { echo "install-qemu: $*" >&2; exit 1; }
 
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v qemu-img >/dev/null || missing+=(qemu-utils) # the tests make qcow2 disks with it
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || missing+=(busybox-static)
 # the virtio disk's modules, in the order they load (each after what it depends on)
 MODULES="virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk"
 have_kernel() { [ -e "$KERNEL_DIR/vmlinuz" ] && [ -e "$KERNEL_DIR/modules/virtio_blk.ko" ]; }
 
 if [ ${#missing[@]} -eq 0 ] && have_kernel; then
-  echo "qemu: $(qemu-system-x86_64 --version | head -1), busybox-static, kernel $(cat "$KERNEL_DIR/version") already installed"
+  echo "qemu: $(qemu-system-x86_64 --version | head -1), qemu-img, busybox-static, kernel $(cat "$KERNEL_DIR/version") already installed"
   exit 0
 fi
 command -v apt-get >/dev/null || fail "needs apt-get (Debian/Ubuntu): install qemu-system-x86_64, busybox (static) and a guest kernel yourself"

@@ -227,13 +227,23 @@ def disk_lines(image: Path, upto: int) -> list[tuple[int, int, str]]:
     return parse(b"".join(data[n * 512 : (n + 1) * 512] for n in range(1, upto + 1)).decode(errors="replace"))
 
 
-def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_path: Path) -> None:
+def as_format(image: Path, fmt: str) -> Path:
+    """``image`` (raw) converted to ``fmt`` by qemu-img; itself for raw."""
+    if fmt == "raw":
+        return image
+    converted = image.with_suffix(f".{fmt}")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(image), str(converted)], check=True)
+    return converted
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_path: Path, fmt: str) -> None:
     """The guest writes each count's line to its disk before printing it. A leave-running
     dump, then a dump that stops it, then a restore: every line printed before the dump is on
     the restored disk, the guest goes on writing, and the user's image was never written."""
-    image = disk_image(tmp_path / "disk.img")
+    image = as_format(disk_image(tmp_path / "disk.img"), fmt)
     digest = sha256(image)
-    jid = "vm-disk"
+    jid = f"vm-disk-{fmt}"
     engine.run("qemu", counter_vm(vm_guest, jid).model_copy(update={"disk": str(image)}))
     wait_for(lambda: len(counts(engine, jid)) >= 3, BOOT_TIMEOUT_S, f"{jid} to count")
     assert "disk: marker=cedana" in Path(engine.log_path(jid)).read_text(errors="replace")
@@ -242,15 +252,17 @@ def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_p
     counted_past(engine, jid, last(engine, jid))
     result = engine.dump(jid, DumpRequest())
     dumped = last(engine, jid)
-    assert engine.inspect(result.checkpoint).details["vm"]["disk"] == "raw"
+    assert engine.inspect(result.checkpoint).details["vm"]["disk"] == fmt
 
     restored = engine.restore(RestoreRequest(), jid=jid).job
     now = counted_past(engine, jid, dumped)
     lines = counts(engine, jid)
     assert_unbroken(lines)
     disk = Path(engine.log_path(jid)).parent / guest.DISK
-    assert disk_lines(disk, now) == lines[:now]  # on the disk: before the dump, and since
-    assert restored.details["vm"]["disk"] == "raw"
+    as_raw = tmp_path / "restored.raw"  # read while the guest runs: QEMU wrote each line through
+    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(disk), str(as_raw)], check=True)
+    assert disk_lines(as_raw, now) == lines[:now]  # on the disk: before the dump, and since
+    assert restored.details["vm"]["disk"] == fmt
     assert sha256(image) == digest
 
 
