@@ -488,6 +488,30 @@ def test_live_migration_is_for_vm_jobs(vm_cluster: RayCluster) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
+def test_a_vm_policy_on_a_cluster(vm_cluster: RayCluster, vm_guest: Path) -> None:
+    """``checkpoint_every`` through the coordinator: checkpoints every 2 s, two kept, the guest
+    counting on unbroken through them."""
+    client = Cluster(vm_cluster.address)
+    request = counter_vm(vm_guest, "vm-policy").model_copy(update={"checkpoint_every": 2.0, "keep": 2})
+    client.run("qemu", request)
+    log = lambda: parse(client.read_log("vm-policy", 0, 1 << 24).decode(errors="replace"))  # noqa: E731
+    seen: set[str] = set()
+
+    def three_made_two_kept() -> bool:
+        now = {c.checkpoint for c in client.checkpoints("vm-policy")}
+        seen.update(now)
+        return len(seen) >= 3 and len(now) == 2
+
+    wait_for(three_made_two_kept, BOOT_TIMEOUT_S, "three policy checkpoints, two kept")
+    assert client.job("vm-policy").state is JobState.running
+    at = log()[-1][0]
+    wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting on")
+    assert_unbroken(log())
+    client.kill("vm-policy")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_a_vm_on_a_lost_node_is_restored_elsewhere(vm_cluster: RayCluster, vm_guest: Path) -> None:
     """``restore_on_loss``: its node gone, QEMU with it, the VM comes back on another node from
     its last checkpoint and counts on from where that left it, in the same boot."""
