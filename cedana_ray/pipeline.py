@@ -70,6 +70,7 @@ class RestoreState:
     command: list[str] = field(default_factory=list)  # the job's command line, as dumped
     images: Path = Path()  # the images, laid out locally (core: ``fetch``)
     work: Path = Path()  # CRIU's work dir (core: ``fetch``)
+    vm: bool = False  # a virtual machine's restore: its VM handler, not CRIU, reads the images
     # the restored tree must stay stopped: the core resumes it once every image is verified
     leave_stopped: bool = False
     own: Any = None  # the runtime's, between its middleware and its handler

@@ -44,7 +44,8 @@ class RestoreChain:
         Images CRIU can read where they are stored are verified while CRIU restores
         them into a stopped tree, which resumes only once every chunk checked out (it
         is killed otherwise): an unverified image never runs. GPU jobs, whose restore
-        needs the tree running, are verified first.
+        needs the tree running, are verified first, as are a VM's images in place (its
+        handler resumes the guest itself).
         """
         store: CheckpointStore = ctx.state.store
         manifest: Manifest = ctx.state.manifest
@@ -62,7 +63,11 @@ class RestoreChain:
                     manifest=manifest,
                 )
                 return next_(ctx)
-            ctx.state.images, ctx.state.leave_stopped = store.link(manifest, tmp / "images"), True
+            ctx.state.images = store.link(manifest, tmp / "images")
+            if ctx.state.vm:
+                store.verify(manifest, ctx.request.streams, ctx.progress)
+                return next_(ctx)
+            ctx.state.leave_stopped = True
             with ThreadPoolExecutor(1) as verifier:
                 verified = verifier.submit(store.verify, manifest, _beside_criu(ctx.request.streams))
                 job: Job = next_(ctx)
@@ -141,6 +146,7 @@ class RestoreChain:
             store=store,
             control=self._control(target),
             command=manifest.details.get("command", []),
+            vm=vm is not None,
         )
         ctx = Context(request, state, progress=progress)
         start = time.perf_counter()

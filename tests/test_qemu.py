@@ -29,7 +29,7 @@ from test_process_criu import wait_for
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CedanaError, DumpError, StorageError, UsageError
+from cedana_ray.errors import CedanaError, CorruptCheckpoint, DumpError, RestoreError, StorageError, UsageError
 from cedana_ray.failpoint import ENV as FAILPOINT
 from cedana_ray.features import compute
 from cedana_ray.models import Compression, EventKind, Job, JobState
@@ -187,6 +187,42 @@ def test_a_dump_killed_after_it_paused_the_vm_resumes_it(
     counted_past(engine, jid, last(engine, jid))
     assert_unbroken(counts(engine, jid))
     assert len(engine.checkpoints(jid)) == 1
+
+
+def no_vm_running(engine: Engine, jid: str) -> bool:
+    """The job is still its checkpoint, and no QEMU answers for it."""
+    return engine.job(jid).state is JobState.checkpointed and [r["status"] for r in engine.query("qemu")] == [None]
+
+
+def test_a_failed_restore_leaves_the_checkpoint_intact(
+    engine: Engine, vm_guest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file with one byte flipped in the store is refused before QEMU reads it; a QEMU
+    that fails to start fails the restore. Neither leaves a VM running or harms the checkpoint,
+    from which the VM then restores and counts on."""
+    jid = boot(engine, vm_guest)
+    ckpt = engine.dump(jid, DumpRequest(compression=Compression.none))  # read in place on restore
+    dumped = last(engine, jid)
+    state = Path(ckpt.path.removeprefix("file://")) / "data" / guest.STATE
+    good = state.read_bytes()
+    state.write_bytes(good[:4096] + bytes([good[4096] ^ 1]) + good[4097:])
+    with pytest.raises(CorruptCheckpoint):
+        engine.restore(RestoreRequest(), jid=jid)
+    assert no_vm_running(engine, jid)
+    state.write_bytes(good)
+
+    failing = tmp_path / "qemu"
+    failing.write_text("#!/bin/sh\necho 'qemu: cannot start' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv(guest.QEMU_ENV, str(failing))
+    with pytest.raises(RestoreError):
+        engine.restore(RestoreRequest(), jid=jid)
+    monkeypatch.delenv(guest.QEMU_ENV)
+    assert no_vm_running(engine, jid)
+
+    assert engine.restore(RestoreRequest(), jid=jid).job.state is JobState.running
+    counted_past(engine, jid, dumped)
+    assert_unbroken(counts(engine, jid))
 
 
 def test_checkpoint_policy_of_a_vm(engine: Engine, vm_guest: Path) -> None:

@@ -215,10 +215,6 @@ def restore(ctx: Context) -> Job:
     missing = [n for n in wanted if not (images / n).exists()]
     if missing:
         raise RestoreError(f"checkpoint {manifest.checkpoint} has no {', '.join(missing)}: not a VM checkpoint")
-    if ctx.state.leave_stopped:
-        # The core verifies in-place images while the restore reads them, then resumes the
-        # job with SIGCONT, which does not resume a guest: verify before QEMU reads anything.
-        ctx.state.store.verify(manifest)
     _place(ctx.state.job_dir, images / KERNEL, images / INITRD if facts.vm.initrd else None)
     if facts.vm.disk:  # its own copy: the images may be the store's files themselves
         try:
