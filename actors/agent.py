@@ -173,9 +173,9 @@ class NodeAgent(LiveAgent):  # its side of live migrations: live_migration.py
             self.engine.forget_received(manifest)
 
     def stream(self, method: str, *args: Any) -> Iterator[Any]:
-        """``serve``, ``restore`` or a handoff's send and restore, with its progress streamed
+        """``serve``, ``restore``, a handoff's send and restore or a live migration's send, with its progress streamed
         to the caller as it comes (:func:`cedana_ray.remote.streamed`)."""
-        if method not in ("serve", "restore", "handoff_send", "handoff_restore"):
+        if method not in ("serve", "restore", "handoff_send", "handoff_restore", "live_send"):
             raise UsageError(f"no such method: {method!r}")
         fn = getattr(self, method)
         yield from streamed(lambda progress: fn(*args, progress=progress))

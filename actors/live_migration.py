@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from cedana_ray import live, tls
+from cedana_ray.backend import Progress
 from cedana_ray.engine import Engine
 from cedana_ray.errors import CedanaError, UsageError
 from cedana_ray.live import Incoming, Sent
@@ -42,8 +43,8 @@ class LiveAgent:
 
         return live.receive(self.engine, job, files, creds, ray.util.get_node_ip_address())
 
-    def live_send(self, jid: str, incoming: Incoming, creds: tls.TlsFiles) -> Sent:
-        return live.send(self.engine, jid, incoming, creds)
+    def live_send(self, jid: str, incoming: Incoming, creds: tls.TlsFiles, progress: Progress | None = None) -> Sent:
+        return live.send(self.engine, jid, incoming, creds, progress)
 
     def live_adopt(self, job: Job, history: bytes) -> Job:
         return live.adopt(self.engine, job, history)
@@ -70,7 +71,7 @@ class LiveMigration:
                 hint="migrate it without --live",
             )
 
-    def _migrate_live(self, job: Job, target: str) -> MigrateResult:
+    def _migrate_live(self, job: Job, target: str, progress: Progress | None = None) -> MigrateResult:
         start = time.perf_counter()
         server, client = tls.credentials()  # this migration's alone
         with self.records.noting_failure(job.jid, "migration"):
@@ -81,15 +82,18 @@ class LiveMigration:
             except BaseException:
                 release(job.jid, target)
                 raise
-            sent, moved = self._hand_over(job, target, incoming, client)
+            sent, moved = self._hand_over(job, target, incoming, client, progress)
         give_back(job)
         self._forget(job)  # the source's QEMU, paused for good, quits; its record there goes
         return self._moved(job, moved, sent, time.perf_counter() - start)
 
-    def _hand_over(self, job: Job, target: str, incoming: Incoming, client: tls.TlsFiles) -> tuple[Sent, Job]:
-        """The stream, then the target's job; on failure the target's QEMU goes and the source's runs."""
+    def _hand_over(
+        self, job: Job, target: str, incoming: Incoming, client: tls.TlsFiles, progress: Progress | None
+    ) -> tuple[Sent, Job]:
+        """The stream (its progress streamed from the source as it goes), then the target's
+        job; on failure the target's QEMU goes and the source's runs."""
         try:
-            sent: Sent = self._on(job.node, "live_send", job.jid, incoming, client)
+            sent: Sent = self._agent_call(job.node, "live_send", job.jid, incoming, client, progress=progress)
             history = self._log_of(job.jid, job.node)  # all of it: the source's guest is paused for good
             moved: Job = self._on(target, "live_adopt", incoming.job, history)
             return sent, moved

@@ -100,7 +100,7 @@ class Migration:
             if target == job.node:
                 raise UsageError(f"job {jid} already runs on node {target[:12]}")
             if live:
-                return self._migrate_live(job, target)
+                return self._migrate_live(job, target, progress)
             return self._migrate(job, target, _as_migration(request), progress=progress)
 
     def _migrate(

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from .backend import Progress
 from .engine import Engine
 from .errors import StateError
 from .models import LIVE_STATES, Job
@@ -69,9 +70,10 @@ class LiveMigrator(Protocol):
         never a stream in the clear."""
         ...
 
-    def send(self, job: Job, host: str, port: int, tls: TlsFiles) -> Sent:
+    def send(self, job: Job, host: str, port: int, tls: TlsFiles, progress: Progress | None = None) -> Sent:
         """On the source: migrate the running guest there; returns once it completed, the
-        guest here paused. On failure the guest runs here as before, and the error is raised."""
+        guest here paused, telling ``progress`` the bytes sent as it goes. On failure the
+        guest runs here as before, and the error is raised."""
         ...
 
     def received(self, job: Job) -> None:
@@ -112,10 +114,10 @@ def receive(engine: Engine, job: Job, files: dict[str, bytes], tls: TlsFiles, ho
     return incoming.model_copy(update={"job": incoming.job.model_copy(update={"node": engine.node})})
 
 
-def send(engine: Engine, jid: str, incoming: Incoming, tls: TlsFiles) -> Sent:
+def send(engine: Engine, jid: str, incoming: Incoming, tls: TlsFiles, progress: Progress | None = None) -> Sent:
     job = engine._live(jid)
     with engine.lock(jid):  # no dump of it meanwhile
-        return migrator(engine, job.type).send(job, incoming.host, incoming.port, tls)
+        return migrator(engine, job.type).send(job, incoming.host, incoming.port, tls, progress)
 
 
 def adopt(engine: Engine, job: Job, history: bytes) -> Job:

@@ -23,7 +23,7 @@ from cedana_ray.plugins.qemu import guest
 from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV, QemuLive
 from cedana_ray.plugins.qemu.plugin import QemuRunRequest
 from ray.cluster_utils import Cluster as RayCluster
-from test_cli import assert_one_error, cedana
+from test_cli import STAGE_LINE, assert_one_error, cedana
 from test_process_criu import wait_for
 
 from cedana_ray.cluster import Cluster
@@ -467,8 +467,11 @@ def test_a_vm_migrates_live_between_raylets(vm_cluster: RayCluster, vm_guest: Pa
     assert migrated.detail["route"] == "live" and migrated.detail["downtime_s"] == result["downtime_s"]
     assert not any(client.checkpoints("vm-live"))  # no checkpoint in between
 
-    back = client.migrate("vm-live", job.node, live=True)  # its QEMU, once a target, now a source
-    assert back.route == "live" and back.job.node == job.node
+    back = cedana("migrate", "vm-live", "--to", job.node, "--live", timeout=120)  # a target, now a source
+    assert back.returncode == 0, back.stderr
+    assert "moved live" in back.stdout and client.job("vm-live").node == job.node
+    sent = [line for line in back.stderr.splitlines() if line.startswith("live: ")]  # its progress, as it went
+    assert len(sent) == 1 and STAGE_LINE.match(sent[0]) and " MiB at " in sent[0], back.stderr
     at = log()[-1][0]
     wait_for(lambda: log()[-1][0] >= at + 3, 60, "the VM counting back on its first node")
     assert_unbroken(log())

@@ -154,7 +154,7 @@ def migrate(
     if live and (compression or through_store or not store):
         raise UsageError("--live sends no images: --compression, --through-store and --no-store do not apply")
     request = MigrateRequest(**options)
-    with progress(not as_json and not live) as bar:  # a live migration reports no progress
+    with progress(not as_json) as bar:  # live: the guest's RAM sent, as QEMU reports it
         result = engine().migrate(jid, node, request, progress=bar, live=live)
 
     def human() -> None:

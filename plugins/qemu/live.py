@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from cedana_ray.backend import Progress
 from cedana_ray.errors import MigrationError, PrerequisiteError, UsageError
 from cedana_ray.live import Incoming, Sent
 from cedana_ray.models import Job, JobState
@@ -32,6 +35,7 @@ CREDS = "cedana-ray-migration"  # the id of the credentials object, in both QEMU
 BANDWIDTH_ENV = "CEDANA_RAY_LIVE_BANDWIDTH"  # bytes/s for the stream (default: unthrottled), on the source
 DOWNTIME_LIMIT_MS = 300  # QEMU's own default: the longest pause it aims at for the last copy
 TERMINAL = ("completed", "failed", "cancelled")
+LIVE_STAGE = "live"  # the progress bar's stage while the stream runs
 
 
 def _dir(job: Job) -> Path:
@@ -64,6 +68,18 @@ def _forget_credentials(qmp: Qmp) -> None:
         qmp.execute("migrate-set-parameters", **{"tls-creds": "", "tls-hostname": ""})
     with contextlib.suppress(QmpError):
         qmp.execute("object-del", id=CREDS)
+
+
+def _reporting(progress: Progress) -> Callable[[dict[str, Any]], None]:
+    """``query-migrate``'s answers as the stage ``live`` of a progress bar: RAM sent of the
+    guest's (pre-copy sends pages again as the guest dirties them, so it may pass the total)."""
+
+    def report(info: dict[str, Any]) -> None:
+        ram = info.get("ram", {})
+        total = int(ram.get("total", 0))
+        progress(LIVE_STAGE, min(int(ram.get("transferred", 0)), total), total)
+
+    return report
 
 
 def _address(host: str, port: int) -> str:
@@ -108,24 +124,24 @@ class QemuLive:
         state = JobState.frozen if frozen else JobState.running
         return Incoming(host=host, port=port, job=job_of(job.jid, job_dir, reply, vm, state, job.command))
 
-    def send(self, job: Job, host: str, port: int, tls: TlsFiles) -> Sent:
+    def send(self, job: Job, host: str, port: int, tls: TlsFiles, progress: Progress | None = None) -> Sent:
         bandwidth = int(os.environ.get(BANDWIDTH_ENV) or MAX_BANDWIDTH)
         try:
             with Qmp(_dir(job) / QMP_SOCKET) as qmp:
                 _credentials(qmp, tls)
                 try:
-                    return self._migrate(qmp, job, _address(host, port), bandwidth)
+                    return self._migrate(qmp, job, _address(host, port), bandwidth, progress)
                 finally:
                     _forget_credentials(qmp)
         except QmpError as exc:
             raise MigrationError(f"live migration of VM {job.jid} failed: {exc}") from exc
 
-    def _migrate(self, qmp: Qmp, job: Job, uri: str, bandwidth: int) -> Sent:
+    def _migrate(self, qmp: Qmp, job: Job, uri: str, bandwidth: int, progress: Progress | None) -> Sent:
         params = {"tls-creds": CREDS, "tls-hostname": SERVER_NAME, "max-bandwidth": bandwidth}
         qmp.execute("migrate-set-parameters", **params, **{"downtime-limit": DOWNTIME_LIMIT_MS})
         qmp.execute("migrate", uri=uri)
         try:
-            info = qmp.wait_migration()
+            info = qmp.wait_migration(progress=_reporting(progress) if progress else None)
         except QmpError:
             with contextlib.suppress(QmpError):  # a timeout: it must not go on behind our back
                 qmp.execute("migrate_cancel")

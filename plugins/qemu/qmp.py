@@ -16,6 +16,7 @@ import shlex
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -123,9 +124,11 @@ class Qmp:
         finally:
             errors.unlink(missing_ok=True)
 
-    def wait_migration(self, timeout: float = MIGRATE_TIMEOUT_S) -> dict[str, Any]:
-        """Poll ``query-migrate`` until the migration (out, or incoming) completed; raises
-        :class:`QmpError` with QEMU's reason if it failed."""
+    def wait_migration(
+        self, timeout: float = MIGRATE_TIMEOUT_S, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Poll ``query-migrate`` until the migration (out, or incoming) completed, telling
+        ``progress`` each answer; raises :class:`QmpError` with QEMU's reason if it failed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info: dict[str, Any] = self.execute("query-migrate")
@@ -134,6 +137,8 @@ class Qmp:
                 return info
             if state in ("failed", "cancelled"):
                 raise QmpError(f"migration {state}: {info.get('error-desc', 'no reason given')}")
+            if progress:
+                progress(info)
             time.sleep(MIGRATE_POLL_S)
         raise QmpError(f"migration not done after {timeout:.0f} s")
 
