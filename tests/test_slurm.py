@@ -263,6 +263,7 @@ def test_sbatch_renders_the_preemption_contract(home: Path, tmp_path: Path) -> N
     for line in wanted:
         assert line in script, line
     assert "--storage s3://b/ck" in script and "--checkpoint-every 5m -- python train.py --lr 0.1" in script
+    assert 'dump slurm "$SLURM_JOB_ID"; then' in script  # the store's own compression
     assert "{{" not in script and os.access(out, os.X_OK)
 
 

@@ -126,9 +126,7 @@ def _known_scheme(url: str) -> str:
 @click.option(
     "--compression",
     type=click.Choice([c.value for c in Compression]),
-    default="lz4",
-    show_default=True,
-    help="Compression of the checkpoints taken on a warning.",
+    help="Compression of the checkpoints taken on a warning (default: the store's).",
 )
 @click.option(
     "--state-dir",

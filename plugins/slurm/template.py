@@ -25,7 +25,7 @@ class BatchSpec(BaseModel):
     warning_s: int = Field(120, ge=1)
     storage: str | None = None
     checkpoint_every: str | None = None
-    compression: str = "lz4"  # a warning leaves little time: fast over small
+    compression: str | None = None  # None: the store's default (zstd to object stores, none locally)
     object_store_mb: int = Field(256, ge=64)
     job_name: str = "cedana-ray"
 
@@ -48,7 +48,7 @@ def _values(spec: BatchSpec) -> dict[str, str]:
         "bin_dir": str(Path(sys.executable).parent),  # this cedana-ray and its Python, on every node
         "python": sys.executable,
         "object_store_mb": str(spec.object_store_mb),
-        "compression": spec.compression,
+        "dump_options": f" --compression {shlex.quote(spec.compression)}" if spec.compression else "",
         "up_options": up,
         "run_options": run,
     }
