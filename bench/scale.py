@@ -4,7 +4,9 @@ by this script) in a throwaway ``CEDANA_RAY_HOME``.
 
 Reports, over a watch window after the jobs started:
 * the coordinator's CPU share (of one core) and memory (RSS), sampled every second;
-* ``jobs()`` from a client, and ``cedana-ray ps`` as typed (through the gateway);
+* ``jobs()`` from a client, and ``cedana-ray ps`` as typed (through the gateway), with what
+  ``ps`` is made of: the gateway's ``jobs()`` and ``query("gpu")`` from this process, and
+  the CLI's own start (``cedana-ray --help``);
 * the policies: checkpoints due in the window against those taken, and the late ones (a
   gap between two checkpoints of a job longer than 1.5 periods).
 
@@ -16,6 +18,7 @@ Run as root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,7 +33,9 @@ import ray
 from cedana_ray.actors import launcher
 from ray.cluster_utils import Cluster as RayCluster
 
-from cedana_ray.cluster import Cluster
+from cedana_ray.backend import Backend
+from cedana_ray.cluster import Cluster, through_gateway
+from cedana_ray.errors import CedanaError
 from cedana_ray.models import EventKind
 from cedana_ray.requests import RunRequest
 
@@ -52,6 +57,12 @@ def timed(fn: object, repeat: int = 5) -> float:
         fn()  # type: ignore[operator]
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def gpus(backend: Backend) -> None:
+    """``query gpu`` as ``ps`` asks it: refused where no node has a GPU, which ps ignores."""
+    with contextlib.suppress(CedanaError):
+        backend.query("gpu")
 
 
 def ps() -> None:
@@ -120,6 +131,11 @@ def main() -> None:
         report |= watch(coordinator(), args.window)
         report["jobs() s"] = timed(client.jobs)
         report["ps (CLI, gateway) s"] = timed(ps)
+        gateway = through_gateway(cluster.address)
+        assert gateway is not None, "up recorded no gateway"
+        report["  jobs() via the gateway s"] = timed(gateway.jobs)
+        report["  query gpu via the gateway s"] = timed(lambda: gpus(gateway))
+        report["  CLI start (--help) s"] = timed(lambda: subprocess.run([CLI, "--help"], capture_output=True))
         report |= policies(client, jids, args.period, window_start, time.time())
         for jid in jids:
             client.kill(jid)

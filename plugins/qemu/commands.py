@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -12,13 +11,6 @@ from cedana_ray.cli.workload import policy_options, start
 from cedana_ray.runtime import Commands
 
 NAME = "qemu"
-
-
-def _file(value: str | None, what: str) -> str | None:
-    """An absolute path to a readable file; a one-line UsageError before anything starts."""
-    from .guest import require_file
-
-    return str(require_file(Path(value), what)) if value else None
 
 
 @click.command(NAME, context_settings={"ignore_unknown_options": True})
@@ -62,26 +54,10 @@ def run(
     KERNEL ARGS replace the default kernel command line, console=ttyS0 panic=-1 quiet
     (keep console=ttyS0 to see the guest's output).
     """
-    from .guest import DEFAULT_APPEND, QEMU, Vm, require_disk
-    from .plugin import QemuRunRequest
+    from .plugin import vm_request
 
-    kernel_file, initrd_file = _file(kernel, "--kernel"), _file(initrd, "--initrd")
-    vm = Vm(memory=memory, cpus=cpus, accel="tcg" if tcg else "kvm", append=" ".join(append) or DEFAULT_APPEND)
-    disk_file, fmt = require_disk(Path(disk)) if disk else (None, None)
-    vm = vm.model_copy(update={"initrd": initrd_file is not None, "disk": fmt})
-    cmd = [QEMU, "-kernel", str(kernel_file), *(["-initrd", initrd_file] if initrd_file else [])]
-    cmd += ["-drive", str(disk_file)] if disk_file else []
-    request = QemuRunRequest(
-        cmd=[*cmd, "-m", vm.memory, "-append", vm.append],
-        jid=jid,
-        kernel=kernel_file,
-        initrd=initrd_file,
-        disk=disk_file,
-        vm=vm,
-        checkpoint_every=every,
-        keep=keep,
-        **encryption,
-    )
+    options = {"initrd": initrd, "disk": disk, "memory": memory, "cpus": cpus, "kvm": not tcg, "append": append}
+    request = vm_request(kernel, **options, jid=jid, checkpoint_every=every, keep=keep, **encryption)
     start(NAME, request, storage, as_json)
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,38 @@ class QemuRunRequest(RunRequest):
     initrd: AbsolutePath | None = None
     disk: AbsolutePath | None = None
     vm: Vm
+
+
+def vm_request(
+    kernel: str | Path,
+    *,
+    initrd: str | Path | None = None,
+    disk: str | Path | None = None,
+    memory: str = "256M",
+    cpus: int = 1,
+    kvm: bool = False,
+    append: Sequence[str] = (),
+    **options: Any,
+) -> QemuRunRequest:
+    """A VM job's run request, as ``run qemu`` makes it, for the Python API's ``submit``: the
+    files checked (one-line errors before anything starts), the disk's format told by its
+    magic, ``append`` the kernel command line's words (default: console=ttyS0 panic=-1 quiet);
+    ``options`` are RunRequest's (``jid``, ``node``, ``checkpoint_every``, ``keep``,
+    ``restore_on_loss``, ``encrypt``...)."""
+    kernel_file, initrd_file = _file(kernel, "--kernel"), _file(initrd, "--initrd")
+    disk_file, fmt = guest.require_disk(Path(disk)) if disk else (None, None)
+    append_line = " ".join(append) or guest.DEFAULT_APPEND
+    accel = "kvm" if kvm else "tcg"
+    vm = Vm(memory=memory, cpus=cpus, accel=accel, append=append_line, initrd=initrd_file is not None, disk=fmt)
+    cmd = [guest.QEMU, "-kernel", kernel_file, *(["-initrd", initrd_file] if initrd_file else [])]
+    cmd += ["-drive", str(disk_file)] if disk_file else []
+    files = {"kernel": kernel_file, "initrd": initrd_file, "disk": disk_file}
+    return QemuRunRequest(cmd=[*cmd, "-m", vm.memory, "-append", vm.append], **files, vm=vm, **options)
+
+
+def _file(value: str | Path | None, what: str) -> str | None:
+    """An absolute path to a readable file; a one-line UsageError before anything starts."""
+    return str(guest.require_file(Path(value), what)) if value else None
 
 
 class RestoreFacts(BaseModel):
