@@ -6,7 +6,7 @@ Reports, over a watch window after the jobs started:
 * the coordinator's CPU share (of one core) and memory (RSS), sampled every second;
 * ``jobs()`` from a client, and ``cedana-ray ps`` as typed (through the gateway), with what
   ``ps`` is made of: the gateway's ``jobs()`` and ``query("gpu")`` from this process, and
-  the CLI's own start (``cedana-ray --help``);
+  the CLI's own start (``cedana-ray --help``) and its own ``ps`` with no cluster and no jobs;
 * the policies: checkpoints due in the window against those taken, and the late ones (a
   gap between two checkpoints of a job longer than 1.5 periods).
 
@@ -67,6 +67,13 @@ def gpus(backend: Backend) -> None:
 
 def ps() -> None:
     subprocess.run([CLI, "ps", "--json"], capture_output=True, check=True, timeout=120)
+
+
+def ps_alone() -> None:
+    """``ps --local --json`` in an empty home: the CLI's imports and its own work, no cluster."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "CEDANA_RAY_HOME": home}
+        subprocess.run([CLI, "ps", "--local", "--json"], capture_output=True, check=True, timeout=120, env=env)
 
 
 def watch(proc: psutil.Process, window: float) -> dict[str, float]:
@@ -136,6 +143,7 @@ def main() -> None:
         report["  jobs() via the gateway s"] = timed(gateway.jobs)
         report["  query gpu via the gateway s"] = timed(lambda: gpus(gateway))
         report["  CLI start (--help) s"] = timed(lambda: subprocess.run([CLI, "--help"], capture_output=True))
+        report["  ps --local, no jobs (the CLI's own ps) s"] = timed(ps_alone)
         report |= policies(client, jids, args.period, window_start, time.time())
         for jid in jids:
             client.kill(jid)
