@@ -154,7 +154,7 @@ def run(
 
 def submit(type: str, request: RunRequest, *, storage: str | None = None) -> JobHandle:
     """Start a job of ``type`` from its run request: for a type whose run takes more than a
-    command, its plugin's own request (a VM: ``cedana_ray.plugins.qemu.vm_request(...)``)."""
+    command, its plugin's own request (a VM: ``cedana_ray.plugins.qemu.plugin.vm_request(...)``)."""
     started = _engine().run(type, request)
     return _handle(_engine().set_storage(started.jid, storage) if storage else started)
 
