@@ -233,7 +233,7 @@ def test_a_failed_restore_leaves_the_checkpoint_intact(
     failing.write_text("#!/bin/sh\necho 'qemu: cannot start' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv(guest.QEMU_ENV, str(failing))
-    with pytest.raises(RestoreError):
+    with pytest.raises(RestoreError, match="qemu: cannot start"):  # QEMU's own word, from qemu.err
         engine.restore(RestoreRequest(), jid=jid)
     monkeypatch.delenv(guest.QEMU_ENV)
     assert no_vm_running(engine, jid)
@@ -521,6 +521,7 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_its_source(vm_cluster:
     now = client.job("vm-live-fail")
     assert now.node == job.node and now.pid == job.pid and now.state is JobState.running
     counts_on(log, "the VM counting on where it was")
+    assert b"qemu-system" not in client.read_log("vm-live-fail", 0, 1 << 24)  # QEMU's own are in qemu.err
     assert not (target_home / "jobs" / "vm-live-fail").exists()
     assert not qemus_under(target_home)
     client.kill("vm-live-fail")

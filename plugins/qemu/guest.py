@@ -29,6 +29,7 @@ QMP_SOCKET, STATE, KERNEL, INITRD = "qmp.sock", "vm.state", "vmlinuz", "initrd" 
 DISK = "disk"  # the VM's own copy of its --disk, in the job dir and images
 QCOW2_MAGIC = b"QFI\xfb"
 HOLD = "console.hold"  # while it exists, a live migration's target holds its console back (watch.py)
+ERRORS = "qemu.err"  # QEMU's own messages, in the job dir: the job log is the guest's console alone
 _MEMORY = re.compile(r"^[1-9]\d*[MG]$")
 _MACHINE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

@@ -24,7 +24,7 @@ from cedana_ray.backend import Progress
 from cedana_ray.errors import MigrationError, PrerequisiteError, UsageError
 from cedana_ray.live import Incoming, Sent
 from cedana_ray.models import Job, JobState
-from cedana_ray.spawn import LOG, LaunchError
+from cedana_ray.spawn import LaunchError
 from cedana_ray.tls import SERVER_NAME, TlsFiles, written
 
 from . import guest
@@ -100,7 +100,7 @@ class QemuLive:
         return {name: (_dir(job) / name).read_bytes() for name in names}
 
     def receive(self, job: Job, files: dict[str, bytes], job_dir: Path, tls: TlsFiles, host: str) -> Incoming:
-        from .plugin import _killed_on_failure, _last_line, job_of, start_in
+        from .plugin import _killed_on_failure, job_of, qemu_said, start_in
 
         vm = Vm.model_validate(job.details["vm"])
         guest.require_accel(vm.accel)
@@ -119,7 +119,7 @@ class QemuLive:
                     qmp.execute("migrate-incoming", uri=_address(host, 0))
                     port = int(qmp.execute("query-migrate")["socket-address"][0]["port"])
             except QmpError as exc:
-                said = _last_line(job_dir / LOG) or exc
+                said = qemu_said(job_dir) or exc
                 raise MigrationError(f"QEMU on the target does not wait for the stream: {said}") from exc
         state = JobState.frozen if frozen else JobState.running
         return Incoming(host=host, port=port, job=job_of(job.jid, job_dir, reply, vm, state, job.command))

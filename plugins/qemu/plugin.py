@@ -39,7 +39,7 @@ from cedana_ray.runtime import Runtime
 from cedana_ray.spawn import LOG, LaunchError, launch, started_at
 
 from . import commands, guest, watch
-from .guest import DISK, HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
+from .guest import DISK, ERRORS, HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
 from .live import QemuLive
 from .qmp import Qmp, QmpError
 
@@ -140,7 +140,7 @@ def start_in(job_dir: Path, argv: list[str], hold: bool = False) -> dict[str, An
     """QEMU run with ``argv`` under its supervisor in ``job_dir``; with ``hold``, its console
     held back until the file :data:`~.guest.HOLD` there is removed (a live migration's target)."""
     (job_dir / QMP_SOCKET).unlink(missing_ok=True)  # a dead QEMU's socket would look ready
-    spec = {"argv": argv, "cwd": str(job_dir), "qmp": QMP_SOCKET}
+    spec = {"argv": argv, "cwd": str(job_dir), "qmp": QMP_SOCKET, "errors": str(job_dir / ERRORS)}
     if hold:
         (job_dir / HOLD).touch()
         spec["hold"] = HOLD
@@ -199,7 +199,7 @@ def _machine(job_dir: Path, alias: str) -> str:
         with Qmp(job_dir / QMP_SOCKET) as qmp:
             return qmp.machine(alias) or alias
     except QmpError as exc:
-        raise UsageError(f"QEMU could not start the VM: {_last_line(job_dir / LOG) or exc}") from exc
+        raise UsageError(f"QEMU could not start the VM: {qemu_said(job_dir) or exc}") from exc
 
 
 def dump(ctx: Context) -> None:
@@ -272,17 +272,13 @@ def _load(ctx: Context, frozen: bool) -> None:
             if not frozen:
                 qmp.execute("cont")
     except QmpError as exc:
-        said = _last_line(ctx.state.job_dir / LOG) or exc
+        said = qemu_said(ctx.state.job_dir) or exc
         raise RestoreError(f"restore of checkpoint {ctx.state.manifest.checkpoint} failed: {said}") from exc
 
 
-def _last_line(log: Path) -> str:
-    """QEMU's last word in the job log (its errors go there), if it was one of its own."""
-    with contextlib.suppress(OSError):
-        lines = log.read_text(errors="replace")[-4096:].splitlines()
-        own = [line for line in lines if line.startswith(("qemu-system", "qemu:"))]
-        return own[-1] if own else ""
-    return ""
+def qemu_said(job_dir: Path) -> str:
+    """QEMU's last word in ``job_dir`` (its stderr, kept apart from the guest's console)."""
+    return watch.last_line(str(job_dir / ERRORS))
 
 
 def freeze(ctx: Context) -> None:

@@ -2,11 +2,12 @@
 
 Started by the qemu plugin through the shared launcher (:mod:`cedana_ray.spawn`):
 :func:`begin`, in the launcher's fork, starts QEMU in the job dir with the guest's serial
-console (QEMU's stdout) on a pipe it owns and QEMU's own messages (stderr) appended to the
-job log, and replies ``{"pid": QEMU, "start_ticks": T}`` once QEMU listens on its QMP socket,
-which is when the plugin can talk to it; or the error QEMU wrote if it exited first. The fork
-then execs this script (:func:`main`): it copies the console into the job log, reaps QEMU and
-records its exit code for the shared reaper.
+console (QEMU's stdout) on a pipe it owns and QEMU's own messages (stderr) in a file of
+their own (``spec["errors"]``: a message must not cut a console line in two), and replies
+``{"pid": QEMU, "start_ticks": T}`` once QEMU listens on its QMP socket, which is when the
+plugin can talk to it; or the error QEMU wrote if it exited first. The fork then execs this
+script (:func:`main`): it copies the console into the job log, reaps QEMU and records its exit
+code for the shared reaper.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ READY_TIMEOUT_S = 60.0  # QEMU opens its QMP socket before the guest runs: secon
 READY_POLL_S = 0.02
 
 
-def _last_line(log: str, fallback: str) -> str:
+def last_line(path: str, fallback: str = "") -> str:
+    """The last non-blank line of the file at ``path`` (QEMU's last word), else ``fallback``."""
     try:
-        with open(log, errors="replace") as f:
+        with open(path, errors="replace") as f:
             lines = [line.strip() for line in f.read()[-4096:].splitlines() if line.strip()]
     except OSError:
         return fallback
     return lines[-1] if lines else fallback
 
 
-def wait_ready(proc: subprocess.Popen[bytes], qmp: str, log: str) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], qmp: str, errors: str) -> None:
     """Return once QEMU listens on ``qmp``; raise with QEMU's last word if it exited instead."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not os.path.exists(qmp):
         if proc.poll() is not None:
-            raise RuntimeError(_last_line(log, f"QEMU exited with status {proc.returncode}"))
+            raise RuntimeError(last_line(errors, f"QEMU exited with status {proc.returncode}"))
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"QEMU did not open its QMP socket in {READY_TIMEOUT_S:.0f} s")
@@ -46,12 +48,12 @@ def wait_ready(proc: subprocess.Popen[bytes], qmp: str, log: str) -> None:
 def begin(spec: dict) -> tuple[dict, dict]:
     """The launcher's first half (in its fork): QEMU runs; the reply, and what :func:`main` keeps."""
     r, w = os.pipe()
-    log = os.open(spec["log"], os.O_WRONLY | os.O_APPEND)
+    errors = os.open(spec["errors"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # this QEMU's alone
     with open(os.devnull, "rb") as null:
-        proc = subprocess.Popen(spec["argv"], cwd=spec["cwd"], stdin=null, stdout=w, stderr=log, env=spec["env"])
+        proc = subprocess.Popen(spec["argv"], cwd=spec["cwd"], stdin=null, stdout=w, stderr=errors, env=spec["env"])
     os.close(w)
-    os.close(log)
-    wait_ready(proc, os.path.join(spec["cwd"], spec["qmp"]), spec["log"])
+    os.close(errors)
+    wait_ready(proc, os.path.join(spec["cwd"], spec["qmp"]), spec["errors"])
     return {"pid": proc.pid, "start_ticks": start_ticks(proc.pid)}, {"pid": proc.pid, "out": r, "fds": [r]}
 
 
