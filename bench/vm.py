@@ -8,7 +8,10 @@ MiB (384) hold random bytes, counts on its console under TCG. It is checkpointed
   ``quit``; then a new QEMU with ``-S -incoming "exec:cat FILE"``, until the state loaded, and
   ``cont``: what the plugin does, without the store;
 * ``ours none`` and ``ours zstd``: :class:`cedana_ray.engine.Engine` ``dump`` then ``restore``
-  of a ``qemu`` job in a throwaway ``CEDANA_RAY_HOME`` (chunks, sha256, manifest, fsync).
+  of a ``qemu`` job in a throwaway ``CEDANA_RAY_HOME`` (chunks, digests, manifest, fsync); with
+  the peak of what its dump staged (sampled every 5 ms: the images' allocated bytes in the
+  staging areas), which is the whole state for raw and none for ``none`` (QEMU writes into the
+  store), and for ``zstd`` what was written but not yet stored (each stored chunk is freed).
 
 Then it is live-migrated ``--repeat`` times back and forth between two QEMUs on this machine:
 
@@ -42,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,6 +62,7 @@ from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
 from cedana_ray.models import Compression
 from cedana_ray.requests import DumpRequest, RestoreRequest
+from cedana_ray.staging import staging_bases
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -73,6 +78,7 @@ class Result:
     restore_s: list[float] = field(default_factory=list)
     state_bytes: int = 0  # what QEMU wrote (raw) or the images (ours)
     stored_bytes: int = 0
+    staged_peak_bytes: list[int] = field(default_factory=list)  # at most on local disk or in memory during a dump
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
@@ -142,6 +148,7 @@ def raw(args: argparse.Namespace, files: Path, base: Path) -> Result:
         result.restore_s.append(time.perf_counter() - t)
         counting_past(log, at)
     result.state_bytes = result.stored_bytes = state.stat().st_size
+    result.staged_peak_bytes = [result.state_bytes]  # QEMU's file is the whole state
     proc.kill()
     return result
 
@@ -159,7 +166,9 @@ def ours(args: argparse.Namespace, files: Path, base: Path, compression: Compres
     log = Path(engine.log_path("vm"))
     counting_past(log, 0)
     for _ in range(args.repeat):
-        dumped = engine.dump("vm", DumpRequest(compression=compression))
+        with staged_peak(staging_bases(Paths(home).staging)) as peak:
+            dumped = engine.dump("vm", DumpRequest(compression=compression))
+        result.staged_peak_bytes.append(peak[0])
         result.dump_s.append(dumped.duration_s)
         at = last_count(log)
         restored = engine.restore(RestoreRequest(), jid="vm")
@@ -169,6 +178,27 @@ def ours(args: argparse.Namespace, files: Path, base: Path, compression: Compres
         result.state_bytes, result.stored_bytes = dumped.image_bytes, dumped.size_bytes
     engine.kill("vm")
     return result
+
+
+@contextlib.contextmanager
+def staged_peak(bases: list[Path]) -> Iterator[list[int]]:
+    """The most bytes allocated at once to this process's staging dirs under ``bases``."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            dirs = [d for b in bases for d in b.glob(f"{os.getpid()}-*")]
+            files = [f for d in dirs for f in d.rglob("*") if f.is_file()]
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                peak[0] = max(peak[0], sum(f.stat().st_blocks * 512 for f in files))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
 
 
 # -- live migration: two QEMUs on this machine, the guest moved back and forth
@@ -281,7 +311,8 @@ def live_table(results: list[Live], args: argparse.Namespace) -> Table:
 def table(results: list[Result], args: argparse.Namespace) -> Table:
     raw_dump, raw_restore = (statistics.median(getattr(results[0], f)) for f in ("dump_s", "restore_s"))
     out = Table(title=f"VM dump/restore, {args.memory} guest, {args.fill} MiB random, TCG, median of {args.repeat}")
-    for column in ("mode", "dump s", "restore s", "dump / raw", "restore / raw", "state MiB", "stored MiB"):
+    columns = ("mode", "dump s", "restore s", "dump / raw", "restore / raw", "state MiB", "stored MiB", "staged MiB")
+    for column in columns:
         out.add_column(column, justify="left" if column == "mode" else "right")
     for r in results:
         dump, restore = statistics.median(r.dump_s), statistics.median(r.restore_s)
@@ -293,6 +324,7 @@ def table(results: list[Result], args: argparse.Namespace) -> Table:
             f"{restore / raw_restore:.2f}",
             f"{r.state_bytes / MiB:.0f}",
             f"{r.stored_bytes / MiB:.0f}",
+            f"{max(r.staged_peak_bytes) / MiB:.0f}",
         )
     return out
 

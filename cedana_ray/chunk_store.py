@@ -51,6 +51,7 @@ from .crypto import NONCE_BYTES, fingerprint
 from .errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint, UsageError
 from .models import Chunk, Compression, Digest, ImageFile, Layout, Manifest
 from .retry import retrying
+from .staging import give_back
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
@@ -153,17 +154,26 @@ class ContentWriter:
 
 class ContentChunks(WhileCriuWrites):
     """Cuts image files into content-defined chunks and stores them while CRIU writes them;
-    :meth:`finish` stores the rest of a file once it is complete."""
+    :meth:`finish` stores the rest of a file once it is complete. With ``release``, the
+    staged bytes of each chunk stored are given back at once (nothing else reads them: a
+    VM's state), so the staging area holds what is not yet stored, not a full copy."""
 
-    def __init__(self, images: Path, writer: ContentWriter, streams: int) -> None:
+    def __init__(self, images: Path, writer: ContentWriter, streams: int, release: bool = False) -> None:
         super().__init__(images, streams)
         self.writer = writer
+        self.release = release
         self.cutters: dict[str, Cutter] = {}
+        self.released: dict[str, int] = {}  # by file: the offset below which its staged bytes are gone
+        self.error: Exception | None = None  # what failed once a file could not be started over
 
-    def _failed(self, path: Path) -> bool:
-        """finish() starts this file over, and reports the error."""
-        self.cutters.pop(path.name, None)
-        self.chunks.pop(path.name, None)
+    def _failed(self, path: Path, exc: Exception) -> bool:
+        """finish() starts this file over and meets the error again; or, where part of the
+        file was given back and cannot be read again, reports it."""
+        if path.name in self.released:
+            self.error = exc
+        else:
+            self.cutters.pop(path.name, None)
+            self.chunks.pop(path.name, None)
         return True
 
     def _catch_up(self, pool: ThreadPoolExecutor, path: Path, final: bool = False) -> None:
@@ -175,9 +185,19 @@ class ContentChunks(WhileCriuWrites):
         finally:
             os.close(fd)
         done.extend(bounded_map(pool, lambda span: self.writer.put(path, *span), spans, self.streams * 2))
+        if self.release and not final:
+            self._give_back(path, cutter.start)  # every byte below it is in a chunk stored now or before
+
+    def _give_back(self, path: Path, stored: int) -> None:
+        """Free the staged bytes of ``path`` below ``stored`` not freed yet."""
+        start = self.released.get(path.name, 0)
+        if stored > start and give_back(path, start, stored):
+            self.released[path.name] = stored
 
     def finish(self, pool: ThreadPoolExecutor, path: Path) -> ImageFile:
         """Every chunk of the complete file ``path``, stored."""
+        if self.error:
+            raise self.error
         self._catch_up(pool, path, final=True)
         return ImageFile(name=path.name, size=path.stat().st_size, chunks=tuple(self.chunks[path.name]))
 

@@ -77,12 +77,13 @@ class WhileCriuWrites:
     """Works on the chunks of image files in a thread while CRIU writes them: CRIU writes
     each file sequentially, so a chunk wholly below a file's current size is final. What to
     do with a file's new chunks is the subclass's ``_catch_up``; what a failure undoes, its
-    ``_failed`` (true: stop here, the commit redoes what is missing and reports the error)."""
+    ``_failed`` (true: stop here, the commit redoes what is missing or reports the error)."""
 
     def __init__(self, images: Path, streams: int) -> None:
         self.images = images
         self.streams = streams
         self.chunks: dict[str, list[Chunk]] = {}
+        self.failure: Exception | None = None  # what stopped the work early
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
 
@@ -100,14 +101,15 @@ class WhileCriuWrites:
                 for path in sorted(self.images.iterdir()):
                     try:
                         self._catch_up(pool, path)
-                    except Exception:
-                        if self._failed(path):
+                    except Exception as exc:
+                        if self._failed(path, exc):
+                            self.failure = exc
                             return
 
     def _catch_up(self, pool: ThreadPoolExecutor, path: Path) -> None:
         raise NotImplementedError
 
-    def _failed(self, path: Path) -> bool:
+    def _failed(self, path: Path, exc: Exception) -> bool:
         return True
 
 

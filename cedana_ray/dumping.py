@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 STOP_TIMEOUT_S = 30.0  # for a dumped job to be gone once killed: one holding GBs of memory takes seconds
 STOP_POLL_S = 0.02
+# A staged VM state's most bytes written but not yet stored: past the largest chunk (16 MiB),
+# which must be written whole before it is stored, with room for the store's chunks in flight.
+STAGED_VM_STATE_MAX = 96 << 20
 
 
 MANIFEST_FIELDS = (
@@ -143,10 +146,17 @@ class DumpChain:
         images = store.dump_dir(ckpt, req.compression, work, encrypted=req.encrypt)
         ctx.state.images, ctx.state.work = images, work
         try:
-            early = store.early_chunks(
-                images, ckpt, req.compression, req.encryption_key(), req.streams, parent=job.last_checkpoint
+            early = store.early_chunks(  # a VM's state is read by the store alone: see cedana_dump_vm_handler
+                images,
+                ckpt,
+                req.compression,
+                req.encryption_key(),
+                req.streams,
+                parent=job.last_checkpoint,
+                release=ctx.state.vm,
             )
             with early as prehashed:
+                ctx.state.staged_max = STAGED_VM_STATE_MAX if _releases(prehashed) else None
                 next_(ctx)
             ctx.report("store")
             manifest = store.commit(
@@ -221,3 +231,10 @@ class DumpChain:
         handler = self.pm.call_for(jtype, "cedana_dump_handler") or self.criu_dump
         middleware = self._middleware(jtype, "cedana_dump_middleware", "cedana_gpu_interception")
         return Pipeline(handler).with_(*core, *middleware)
+
+
+def _releases(early: object) -> bool:
+    """Whether ``early`` frees the staged bytes it stored (a VM's state, cut into content chunks)."""
+    from .chunk_store import ContentChunks  # loaded with the store already
+
+    return isinstance(early, ContentChunks) and early.release

@@ -101,7 +101,9 @@ def cedana_dump_vm_middleware() -> list[Middleware]:
 @hookspec(firstresult=True)
 def cedana_dump_vm_handler() -> Handler:
     """Dumps a virtual machine's state into ``ctx.state.images``: for a VM type, the dump's
-    final step instead of CRIU (or a dump handler)."""
+    final step instead of CRIU (or a dump handler). Each file there is written once, in order,
+    and read by the store alone, as it grows: where the images are staged, the store gives
+    back the space of each part it stored, so nothing may read them back during the dump."""
 
 
 @hookspec(firstresult=True)

@@ -48,6 +48,9 @@ class DumpState:
     lock: int = -1  # the job's lock: CRIU inherits it (core: ``locked``)
     images: Path = Path()  # where the images go (core: ``commit``)
     work: Path = Path()  # CRIU's work dir, its logs (core: ``commit``)
+    # where the store frees what it stored of a staged VM's state as it grows: the most bytes
+    # the VM handler should keep written but not yet stored (core: ``commit``); None: no limit
+    staged_max: int | None = None
     pid: int | None = None  # the tree CRIU dumps (the type's middleware; read by the core's CRIU dump)
     enter: int | None = None  # a process whose PID and mount namespaces CRIU dumps from (the type's)
     tree_root: int | None = None  # the tree's host PID (the type's; read by the GPU middleware)

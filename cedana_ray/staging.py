@@ -9,10 +9,13 @@ is removed by :mod:`cedana_ray.recovery`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -20,6 +23,7 @@ import psutil
 from .errors import PermissionDenied
 
 SHM = Path("/dev/shm")
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (linux/falloc.h)
 
 
 def _fits_in_memory(nbytes: int) -> bool:
@@ -72,6 +76,23 @@ def _is_private(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def give_back(path: Path, start: int, end: int) -> bool:
+    """Free the space of bytes ``start`` to ``end`` of the staged file ``path`` (they read as
+    zeros after), its size kept; False where its filesystem cannot (then nothing changed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        return _fallocate()(fd, _PUNCH_HOLE, start, end - start) == 0
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return fallocate
 
 
 def remove_tree(path: Path) -> None:

@@ -51,14 +51,16 @@ class StoreWriter:
         streams: int = DEFAULT_STREAMS,
         chunk_size: int = DEFAULT_CHUNK,
         parent: str | None = None,
+        release: bool = False,
     ) -> contextlib.AbstractContextManager[EarlyChunks | ContentChunks | None]:
         """While CRIU writes ``images``: store the chunks of a content-addressed dump (those
-        its ``parent`` checkpoint lists are reused), hash those of an in-place dump, or upload
-        those of a dump to an object store (a no-op for a local compressed store in the
-        per-checkpoint layout). ``compression`` None: this store's default."""
+        its ``parent`` checkpoint lists are reused; with ``release``, their staged bytes are
+        given back once stored), hash those of an in-place dump, or upload those of a dump to
+        an object store (a no-op for a local compressed store in the per-checkpoint layout).
+        ``compression`` None: this store's default."""
         compression = self.compression_for(compression)
         if self.content_addressed(compression, key is not None):
-            return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams)
+            return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams, release)
         if self._in_place(images, ckpt):
             return EarlyChunks(images, in_place_hasher(self.digest), chunk_size, streams)
         if not self.local:

@@ -4,6 +4,7 @@ chunks stored once per store, freed only when no checkpoint uses them, on file:/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from cedana_ray.chunk_gc import GRACE_ENV, PENDING, SWEEP_EVERY_ENV, SWEEPS
 from cedana_ray.chunk_store import CHUNKS, DEDUP_ENV, chunk_name
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
-from cedana_ray.errors import CorruptCheckpoint, UntrustedCheckpoint, UsageError
+from cedana_ray.errors import CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
 from cedana_ray.failpoint import ENV as FAILPOINT
 from cedana_ray.models import Compression, Digest, JobState, Layout, Manifest
 from cedana_ray.policy import prune
@@ -247,6 +248,63 @@ def test_a_dump_waits_for_a_sweep_to_end(place: Place, staging: Path) -> None:
     start = time.monotonic()
     with place.store.early_chunks(folder, "c1", Compression.zstd, None, 2):
         assert time.monotonic() - start >= 0.4, "it read what to reuse only once the sweep was over"
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_a_released_dump_gives_back_each_stored_part(place: Place, staging: Path, tmp_path: Path) -> None:
+    """A VM's dump (``release``): each stored part of the staged state is given back at once
+    (a hole), so staging holds what is not stored yet; the checkpoint is whole."""
+    data = os.urandom(32 * MiB)
+    folder = place.store.dump_dir("c1", Compression.zstd, staging)
+    staged = folder / "vm.state"
+    with place.store.early_chunks(folder, "c1", Compression.zstd, None, 2, release=True) as early:
+        with staged.open("wb") as f:
+            for off in range(0, len(data), MiB):  # in order, as QEMU writes its migration stream
+                f.write(data[off : off + MiB])
+                f.flush()
+        # all but the last chunk, which only the file's end settles (at most MAX_SIZE)
+        wait_for(lambda: early.released.get("vm.state", 0) >= len(data) - MAX_SIZE, 60, "the stored parts freed")
+    assert allocated(staged) <= len(data) - early.released["vm.state"] + PAGE
+    place.store.commit(folder, manifest_fields("c1"), compression=Compression.zstd, prehashed=early)
+    assert fetched(place.store, "c1", tmp_path / "r1")["vm.state"] == data
+
+
+def pages(count: int, tag: int) -> bytes:
+    """``count`` distinct pages that compress to almost nothing."""
+    return b"".join((tag << 32 | i).to_bytes(8, "big") * (PAGE // 8) for i in range(count))
+
+
+def fill(folder: Path) -> None:
+    """Fill the filesystem of ``folder`` up, with a file named filler."""
+    with (folder / "filler").open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(MiB))
+            f.flush()
+
+
+def test_a_released_dump_that_failed_is_not_started_over(small_disk: Path, staging: Path) -> None:
+    """The store fills up after part of the state was stored and given back, then has room
+    again before the commit. The commit fails: starting the file over would store zeros."""
+    store = CheckpointStore(f"file://{small_disk / 'store'}", SIGNER)
+    folder = store.dump_dir("c1", Compression.zstd, staging)
+    with (
+        store.early_chunks(folder, "c1", Compression.zstd, None, 2, release=True) as early,
+        (folder / "vm.state").open("wb") as f,
+    ):
+        f.write(pages(MAX_SIZE // PAGE + 256, 1))  # past MAX_SIZE: a chunk ends in it
+        f.flush()
+        wait_for(lambda: early.released.get("vm.state"), 60, "a part stored and freed")
+        fill(small_disk)
+        f.write(pages(MAX_SIZE // PAGE + 256, 2))
+        f.flush()
+        wait_for(lambda: early.failure, 60, "the full store to fail a chunk")
+    (small_disk / "filler").unlink()
+    with pytest.raises(StorageError, match="No space left"):
+        store.commit(folder, manifest_fields("c1"), compression=Compression.zstd, prehashed=early)
+    assert store.list() == []
 
 
 CRASH = """

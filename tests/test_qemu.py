@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,12 +21,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cedana_ray.plugins.qemu import guest
+from cedana_ray.plugins.qemu import guest, pace
 from cedana_ray.plugins.qemu.live import BANDWIDTH_ENV, QemuLive
 from cedana_ray.plugins.qemu.plugin import QemuRunRequest, vm_request
 from ray.cluster_utils import Cluster as RayCluster
 from test_cli import STAGE_LINE, assert_one_error, cedana
 from test_process_criu import wait_for
+from test_store import SIGNER, manifest_fields
 
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
@@ -36,11 +39,13 @@ from cedana_ray.models import Compression, EventKind, Job, JobState
 from cedana_ray.plugins_manager import get_plugin_manager
 from cedana_ray.remote import call
 from cedana_ray.requests import DumpRequest, MigrateRequest, RestoreRequest, RunRequest
+from cedana_ray.store import CheckpointStore
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow]
 LINE = re.compile(r"count=(\d+) sum=(\d+) boot=(\w+)")
 MODULUS = 1_000_000_007  # the guest's checksum: sum = (sum * 31 + count) mod this
+MiB = 1 << 20
 BOOT_TIMEOUT_S = 90.0  # a kernel boot under TCG, on a busy 2-core machine
 
 
@@ -103,10 +108,14 @@ def gone(pid: int | None) -> bool:
     return pid is None or not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_dump_stops_restore_goes_on(engine: Engine, vm_guest: Path) -> None:
+@pytest.mark.parametrize("compression", [Compression.none, Compression.zstd], ids=["in place", "staged, cas"])
+def test_dump_stops_restore_goes_on(engine: Engine, vm_guest: Path, compression: Compression) -> None:
+    """In place (the store's files are QEMU's), or staged: the state cut into chunks, each
+    stored and its staged bytes given back while QEMU writes."""
     jid = boot(engine, vm_guest)
     pid = engine.job(jid).pid
-    engine.dump(jid, DumpRequest())
+    stored = engine.dump(jid, DumpRequest(compression=compression))
+    assert (stored.size_bytes < stored.image_bytes) is (compression is Compression.zstd)
     assert engine.job(jid).state is JobState.checkpointed
     assert gone(pid)
     dumped = last(engine, jid)
@@ -115,6 +124,40 @@ def test_dump_stops_restore_goes_on(engine: Engine, vm_guest: Path) -> None:
     assert restored.state is JobState.running and restored.pid != pid
     counted_past(engine, jid, dumped)
     assert_unbroken(counts(engine, jid))  # one log: before the dump, then after the restore
+
+
+def test_the_staged_state_is_paced_by_the_store(tmp_path: Path) -> None:
+    """pace.py, as QEMU's migration writer into a staged image dir: with the store freeing each
+    chunk it stored, the file never takes much more than its limit, and the checkpoint is the
+    whole stream."""
+    store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
+    folder = store.dump_dir("c1", Compression.zstd, tmp_path / "staging")
+    data, most, peak = os.urandom(96 * MiB), 32 * MiB, 0
+    with store.early_chunks(folder, "c1", Compression.zstd, None, 2, release=True) as early:
+        argv = [sys.executable, pace.__file__, str(folder / guest.STATE), str(most)]
+        writer = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        assert writer.stdin
+        feeding = threading.Thread(target=lambda: (writer.stdin.write(data), writer.stdin.close()))  # type: ignore[union-attr]
+        feeding.start()
+        while writer.poll() is None:
+            with contextlib.suppress(FileNotFoundError):
+                peak = max(peak, (folder / guest.STATE).stat().st_blocks * 512)
+            time.sleep(0.002)
+        feeding.join()
+    assert writer.returncode == 0
+    assert 0 < peak <= most + pace.BLOCK, peak
+    store.commit(folder, manifest_fields("c1"), compression=Compression.zstd, prehashed=early)
+    assert (store.fetch("c1", tmp_path / "out")[1] / guest.STATE).read_bytes() == data
+
+
+def test_a_staged_state_nothing_frees_is_written_all_the_same(tmp_path: Path) -> None:
+    """Where nothing frees what was stored (a store that failed, a filesystem without holes),
+    pace.py waits STALL_S, then writes on: the dump ends, as the store's error says."""
+    data = os.urandom(4 * MiB)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, pace.__file__, str(tmp_path / "state"), str(MiB)], input=data)
+    assert done.returncode == 0 and (tmp_path / "state").read_bytes() == data
+    assert time.monotonic() - start >= pace.STALL_S
 
 
 def test_the_python_api_runs_a_vm(home: Path, vm_guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -215,7 +215,7 @@ def dump(ctx: Context) -> None:
     try:
         with _qmp(job) as qmp:
             qmp.execute("stop")  # a failed dump resumes it: resume=_resume below
-            qmp.migrate_to_file(images / STATE)
+            qmp.migrate_to_file(images / STATE, ctx.state.staged_max)
             if vm.disk:  # flushed by QEMU as the migration completed; the guest is paused
                 _copy_disk_into(job, images)
             if ctx.request.leave_running and not frozen:

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any
 
 from cedana_ray.errors import StateError
 
+from . import pace
+
 CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 60.0  # a `quit` or `stop` of a VM under TCG can take a moment
 MIGRATE_POLL_S = 0.05
@@ -30,6 +33,7 @@ MIGRATE_TIMEOUT_S = 600.0  # GBs of guest RAM into a file
 # QEMU throttles migration to 128 MiB/s by default, for live migration over a shared link;
 # into a local file of a stopped guest that only makes the dump slow
 MAX_BANDWIDTH = 1 << 40
+_PACE = f"{shlex.quote(sys.executable)} -I -S {shlex.quote(pace.__file__)}"  # standard library only
 
 
 class QmpError(StateError):
@@ -107,15 +111,18 @@ class Qmp:
         """The VM's run state: running, paused, postmigrate, inmigrate..."""
         return str(self.execute("query-status")["status"])
 
-    def migrate_to_file(self, path: Path) -> dict[str, Any]:
+    def migrate_to_file(self, path: Path, staged_max: int | None = None) -> dict[str, Any]:
         """Write the VM's device and RAM state into ``path`` (QEMU 7.2 has no ``file:``
-        migration: ``exec:`` runs the shell line with the stream on its stdin); the final
-        ``query-migrate``. A failed write says why as ``cat`` did (QEMU only sees a broken pipe)."""
+        migration: ``exec:`` runs the shell line with the stream on its stdin), keeping at
+        most ``staged_max`` bytes of it not yet stored (:mod:`.pace`); the final
+        ``query-migrate``. A failed write says why as the writer did (QEMU only sees a broken pipe)."""
         fd, name = tempfile.mkstemp(prefix="cedana-ray-qemu-", suffix=".err")  # not beside it: that disk may be full
         os.close(fd)
         errors = Path(name)
         self.execute("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
-        self.execute("migrate", uri=f"exec:cat > {shlex.quote(str(path))} 2> {shlex.quote(str(errors))}")
+        target = shlex.quote(str(path))
+        writer = f"cat > {target}" if staged_max is None else f"{_PACE} {target} {staged_max:d}"
+        self.execute("migrate", uri=f"exec:{writer} 2> {shlex.quote(str(errors))}")
         try:
             return self.wait_migration()
         except QmpError as exc:
