@@ -150,6 +150,17 @@ def test_the_staged_state_is_paced_by_the_store(tmp_path: Path) -> None:
     assert (store.fetch("c1", tmp_path / "out")[1] / guest.STATE).read_bytes() == data
 
 
+def test_a_staged_disk_keeps_its_holes(tmp_path: Path) -> None:
+    """A disk staged by pace.write: the same bytes, its blocks of zeros holes (a tail of zeros too)."""
+    source = tmp_path / "disk"
+    source.write_bytes(os.urandom(MiB) + bytes(3 * MiB) + os.urandom(MiB) + bytes(2 * MiB + 5))
+    with source.open("rb") as f:
+        pace.write(f.fileno(), str(tmp_path / "staged"), None)
+    staged = tmp_path / "staged"
+    assert staged.read_bytes() == source.read_bytes()
+    assert staged.stat().st_blocks * 512 <= 2 * MiB + 4096
+
+
 def test_a_staged_state_nothing_frees_is_written_all_the_same(tmp_path: Path) -> None:
     """Where nothing frees what was stored (a store that failed, a filesystem without holes),
     pace.py waits STALL_S, then writes on: the dump ends, as the store's error says."""
@@ -333,8 +344,14 @@ def as_format(image: Path, fmt: str) -> Path:
     return converted
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "compression"),
+    [("raw", Compression.none), ("qcow2", Compression.zstd)],
+    ids=["raw, copied into the store", "qcow2, staged"],
+)
+def test_a_vm_with_a_disk_restores_with_it(
+    engine: Engine, vm_guest: Path, tmp_path: Path, fmt: str, compression: Compression
+) -> None:
     """The guest writes each count's line to its disk before printing it. A leave-running
     dump, then a dump that stops it, then a restore: every line printed before the dump is on
     the restored disk, the guest goes on writing, and the user's image was never written."""
@@ -347,7 +364,7 @@ def test_a_vm_with_a_disk_restores_with_it(engine: Engine, vm_guest: Path, tmp_p
 
     engine.dump(jid, DumpRequest(leave_running=True))  # the guest's disk writable again after it
     counted_past(engine, jid, last(engine, jid))
-    result = engine.dump(jid, DumpRequest())
+    result = engine.dump(jid, DumpRequest(compression=compression))
     dumped = last(engine, jid)
     assert engine.inspect(result.checkpoint).details["vm"]["disk"] == fmt
 

@@ -38,7 +38,7 @@ from cedana_ray.requests import RunRequest
 from cedana_ray.runtime import Runtime
 from cedana_ray.spawn import LOG, LaunchError, launch, started_at
 
-from . import commands, guest, watch
+from . import commands, guest, pace, watch
 from .guest import DISK, ERRORS, HOLD, INITRD, KERNEL, QMP_SOCKET, STATE, Vm
 from .live import QemuLive
 from .qmp import Qmp, QmpError
@@ -217,16 +217,22 @@ def dump(ctx: Context) -> None:
             qmp.execute("stop")  # a failed dump resumes it: resume=_resume below
             qmp.migrate_to_file(images / STATE, ctx.state.staged_max)
             if vm.disk:  # flushed by QEMU as the migration completed; the guest is paused
-                _copy_disk_into(job, images)
+                _copy_disk_into(job, images, ctx.state.staged_max)
             if ctx.request.leave_running and not frozen:
                 qmp.execute("cont")
     except QmpError as exc:
         raise DumpError(f"dump of VM {job.jid} failed: {exc}") from exc
 
 
-def _copy_disk_into(job: Job, images: Path) -> None:
+def _copy_disk_into(job: Job, images: Path, staged_max: int | None) -> None:
+    """The disk into the images: copied (a reflink where it can be) into a store's own folder,
+    or staged at the store's pace."""
     try:
-        copy_disk(_job_dir(job) / DISK, images / DISK)
+        if staged_max is None:
+            copy_disk(_job_dir(job) / DISK, images / DISK)
+        else:
+            with open(_job_dir(job) / DISK, "rb") as disk:
+                pace.write(disk.fileno(), str(images / DISK), staged_max)
     except OSError as exc:
         raise DumpError(f"dump of VM {job.jid} failed: its disk: {exc}") from exc
 
