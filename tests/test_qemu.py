@@ -29,6 +29,7 @@ from test_cli import STAGE_LINE, assert_one_error, cedana
 from test_process_criu import wait_for
 from test_store import SIGNER, manifest_fields
 
+from cedana_ray.cli.index import alias_vm
 from cedana_ray.cluster import Cluster
 from cedana_ray.config import Paths
 from cedana_ray.engine import Engine
@@ -406,6 +407,17 @@ def test_health_and_features() -> None:
 def test_missing_kernel(home: Path) -> None:
     line = assert_one_error(cedana("run", "qemu", "--kernel", str(home / "nope")), UsageError)
     assert "--kernel" in line and "no such readable file" in line
+
+
+def test_vm_names_the_one_vm_type_installed(home: Path) -> None:
+    """``run vm``, ``dump vm``...: qemu's commands, the one VM type here; with two, neither is ``vm``."""
+    line = assert_one_error(cedana("run", "vm", "--kernel", str(home / "nope")), UsageError)
+    assert "--kernel" in line and "no such readable file" in line
+    for group in ("run", "dump", "restore", "freeze", "unfreeze", "query"):
+        assert re.search(r"^  vm +\S", cedana(group, "--help").stdout, re.M), group
+    two = {"run": {name: {"help": name, "plugin": name, "target": f"{name}:plugin"} for name in ("qemu", "other")}}
+    alias_vm(two, ["qemu", "other"])
+    assert set(two["run"]) == {"qemu", "other"}
 
 
 def test_a_kernel_qemu_refuses(home: Path, tmp_path: Path) -> None:

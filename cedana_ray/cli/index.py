@@ -15,6 +15,7 @@ import click
 
 from ..cache import cached
 
+VM = "vm"  # the name the one VM type installed also goes by
 ROOT = ""  # the root group's path: `cedana-ray ps`; the verb groups' are their names
 CORE: dict[str, tuple[str, ...]] = {  # module:attribute of the core's commands, by group
     ROOT: (
@@ -63,7 +64,7 @@ def build() -> tuple[dict[str, Any], list[str]]:
     from ..plugins_manager import get_plugin_manager, installed, resolve
 
     commands: dict[str, dict[str, Any]] = {group: {} for group in HOOKS}
-    files: set[str] = set()
+    files: set[str] = {__file__}  # how it indexes, too
     for group, targets in CORE.items():
         for target in targets:
             cmd = resolve(target)
@@ -76,7 +77,20 @@ def build() -> tuple[dict[str, Any], list[str]]:
             for cmd in _commands(pm.call_for(name, hook)):
                 commands[group].setdefault(cmd.name, _entry(cmd, plugin=name, target=values[name]))
                 files.update(_source(values[name].partition(":")[0], cmd.callback.__module__ if cmd.callback else ""))
+    alias_vm(commands, [name for name in pm.plugin_names() if pm.implements(name, "cedana_dump_vm_handler")])
     return commands, sorted(files)
+
+
+def alias_vm(commands: dict[str, dict[str, Any]], vm_types: list[str]) -> None:
+    """``run vm``, ``dump vm``...: the commands of the one VM type installed under the name
+    ``vm`` too (with several, each goes by its own name only)."""
+    if len(vm_types) != 1:
+        return
+    (vm_type,) = vm_types
+    for group in commands.values():
+        if (entry := group.get(vm_type)) and "plugin" in entry:
+            help_ = f"{entry['help']} (the VM type installed: {vm_type})"
+            group.setdefault(VM, {**entry, "help": help_, "name": vm_type})
 
 
 @functools.cache
@@ -104,4 +118,4 @@ def load(group: str, name: str) -> click.Command | None:
     found = resolve(entry["target"])
     if "plugin" in entry:
         found = getattr(found, HOOKS[group])()
-    return next((c for c in _commands(found) if c.name == name), None)
+    return next((c for c in _commands(found) if c.name == entry.get("name", name)), None)
