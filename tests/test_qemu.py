@@ -232,12 +232,16 @@ def test_freeze_unfreeze_and_a_frozen_dump(engine: Engine, vm_guest: Path) -> No
     assert_unbroken(counts(engine, jid))
 
 
-def test_a_failed_dump_resumes_the_vm(engine: Engine, vm_guest: Path, small_disk: Path) -> None:
-    """The store fails after QEMU wrote the state (a real 16 MiB filesystem fills up); the
-    dump's rollback resumes the guest, which QEMU had paused."""
+@pytest.mark.parametrize("compression", [Compression.none, Compression.zstd], ids=["in place", "staged, paced"])
+def test_a_failed_dump_resumes_the_vm(
+    engine: Engine, vm_guest: Path, small_disk: Path, compression: Compression
+) -> None:
+    """The store fails (a real 16 MiB filesystem fills up): in place, as QEMU writes into it;
+    staged, while the paced writer waits for the store; the dump's rollback resumes the
+    guest, which QEMU had paused."""
     jid = boot(engine, vm_guest)
     with pytest.raises((DumpError, StorageError), match=r"No space left|ENOSPC"):
-        engine.dump(jid, DumpRequest(storage=f"file://{small_disk}"))
+        engine.dump(jid, DumpRequest(storage=f"file://{small_disk}", compression=compression))
     assert engine.job(jid).state is JobState.running
     assert engine.query("qemu")[0]["status"] == "running"
     counted_past(engine, jid, last(engine, jid))
