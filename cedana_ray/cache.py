@@ -5,7 +5,8 @@ An entry is kept with what it was built from: the environment (sys.prefix), sys.
 first entry, the mtime of those directories (installing or removing a distribution changes
 its site-packages), and the mtime and size of each file the builder says it read. Any
 difference rebuilds it. A cache file that is not ours alone is not read: what it holds
-names modules to import.
+names modules to import. Each environment has its own file, so that two installations used
+in turn (a virtualenv and the system's) do not rebuild each other's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,11 @@ FORMAT = 1
 
 def directory() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "cedana-ray"
+
+
+def path(name: str) -> Path:
+    """The file of entry ``name`` for this environment."""
+    return directory() / f"{name}-{zlib.crc32(sys.prefix.encode()):08x}.json"
 
 
 def _stat(path: str) -> list[int]:
@@ -81,10 +88,10 @@ def _write(path: Path, entry: dict[str, Any]) -> None:
 def cached(name: str, build: Callable[[], tuple[Any, Iterable[str]]]) -> Any:
     """What ``build`` returns (a JSON value, and the files it was made from), from the cache
     while nothing it was built from changed."""
-    path = directory() / f"{name}.json"
-    value = _read(path)
+    file = path(name)
+    value = _read(file)
     if value is None:
         built_from = _built_from()  # before building: a change made meanwhile rebuilds next time
         value, files = build()
-        _write(path, {"built_from": built_from, "files": {f: _stat(f) for f in sorted(set(files))}, "value": value})
+        _write(file, {"built_from": built_from, "files": {f: _stat(f) for f in sorted(set(files))}, "value": value})
     return value

@@ -33,7 +33,7 @@ def test_built_once_then_read_until_a_file_it_was_built_from_changes(cache_dir: 
     build = counting_build(source, calls)
     assert cache.cached("thing", build) == {"built": 1}
     assert cache.cached("thing", build) == {"built": 1} and len(calls) == 1
-    assert (cache_dir / "thing.json").stat().st_mode & 0o777 == 0o600
+    assert cache.path("thing").stat().st_mode & 0o777 == 0o600
     assert cache_dir.stat().st_mode & 0o777 == 0o700
     source.write_text("x = 22\n")  # its size and mtime change
     assert cache.cached("thing", build) == {"built": 2}
@@ -44,9 +44,21 @@ def test_a_cache_file_others_can_write_is_not_read(cache_dir: Path, tmp_path: Pa
     source.write_text("")
     build = counting_build(source, calls)
     cache.cached("thing", build)
-    (cache_dir / "thing.json").chmod(0o666)  # it names modules to import: anyone could have written it
+    cache.path("thing").chmod(0o666)  # it names modules to import: anyone could have written it
     assert cache.cached("thing", build) == {"built": 2}
-    assert (cache_dir / "thing.json").stat().st_mode & 0o777 == 0o600, "replaced by a private one"
+    assert cache.path("thing").stat().st_mode & 0o777 == 0o600, "replaced by a private one"
+
+
+def test_each_environment_keeps_its_own_entry(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, calls = tmp_path / "module.py", []
+    source.write_text("")
+    build = counting_build(source, calls)
+    cache.cached("thing", build)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "prefix", str(tmp_path / "venv"))  # another installation, used in turn
+        assert cache.cached("thing", build) == {"built": 2}
+    assert cache.cached("thing", build) == {"built": 1}, "the first one's entry is still there"
+    assert len(list(cache_dir.glob("thing-*.json"))) == 2
 
 
 def test_an_unwritable_cache_still_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +90,7 @@ def loaded_plugins(*args: str, home: Path) -> list[str]:
 
 
 def test_commands_import_only_the_plugins_they_use(home: Path) -> None:
-    loaded_plugins("--help", home=home)  # warm: the index is built (and every plugin imported) once
+    loaded_plugins("ps", "--local", home=home)  # warm: the index and plugin list are built (every plugin imported) once
     assert loaded_plugins("--help", home=home) == [], "the root's help lists plugin commands from the index"
     assert loaded_plugins("dump", "--help", home=home) == []
     assert loaded_plugins("ps", "--local", home=home) == []
