@@ -33,8 +33,6 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import fsspec.asyn
-
 from .chunk_store import CHUNKS, chunk_name
 from .models import Digest, Layout
 from .retry import ATTEMPTS, retrying
@@ -126,7 +124,7 @@ class ChunkSweeper:
         return freed
 
     def _delete(self: CheckpointStore, paths: list[str]) -> None:
-        if isinstance(self.fs, fsspec.asyn.AsyncFileSystem):  # S3, GCS: one request per batch
+        if self.fs.async_impl:  # S3, GCS: one request per batch
             retrying(lambda: self.fs.rm(paths))
             return
         for path in paths:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -27,14 +28,19 @@ _HASHES: dict[Digest, Callable[[bytes], str]] = {
 # Memory images hold many all-zero chunks (buffers allocated and cleared, never filled);
 # comparing with zeros runs at memory speed, many times faster than hashing them.
 _ZEROS = bytes(DEFAULT_CHUNK)
-_ZERO_DIGESTS = {algorithm: digest(_ZEROS) for algorithm, digest in _HASHES.items()}
+
+
+@functools.cache
+def _zeros_digest(algorithm: Digest) -> str:
+    """Computed when first needed: hashing 8 MiB would slow every command that imports this."""
+    return _HASHES[algorithm](_ZEROS)
 
 
 def hash_chunk(data: bytes, algorithm: Digest = DIGEST) -> str:
-    """The hex digest of ``data`` under ``algorithm``; a full chunk of zeros takes its
-    precomputed one."""
+    """The hex digest of ``data`` under ``algorithm``; a full chunk of zeros takes the one
+    computed for the first."""
     if len(data) == DEFAULT_CHUNK and data == _ZEROS:
-        return _ZERO_DIGESTS[algorithm]
+        return _zeros_digest(algorithm)
     return _HASHES[algorithm](data)
 
 

@@ -34,8 +34,6 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
 from .chunk_gc import ChunkSweeper, sweep_due
@@ -72,6 +70,8 @@ def register_schemes(schemes: dict[str, Any]) -> None:
     given as an import path (``"pkg.module.Class"``) is imported on first use; it
     replaces fsspec's default for the scheme unless a class is already in use.
     """
+    import fsspec  # here, as in the store: commands that open no store do not pay its import
+
     for scheme, cls in schemes.items():
         if isinstance(cls, str):
             if scheme not in fsspec.registry:  # the classes imported or registered so far
@@ -103,6 +103,9 @@ class CheckpointStore(StoreWriter, StoreReader, ContentStore, ChunkSweeper):
     """
 
     def __init__(self, url: str, signer: Signer | None = None, digest: Digest = DIGEST) -> None:
+        import fsspec  # here: commands that open no store (ps, logs, kill...) do not pay its import
+        from fsspec.implementations.local import LocalFileSystem
+
         from .plugins_manager import register_storage  # here: the plugins import this module
 
         register_storage()

@@ -40,14 +40,14 @@ def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
 
     def human() -> None:
         storage = f"compression {m.compression.value}, digest {m.digest.value}"
-        console.print(
+        console().print(
             f"[bold]{m.checkpoint}[/] of job {m.jid} ({m.type}) on {m.node}, {m.created:%Y-%m-%d %H:%M:%S}"
             f"\n  criu {m.criu_version}, {storage}, parent {m.parent or '-'}"
             + (f"\n  metadata {escape(_labels(m.metadata))}" if m.metadata else ""),
             highlight=False,
         )
         table(("file", "size", "chunks"), [[f.name, human_size(f.size), len(f.chunks)] for f in m.files])
-        console.print(f"  {human_size(m.image_bytes)} of images, {human_size(m.size_bytes)} stored", highlight=False)
+        console().print(f"  {human_size(m.image_bytes)} of images, {human_size(m.size_bytes)} stored", highlight=False)
 
     show(as_json, m, human)
 
@@ -64,7 +64,7 @@ def checkpoint_import(url: str, as_json: bool, local: bool) -> None:
     """
     info = engine().import_checkpoint(url)
     said = f"imported checkpoint {info.checkpoint} of job {info.jid}"
-    show(as_json, info, lambda: console.print(said, highlight=False))
+    show(as_json, info, lambda: console().print(said, highlight=False))
 
 
 @checkpoint.command("delete")
@@ -73,4 +73,4 @@ def checkpoint_import(url: str, as_json: bool, local: bool) -> None:
 def checkpoint_delete(ckpt: str, as_json: bool, local: bool) -> None:
     """Delete checkpoint CKPT from its store and the catalog."""
     info = engine().delete_checkpoint(ckpt)
-    show(as_json, info, lambda: console.print(f"deleted checkpoint {info.checkpoint}", highlight=False))
+    show(as_json, info, lambda: console().print(f"deleted checkpoint {info.checkpoint}", highlight=False))

@@ -59,10 +59,10 @@ def up(
         state, nodes = start(address, storage, dashboard_host, no_auth, encrypt, key, progress=bar)
 
     def human() -> None:
-        console.print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
+        console().print(f"cedana-ray is up on {state.address}, checkpoints in {state.storage}", highlight=False)
         auth = f"on (token in {state.auth_token_file})" if state.auth_token_file else "OFF"
-        console.print(f"Ray token authentication: {auth}", highlight=False)
-        console.print(f"checkpoints encrypted: {'yes' if state.encrypted else 'no'}", highlight=False)
+        console().print(f"Ray token authentication: {auth}", highlight=False)
+        console().print(f"checkpoints encrypted: {'yes' if state.encrypted else 'no'}", highlight=False)
         _nodes_table(nodes)
 
     show(as_json, {**state.model_dump(), "nodes": nodes}, human)
@@ -76,7 +76,7 @@ def down(kill_jobs: bool, as_json: bool) -> None:
     from ..actors.launcher import down as stop
 
     report = stop(kill_jobs)
-    show(as_json, report, lambda: console.print(f"cedana-ray is down ({report['actors']} actors stopped)"))
+    show(as_json, report, lambda: console().print(f"cedana-ray is down ({report['actors']} actors stopped)"))
 
 
 @click.command()
@@ -159,13 +159,13 @@ def migrate(
 
     def human() -> None:
         if result.route == "live":
-            console.print(
+            console().print(
                 f"job {jid} moved live {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
                 f" (QEMU's downtime {result.downtime_s * 1000:.0f} ms)",
                 highlight=False,
             )
             return
-        console.print(
+        console().print(
             f"job {jid} moved {result.source[:12]} → {result.target[:12]} in {result.duration_s:.2f} s"
             f" (dump {result.dump_s:.2f} s, restore {result.restore_s:.2f} s; down {result.downtime_s:.2f} s)",
             highlight=False,
@@ -182,7 +182,8 @@ def drain(node: str, cancel: bool, as_json: bool) -> None:
     """Move every job off NODE (before it goes away); no new job is placed there."""
     if cancel:
         found = engine().undrain(node)
-        show(as_json, {"node": found, "draining": False}, lambda: console.print(f"node {found[:12]} takes jobs again"))
+        said = f"node {found[:12]} takes jobs again"
+        show(as_json, {"node": found, "draining": False}, lambda: console().print(said))
         return
     moved = engine().drain(node)
     show(as_json, moved, lambda: table(("jid", "to", "seconds"), [[m.jid, m.target[:12], m.duration_s] for m in moved]))

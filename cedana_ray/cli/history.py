@@ -56,7 +56,7 @@ def events(jid: str | None, follow: bool, as_json: bool, local: bool) -> None:
                 if as_json:
                     sys.stdout.write(json.dumps(event.model_dump(mode="json")) + "\n")
                 else:
-                    console.print("  ".join(str(v) for v in _row(event)), highlight=False, markup=False)
+                    console().print("  ".join(str(v) for v in _row(event)), highlight=False, markup=False)
                 sys.stdout.flush()
                 last = event.id
             time.sleep(FOLLOW_POLL_S)

@@ -31,12 +31,12 @@ def _print_features(m: FeatureMatrix, errors: bool) -> None:
             t.add_section()
             continue
         t.add_row(row[0], *(SYMBOLS[m.features[row[0]][p]] for p in m.plugins))
-    console.print(t)
-    console.print("✔ = implemented, • = unimplemented, — = not installed, ✖ = incompatible")
+    console().print(t)
+    console().print("✔ = implemented, • = unimplemented, — = not installed, ✖ = incompatible")
     if errors:
         for name, reasons in m.errors.items():
             for reason in reasons:
-                console.print(f"{name}: {reason}", highlight=False, markup=False)  # `cedana-ray[gpu]` as written
+                console().print(f"{name}: {reason}", highlight=False, markup=False)  # `cedana-ray[gpu]` as written
 
 
 @click.group()

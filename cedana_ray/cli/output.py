@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import BaseModel
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
-from rich.table import Table
-from rich.text import Text
 
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich is imported where it prints: JSON output and commands that print nothing need none of it
+
+
+@functools.cache
+def console() -> Console:
+    """People's output, on stdout."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+@functools.cache
+def err_console() -> Console:
+    """Progress and errors, on stderr."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _plain(obj: Any) -> Any:
@@ -37,10 +51,13 @@ def emit_json(obj: Any) -> None:
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     t = Table(*columns, title=title, box=None, header_style="bold")
     for row in rows:
         t.add_row(*(Text("" if v is None else str(v)) for v in row))  # as written: no markup (`cedana-ray[s3]`)
-    console.print(t)
+    console().print(t)
 
 
 def show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
@@ -62,7 +79,7 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     ctx = click.get_current_context(silent=True)
     if not enabled or (ctx and ctx.meta.get(QUIET)):
         yield None
-    elif err_console.is_terminal:
+    elif err_console().is_terminal:
         yield from _bar()
     else:
         lines = StageLines()
@@ -73,8 +90,10 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
 
 
 def _bar() -> Iterator[Callable[[str, int, int], None]]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console(), transient=True) as bar:
         task = bar.add_task("starting", total=None)
 
         def update(stage: str, done: int, total: int) -> None:
@@ -108,12 +127,14 @@ class StageLines:
         took = (self.moved_at if self.done else time.monotonic()) - self.started
         moved = f", {human_size(self.done)} at {human_size(int(self.done / max(took, 1e-6)))}/s" if self.done else ""
         if moved or last or took >= MIN_STAGE_S:
-            err_console.print(f"{self.stage}: {took:.2f} s{moved}", highlight=False, markup=False)
+            err_console().print(f"{self.stage}: {took:.2f} s{moved}", highlight=False, markup=False)
         self.stage = None
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def human_size(n: int) -> str:
@@ -130,7 +151,7 @@ def show_job(as_json: bool, job: Any, verb: str) -> None:
     show(
         as_json,
         job.summary(),
-        lambda: console.print(
+        lambda: console().print(
             f"{verb} job [bold]{job.jid}[/] ({job.type}, PID {job.pid}, {job.state.value})", highlight=False
         ),
     )
@@ -141,7 +162,7 @@ def show_restore(as_json: bool, result: Any) -> None:
     show(
         as_json,
         result.summary(),
-        lambda: console.print(
+        lambda: console().print(
             f"restored job [bold]{job.jid}[/] ({job.type}, PID {job.pid}, {job.state.value}) from {result.checkpoint} "
             f"in {result.duration_s:.2f} s",
             highlight=False,
@@ -153,7 +174,7 @@ def show_dump(as_json: bool, result: Any) -> None:
     show(
         as_json,
         result,
-        lambda: console.print(
+        lambda: console().print(
             f"checkpoint [bold]{result.checkpoint}[/] of job {result.jid}: {human_size(result.size_bytes)} "
             f"stored ({human_size(result.image_bytes)} of images) in {result.duration_s:.2f} s\n  {result.path}",
             highlight=False,

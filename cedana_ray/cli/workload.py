@@ -93,7 +93,7 @@ def start(name: str, request: RunRequest, storage: str | None, as_json: bool) ->
     if not click.get_current_context().meta.get(WAIT):
         show_job(as_json, job, "started")
         return
-    err_console.print(f"started job {job.jid} ({job.type}); Ctrl-C detaches", highlight=False, markup=False)
+    err_console().print(f"started job {job.jid} ({job.type}); Ctrl-C detaches", highlight=False, markup=False)
     follow_to_the_end(job.jid, as_json)
 
 
@@ -109,7 +109,7 @@ def follow_to_the_end(jid: str, as_json: bool) -> None:
     try:
         job = follow(engine(), jid, out)
     except KeyboardInterrupt:
-        err_console.print(
+        err_console().print(
             f"detached from job {jid}, which goes on: `cedana-ray logs -f {jid}` shows its output, "
             f"`cedana-ray wait {jid}` waits for it again",
             highlight=False,

@@ -93,7 +93,7 @@ def trace_command(jid: str, as_json: bool, local: bool) -> None:
     if not job.details.get("gpu_tracing") or not job.log:
         raise UsageError(f"job {jid} was not run with --gpu-tracing")
     doc = tracing.summary(Path(job.log).with_name(tracing.TRACE))
-    show(as_json, doc, lambda: console.print_json(data=doc))
+    show(as_json, doc, lambda: console().print_json(data=doc))
 
 
 plugin = Runtime(

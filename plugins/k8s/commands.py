@@ -140,7 +140,7 @@ def _node_pods() -> list[dict[str, Any]]:
     try:
         return engine().query("k8s")
     except PrerequisiteError as exc:
-        err_console.print(f"note: no cedana-ray job is shown: {exc}", highlight=False, markup=False)
+        err_console().print(f"note: no cedana-ray job is shown: {exc}", highlight=False, markup=False)
         return []
 
 

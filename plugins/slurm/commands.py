@@ -155,7 +155,7 @@ def sbatch(output: Path, cmd: tuple[str, ...], as_json: bool, **options: Any) ->
     output.write_text(render(spec))
     output.chmod(0o755)
     doc = {"output": str(output.absolute()), "state_root": str(root)}
-    show(as_json, doc, lambda: console.print(f"wrote {output}; submit it with `sbatch {output}`", highlight=False))
+    show(as_json, doc, lambda: console().print(f"wrote {output}; submit it with `sbatch {output}`", highlight=False))
 
 
 @slurm_group.command("setup")
@@ -169,7 +169,7 @@ def setup(directory: Path, warning_s: int, as_json: bool) -> None:
     from .setup import install
 
     written, conf = install(directory, warning_s)
-    show(as_json, {"written": [str(p) for p in written], "slurm_conf": conf}, lambda: console.print(conf))
+    show(as_json, {"written": [str(p) for p in written], "slurm_conf": conf}, lambda: console().print(conf))
 
 
 @slurm_group.command("destroy")
@@ -180,7 +180,7 @@ def destroy(directory: Path, as_json: bool) -> None:
     from .setup import uninstall
 
     removed = uninstall(directory)
-    show(as_json, {"removed": [str(p) for p in removed]}, lambda: console.print(f"removed {len(removed)} file(s)"))
+    show(as_json, {"removed": [str(p) for p in removed]}, lambda: console().print(f"removed {len(removed)} file(s)"))
 
 
 @slurm_group.command("up", hidden=True)
@@ -195,10 +195,10 @@ def up(address: str, nodes: int, storage: str | None, timeout: float) -> None:
 
     joined = allocation.wait_for_nodes(address, nodes, timeout)
     if joined < nodes:  # go on: the workloads can still run, on fewer nodes
-        err_console.print(f"only {joined} of {nodes} nodes joined Ray within {timeout:.0f} s", highlight=False)
+        err_console().print(f"only {joined} of {nodes} nodes joined Ray within {timeout:.0f} s", highlight=False)
     _, found = start(address, storage)
     hosts = ", ".join(n.hostname for n in found)
-    console.print(f"cedana-ray is up on {len(found)} node(s): {hosts}", highlight=False)
+    console().print(f"cedana-ray is up on {len(found)} node(s): {hosts}", highlight=False)
 
 
 @slurm_group.command("follow", hidden=True)
