@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from .options import common, engine
 from .output import console, human_size, show, table
@@ -39,6 +38,8 @@ def checkpoint_inspect(ckpt: str, as_json: bool, local: bool) -> None:
     m = engine().inspect(ckpt)
 
     def human() -> None:
+        from rich.markup import escape
+
         storage = f"compression {m.compression.value}, digest {m.digest.value}"
         console().print(
             f"[bold]{m.checkpoint}[/] of job {m.jid} ({m.type}) on {m.node}, {m.created:%Y-%m-%d %H:%M:%S}"
