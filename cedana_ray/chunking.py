@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 import blake3
 
 from .models import Chunk, Digest
+from .staging import start_writeback
 
 DEFAULT_CHUNK = 8 << 20
 DIGEST = Digest.blake3  # what new checkpoints hash their chunks with
@@ -63,13 +64,17 @@ def chunk_in_place(fd: int, off: int, size: int, algorithm: Digest = DIGEST) -> 
     return Chunk.hashed(algorithm, digest, offset=off, size=size, stored_offset=off, stored_size=size)
 
 
-def in_place_hasher(algorithm: Digest = DIGEST) -> ChunkFn:
-    """Hashes a chunk of an image file where it lies, with ``algorithm``."""
+def in_place_hasher(algorithm: Digest = DIGEST, write_back: bool = False) -> ChunkFn:
+    """Hashes a chunk of an image file where it lies, with ``algorithm``; with
+    ``write_back``, starts writing it to disk too (see :meth:`StoreWriter.early_chunks`)."""
 
     def hash_in_place(path: Path, index: int, off: int, size: int) -> Chunk:
         fd = os.open(path, os.O_RDONLY)
         try:
-            return chunk_in_place(fd, off, size, algorithm)
+            chunk = chunk_in_place(fd, off, size, algorithm)
+            if write_back:
+                start_writeback(fd, off, size)
+            return chunk
         finally:
             os.close(fd)
 

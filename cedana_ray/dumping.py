@@ -154,6 +154,7 @@ class DumpChain:
                 req.streams,
                 parent=job.last_checkpoint,
                 release=ctx.state.vm,
+                write_back=not req.leave_running,
             )
             with early as prehashed:
                 ctx.state.staged_max = STAGED_VM_STATE_MAX if _releases(prehashed) else None

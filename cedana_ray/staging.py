@@ -24,6 +24,7 @@ from .errors import PermissionDenied
 
 SHM = Path("/dev/shm")
 _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (linux/falloc.h)
+_WRITE = 0x02  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages, wait for none (linux/fs.h)
 
 
 def _fits_in_memory(nbytes: int) -> bool:
@@ -83,16 +84,24 @@ def give_back(path: Path, start: int, end: int) -> bool:
     zeros after), its size kept; False where its filesystem cannot (then nothing changed)."""
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     try:
-        return _fallocate()(fd, _PUNCH_HOLE, start, end - start) == 0
+        fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        return fallocate(fd, _PUNCH_HOLE, start, end - start) == 0
     finally:
         os.close(fd)
 
 
+def start_writeback(fd: int, start: int, size: int) -> None:
+    """Have the kernel start writing bytes ``start`` to ``start + size`` of ``fd`` to disk,
+    without waiting: a later fsync then waits only for what is still in flight. Nothing
+    happens where the filesystem keeps no dirty pages (tmpfs)."""
+    _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)(fd, start, size, _WRITE)
+
+
 @functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return fallocate
+def _libc(name: str, *argtypes: type) -> Callable[..., int]:
+    function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    function.argtypes = argtypes
+    return function
 
 
 def remove_tree(path: Path) -> None:

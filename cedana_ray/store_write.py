@@ -52,17 +52,23 @@ class StoreWriter:
         chunk_size: int = DEFAULT_CHUNK,
         parent: str | None = None,
         release: bool = False,
+        write_back: bool = False,
     ) -> contextlib.AbstractContextManager[EarlyChunks | ContentChunks | None]:
         """While CRIU writes ``images``: store the chunks of a content-addressed dump (those
         its ``parent`` checkpoint lists are reused; with ``release``, their staged bytes are
         given back once stored), hash those of an in-place dump, or upload those of a dump to
         an object store (a no-op for a local compressed store in the per-checkpoint layout).
-        ``compression`` None: this store's default."""
+        ``compression`` None: this store's default.
+
+        With ``write_back``, an in-place dump's chunks start going to disk once hashed, so
+        that the commit's fsync waits for the last ones only (a third of a second less per
+        GiB here). The writeback takes CPU from CRIU beside it, which lengthens the freeze:
+        worth it for a job that stops anyway, not for one left running."""
         compression = self.compression_for(compression)
         if self.content_addressed(compression, key is not None):
             return ContentChunks(images, ContentWriter(self, ckpt, compression, key, parent), streams, release)
         if self._in_place(images, ckpt):
-            return EarlyChunks(images, in_place_hasher(self.digest), chunk_size, streams)
+            return EarlyChunks(images, in_place_hasher(self.digest, write_back), chunk_size, streams)
         if not self.local:
             cipher = ChunkCipher(key, ckpt) if key else None
             return EarlyChunks(images, self._uploader(ckpt, compression, cipher), chunk_size, streams)

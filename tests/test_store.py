@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import psutil
 import pytest
 from test_process_criu import wait_for
 
@@ -539,6 +540,36 @@ def test_stopping_early_chunks_keeps_the_chunks_in_flight(tmp_path: Path) -> Non
     done = early.chunks["pages-1.img"]
     assert 6 <= len(done) < 256, "stopped before the end"
     assert sorted(calls) == [c.offset // 4096 for c in done], "every chunk started was kept, in order, once"
+
+
+def dirty_mib() -> float:
+    """This machine's page cache not yet written back (/proc/meminfo's Dirty)."""
+    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("Dirty:"))
+    return int(line.split()[1]) / 1024
+
+
+def fs_type(path: Path) -> str:
+    mounts = [m for m in psutil.disk_partitions(all=True) if path.is_relative_to(m.mountpoint)]
+    return max(mounts, key=lambda m: len(m.mountpoint)).fstype
+
+
+@pytest.mark.parametrize("write_back", [False, True], ids=["left running", "stopping"])
+def test_an_in_place_dump_of_a_stopping_job_writes_back_as_it_hashes(tmp_path: Path, write_back: bool) -> None:
+    """Its commit's fsync then has only the tail to wait for. Seen in the whole machine's dirty
+    pages: the kernel itself writes back none younger than 30 s below its background threshold."""
+    if fs_type(tmp_path) == "tmpfs":
+        pytest.skip("the temporary directory is on tmpfs, whose pages are never written back")
+    store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
+    images = store.dump_dir("a", Compression.none, tmp_path / "staging")
+    mib = 128
+    before = dirty_mib()
+    with store.early_chunks(images, "a", write_back=write_back) as early:
+        (images / "pages-1.img").write_bytes(os.urandom(mib << 20))  # as CRIU writes it
+        wait_for(lambda: early and len(early.chunks.get("pages-1.img", [])) == (mib << 20) // DEFAULT_CHUNK)
+        if write_back:
+            wait_for(lambda: dirty_mib() < before + mib / 4, timeout=10, what="the image written back")
+        else:
+            assert dirty_mib() > before + mib / 2, "left for the commit's fsync"
 
 
 def test_early_chunks_only_for_in_place_and_object_store_dumps(tmp_path: Path) -> None:
