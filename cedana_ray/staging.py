@@ -92,8 +92,8 @@ def give_back(path: Path, start: int, end: int) -> bool:
 
 def start_writeback(fd: int, start: int, size: int) -> None:
     """Have the kernel start writing bytes ``start`` to ``start + size`` of ``fd`` to disk,
-    without waiting: a later fsync then waits only for what is still in flight. Nothing
-    happens where the filesystem keeps no dirty pages (tmpfs)."""
+    without waiting: a later fsync then waits only for what is still in flight, and reports
+    what failed. Nothing happens where the filesystem keeps no dirty pages (tmpfs)."""
     _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)(fd, start, size, _WRITE)
 
 
