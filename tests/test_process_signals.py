@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,36 @@ def test_a_workload_that_does_not_trap_term_ends_by_it(home: Path) -> None:
     assert reply.returncode == 0, reply.stderr
     os.kill(json.loads(reply.stdout)["pid"], signal.SIGTERM)
     assert ended("s1").exit_code == 128 + signal.SIGTERM
+
+
+COUNTS_USR1 = """
+import signal, time
+n = 0
+def count(sig, frame):
+    global n
+    n += 1
+    print("usr1", n, flush=True)
+signal.signal(signal.SIGUSR1, count)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_each_signal_sent_is_handled_once_before_and_after_a_restore(home: Path) -> None:
+    reply = cedana("run", "process", "--jid", "u1", "--json", "--", sys.executable, "-c", COUNTS_USR1)
+    assert reply.returncode == 0, reply.stderr
+    log = Path(Engine().log_path("u1"))
+    wait_for(lambda: "ready" in log.read_text(), what="the workload's handler")
+
+    def send(first: int) -> None:
+        for n in range(first, first + 3):  # one at a time: a signal pending twice is delivered once
+            assert cedana("job", "kill", "u1", "--signal", "USR1").returncode == 0
+            wait_for(lambda n=n: f"usr1 {n}\n" in log.read_text(), what=f"signal {n} handled")
+
+    send(1)
+    assert cedana("dump", "job", "u1").returncode == 0
+    assert cedana("restore", "job", "u1").returncode == 0
+    send(4)
+    time.sleep(1)  # time for a signal handled twice to show
+    assert log.read_text().count("usr1") == 6
