@@ -6,9 +6,10 @@
   ``CEDANA_RAY_HOME``, taken ``down`` at the end): ``ps`` through the coordinator's gateway,
   ``ps`` through Ray (the environment names Ray's token, so the CLI connects with
   ``ray.init`` as every command did before the gateway), and Ray's own ``ray status``;
-* a shell ``cedana-ray dump job --local --compression none`` of a process holding SIZE,
-  against a shell ``criu dump`` of an identical one (bench/dump_restore.py's raw run),
-  paired in each run.
+* a shell ``cedana-ray dump job --local --compression none`` of a process holding SIZE
+  (which stops it), against a shell ``criu dump`` of an identical one (bench/dump_restore.py's
+  raw run), both as CRIU kills the tree by default and with ``--leave-stopped`` (the tree
+  killed after, untimed), paired in each run.
 
 Each time is the median of ``--repeat`` runs; ratios are against the raw tool of the same
 run. Run as root::
@@ -96,19 +97,19 @@ def cluster_rows(env: dict[str, str], home: Path, repeat: int) -> list[Row]:
 
 
 def dump_rows(size: int, repeat: int, base: Path, env: dict[str, str]) -> list[Row]:
-    """Paired: per run, a raw criu dump and a shell cedana-ray dump of identical processes."""
+    """Paired: per run, raw criu dumps (killing the tree, leaving it stopped) and a shell
+    cedana-ray dump of identical processes."""
     engine, procs = Engine(Paths(Path(env["CEDANA_RAY_HOME"]))), Procs()
-    ratios: list[float] = []
     ours: list[float] = []
-    raw: list[float] = []
+    raws: dict[str, list[float]] = {"criu dump": [], "criu dump --leave-stopped": []}
     try:
         for run in range(repeat):
-            raw.append(bench_raw(size, run, base, procs).dump_s)
+            for raw, times in raws.items():
+                times.append(bench_raw(size, run, base, procs, leave_stopped="stopped" in raw).dump_s)
             job = engine.run("process", RunRequest(cmd=[sys.executable, "-c", WORKLOAD, str(size)], cwd=str(base)))
             wait_ready(engine, job, size)
             argv = [CLI, "dump", "job", job.jid, "--local", "--compression", "none", "-q", "--json"]
             ours.append(seconds(argv, env))
-            ratios.append(ours[-1] / raw[-1])
             for ckpt in engine.checkpoints(job.jid):
                 engine.delete_checkpoint(ckpt.checkpoint)
             engine.delete(job.jid)
@@ -116,8 +117,11 @@ def dump_rows(size: int, repeat: int, base: Path, env: dict[str, str]) -> list[R
         procs.kill_all()
     mib = f"{size >> 20} MiB"
     # x: the median of each run's own ratio (the machine's noise cancels more than in a ratio of medians)
-    return [(f"shell dump job, {mib}", statistics.median(ours), f"criu dump, {mib}", statistics.median(raw),
-             statistics.median(ratios))]  # fmt: skip
+    return [
+        (f"shell dump job, {mib}", statistics.median(ours), f"{raw}, {mib}", statistics.median(times),
+         statistics.median(o / r for o, r in zip(ours, times, strict=True)))
+        for raw, times in raws.items()
+    ]  # fmt: skip
 
 
 def main() -> int:

@@ -230,7 +230,10 @@ def criu_run(args: list[str], log: Path) -> None:
         raise RuntimeError(f"criu {args[0]} failed: {detail}")
 
 
-def bench_raw(size: int, run: int, base: Path, procs: Procs) -> Row:
+def bench_raw(size: int, run: int, base: Path, procs: Procs, leave_stopped: bool = True) -> Row:
+    """Raw CRIU's dump and restore of a workload holding ``size``. The dump leaves the tree
+    stopped (killed after, untimed), unless not ``leave_stopped``: then CRIU kills it, as
+    ``criu dump`` does by default."""
     root = Path(tempfile.mkdtemp(prefix="raw-", dir=base))
     images, work = root / "images", root / "work"
     images.mkdir()
@@ -247,7 +250,8 @@ def bench_raw(size: int, run: int, base: Path, procs: Procs) -> Row:
         wait_until(marker.exists, ready_timeout(size), "the raw workload's READY marker", 0.2)
         with timed() as dump_s:
             criu_run(
-                ["dump", "-t", str(pid), "-D", str(images), "-W", str(work), "-o", "dump.log", "--leave-stopped"],
+                ["dump", "-t", str(pid), "-D", str(images), "-W", str(work), "-o", "dump.log"]
+                + ["--leave-stopped"] * leave_stopped,
                 work / "dump.log",
             )
         procs.kill(pid)
