@@ -562,6 +562,7 @@ def test_an_in_place_dump_of_a_stopping_job_writes_back_as_it_hashes(tmp_path: P
     store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
     images = store.dump_dir("a", Compression.none, tmp_path / "staging")
     mib = 128
+    os.sync()  # nothing older left for the kernel's own flusher to write meanwhile
     before = dirty_mib()
     with store.early_chunks(images, "a", write_back=write_back) as early:
         (images / "pages-1.img").write_bytes(os.urandom(mib << 20))  # as CRIU writes it
