@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import re
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -542,10 +545,28 @@ def test_stopping_early_chunks_keeps_the_chunks_in_flight(tmp_path: Path) -> Non
     assert sorted(calls) == [c.offset // 4096 for c in done], "every chunk started was kept, in order, once"
 
 
-def dirty_mib() -> float:
-    """This machine's page cache not yet written back (/proc/meminfo's Dirty)."""
-    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("Dirty:"))
-    return int(line.split()[1]) / 1024
+PAGE = 4096
+KPF_DIRTY, KPF_WRITEBACK = 1 << 4, 1 << 8  # linux/kernel-page-flags.h
+
+
+def unwritten(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache that are dirty or being written back,
+    from the kernel's own page flags: /proc/self/pagemap gives the frames (to root) of a
+    mapping of the file, /proc/kpageflags their flags."""
+    pages = path.stat().st_size // PAGE
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), pages * PAGE) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        try:
+            base = ctypes.addressof(start) // PAGE
+            touched = [mapped[i * PAGE] for i in range(pages)]  # read: the cached pages mapped, none dirtied
+            with open("/proc/self/pagemap", "rb") as pagemap, open("/proc/kpageflags", "rb") as kpageflags:
+                entries = struct.unpack(f"{pages}Q", os.pread(pagemap.fileno(), pages * 8, base * 8))
+                frames = [e & ((1 << 55) - 1) for e in entries if e >> 63]  # present pages
+                flags = [struct.unpack("Q", os.pread(kpageflags.fileno(), 8, pfn * 8))[0] for pfn in frames]
+        finally:
+            del start
+    assert len(touched) == pages and len(frames) == pages, "every page of the file was mapped"
+    return sum(1 for f in flags if f & (KPF_DIRTY | KPF_WRITEBACK)) / pages
 
 
 def fs_type(path: Path) -> str:
@@ -555,22 +576,20 @@ def fs_type(path: Path) -> str:
 
 @pytest.mark.parametrize("write_back", [False, True], ids=["left running", "stopping"])
 def test_an_in_place_dump_of_a_stopping_job_writes_back_as_it_hashes(tmp_path: Path, write_back: bool) -> None:
-    """Its commit's fsync then has only the tail to wait for. Seen in the whole machine's dirty
-    pages: the kernel itself writes back none younger than 30 s below its background threshold."""
+    """Its commit's fsync then has only the tail to wait for. The kernel by itself writes
+    back no page younger than 30 s while little of memory is dirty."""
     if fs_type(tmp_path) == "tmpfs":
         pytest.skip("the temporary directory is on tmpfs, whose pages are never written back")
     store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
     images = store.dump_dir("a", Compression.none, tmp_path / "staging")
-    mib = 128
-    os.sync()  # nothing older left for the kernel's own flusher to write meanwhile
-    before = dirty_mib()
+    image, size = images / "pages-1.img", 64 << 20
     with store.early_chunks(images, "a", write_back=write_back) as early:
-        (images / "pages-1.img").write_bytes(os.urandom(mib << 20))  # as CRIU writes it
-        wait_for(lambda: early and len(early.chunks.get("pages-1.img", [])) == (mib << 20) // DEFAULT_CHUNK)
+        image.write_bytes(os.urandom(size))  # as CRIU writes it
+        wait_for(lambda: early and len(early.chunks.get(image.name, [])) == size // DEFAULT_CHUNK, what="hashed")
         if write_back:
-            wait_for(lambda: dirty_mib() < before + mib / 4, timeout=10, what="the image written back")
+            wait_for(lambda: unwritten(image) == 0, timeout=10, what="the image written back")
         else:
-            assert dirty_mib() > before + mib / 2, "left for the commit's fsync"
+            assert unwritten(image) > 0.9, "left for the commit's fsync"
 
 
 def test_early_chunks_only_for_in_place_and_object_store_dumps(tmp_path: Path) -> None:
