@@ -38,10 +38,21 @@ AGENTS_TIMEOUT_S = 60.0
 LOOPBACK = "127.0.0.1"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that this process has not handed out before. The kernel may give a
+    port it just freed again: two of a node's services would then be told the same port,
+    and the clients of the one that lost the race reach the other (Ray's runtime env agent
+    answered by its metrics exporter: HTTP 405)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def node_args(temp: str, object_store_mb: int) -> list[str]:

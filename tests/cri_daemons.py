@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+from cedana_ray.actors.launcher import free_port
 from cedana_ray.plugins.crio.client import IMAGES, Cri, messages
 from servers import stop_process
 from test_process_criu import wait_for
@@ -24,12 +25,6 @@ PATH_ENV = ("PATH=/bin",)  # the CRI adds no PATH of its own
 PAUSE = "exec sleep 2147483647"  # the sandbox's process; ours run in their own PID namespace
 # Pods' cgroup parent (else the CRI's machine-wide /k8s.io), removed when the daemon stops
 CGROUP_PARENT = f"/cedana-ray-cri-{os.getpid()}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_v3(base: Path) -> str:

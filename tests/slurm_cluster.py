@@ -19,12 +19,12 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from cedana_ray.actors.launcher import free_port
 from netns import VirtualHost
 from servers import stop_process
 
@@ -73,12 +73,6 @@ def missing_binaries() -> list[str]:
     """The daemons and client tools this module needs that are not installed."""
     wanted = [*DAEMONS, "sbatch", "scontrol", "squeue", "scancel"]
     return [b for b in wanted if not shutil.which(b, path=f"{os.environ.get('PATH', '')}:/usr/sbin")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -142,8 +136,8 @@ class SlurmCluster:
                 root=self.root,
                 ctld_host=self._ctld_host(),
                 node_lines="\n".join(self._node_line(n) for n in self.nodes),
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
                 munge_socket=self.munge_socket,
                 cred_expire=CRED_EXPIRE_S,
             )

@@ -905,3 +905,11 @@ def test_every_checkpoint_the_cluster_made_is_encrypted(client: Cluster) -> None
     manifests = [json.loads(path.read_text()) for path in base.rglob(MANIFEST)]
     assert len(manifests) >= 10
     assert {m["encryption"] for m in manifests} == {ALGORITHM}
+
+
+def test_the_ports_a_process_hands_out_are_all_different() -> None:
+    """A node's services are each told a port picked here; the kernel may give a port it just
+    freed again, and two services told the same one clash (Ray's runtime env agent was once
+    answered by its metrics exporter). Among 400 ports so picked, the kernel repeats some."""
+    ports = [launcher.free_port() for _ in range(400)]
+    assert len(set(ports)) == len(ports)
