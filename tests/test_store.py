@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import psutil
 import pytest
 from test_process_criu import wait_for
 
+from cedana_ray.cdc import PAGE
 from cedana_ray.chunk_store import DEDUP_ENV
 from cedana_ray.chunking import DEFAULT_CHUNK, EarlyChunks, bounded_map, hash_chunk, hash_in_place
 from cedana_ray.codec import EXTENSIONS
 from cedana_ray.errors import CheckpointNotFound, CorruptCheckpoint, StorageError, UntrustedCheckpoint, UsageError
 from cedana_ray.models import Compression, CriuOptions, Digest, Manifest
+from cedana_ray.registry import filesystem
 from cedana_ray.signing import Signer
 from cedana_ray.store import MANIFEST, CheckpointStore
 
@@ -545,7 +546,6 @@ def test_stopping_early_chunks_keeps_the_chunks_in_flight(tmp_path: Path) -> Non
     assert sorted(calls) == [c.offset // 4096 for c in done], "every chunk started was kept, in order, once"
 
 
-PAGE = 4096
 KPF_DIRTY, KPF_WRITEBACK = 1 << 4, 1 << 8  # linux/kernel-page-flags.h
 
 
@@ -569,16 +569,11 @@ def unwritten(path: Path) -> float:
     return sum(1 for f in flags if f & (KPF_DIRTY | KPF_WRITEBACK)) / pages
 
 
-def fs_type(path: Path) -> str:
-    mounts = [m for m in psutil.disk_partitions(all=True) if path.is_relative_to(m.mountpoint)]
-    return max(mounts, key=lambda m: len(m.mountpoint)).fstype
-
-
 @pytest.mark.parametrize("write_back", [False, True], ids=["left running", "stopping"])
 def test_an_in_place_dump_of_a_stopping_job_writes_back_as_it_hashes(tmp_path: Path, write_back: bool) -> None:
     """Its commit's fsync then has only the tail to wait for. The kernel by itself writes
     back no page younger than 30 s while little of memory is dirty."""
-    if fs_type(tmp_path) == "tmpfs":
+    if filesystem(tmp_path) == "tmpfs":
         pytest.skip("the temporary directory is on tmpfs, whose pages are never written back")
     store = CheckpointStore(f"file://{tmp_path / 'store'}", SIGNER)
     images = store.dump_dir("a", Compression.none, tmp_path / "staging")
