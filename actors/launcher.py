@@ -28,7 +28,8 @@ import psutil
 
 from cedana_ray import auth, ray_private
 from cedana_ray.backend import Progress
-from cedana_ray.cluster import ClusterState, connect, load_state, save_state, state_file
+from cedana_ray.cluster import connect
+from cedana_ray.cluster_state import ClusterState, load_state, save_state, state_file
 from cedana_ray.config import paths
 from cedana_ray.crypto import load_key
 from cedana_ray.errors import PrerequisiteError, StateError, UsageError

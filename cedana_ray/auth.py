@@ -29,11 +29,11 @@ import stat
 import sys
 from pathlib import Path
 
+from .config import RAY_AUTH_MODE as MODE
 from .config import paths
 from .crypto import write_private
 from .errors import CedanaError, PermissionDenied, PrerequisiteError
 
-MODE = "RAY_AUTH_MODE"
 TOKEN = "RAY_AUTH_TOKEN"
 TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 OPT_OUT = "CEDANA_RAY_AUTH"

@@ -125,11 +125,12 @@ VERBS = frozenset(name for name in vars(Backend) if not name.startswith("_") and
 
 def open_backend(address: str | None = None, *, local: bool = False) -> Backend:
     """The cluster at ``address`` (default: the one known here, see
-    :func:`cedana_ray.cluster.address`) unless ``local``; else this machine alone."""
+    :func:`cedana_ray.cluster_state.address`) unless ``local``; else this machine alone."""
     from . import cluster
+    from .cluster_state import address as known_address
     from .engine import Engine
 
-    found = None if local else (address or cluster.address())
+    found = None if local else (address or known_address())
     if not found:
         return Engine()
     return cluster.through_gateway(found) or cluster.Cluster(found)

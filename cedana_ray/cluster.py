@@ -10,63 +10,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from . import auth
 from .backend import VERBS, Backend
-from .config import paths
+from .cluster_state import ClusterState, gateway_of, load_state
 from .errors import PrerequisiteError
 from .models import Job
 from .plugins_manager import register_storage
 from .requests import ManageRequest
-
-
-class ClusterState(BaseModel):
-    """What ``up`` started, kept in ``CEDANA_RAY_HOME/cluster.json`` for later commands and ``down``."""
-
-    address: str
-    storage: str
-    base: str
-    head_temp_dir: str | None = None  # set when `up` started the Ray head itself
-    dashboard: str | None = None
-    auth_token_file: str | None = None  # the Ray auth token's file; None: Ray runs without auth
-    encrypted: bool = False  # every checkpoint encrypted with the cluster's key (`up --encrypt`)
-    gateway: str | None = None  # the coordinator's gateway (cedana_ray.gateway); its token is in BASE
-
-
-def state_file() -> Path:
-    return paths().home / "cluster.json"
-
-
-def load_state() -> ClusterState | None:
-    try:
-        return ClusterState.model_validate_json(state_file().read_text())
-    except FileNotFoundError:
-        return None
-
-
-def save_state(state: ClusterState) -> None:
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.model_dump(), indent=2))
-    tmp.replace(path)
-
-
-def address() -> str | None:
-    """The cluster to use: ``CEDANA_RAY_ADDRESS``, ``RAY_ADDRESS`` (set in Ray jobs) or the one `up` joined."""
-    found = os.environ.get("CEDANA_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if found:
-        return found
-    state = load_state()
-    return state.address if state else None
 
 
 def use_auth_of(addr: str, state: ClusterState | None) -> None:
@@ -116,13 +72,14 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
 
 
 def through_gateway(addr: str) -> Backend | None:
-    """The cluster at ``addr`` through its coordinator's gateway, where ``up`` recorded one
-    here whose token we can read, and the environment does not name a Ray token of its own
-    (a Ray job's, a user's: ``RAY_AUTH_MODE=token``); it connects to Ray only for what needs Ray."""
-    from .gateway import GatewayClient, read_token
+    """The cluster at ``addr`` through its coordinator's gateway, where ``up`` recorded one here
+    whose token we can read (see :func:`~cedana_ray.cluster_state.gateway_of`); it connects to
+    Ray only for what needs Ray."""
+    from .gateway import GatewayClient
+    from .wire import read_token
 
-    state = load_state()
-    if state is None or state.address != addr or not state.gateway or os.environ.get(auth.MODE) == "token":
+    state = gateway_of(addr)
+    if state is None or state.gateway is None:
         return None
     try:
         token = read_token(Path(state.base))

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+RAY_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's own switch of its token authentication (see cedana_ray.auth)
+
 
 @dataclass(frozen=True)
 class Paths:

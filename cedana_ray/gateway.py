@@ -9,6 +9,7 @@ with the verb's arguments by name; they and the answer are checked against the B
 type hints on both sides, as a Ray call's would be by the Python types. A verb whose
 progress can be followed (dump, restore, migrate) answers with one JSON line per update,
 then its result. Errors travel as the :class:`~cedana_ray.errors.CedanaError` they are.
+The bytes of a call and its answer are :mod:`cedana_ray.wire`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import base64
 import contextlib
 import functools
 import hmac
-import http.client
 import importlib
 import inspect
 import json
@@ -25,22 +25,19 @@ import os
 import secrets
 import threading
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretBytes, TypeAdapter, ValidationError
 
-from . import errors
+from . import wire
 from .backend import VERBS, Backend
 from .errors import CedanaError, PermissionDenied, UsageError
+from .wire import PATH, TOKEN_FILE, read_token
 
 MAX_REQUEST = 1 << 20  # bytes: a request is a verb's arguments, never data
-CONNECT_TIMEOUT_S = 5.0
-PATH = "/v1/"
-TOKEN_FILE = "gateway.token"
 
 
 @functools.cache
@@ -66,10 +63,6 @@ def _encode(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot send {type(value).__name__}")
-
-
-def _decode(obj: dict[str, Any]) -> Any:
-    return base64.b64decode(obj["$bytes"]) if obj.keys() == {"$bytes"} else obj
 
 
 def dumps(hint: Any, value: Any) -> bytes:
@@ -118,14 +111,6 @@ def _as_ours(exc: Exception) -> CedanaError:
     return exc if isinstance(exc, CedanaError) else CedanaError(f"{type(exc).__name__}: {exc}")
 
 
-def _raise(doc: dict[str, Any]) -> typing.NoReturn:
-    """The error the coordinator raised, as its class (any other name: a CedanaError)."""
-    cls = getattr(errors, str(doc.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, CedanaError)):
-        cls = CedanaError
-    raise cls(str(doc.get("message")), hint=doc.get("hint"))
-
-
 # -- the server, in the coordinator
 def token_of(base: Path) -> str:
     """The gateway's token, kept in the coordinator's state dir ``base`` (made once, 0600)."""
@@ -134,10 +119,6 @@ def token_of(base: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return read_token(base)
-
-
-def read_token(base: Path) -> str:
-    return (base / TOKEN_FILE).read_text().strip()
 
 
 class Gateway:
@@ -171,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         if verb not in VERBS or not self.path.startswith(PATH) or size > MAX_REQUEST:
             return self._answer(400, _error_doc(UsageError(f"no such call: {self.path}")))
         try:
-            body = json.loads(self.rfile.read(size), object_hook=_decode)
+            body = json.loads(self.rfile.read(size), object_hook=wire.decode)
             named = {k: load_arg(_hints(verb)[k], v) for k, v in body["args"].items() if k != "progress"}
         except (ValueError, KeyError, TypeError, ValidationError, ImportError) as exc:
             return self._answer(400, _error_doc(UsageError(f"a malformed {verb} call: {exc}")))
@@ -222,7 +203,7 @@ class GatewayClient:
     not answer (a coordinator restarted elsewhere)."""
 
     def __init__(self, url: str, token: str, ray_backend: Callable[[], Backend]) -> None:
-        self.url = urlsplit(url)
+        self.url = url
         self.token = token
         self._ray_backend = ray_backend
         self._fallen_back: Backend | None = None
@@ -250,39 +231,7 @@ class GatewayClient:
         args_doc = {k: dump_arg(hints[k], v) for k, v in named.items()}
         body = json.dumps({"args": args_doc, "progress": progress is not None}, default=_encode).encode()
         try:
-            conn = self._connect(verb, body)
-        except OSError:  # no gateway there (any more): the slow way, which says what is wrong
+            result = wire.call(self.url, self.token, verb, body, progress)
+        except wire.NoGateway:  # no gateway there (any more): the slow way, which says what is wrong
             return getattr(self._ray(), verb)(*args, **kwargs)
-        try:  # asked: from here on, the call may have run, and is never made twice
-            return self._answer(verb, conn.getresponse(), progress)
-        except (OSError, http.client.HTTPException) as exc:
-            raise errors.Unreachable(f"the cedana-ray gateway at {self.url.netloc} went away: {exc}") from None
-        finally:
-            conn.close()
-
-    def _connect(self, verb: str, body: bytes) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.url.hostname or "", self.url.port, timeout=CONNECT_TIMEOUT_S)
-        conn.connect()
-        conn.sock.settimeout(None)  # a dump or a migration takes as long as it takes
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-        conn.request("POST", f"{PATH}{verb}", body=body, headers=headers)
-        return conn
-
-    def _answer(self, verb: str, response: http.client.HTTPResponse, progress: Any) -> Any:
-        for line in _lines(response):
-            doc = json.loads(line, object_hook=_decode)
-            if "error" in doc:
-                _raise(doc["error"])
-            if "result" in doc:
-                return loads(_hints(verb)["return"], doc["result"])
-            if progress is not None:
-                progress(*doc["progress"])
-        raise errors.Unreachable(f"the cedana-ray gateway ended the {verb} call without an answer")
-
-
-def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
-    if response.getheader("Content-Type") != "application/x-ndjson":
-        yield response.read()
-        return
-    while line := response.readline():
-        yield line
+        return loads(hints["return"], result)

@@ -20,7 +20,7 @@ import functools
 import importlib
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -28,7 +28,9 @@ from . import hookspecs
 from .cache import cached
 from .errors import PluginNotFound, UsageError
 from .extras import explain
-from .models import HealthCheck
+
+if TYPE_CHECKING:
+    from .models import HealthCheck
 
 GROUP = "cedana_ray.plugins"
 GPU = "gpu"
@@ -132,6 +134,8 @@ class PluginManager(pluggy.PluginManager):
         try:
             return self.call_for(name, "cedana_health_checks") or []
         except Exception as exc:  # a plugin's error must not break the CLI
+            from .models import HealthCheck  # here: the models cost `ps` more than it may take
+
             return [HealthCheck(name=name, ok=False, fatal=False, detail=f"health checks failed: {exc!r}")]
 
     def require(self, name: str, hook: str, what: str, **kwargs: Any) -> Any:

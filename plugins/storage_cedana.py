@@ -20,12 +20,12 @@ from cedana_ray.models import HealthCheck
 
 def _cluster() -> str:
     """The cluster whose store ``cedana://`` is, found without contacting it."""
-    from cedana_ray import cluster
+    from cedana_ray import cluster_state
 
     ray = sys.modules.get("ray")  # not imported only to ask: the import costs most of a second
     if ray is not None and ray.is_initialized():
         return "the Ray cluster this process is connected to"
-    address = cluster.address()
+    address = cluster_state.address()
     if not address:
         raise StorageError("cedana:// is the cluster's store: no cluster here", hint="`cedana-ray up` first")
     return address

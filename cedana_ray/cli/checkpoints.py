@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import common, engine
+from .common import common, engine
 from .output import console, human_size, show, table
 
 

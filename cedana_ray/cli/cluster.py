@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
@@ -10,7 +11,8 @@ from ..crypto import load_key
 from ..errors import UsageError
 from ..models import Compression, NodeStatus
 from ..requests import MigrateRequest
-from .options import common, engine, key_file_option, quiet_option
+from .common import common, engine
+from .options import key_file_option, quiet_option
 from .output import console, human_size, progress, show, table
 
 
@@ -65,7 +67,7 @@ def up(
         console().print(f"checkpoints encrypted: {'yes' if state.encrypted else 'no'}", highlight=False)
         _nodes_table(nodes)
 
-    show(as_json, {**state.model_dump(), "nodes": nodes}, human)
+    show(as_json, {**dataclasses.asdict(state), "nodes": nodes}, human)
 
 
 @click.command()

@@ -9,7 +9,7 @@ import time
 import click
 
 from ..models import Event
-from .options import common, engine
+from .common import common, engine
 from .output import console, human_size, show, table
 
 FOLLOW_POLL_S = 0.5

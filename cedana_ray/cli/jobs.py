@@ -12,7 +12,8 @@ from ..backend import Backend
 from ..errors import CedanaError
 from ..models import LIVE_STATES
 from ..requests import DumpRequest, RestoreRequest
-from .options import common, dump_options, engine, restore_options
+from .common import common, engine
+from .options import dump_options, restore_options
 from .output import progress, show, show_dump, show_job, show_restore, table
 
 

@@ -1,4 +1,4 @@
-"""Options shared by several commands, and the engine a command works with."""
+"""The options of dump and restore commands, turned into their requests."""
 
 from __future__ import annotations
 
@@ -10,33 +10,13 @@ from typing import Any
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from ..backend import Backend, open_backend
 from ..crypto import KEY_ENV, load_key
 from ..errors import UsageError
 from ..models import Compression, CriuOptions, Metadata
 from ..requests import DumpRequest, RestoreRequest
 from ..store_write import DEFAULT_STREAMS
+from .common import F
 from .output import QUIET
-
-F = Callable[..., Any]
-
-
-def common(fn: F) -> F:
-    """``--json`` and ``--local`` for every command."""
-    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(fn)
-    return click.option("--local", is_flag=True, help="Run on this machine without a cluster.")(fn)
-
-
-def engine() -> Backend:
-    """What this invocation works with, created on first use: the cluster when one is
-    known (``up`` was run here, or ``CEDANA_RAY_ADDRESS``/``RAY_ADDRESS`` is set) and
-    ``--local`` was not given, else this machine alone."""
-    ctx = click.get_current_context()
-    root = ctx.find_root()
-    if root.obj is None:
-        root.obj = open_backend(local=bool(ctx.params.get("local")))
-    return root.obj
-
 
 key_file_option = click.option(
     "--key-file",

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,7 +35,7 @@ def err_console() -> Console:
 
 
 def _plain(obj: Any) -> Any:
-    if isinstance(obj, BaseModel):
+    if hasattr(obj, "model_dump"):  # a model: asking pydantic which would cost `ps` its import
         return obj.model_dump(mode="json")
     if isinstance(obj, (list, tuple)):
         return [_plain(o) for o in obj]

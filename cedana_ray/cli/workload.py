@@ -16,7 +16,8 @@ from ..follow import exit_status, follow
 from ..models import check_name
 from ..policy import parse_duration
 from ..requests import DumpRequest, ManageRequest, RestoreRequest, RunRequest
-from .options import common, dump_options, engine, key_file_option, pairs, restore_options
+from .common import common, engine
+from .options import dump_options, key_file_option, pairs, restore_options
 from .output import emit_json, err_console, progress, show, show_dump, show_job, show_restore, table
 
 F = Callable[..., Any]

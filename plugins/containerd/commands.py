@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cedana_ray.cli.options import common
+from cedana_ray.cli.common import common
 from cedana_ray.cli.workload import container_id, env_option, gpu_tracing_option, policy_options, start
 from cedana_ray.runtime import Commands
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cedana_ray import nvml
-from cedana_ray.cli.options import common, engine
+from cedana_ray.cli.common import common, engine
 from cedana_ray.cli.output import console, human_size, show, table
 from cedana_ray.errors import PrerequisiteError, UsageError
 from cedana_ray.models import HealthCheck

@@ -11,7 +11,7 @@ from typing import Any
 import click
 from cedana_ray.plugins.crio.commands import endpoint_option
 
-from cedana_ray.cli.options import common, engine
+from cedana_ray.cli.common import common, engine
 from cedana_ray.cli.output import emit_json, err_console, show, table
 from cedana_ray.errors import PrerequisiteError, UsageError
 

@@ -10,7 +10,8 @@ from cedana_ray.plugins.crio.client import Cri
 from cedana_ray.plugins.crio.commands import endpoint_option
 
 from cedana_ray.backend import job_for
-from cedana_ray.cli.options import common, dump_options, engine, key_file_option, quiet_option
+from cedana_ray.cli.common import common, engine
+from cedana_ray.cli.options import dump_options, key_file_option, quiet_option
 from cedana_ray.cli.output import progress, show, table
 from cedana_ray.crypto import load_key
 from cedana_ray.errors import JobNotFound, StateError, UsageError

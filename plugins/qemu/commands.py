@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cedana_ray.cli.options import common
+from cedana_ray.cli.common import common
 from cedana_ray.cli.workload import policy_options, start
 from cedana_ray.runtime import Commands
 

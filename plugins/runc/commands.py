@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cedana_ray.cli.options import common
+from cedana_ray.cli.common import common
 from cedana_ray.cli.workload import container_id, gpu_tracing_option, policy_options, restore_command, start
 from cedana_ray.requests import RestoreRequest
 from cedana_ray.runtime import Commands

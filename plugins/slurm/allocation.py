@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cedana_ray.cluster import Cluster, ClusterState
+from cedana_ray.cluster import Cluster
 from cedana_ray.cluster import connect as join_ray
+from cedana_ray.cluster_state import ClusterState, load_state
 from cedana_ray.errors import NotFoundError, StateError, UsageError
 from cedana_ray.models import LIVE_STATES, CheckpointInfo, Job, JobState
 from cedana_ray.pipeline import Context
@@ -41,10 +42,7 @@ def home_of(job: client.SlurmJob) -> Path:
 
 def cluster_state(home: Path) -> ClusterState | None:
     """What ``cedana-ray up`` recorded in the allocation, if it got that far."""
-    try:
-        return ClusterState.model_validate_json((home / "cluster.json").read_text())
-    except FileNotFoundError:
-        return None
+    return load_state(home)
 
 
 def catalog(home: Path) -> Registry | None:

@@ -205,8 +205,8 @@ def up(address: str, nodes: int, storage: str | None, timeout: float) -> None:
 @click.argument("jid")
 def follow(jid: str) -> None:
     """Print job JID's output until it ends; exit with its exit code (for the batch script)."""
+    from cedana_ray.cli.common import engine
     from cedana_ray.cli.jobs import logs
-    from cedana_ray.cli.options import engine
 
     click.get_current_context().invoke(logs, jid=jid, follow=True, as_json=False, local=False)
     job = engine().job(jid)

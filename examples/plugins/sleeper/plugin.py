@@ -29,7 +29,7 @@ import psutil
 from pydantic import BaseModel
 
 from cedana_ray import criu
-from cedana_ray.cli.options import common
+from cedana_ray.cli.common import common
 from cedana_ray.cli.workload import start
 from cedana_ray.environment import workload_env
 from cedana_ray.errors import RestoreError, UsageError
