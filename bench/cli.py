@@ -1,7 +1,7 @@
 """What a user waits for at the shell: the real ``cedana-ray`` run as a subprocess, as typed.
 
-* start: ``cedana-ray --help`` and ``cedana-ray ps --local`` (an empty state dir), against
-  the interpreter's own start (``python -c pass``) and ``criu --version``;
+* start: ``cedana-ray --help`` and ``cedana-ray ps --local`` (an empty state dir, and ten live
+  jobs), against the interpreter's own start (``python -c pass``) and ``criu --version``;
 * against a cluster that ``cedana-ray up`` starts here (its own Ray head, in a throwaway
   ``CEDANA_RAY_HOME``, taken ``down`` at the end): ``ps`` through the coordinator's gateway,
   ``ps`` through Ray (the environment names Ray's token, so the CLI connects with
@@ -44,6 +44,7 @@ from cedana_ray.requests import RunRequest
 CLI = str(Path(sys.executable).with_name("cedana-ray"))
 RAY = str(Path(sys.executable).with_name("ray"))
 err = Console(stderr=True)
+LIVE_JOBS = 10
 Row = tuple[str, float, str, float, float]  # ours, its seconds, against, its seconds, ours / against
 
 
@@ -75,7 +76,20 @@ def start_rows(env: dict[str, str], repeat: int) -> list[Row]:
         row("cedana-ray --help", help_s, "python -c pass", python),
         row("cedana-ray --help", help_s, "criu --version", criu_version),
         row("cedana-ray ps --local", timed(CLI, "ps", "--local"), "python -c pass", python),
+        row(f"cedana-ray ps --local, {LIVE_JOBS} live jobs", ps_of_live_jobs(timed, env), "python -c pass", python),
     ]
+
+
+def ps_of_live_jobs(timed: Callable[..., float], env: dict[str, str]) -> float:
+    """``ps --local`` while LIVE_JOBS jobs run: each one's process looked at."""
+    engine = Engine(Paths(Path(env["CEDANA_RAY_HOME"])))
+    jobs = [engine.run("process", RunRequest(cmd=["sleep", "3600"])) for _ in range(LIVE_JOBS)]
+    try:
+        return timed(CLI, "ps", "--local")
+    finally:
+        for job in jobs:
+            engine.kill(job.jid)
+            engine.delete(job.jid)
 
 
 def cluster_rows(env: dict[str, str], home: Path, repeat: int) -> list[Row]:

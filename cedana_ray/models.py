@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .errors import CedanaError, UntrustedCheckpoint, UsageError
+from .listing import LIVE, row
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -118,7 +119,7 @@ class JobState(StrEnum):
     lost = "lost"  # gone without an exit record
 
 
-LIVE_STATES = (JobState.running, JobState.frozen)
+LIVE_STATES = tuple(map(JobState, LIVE))
 
 
 class EventKind(StrEnum):
@@ -173,10 +174,7 @@ class Job(BaseModel):
 
     def row(self) -> dict[str, Any]:
         """The keys of ``ps --json``."""
-        return self.model_dump(
-            mode="json",
-            include={"jid", "type", "state", "pid", "node", "last_checkpoint", "exit_code"},
-        )
+        return row(self.model_dump(mode="json"))
 
 
 class CriuOptions(BaseModel):

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .errors import CheckpointError, CheckpointNotFound, StateError
+from .listing import DUMP_MARK as MARK
 from .models import CheckpointInfo, Job, JobState, Manifest
 from .staging import staging_bases
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-MARK = "dump"
 log = logging.getLogger("cedana_ray.recovery")
 
 

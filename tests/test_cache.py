@@ -76,15 +76,15 @@ try:
     main()
 except SystemExit:
     pass
-loaded = sorted(m for m in sys.modules if m.startswith("cedana_ray.plugins.") or m in ("fsspec", "rich"))
+loaded = sorted(m for m in sys.modules if m.startswith("cedana_ray.plugins.") or m in ("fsspec", "rich", "pydantic"))
 print("LOADED", " ".join(loaded), file=sys.stderr)
 """
 
 
-def loaded_plugins(*args: str, home: Path) -> list[str]:
-    """The plugin modules a command imported, in a fresh interpreter, and fsspec and rich
-    where it imported them (slow to import: only commands that open a store or print for
-    people need them)."""
+def loaded_modules(*args: str, home: Path) -> list[str]:
+    """The plugin modules a command imported, in a fresh interpreter, and fsspec, rich and
+    pydantic where it imported them (slow to import: only commands that open a store, print
+    for people or build a model need them)."""
     env = {**os.environ, "CEDANA_RAY_HOME": str(home)}
     done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env, timeout=120)
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("LOADED")]  # noqa: E741
@@ -92,11 +92,11 @@ def loaded_plugins(*args: str, home: Path) -> list[str]:
 
 
 def test_commands_import_only_the_plugins_they_use(home: Path) -> None:
-    loaded_plugins("ps", "--local", home=home)  # warm: the index and plugin list are built (every plugin imported) once
-    assert loaded_plugins("--help", home=home) == [], "the root's help lists plugin commands from the index"
-    assert loaded_plugins("dump", "--help", home=home) == []
-    assert loaded_plugins("ps", "--local", "--json", home=home) == []
-    assert loaded_plugins("ps", "--local", home=home) == ["rich"]
-    assert loaded_plugins("checkpoint", "list", "--local", "--json", home=home) == [], "from the catalog"
-    k8s = loaded_plugins("query", "k8s", "--help", home=home)
+    loaded_modules("ps", "--local", home=home)  # warm: the index and plugin list are built (every plugin imported) once
+    assert loaded_modules("--help", home=home) == [], "the root's help lists plugin commands from the index"
+    assert loaded_modules("dump", "--help", home=home) == []
+    assert loaded_modules("ps", "--local", "--json", home=home) == [], "jobs read without their models"
+    assert loaded_modules("ps", "--local", home=home) == ["rich"]
+    assert loaded_modules("checkpoint", "list", "--local", "--json", home=home) == ["pydantic"], "from the catalog"
+    k8s = loaded_modules("query", "k8s", "--help", home=home)
     assert "cedana_ray.plugins.k8s.plugin" in k8s and "cedana_ray.plugins.slurm.plugin" not in k8s

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import kill_jobs
+from test_cache import loaded_modules
 from test_cli import assert_one_error, cedana
 from test_process_criu import COUNTER, WORKLOADS, wait_for
 from test_wait import counts_to
@@ -214,13 +215,21 @@ def gateway_call(up: dict, home: Path, verb: str, body: bytes, token: str | None
     return response.status, json.loads(response.read())
 
 
-def test_commands_go_through_the_gateway_which_wants_its_token(up: dict, home: Path) -> None:
+def test_commands_go_through_the_gateway_which_wants_its_token(
+    up: dict, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token_file = Path(up["base"]) / "gateway.token"
     assert up["gateway"].startswith("http://") and token_file.stat().st_mode & 0o777 == 0o600
     token = token_file.read_text().strip()
     assert cedana("run", "process", "--jid", "gw", "--", *COUNTER).returncode == 0
     wait_for(lambda: "count=2" in cedana("logs", "gw").stdout, 30, "gw counting")
-    assert [j["state"] for j in cli_json("ps") if j["jid"] == "gw"] == ["running"]
+    listed = cli_json("ps")
+    assert [j["state"] for j in listed if j["jid"] == "gw"] == ["running"]  # type: ignore[union-attr]
+    assert "pydantic" not in loaded_modules("ps", "--json", home=home), "ps reads the gateway's answer as it is"
+    with monkeypatch.context() as through_ray:  # a Ray token named: the CLI connects to Ray
+        for var, value in auth.env(Path(up["auth_token_file"])).items():
+            through_ray.setenv(var, value)
+        assert cli_json("ps") == listed
 
     assert gateway_call(up, home, "jobs", b'{"args": {}}')[0] == 401
     assert gateway_call(up, home, "jobs", b'{"args": {}}', token="x" * len(token))[0] == 401

@@ -19,7 +19,7 @@ VM = "vm"  # the name the one VM type installed also goes by
 ROOT = ""  # the root group's path: `cedana-ray ps`; the verb groups' are their names
 CORE: dict[str, tuple[str, ...]] = {  # module:attribute of the core's commands, by group
     ROOT: (
-        *("cedana_ray.cli.jobs:ps", "cedana_ray.cli.jobs:job", "cedana_ray.cli.jobs:logs"),
+        *("cedana_ray.cli.ps:ps", "cedana_ray.cli.jobs:job", "cedana_ray.cli.jobs:logs"),
         *("cedana_ray.cli.checkpoints:checkpoint", "cedana_ray.cli.history:events", "cedana_ray.cli.workload:wait"),
         *("cedana_ray.cli.inventory:features", "cedana_ray.cli.inventory:plugin", "cedana_ray.cli.inventory:check"),
         *(f"cedana_ray.cli.cluster:{name}" for name in ("up", "down", "nodes", "migrate", "drain")),

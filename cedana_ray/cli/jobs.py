@@ -1,4 +1,4 @@
-"""Commands on jobs: ``dump job``, ``restore job``, ``freeze|unfreeze job``, ``ps``,
+"""Commands on jobs: ``dump job``, ``restore job``, ``freeze|unfreeze job``,
 ``job kill|delete`` and ``logs``."""
 
 from __future__ import annotations
@@ -8,13 +8,11 @@ import time
 
 import click
 
-from ..backend import Backend
-from ..errors import CedanaError
 from ..models import LIVE_STATES
 from ..requests import DumpRequest, RestoreRequest
 from .common import common, engine
 from .options import dump_options, restore_options
-from .output import progress, show, show_dump, show_job, show_restore, table
+from .output import progress, show, show_dump, show_job, show_restore
 
 
 @click.command("job")
@@ -53,34 +51,6 @@ def _job_state_command(verb: str) -> click.Command:
 
 freeze_job = _job_state_command("freeze")
 unfreeze_job = _job_state_command("unfreeze")
-
-
-@click.command()
-@common
-def ps(as_json: bool, local: bool) -> None:
-    """List jobs: id, type, state, PID, node, last checkpoint, GPUs in use."""
-    backend = engine()
-    jobs = backend.jobs()
-    gpus = _gpus_by_job(backend) if any(j.state in LIVE_STATES for j in jobs) else {}
-    rows = [[j.jid, j.type, j.state.value, j.pid, j.node[:12], j.last_checkpoint] for j in jobs]
-    cols: tuple[str, ...] = ("jid", "type", "state", "pid", "node", "last checkpoint")
-    if gpus:
-        rows = [[*row, ",".join(map(str, gpus.get(j.jid, [])))] for row, j in zip(rows, jobs, strict=True)]
-        cols += ("gpus",)
-    show(as_json, [{**j.row(), "gpus": gpus.get(j.jid, [])} for j in jobs], lambda: table(cols, rows))
-
-
-def _gpus_by_job(backend: Backend) -> dict[str, list[int]]:
-    """The GPUs (NVML indexes) each job's processes use; none where no node has a driver."""
-    try:
-        found = backend.query("gpu")
-    except CedanaError:  # no driver, or no gpu plugin: ps shows the rest
-        return {}
-    used: dict[str, list[int]] = {}
-    for gpu in found:
-        for jid in gpu["jobs"]:
-            used.setdefault(jid, []).append(gpu["index"])
-    return used
 
 
 @click.group()
