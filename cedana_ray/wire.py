@@ -10,17 +10,19 @@ import base64
 import http.client
 import json
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import errors
 
+if TYPE_CHECKING:
+    from .backend import Progress
+
 PATH = "/v1/"
 TOKEN_FILE = "gateway.token"
 CONNECT_TIMEOUT_S = 5.0
-Progress = Callable[[str, int, int], None]
 
 
 class NoGateway(OSError):
