@@ -6,10 +6,11 @@ with ``--leave-running`` into an empty store (``full``: every chunk is new), rew
 10% of its memory in place (``--spans`` contiguous spans, 1 by default), and is dumped again
 (``second``: only the chunks the store lacks are written). What each dump adds to the
 store is measured on the store itself (the bytes of ``.chunks`` before and after). Before
-each of the two, the process is also dumped as before content addressing
+the full dump and after the second, the process is also dumped as before content addressing
 (``CEDANA_RAY_DEDUP=0``: one file per image on disk, one object per fixed 8 MiB chunk on S3;
-``today dump s`` is the first of these), and both latest checkpoints are restored
-``--repeat`` times, alternately (``restore today``, ``restore cas``: the best of each).
+``today dump s`` is the first of these), into a store of its own, so the second dump's
+parent is the full one; both latest checkpoints are then restored ``--repeat`` times,
+alternately (``restore today``, ``restore cas``: the best of each).
 
 Targets: the second dump stores at most 15% of the bytes of the full one and takes at most
 a third of its time; a restore from ``cas`` is no slower than from ``today``. Run as root::
@@ -125,13 +126,15 @@ def bench_store(engine: Engine, name: str, url: str, size: int, spans: int, repe
         full_bytes = chunk_bytes(store)
         os.kill(engine.job(jid).pid or 0, signal.SIGUSR1)  # its init forwards it to the workload
         printed(engine, jid, "CHANGED")
+        # the full one its parent, as a job's checkpoints into one store have: a dump reuses
+        # what its parent (the job's last checkpoint) lists, where that is in the same store
+        second_s, second = dump_timed(engine, jid, store.url)  # leaving it running, as the full one
+        second_bytes = chunk_bytes(store) - full_bytes
         os.environ[DEDUP_ENV] = "0"
         try:
             _, today = dump_timed(engine, jid, f"{url}/today")  # the same memory as the second
         finally:
             del os.environ[DEDUP_ENV]
-        second_s, second = dump_timed(engine, jid, store.url)  # leaving it running, as the full one
-        second_bytes = chunk_bytes(store) - full_bytes
         engine.kill(jid)
         gone(engine.job(jid))
         restores: dict[str, list[float]] = {today: [], second: []}
