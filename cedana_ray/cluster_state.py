@@ -39,11 +39,13 @@ def state_file(home: Path | None = None) -> Path:
 def load_state(home: Path | None = None) -> ClusterState | None:
     """What ``up`` recorded in ``home`` (default: this state dir), if it got that far."""
     path = state_file(home)
+    known = {f.name for f in dataclasses.fields(ClusterState)}
     try:
-        return ClusterState(**json.loads(path.read_text()))
+        doc = json.loads(path.read_text())
+        return ClusterState(**{k: v for k, v in doc.items() if k in known})  # a later version's fields ignored
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise StateError(f"{path} is damaged: {exc}", hint="`cedana-ray up` writes it again") from None
 
 
