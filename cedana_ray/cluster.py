@@ -18,7 +18,7 @@ from typing import Any
 
 from . import auth
 from .backend import VERBS, Backend
-from .cluster_state import ClusterState, gateway_of, load_state
+from .cluster_state import ClusterState, load_state
 from .errors import PrerequisiteError
 from .models import Job
 from .plugins_manager import register_storage
@@ -73,19 +73,13 @@ def connect(addr: str, state: ClusterState | None = None) -> None:
 
 def through_gateway(addr: str) -> Backend | None:
     """The cluster at ``addr`` through its coordinator's gateway, where ``up`` recorded one here
-    whose token we can read (see :func:`~cedana_ray.cluster_state.gateway_of`); it connects to
-    Ray only for what needs Ray."""
+    that commands may use (see :func:`~cedana_ray.wire.endpoint`); it connects to Ray only for
+    what needs Ray."""
     from .gateway import GatewayClient
-    from .wire import read_token
+    from .wire import endpoint
 
-    state = gateway_of(addr)
-    if state is None or state.gateway is None:
-        return None
-    try:
-        token = read_token(Path(state.base))
-    except OSError:
-        return None
-    return GatewayClient(state.gateway, token, lambda: Cluster(addr, state))
+    found = endpoint(addr)
+    return None if found is None else GatewayClient(*found, lambda: Cluster(addr))
 
 
 class Cluster:

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .cluster_state import ClusterState, address, gateway_of
+from .cluster_state import address
 from .config import Paths, paths
 from .errors import CedanaError
 from .proctree import alive
@@ -38,8 +38,7 @@ def listed(local: bool) -> tuple[list[Job], GPUs] | None:
     addr = None if local else address()
     if addr is None:
         return _local(paths())
-    state = gateway_of(addr)
-    return None if state is None else _through_gateway(state)
+    return _through_gateway(addr)
 
 
 def row(job: Job) -> dict[str, Any]:
@@ -91,16 +90,18 @@ def _for_the_engine(job: Job) -> bool:
     return job["state"] in LIVE and not alive(job["pid"], job["details"].get("started"))
 
 
-def _through_gateway(state: ClusterState) -> tuple[list[Job], GPUs] | None:
+def _through_gateway(addr: str) -> tuple[list[Job], GPUs] | None:
     from . import wire  # here: its http.client costs a local `ps` a tenth of its time
 
+    found = wire.endpoint(addr)
+    if found is None:
+        return None
+
     def ask(verb: str, **args: Any) -> Any:
-        body = json.dumps({"args": args, "progress": False}).encode()
-        return wire.call(state.gateway or "", token, verb, body)
+        return wire.call(*found, verb, json.dumps({"args": args, "progress": False}).encode())
 
     try:
-        token = wire.read_token(Path(state.base))
         jobs = ask("jobs")
         return jobs, gpus_of(jobs, lambda: ask("query", jtype="gpu"))
-    except OSError:  # no token, or no gateway (any more): the engine's way, which says what is wrong
+    except wire.NoGateway:  # none there (any more): the engine's way, which says what is wrong
         return None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import errors
+from .cluster_state import gateway_of
 
 if TYPE_CHECKING:
     from .backend import Progress
@@ -32,6 +33,19 @@ class NoGateway(OSError):
 def read_token(base: Path) -> str:
     """The gateway's token, in the coordinator's state dir ``base``."""
     return (base / TOKEN_FILE).read_text().strip()
+
+
+def endpoint(addr: str) -> tuple[str, str] | None:
+    """The URL and token of the gateway of the cluster at ``addr``, where ``up`` recorded one
+    here that commands may use (:func:`~cedana_ray.cluster_state.gateway_of`) and its token
+    can be read."""
+    state = gateway_of(addr)
+    if state is None or state.gateway is None:
+        return None
+    try:
+        return state.gateway, read_token(Path(state.base))
+    except OSError:
+        return None
 
 
 def decode(obj: dict[str, Any]) -> Any:
