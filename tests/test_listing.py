@@ -83,7 +83,8 @@ def test_a_job_with_a_dump_s_mark_is_left_to_the_engine_which_clears_it(home: Pa
 def test_live_jobs_on_a_machine_with_an_nvidia_driver_are_left_to_the_gpu_plugin(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(listing, "NVIDIA_DRIVER", tmp_path)  # a driver's /proc entry: the gpu plugin asks NVML
+    # no NVIDIA driver can load here (no GPU): an existing directory stands for its /proc entry
+    monkeypatch.setattr(listing, "NVIDIA_DRIVER", tmp_path)
     job = run("sleep", "300")
     assert listing.listed(local=True) is None
     assert cedana("job", "kill", "--local", job["jid"]).returncode == 0
