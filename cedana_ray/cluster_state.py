@@ -3,7 +3,7 @@ cluster, and what ``down`` stops.
 
 Every command that may reach a cluster reads it first, so it is a plain dataclass read with
 :mod:`json`: importing pydantic alone would cost ``ps`` more than its whole budget. Only
-``up`` writes it, private (0600) in our own state dir.
+``up`` writes it, private (0600).
 """
 
 from __future__ import annotations
@@ -50,10 +50,14 @@ def load_state(home: Path | None = None) -> ClusterState | None:
 
 
 def save_state(state: ClusterState) -> None:
+    """Private (0600) whatever the caller's umask, replaced whole."""
+    from .crypto import write_private  # here: only `up` writes it, and crypto imports the models
+
     path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    tmp.unlink(missing_ok=True)  # an interrupted `up`'s
+    write_private(tmp, json.dumps(dataclasses.asdict(state), indent=2).encode())
     tmp.replace(path)
 
 

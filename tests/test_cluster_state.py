@@ -17,6 +17,7 @@ STATE = ClusterState(address="10.0.0.1:6379", storage="file:///c", base="/b", ga
 def test_the_state_up_saved_is_read_back_with_a_later_version_s_fields_ignored(home: Path) -> None:
     assert load_state() is None and address() is None
     save_state(STATE)
+    assert state_file().stat().st_mode & 0o777 == 0o600, "private whatever the umask"
     assert load_state() == STATE and address() == STATE.address
     state_file().write_text(json.dumps({**json.loads(state_file().read_text()), "added_later": 1}))
     assert load_state() == STATE
